@@ -1,0 +1,246 @@
+"""Export: a transformers model (hub id, local directory or .gguf) to a validated package."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from llmopt.errors import PackageError, ValidationError
+from llmopt.export.options import FP16_TOLERANCE, ExportOptions
+from llmopt.package import (
+    EXTERNAL_DATA_NAME,
+    MANIFEST_NAME,
+    MODEL_NAME,
+    SCHEMA_VERSION,
+    Package,
+    tool_versions,
+)
+
+__all__ = ["ExportOptions", "export"]
+
+log = logging.getLogger("llmopt.export")
+PROTOBUF_LIMIT = 2**31 - 2**26  # stay clear of protobuf's 2 GiB message limit
+
+
+def export(source: str | os.PathLike[str], out_dir: str | os.PathLike[str],
+           options: ExportOptions | None = None) -> Package:
+    """Export ``source`` to a model package in ``out_dir`` and validate it against PyTorch.
+
+    Raises :class:`~llmopt.errors.ValidationError` (after writing the package, marked failed)
+    when the graph disagrees with PyTorch beyond the tolerance.
+    """
+    from llmopt.export import registry, sources
+
+    options = options or ExportOptions()
+    out = Path(out_dir)
+    _check_output_dir(out)
+    started = time.perf_counter()
+    source_ = sources.resolve(str(source), options.revision)
+    config = sources.load_config(source_, options.trust_remote_code)
+    task = options.task or _default_task(config)
+    arch: Any = registry.find(str(config.model_type), task)
+    log.info("loading %s (%s, %s)", source, arch.name, task)
+    model = sources.load_model(source_, task, options.trust_remote_code, options.allow_pickle)
+    tokenizer = _try_tokenizer(source_, options.trust_remote_code)
+    proto, layout = arch.emit(model, options.dtype)
+
+    final = out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    out.chmod(0o755)
+    try:
+        package = _write_and_validate(out, proto, model, tokenizer, source_, config, task, arch,
+                                      layout, options, started)
+    except BaseException:
+        shutil.rmtree(out, ignore_errors=True)
+        raise
+    if final.exists():
+        shutil.rmtree(final)
+    out.rename(final)
+    package.path = final
+    validation = package.manifest["validation"]
+    if validation is not None and not validation["passed"]:
+        raise ValidationError(
+            f"exported graph differs from PyTorch: {_failure_summary(validation)}; "
+            f"package written to {final} and marked failed",
+            fix="report it with the manifest attached, or raise --tolerance if the differences "
+            "are acceptable",
+            report=validation,
+        )
+    return package
+
+
+def _write_and_validate(out: Path, proto: Any, model: Any, tokenizer: Any, source_: Any,
+                        config: Any, task: str, arch: Any, layout: dict[str, Any],
+                        options: ExportOptions, started: float) -> Package:
+    external = _save_onnx(proto, out, options.external_data)
+    del proto
+    _save_side_files(model, tokenizer, out)
+
+    import onnxruntime
+
+    opset = 18
+    manifest: dict[str, Any] = {
+        "schema_version": SCHEMA_VERSION,
+        "task": task,
+        "architecture": arch.name,
+        "model_type": str(config.model_type),
+        "source": source_.manifest(),
+        "onnx": {
+            "file": MODEL_NAME,
+            "external_data": EXTERNAL_DATA_NAME if external else None,
+            "opset": opset,
+            "dtype": options.dtype,
+        },
+        "signature": _signature(out / MODEL_NAME),
+        "kv_cache": layout if arch.kind == "decoder" else None,
+        "generation": _generation_info(model, tokenizer) if arch.kind == "decoder" else None,
+        "labels": _labels(config) if task == "text-classification" else None,
+        "versions": tool_versions(),
+        "steps": [],
+        "validation": None,
+    }
+    package = Package(out, manifest)
+    package.add_step("export", options=_options_dict(options), seconds=None)
+
+    if options.validate:
+        tolerance = options.tolerance or (
+            FP16_TOLERANCE if options.dtype == "float16" else arch.tolerance
+        )
+        from llmopt.runtime.session import cpu_session
+
+        session = cpu_session(out / MODEL_NAME)
+        report = arch.validate(model, session, layout, tokenizer, tolerance,
+                               options.generation_tokens)
+        report["provider"] = "CPUExecutionProvider"
+        report["onnxruntime"] = onnxruntime.__version__
+        manifest["validation"] = report
+    manifest["steps"][-1]["seconds"] = round(time.perf_counter() - started, 2)
+    package.write_manifest()
+    return package
+
+
+def _default_task(config: Any) -> str:
+    architectures = list(getattr(config, "architectures", None) or [])
+    if any(a.endswith("ForSequenceClassification") for a in architectures):
+        return "text-classification"
+    if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures):
+        return "text-generation"
+    from llmopt.export import registry
+
+    return registry.default_task(str(config.model_type))
+
+
+def _check_output_dir(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise PackageError(f"{out} exists and is not a directory",
+                           fix="choose another output directory")
+    if out.is_dir() and any(out.iterdir()) and not (out / MANIFEST_NAME).is_file():
+        raise PackageError(
+            f"{out} is not empty and is not an llmopt package; refusing to overwrite it",
+            fix="choose an empty or new output directory",
+        )
+
+
+def _save_onnx(proto: Any, out: Path, external: bool | None) -> bool:
+    import onnx
+
+    if external is None:
+        external = proto.ByteSize() > PROTOBUF_LIMIT if _small_enough(proto) else True
+    if external:
+        onnx.save_model(proto, str(out / MODEL_NAME), save_as_external_data=True,
+                        all_tensors_to_one_file=True, location=EXTERNAL_DATA_NAME,
+                        size_threshold=1024)
+    else:
+        onnx.save_model(proto, str(out / MODEL_NAME))
+    return external
+
+
+def _small_enough(proto: Any) -> bool:
+    """Whether the tensors fit in one protobuf, summed without serializing the whole model."""
+    total = sum(len(t.raw_data) for t in proto.graph.initializer)
+    return total < PROTOBUF_LIMIT
+
+
+def _save_side_files(model: Any, tokenizer: Any, out: Path) -> None:
+    import json
+
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)  # a GGUF source is dequantized in the package
+    (out / "config.json").write_text(json.dumps(config, indent=2, default=str) + "\n")
+    generation_config = getattr(model, "generation_config", None)
+    if generation_config is not None and model.can_generate():
+        generation_config.save_pretrained(out)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+
+
+def _try_tokenizer(source: Any, trust_remote_code: bool) -> Any:
+    from llmopt.errors import SourceError
+    from llmopt.export import sources
+
+    try:
+        return sources.load_tokenizer(source, trust_remote_code)
+    except SourceError as exc:
+        log.warning("no tokenizer: %s; the package will need token ids", exc.message)
+        return None
+
+
+def _generation_info(model: Any, tokenizer: Any) -> dict[str, Any]:
+    config = model.generation_config
+    eos = config.eos_token_id
+    eos_ids = [] if eos is None else list(eos) if isinstance(eos, list | tuple) else [eos]
+    pad = config.pad_token_id if config.pad_token_id is not None else getattr(
+        tokenizer, "pad_token_id", None)
+    return {
+        "eos_token_ids": [int(e) for e in eos_ids],
+        "bos_token_id": config.bos_token_id,
+        "pad_token_id": pad if pad is not None else (eos_ids[0] if eos_ids else 0),
+        "context_length": int(model.config.max_position_embeddings),
+        "chat_template": bool(getattr(tokenizer, "chat_template", None)),
+    }
+
+
+def _labels(config: Any) -> dict[str, str]:
+    return {str(k): str(v) for k, v in (getattr(config, "id2label", None) or {}).items()}
+
+
+def _signature(path: Path) -> dict[str, list[dict[str, Any]]]:
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+
+    def describe(values: Any) -> list[dict[str, Any]]:
+        out = []
+        for value in values:
+            tensor = value.type.tensor_type
+            shape = [d.dim_param or d.dim_value for d in tensor.shape.dim]
+            dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type).name
+            out.append({"name": value.name, "dtype": dtype, "shape": shape})
+        return out
+
+    return {"inputs": describe(proto.graph.input), "outputs": describe(proto.graph.output)}
+
+
+def _options_dict(options: ExportOptions) -> dict[str, Any]:
+    from dataclasses import asdict
+
+    return asdict(options)
+
+
+def _failure_summary(report: dict[str, Any]) -> str:
+    parts = []
+    for case in report["cases"]:
+        if not case["passed"]:
+            worst = max(case["max_abs_diff"].items(), key=lambda kv: kv[1])
+            parts.append(f"{case['case']}: {worst[0]} max abs diff {worst[1]:.3g}")
+    for gen in report.get("generation", []):
+        if not gen["match"]:
+            parts.append(f"greedy tokens differ from token {gen['first_mismatch']} "
+                         f"on {gen['prompt']!r}")
+    return "; ".join(parts) + f" (tolerance {report['tolerance']:g})"

@@ -1,0 +1,70 @@
+"""The registry of architectures llmopt can export.
+
+Each architecture is a small, declarative description (weight-name mappings, norm and
+activation kinds, tolerance, minimum transformers version) registered once; the exporter
+never dispatches on architecture names itself.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from llmopt.errors import UnsupportedError
+
+
+class Architecture(Protocol):
+    name: str
+    model_types: tuple[str, ...]
+    tasks: tuple[str, ...]
+    tolerance: float
+    min_transformers: str
+
+
+_REGISTRY: dict[str, Architecture] = {}
+
+
+def register(arch: Architecture) -> Architecture:
+    for model_type in arch.model_types:
+        if model_type in _REGISTRY:
+            raise ValueError(f"model type {model_type!r} registered twice")
+        _REGISTRY[model_type] = arch
+    return arch
+
+
+def find(model_type: str, task: str) -> Architecture:
+    """The architecture for a transformers ``model_type``, checked to support ``task``."""
+    _load_builtin()
+    arch = _REGISTRY.get(model_type)
+    if arch is None:
+        raise UnsupportedError(
+            f"architecture {model_type!r} is not supported; supported: "
+            + ", ".join(sorted(_REGISTRY)),
+            fix="export a supported architecture, or add one (see CONTRIBUTING.md, "
+            "'Adding an architecture')",
+        )
+    if task not in arch.tasks:
+        raise UnsupportedError(
+            f"{model_type} supports tasks {', '.join(arch.tasks)}, not {task!r}",
+            fix=f"pass --task {arch.tasks[0]}",
+        )
+    return arch
+
+
+def default_task(model_type: str) -> str:
+    """The first task an architecture lists (text-generation where it is unknown)."""
+    _load_builtin()
+    arch = _REGISTRY.get(model_type)
+    return arch.tasks[0] if arch is not None else "text-generation"
+
+
+def supported() -> list[Architecture]:
+    """Every registered architecture, once each, in registration order."""
+    _load_builtin()
+    seen: dict[str, Architecture] = {}
+    for arch in _REGISTRY.values():
+        seen.setdefault(arch.name, arch)
+    return list(seen.values())
+
+
+def _load_builtin() -> None:
+    import llmopt.export.architectures  # noqa: F401  (registers the built-in architectures)

@@ -1,0 +1,1 @@
+"""Run model packages on ONNX Runtime: sessions, the generation loop, embeddings."""
