@@ -47,6 +47,7 @@ def export(source: str | os.PathLike[str], out_dir: str | os.PathLike[str],
     log.info("loading %s (%s, %s)", source, arch.name, task)
     model = sources.load_model(source_, task, options.trust_remote_code, options.allow_pickle)
     tokenizer = _try_tokenizer(source_, options.trust_remote_code)
+    log.info("emitting the ONNX graph (%s)", options.dtype)
     proto, layout = arch.emit(model, options.dtype)
 
     final = out
@@ -114,6 +115,7 @@ def _write_and_validate(out: Path, proto: Any, model: Any, tokenizer: Any, sourc
         )
         from llmopt.runtime.session import cpu_session
 
+        log.info("validating against PyTorch on CPU (tolerance %g)", tolerance)
         session = cpu_session(out / MODEL_NAME)
         report = arch.validate(model, session, layout, tokenizer, tolerance,
                                options.generation_tokens)
@@ -187,7 +189,9 @@ def _try_tokenizer(source: Any, trust_remote_code: bool) -> Any:
     try:
         return sources.load_tokenizer(source, trust_remote_code)
     except SourceError as exc:
-        log.warning("no tokenizer: %s; the package will need token ids", exc.message)
+        log.warning("no tokenizer found for %s; the package will take token ids only",
+                    source.reference)
+        log.debug("tokenizer load failed: %s", exc)
         return None
 
 

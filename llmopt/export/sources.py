@@ -160,15 +160,26 @@ class _hub_errors:
                 "local cache, or pass a local model directory or .gguf file",
             ) from None
         if self.source.kind == "gguf":
+            _require("gguf", "gguf")
+            _require("accelerate", "gguf")
             raise SourceError(
                 f"could not read GGUF file {self.source.reference}: {text}",
                 fix="check the file is a complete GGUF model of a supported architecture "
-                "(re-download it if it is truncated); needs `pip install gguf accelerate`",
+                "(re-download it if it is truncated)",
             ) from None
         raise SourceError(
             f"could not load the model in {self.source.reference}: {text}",
             fix="check the directory holds a complete save_pretrained model",
         ) from None
+
+
+def _require(module: str, extra: str) -> None:
+    import importlib.util
+
+    from llmopt.errors import MissingDependencyError
+
+    if importlib.util.find_spec(module) is None:
+        raise MissingDependencyError(module, extra)
 
 
 def _check_gguf(path: Path) -> None:

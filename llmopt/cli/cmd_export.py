@@ -1,0 +1,47 @@
+"""``llmopt export SOURCE -o DIR``: export and validate a model package."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+
+def add_parser(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "export",
+        help="export a transformers model (hub id, directory or .gguf) to a validated package",
+        description="Export SOURCE (a Hugging Face hub id, a local model directory or a .gguf "
+        "file) to an ONNX model package in DIR, validated against PyTorch.",
+    )
+    p.add_argument("source", help="hub id, local model directory, or .gguf file")
+    p.add_argument("-o", "--output", required=True, metavar="DIR", help="package directory")
+    p.add_argument("--task", help="text-generation, feature-extraction or text-classification "
+                   "(default: from the model config)")
+    p.add_argument("--dtype", default="float32", help="float32 (default) or float16")
+    p.add_argument("--revision", help="hub revision (branch, tag or commit)")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="allow code from the model repository to run")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="allow pickled (.bin) weights when no safetensors exist")
+    p.add_argument("--external-data", action=argparse.BooleanOptionalAction, default=None,
+                   help="store weights in model.onnx.data (default: only above 2 GB)")
+    p.add_argument("--no-validate", dest="validate", action="store_false",
+                   help="skip the comparison with PyTorch (not recommended)")
+    p.add_argument("--tolerance", type=float, help="override the validation tolerance")
+    p.add_argument("--generation-tokens", type=int, default=16,
+                   help="greedy tokens compared with PyTorch (default 16)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from llmopt.export import ExportOptions, export
+    from llmopt.inspect import describe, render
+
+    options = ExportOptions(
+        task=args.task, dtype=args.dtype, revision=args.revision,
+        trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle,
+        external_data=args.external_data, validate=args.validate, tolerance=args.tolerance,
+        generation_tokens=args.generation_tokens,
+    )
+    package = export(args.source, args.output, options)
+    print(render(describe(package)))
+    return 0
