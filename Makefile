@@ -1,0 +1,55 @@
+# Everything runs in virtual environments built by scripts/install.sh:
+#   .venv        llmopt (editable) and its dev tools, newest transformers
+#   .venv-tf457  the same with transformers 4.57, the oldest supported, for the export tests
+VENV         ?= .venv
+VENV_TF457   ?= .venv-tf457
+TF457_SPEC   ?= transformers==4.57.*
+PYTHON       := $(VENV)/bin/python
+PYTHON_TF457 := $(VENV_TF457)/bin/python
+LLMOPT       := $(VENV)/bin/llmopt
+MODELS       := smollm2-135m-instruct all-minilm-l6-v2
+DEMO_DIR     ?= demo-output/smollm2
+PYTEST_ARGS  ?=
+
+# Stamps: an environment is reinstalled when pyproject.toml or the install script changes.
+INSTALLED       := $(VENV)/.llmopt-installed
+INSTALLED_TF457 := $(VENV_TF457)/.llmopt-installed
+
+.PHONY: install install-tf457 models lint test demo proto bench clean
+
+install: $(INSTALLED)
+
+install-tf457: $(INSTALLED_TF457)
+
+$(INSTALLED): pyproject.toml scripts/install.sh
+	scripts/install.sh $(VENV)
+	touch $@
+
+$(INSTALLED_TF457): pyproject.toml scripts/install.sh
+	scripts/install.sh $(VENV_TF457) '$(TF457_SPEC)'
+	touch $@
+
+models: install
+	for model in $(MODELS); do $(LLMOPT) fetch $$model || exit 1; done
+
+lint: install
+	$(PYTHON) -m ruff check .
+	$(PYTHON) -m mypy llmopt
+
+test: lint models install-tf457
+	$(PYTHON) -m pytest $(PYTEST_ARGS)
+	$(PYTHON_TF457) -m pytest -m "not real_model" $(PYTEST_ARGS) tests/export
+
+demo: models
+	$(LLMOPT) export "$$($(LLMOPT) fetch smollm2-135m-instruct)" -o $(DEMO_DIR)
+	$(LLMOPT) inspect $(DEMO_DIR)
+
+proto: install
+	@echo "proto: no .proto files yet; the gRPC service is in progress" >&2
+
+bench: install
+	@echo "bench: the benchmark harness is in progress" >&2
+	@exit 1
+
+clean:
+	rm -rf demo-output .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,85 @@
+"""Suite-wide setup: offline Hugging Face, marker auto-skips, and the real-model fixtures."""
+
+from __future__ import annotations
+
+import os
+
+# Before anything imports transformers or huggingface_hub: tests never touch the Hub.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+
+import ctypes.util
+import functools
+import importlib.util
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+
+@functools.cache
+def _gpu_missing() -> str | None:
+    """Why CUDA tests cannot run here, or None when they can."""
+    import onnxruntime
+
+    if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+        return "no CUDA provider in onnxruntime (install onnxruntime-gpu)"
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return "no NVIDIA GPU: nvidia-smi not found"
+    try:
+        listed = subprocess.run(
+            [smi, "-L"], capture_output=True, text=True, timeout=30, check=False
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"no usable NVIDIA GPU: nvidia-smi failed ({exc})"
+    if listed.returncode != 0 or "GPU" not in listed.stdout:
+        return "no usable NVIDIA GPU: nvidia-smi -L lists none"
+    return None
+
+
+@functools.cache
+def _tensorrt_missing() -> str | None:
+    """Why TensorRT tests cannot run here, or None when they can."""
+    reason = _gpu_missing()
+    if reason is not None:
+        return reason
+    import onnxruntime
+
+    if "TensorrtExecutionProvider" not in onnxruntime.get_available_providers():
+        return "no TensorRT provider in onnxruntime"
+    if importlib.util.find_spec("tensorrt") is None and ctypes.util.find_library("nvinfer") is None:
+        return "TensorRT is not installed (no tensorrt module, no libnvinfer)"
+    return None
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        for marker, missing in (("gpu", _gpu_missing), ("tensorrt", _tensorrt_missing)):
+            if marker in item.keywords:
+                reason = missing()
+                if reason is not None:
+                    item.add_marker(pytest.mark.skip(reason=f"{marker}: {reason}"))
+
+
+def _fetch_or_skip(name: str) -> Path:
+    from llmopt.errors import SourceError
+    from llmopt.models import fetch
+
+    try:
+        return fetch(name)
+    except SourceError as exc:
+        pytest.skip(f"real model {name!r} is not available: {exc} (`make models` fetches it)")
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """SmolLM2-135M-Instruct as a .gguf file (Llama architecture, Q4_1)."""
+    return _fetch_or_skip("smollm2-135m-instruct")
+
+
+@pytest.fixture(scope="session")
+def minilm_dir() -> Path:
+    """all-MiniLM-L6-v2 as a Hugging Face model directory (BERT)."""
+    return _fetch_or_skip("all-minilm-l6-v2")
