@@ -1,0 +1,254 @@
+"""Decoder export on tiny models of every registered architecture, and its failure modes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import llmopt
+from llmopt.export import ExportOptions, export, registry
+from llmopt.runtime.kv import left_pad, position_ids
+from tests import tiny_decoders
+
+DECODERS = sorted(a.name for a in registry.supported() if a.kind == "decoder")
+
+
+def test_every_registered_decoder_has_a_tiny_model() -> None:
+    assert set(DECODERS) == set(tiny_decoders.CONFIGS)
+    assert {"gpt2", "llama", "mistral", "qwen2", "phi3"} <= set(DECODERS)
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, Path]]:
+    """Each tiny decoder exported once: arch -> (source dir, package dir)."""
+    out = {}
+    for arch in DECODERS:
+        root = tmp_path_factory.mktemp(arch)
+        source = tiny_decoders.build(arch, root / "source")
+        export(source, root / "package")
+        out[arch] = (source, root / "package")
+    return out
+
+
+@pytest.mark.parametrize("arch", DECODERS)
+def test_export_validates_against_pytorch(exported: dict, arch: str) -> None:
+    _, package_dir = exported[arch]
+    manifest = json.loads((package_dir / "llmopt.json").read_text())
+    validation = manifest["validation"]
+    assert validation["passed"], validation
+    cases = {c["case"] for c in validation["cases"]}
+    assert "batch 2, left padding, past > 0" in cases
+    assert "batch 1, one-token prompt, past 0" in cases
+    assert all(g["match"] and g["tokens"] > 0 for g in validation["generation"])
+    assert manifest["architecture"] == arch
+    assert manifest["task"] == "text-generation"
+    assert manifest["kv_cache"]["num_layers"] == 2
+    names = [i["name"] for i in manifest["signature"]["inputs"]]
+    assert names[:3] == ["input_ids", "attention_mask", "position_ids"]
+    assert "past_key_values.1.value" in names
+    for name in ("tokenizer.json", "config.json", "generation_config.json", "model.onnx"):
+        assert (package_dir / name).is_file()
+
+
+@pytest.mark.parametrize("arch", DECODERS)
+def test_onnx_matches_pytorch_on_a_padded_batch_of_three(exported: dict, arch: str) -> None:
+    """An independent check of the graph: batch 3, left padding, prefill then two decodes."""
+    source, package_dir = exported[arch]
+    model = AutoModelForCausalLM.from_pretrained(source, attn_implementation="eager").eval()
+    session = ort.InferenceSession(str(package_dir / "model.onnx"),
+                                   providers=["CPUExecutionProvider"])
+    kv = json.loads((package_dir / "llmopt.json").read_text())["kv_cache"]
+    rng = np.random.default_rng(1)
+    prompts = [list(rng.integers(10, 100, size=n)) for n in (11, 4, 7)]
+    ids, mask = left_pad(prompts)
+    full_ids = np.concatenate([ids, rng.integers(10, 100, size=(3, 2))], axis=1)
+    full_mask = np.concatenate([mask, np.ones((3, 2), np.int64)], axis=1)
+    with torch.no_grad():
+        want = model(input_ids=torch.from_numpy(full_ids),
+                     attention_mask=torch.from_numpy(full_mask),
+                     position_ids=torch.from_numpy(position_ids(full_mask))).logits.numpy()
+    empty = np.zeros((3, kv["num_kv_heads"], 0, kv["head_dim"]), np.float32)
+    past = {f"past_key_values.{i}.{k}": empty for i in range(2) for k in ("key", "value")}
+    outputs = [o.name for o in session.get_outputs()]
+    got = []
+    for start, stop in ((0, ids.shape[1]), (ids.shape[1], ids.shape[1] + 1),
+                        (ids.shape[1] + 1, ids.shape[1] + 2)):
+        result = dict(zip(outputs, session.run(None, {
+            "input_ids": full_ids[:, start:stop], "attention_mask": full_mask[:, :stop],
+            "position_ids": position_ids(full_mask)[:, start:stop], **past}), strict=True))
+        got.append(result["logits"])
+        past = {f"past_key_values.{i}.{k}": result[f"present.{i}.{k}"]
+                for i in range(2) for k in ("key", "value")}
+    got_logits = np.concatenate(got, axis=1)
+    valid = full_mask.astype(bool)
+    np.testing.assert_allclose(got_logits[valid], want[valid], atol=1e-4, rtol=1e-4)
+
+
+def test_validation_failure_raises_and_marks_the_package(tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """A graph that computes the wrong thing is caught, with numbers, and marked failed."""
+    from dataclasses import replace
+
+    from llmopt.export import decoder
+
+    real_read_dims = decoder.read_dims
+
+    def wrong_scale(*args, **kwargs):  # type: ignore[no-untyped-def]
+        dims = real_read_dims(*args, **kwargs)
+        return replace(dims, attention_scale=dims.attention_scale * 3)
+
+    monkeypatch.setattr(decoder, "read_dims", wrong_scale)
+    source = tiny_decoders.build("llama", tmp_path / "source")
+    with pytest.raises(llmopt.ValidationError, match="max abs diff") as info:
+        export(source, tmp_path / "package")
+    assert not info.value.report["passed"]
+    manifest = json.loads((tmp_path / "package" / "llmopt.json").read_text())
+    assert manifest["validation"]["passed"] is False
+
+
+def test_float16_export_validates_with_its_tolerance(tmp_path: Path) -> None:
+    source = tiny_decoders.build("llama", tmp_path / "source")
+    package = export(source, tmp_path / "package", ExportOptions(dtype="float16"))
+    validation = package.manifest["validation"]
+    assert validation["passed"]
+    assert validation["tolerance"] > 1e-3
+    assert package.manifest["kv_cache"]["dtype"] == "float16"
+    session = ort.InferenceSession(str(package.model_path), providers=["CPUExecutionProvider"])
+    kinds = {i.name: i.type for i in session.get_inputs()}
+    assert kinds["past_key_values.0.key"] == "tensor(float16)"
+    assert {o.name: o.type for o in session.get_outputs()}["logits"] == "tensor(float)"
+
+
+def test_external_data_is_written_beside_the_graph(tmp_path: Path) -> None:
+    source = tiny_decoders.build("gpt2", tmp_path / "source")
+    package = export(source, tmp_path / "package", ExportOptions(external_data=True))
+    assert package.manifest["onnx"]["external_data"] == "model.onnx.data"
+    data = tmp_path / "package" / "model.onnx.data"
+    assert data.stat().st_size > (tmp_path / "package" / "model.onnx").stat().st_size
+    assert package.manifest["validation"]["passed"]
+
+
+def test_pickled_weights_are_refused_unless_allowed(tmp_path: Path) -> None:
+    source = tiny_decoders.build("llama", tmp_path / "source", safe_serialization=False)
+    assert not list(source.glob("*.safetensors"))
+    with pytest.raises(llmopt.SourceError, match="pickled") as info:
+        export(source, tmp_path / "refused")
+    assert "allow-pickle" in str(info.value)
+    assert not (tmp_path / "refused").exists()
+    package = export(source, tmp_path / "allowed", ExportOptions(allow_pickle=True))
+    assert package.manifest["validation"]["passed"]
+
+
+def test_repository_code_never_runs_without_trust(tmp_path: Path) -> None:
+    source = tmp_path / "custom"
+    source.mkdir()
+    marker = tmp_path / "code-ran"
+    (source / "configuration_custom.py").write_text(
+        f"open({str(marker)!r}, 'w').close()\n"
+        "from transformers import PretrainedConfig\n"
+        "class CustomConfig(PretrainedConfig):\n    model_type = 'custom'\n"
+    )
+    (source / "config.json").write_text(json.dumps({
+        "model_type": "custom",
+        "auto_map": {"AutoConfig": "configuration_custom.CustomConfig"},
+    }))
+    with pytest.raises(llmopt.SourceError, match="trust-remote-code"):
+        export(source, tmp_path / "package")
+    assert not marker.exists()
+
+
+def test_unsupported_architecture_lists_the_supported_ones(tmp_path: Path) -> None:
+    import transformers as T
+
+    config = T.GPTNeoXConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1,
+                             num_attention_heads=2, intermediate_size=64)
+    T.GPTNeoXForCausalLM(config).save_pretrained(tmp_path / "neox")
+    with pytest.raises(llmopt.UnsupportedError) as info:
+        export(tmp_path / "neox", tmp_path / "package")
+    message = str(info.value)
+    assert "gpt_neox" in message
+    for arch in ("llama", "gpt2", "phi3", "qwen2", "mistral", "bert"):
+        assert arch in message
+
+
+def test_task_the_architecture_lacks_is_refused(tmp_path: Path) -> None:
+    source = tiny_decoders.build("gpt2", tmp_path / "source")
+    with pytest.raises(llmopt.UnsupportedError, match="text-generation"):
+        export(source, tmp_path / "package", ExportOptions(task="feature-extraction"))
+
+
+def test_hub_id_offline_names_the_fix(tmp_path: Path) -> None:
+    with pytest.raises(llmopt.SourceError) as info:
+        export("no-such-org/no-such-model", tmp_path / "package")
+    assert "HF_HUB_OFFLINE" in str(info.value)
+
+
+def test_refuses_to_overwrite_a_directory_that_is_not_a_package(tmp_path: Path) -> None:
+    source = tiny_decoders.build("gpt2", tmp_path / "source")
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "notes.txt").write_text("mine")
+    with pytest.raises(llmopt.PackageError, match="refusing to overwrite"):
+        export(source, tmp_path / "busy")
+    assert (tmp_path / "busy" / "notes.txt").read_text() == "mine"
+
+
+# --- the CLI, through its real entry point ------------------------------------------------------
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "llmopt.cli.main", *args],
+                          capture_output=True, text=True, timeout=300, check=False)
+
+
+def test_cli_export_and_inspect(tmp_path: Path) -> None:
+    source = tiny_decoders.build("qwen2", tmp_path / "source")
+    result = _cli("export", str(source), "-o", str(tmp_path / "package"))
+    assert result.returncode == 0, result.stderr
+    assert "Validation  PASSED" in result.stdout
+    result = _cli("inspect", str(tmp_path / "package"))
+    assert result.returncode == 0, result.stderr
+    assert "past_key_values.{i}.key" in result.stdout
+    assert "MatMul" in result.stdout
+    info = json.loads(_cli("inspect", "--json", str(tmp_path / "package")).stdout)
+    assert info["validation"]["passed"] and info["ops"]["MatMul"] > 0
+
+
+@pytest.mark.parametrize("make_args, expected", [
+    (lambda t: ["export", str(t / "missing"), "-o", str(t / "o")], "does not exist"),
+    (lambda t: ["export", str(t), "-o", str(t / "o")], "no config.json"),
+    (lambda t: ["export", str(t / "corrupt.gguf"), "-o", str(t / "o")], "not a GGUF file"),
+    (lambda t: ["export", str(t / "truncated.gguf"), "-o", str(t / "o")], "could not read GGUF"),
+    (lambda t: ["export", str(t / "m"), "-o", str(t / "o"), "--task", "summarize"],
+     "unknown task"),
+    (lambda t: ["export", str(t / "m"), "-o", str(t / "o"), "--dtype", "int3"], "unknown dtype"),
+    (lambda t: ["inspect", str(t / "missing")], "does not exist"),
+])
+def test_cli_bad_input_is_one_line_with_a_fix(tmp_path: Path, make_args, expected: str) -> None:
+    (tmp_path / "corrupt.gguf").write_bytes(b"\x00" * 64)
+    (tmp_path / "truncated.gguf").write_bytes(b"GGUF\x03\x00\x00\x00" + b"\x01" * 7)
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text('{"model_type": "llama"}')
+    result = _cli(*make_args(tmp_path))
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("llmopt")]
+    assert len(lines) == 1, result.stderr
+    assert expected in lines[0] and "fix:" in lines[0]
+
+
+def test_cli_unknown_architecture_exits_nonzero(tmp_path: Path) -> None:
+    import transformers as T
+
+    config = T.GPTNeoXConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1,
+                             num_attention_heads=2, intermediate_size=64)
+    T.GPTNeoXForCausalLM(config).save_pretrained(tmp_path / "neox")
+    result = _cli("export", str(tmp_path / "neox"), "-o", str(tmp_path / "o"))
+    assert result.returncode == 1
+    assert "not supported" in result.stderr and "Traceback" not in result.stderr

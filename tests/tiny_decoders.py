@@ -1,0 +1,60 @@
+"""Tiny decoder models built from configs (2 layers, hidden 64), saved with a local tokenizer."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+import transformers as T
+
+from tests.tiny_tokenizers import decoder_tokenizer
+
+_COMMON = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,  # grouped-query attention
+    "max_position_embeddings": 256,
+}
+
+# architecture -> (model class, config); every registered decoder must appear here
+CONFIGS = {
+    "llama": (T.LlamaForCausalLM, lambda v: T.LlamaConfig(vocab_size=v, **_COMMON)),
+    "mistral": (T.MistralForCausalLM,
+                lambda v: T.MistralConfig(vocab_size=v, sliding_window=8, **_COMMON)),
+    "qwen2": (T.Qwen2ForCausalLM, lambda v: T.Qwen2Config(vocab_size=v, **_COMMON)),
+    "phi3": (T.Phi3ForCausalLM,
+             lambda v: T.Phi3Config(vocab_size=v, partial_rotary_factor=0.5, **_COMMON)),
+    "gpt2": (T.GPT2LMHeadModel,
+             lambda v: T.GPT2Config(vocab_size=v, n_embd=64, n_layer=2, n_head=4,
+                                    n_positions=256)),
+}
+
+
+def build(arch: str, directory: str | os.PathLike[str], seed: int = 0,
+          safe_serialization: bool = True) -> Path:
+    """Save a tiny random ``arch`` model and its tokenizer into ``directory``."""
+    directory = Path(directory)
+    tokenizer = decoder_tokenizer(directory)
+    model_class, make_config = CONFIGS[arch]
+    config = make_config(len(tokenizer))
+    config.eos_token_id = tokenizer.eos_token_id
+    config.bos_token_id = tokenizer.bos_token_id
+    config.pad_token_id = tokenizer.pad_token_id
+    torch.manual_seed(seed)
+    model = model_class(config)
+    with torch.no_grad():  # larger weights than the default init, so layers matter
+        for param in model.parameters():
+            if param.dim() > 1:
+                param.normal_(0.0, 0.2)
+            else:
+                param.uniform_(0.5, 1.5)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(directory)
+    if not safe_serialization:  # transformers 5 always writes safetensors; make a pickled copy
+        (directory / "model.safetensors").unlink()
+        torch.save(model.state_dict(), directory / "pytorch_model.bin")
+    return directory
