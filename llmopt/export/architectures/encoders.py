@@ -1,1 +1,62 @@
+"""Encoder architectures: a few lines each, mapping transformers weights to llmopt's graph."""
 
+from __future__ import annotations
+
+from llmopt.export.encoder import ClassifierHead, EncoderArch, EncoderNames
+from llmopt.export.registry import register
+
+_BERT_LAYER = EncoderNames(
+    word_embed="embeddings.word_embeddings",
+    position_embed="embeddings.position_embeddings",
+    token_type_embed="embeddings.token_type_embeddings",
+    embed_norm="embeddings.LayerNorm",
+    layer="encoder.layer.{i}.",
+    q="attention.self.query",
+    k="attention.self.key",
+    v="attention.self.value",
+    o="attention.output.dense",
+    attn_norm="attention.output.LayerNorm",
+    fc_in="intermediate.dense",
+    fc_out="output.dense",
+    mlp_norm="output.LayerNorm",
+)
+
+register(EncoderArch(
+    name="bert",
+    model_types=("bert",),
+    names=_BERT_LAYER,
+    head=ClassifierHead(dense="{body}pooler.dense", out="classifier", activation="tanh"),
+    notes="BERT, MiniLM and sentence-transformers BERT models (all-MiniLM-L6-v2, BGE, E5, ...)",
+))
+
+register(EncoderArch(
+    name="roberta",
+    model_types=("roberta", "xlm-roberta", "camembert"),
+    names=_BERT_LAYER,
+    head=ClassifierHead(dense="classifier.dense", out="classifier.out_proj", activation="tanh"),
+    positions="padded",
+    token_types="folded",  # RoBERTa tokenizers never emit token types; type 0 is folded in
+    notes="RoBERTa, XLM-RoBERTa and CamemBERT (same modelling code)",
+))
+
+register(EncoderArch(
+    name="distilbert",
+    model_types=("distilbert",),
+    names=EncoderNames(
+        word_embed="embeddings.word_embeddings",
+        position_embed="embeddings.position_embeddings",
+        embed_norm="embeddings.LayerNorm",
+        layer="transformer.layer.{i}.",
+        q="attention.q_lin",
+        k="attention.k_lin",
+        v="attention.v_lin",
+        o="attention.out_lin",
+        attn_norm="sa_layer_norm",
+        fc_in="ffn.lin1",
+        fc_out="ffn.lin2",
+        mlp_norm="output_layer_norm",
+    ),
+    head=ClassifierHead(dense="pre_classifier", out="classifier", activation="relu"),
+    eps_attr=None,  # DistilBERT's LayerNorms use a fixed eps of 1e-12
+    act_attr="activation",
+))
