@@ -38,7 +38,7 @@ lint: install
 
 test: lint models install-tf457
 	$(PYTHON) -m pytest $(PYTEST_ARGS)
-	$(PYTHON_TF457) -m pytest -m "not real_model" $(PYTEST_ARGS) tests/export
+	$(PYTHON_TF457) -m pytest -m "not real_model" $(PYTEST_ARGS) tests/exporter
 
 demo: models
 	$(LLMOPT) export "$$($(LLMOPT) fetch smollm2-135m-instruct)" -o $(DEMO_DIR)

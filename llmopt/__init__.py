@@ -32,11 +32,11 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from llmopt.export import ExportOptions, export
+    from llmopt.exporter import ExportOptions, export
 
 _LAZY = {
-    "export": ("llmopt.export", "export"),
-    "ExportOptions": ("llmopt.export.options", "ExportOptions"),
+    "export": ("llmopt.exporter", "export"),
+    "ExportOptions": ("llmopt.exporter.options", "ExportOptions"),
 }
 
 

@@ -33,7 +33,7 @@ def add_parser(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from llmopt.export import ExportOptions, export
+    from llmopt.exporter import ExportOptions, export
     from llmopt.inspect import describe, render
 
     options = ExportOptions(

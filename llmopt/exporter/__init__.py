@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from llmopt.errors import PackageError, ValidationError
-from llmopt.export.options import FP16_TOLERANCE, ExportOptions
+from llmopt.exporter.options import FP16_TOLERANCE, ExportOptions
 from llmopt.package import (
     EXTERNAL_DATA_NAME,
     MANIFEST_NAME,
@@ -23,7 +23,7 @@ from llmopt.package import (
 
 __all__ = ["ExportOptions", "export"]
 
-log = logging.getLogger("llmopt.export")
+log = logging.getLogger("llmopt.exporter")
 PROTOBUF_LIMIT = 2**31 - 2**26  # stay clear of protobuf's 2 GiB message limit
 
 
@@ -34,7 +34,7 @@ def export(source: str | os.PathLike[str], out_dir: str | os.PathLike[str],
     Raises :class:`~llmopt.errors.ValidationError` (after writing the package, marked failed)
     when the graph disagrees with PyTorch beyond the tolerance.
     """
-    from llmopt.export import registry, sources
+    from llmopt.exporter import registry, sources
 
     options = options or ExportOptions()
     out = Path(out_dir)
@@ -43,7 +43,7 @@ def export(source: str | os.PathLike[str], out_dir: str | os.PathLike[str],
     source_ = sources.resolve(str(source), options.revision)
     config = sources.load_config(source_, options.trust_remote_code)
     task = options.task or _default_task(config)
-    arch: Any = registry.find(str(config.model_type), task)
+    arch = registry.find(str(config.model_type), task)
     log.info("loading %s (%s, %s)", source, arch.name, task)
     model = sources.load_model(source_, task, options.trust_remote_code, options.allow_pickle)
     tokenizer = _try_tokenizer(source_, options.trust_remote_code)
@@ -100,6 +100,7 @@ def _write_and_validate(out: Path, proto: Any, model: Any, tokenizer: Any, sourc
         },
         "signature": _signature(out / MODEL_NAME),
         "kv_cache": layout if arch.kind == "decoder" else None,
+        "encoder": layout if arch.kind == "encoder" else None,
         "generation": _generation_info(model, tokenizer) if arch.kind == "decoder" else None,
         "labels": _labels(config) if task == "text-classification" else None,
         "versions": tool_versions(),
@@ -133,7 +134,7 @@ def _default_task(config: Any) -> str:
         return "text-classification"
     if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures):
         return "text-generation"
-    from llmopt.export import registry
+    from llmopt.exporter import registry
 
     return registry.default_task(str(config.model_type))
 
@@ -184,7 +185,7 @@ def _save_side_files(model: Any, tokenizer: Any, out: Path) -> None:
 
 def _try_tokenizer(source: Any, trust_remote_code: bool) -> Any:
     from llmopt.errors import SourceError
-    from llmopt.export import sources
+    from llmopt.exporter import sources
 
     try:
         return sources.load_tokenizer(source, trust_remote_code)

@@ -20,7 +20,7 @@ import numpy as np
 import onnx
 
 from llmopt.errors import UnsupportedError
-from llmopt.export.graph import GraphBuilder
+from llmopt.exporter.graph import GraphBuilder
 
 TASKS = ("text-generation",)
 F32 = np.float32
@@ -80,7 +80,7 @@ class DecoderArch:
 
     def validate(self, model: Any, session: Any, layout: dict[str, Any], tokenizer: Any,
                  tolerance: float, generation_tokens: int) -> dict[str, Any]:
-        from llmopt.export.validate import validate_decoder
+        from llmopt.exporter.validate import validate_decoder
 
         return validate_decoder(model, session, layout, tokenizer, tolerance, generation_tokens)
 

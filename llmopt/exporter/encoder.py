@@ -24,8 +24,8 @@ import numpy as np
 import onnx
 
 from llmopt.errors import UnsupportedError
-from llmopt.export.decoder import Linear, _activation, _array, _concat, _linear
-from llmopt.export.graph import GraphBuilder
+from llmopt.exporter.decoder import Linear, _activation, _array, _concat, _linear
+from llmopt.exporter.graph import GraphBuilder
 
 TASKS = ("feature-extraction", "text-classification")
 F32 = np.float32
@@ -101,7 +101,7 @@ class EncoderArch:
 
     def validate(self, model: Any, session: Any, layout: dict[str, Any], tokenizer: Any,
                  tolerance: float, generation_tokens: int) -> dict[str, Any]:
-        from llmopt.export.validate import validate_encoder
+        from llmopt.exporter.validate import validate_encoder
 
         return validate_encoder(model, session, layout, tokenizer, tolerance, generation_tokens)
 

@@ -7,17 +7,31 @@ never dispatches on architecture names itself.
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Any, Protocol
 
 from llmopt.errors import UnsupportedError
 
 
 class Architecture(Protocol):
-    name: str
-    model_types: tuple[str, ...]
-    tasks: tuple[str, ...]
-    tolerance: float
-    min_transformers: str
+    """What the exporter needs of an architecture description (decoder or encoder)."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def kind(self) -> str: ...
+    @property
+    def model_types(self) -> tuple[str, ...]: ...
+    @property
+    def tasks(self) -> tuple[str, ...]: ...
+    @property
+    def tolerance(self) -> float: ...
+    @property
+    def min_transformers(self) -> str: ...
+
+    def emit(self, model: Any, dtype: Any) -> tuple[Any, dict[str, Any]]: ...
+
+    def validate(self, model: Any, session: Any, layout: dict[str, Any], tokenizer: Any,
+                 tolerance: float, generation_tokens: int) -> dict[str, Any]: ...
 
 
 _REGISTRY: dict[str, Architecture] = {}
@@ -67,4 +81,4 @@ def supported() -> list[Architecture]:
 
 
 def _load_builtin() -> None:
-    import llmopt.export.architectures  # noqa: F401  (registers the built-in architectures)
+    import llmopt.exporter.architectures  # noqa: F401  (registers the built-in architectures)

@@ -14,7 +14,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import llmopt
-from llmopt.export import ExportOptions, export, registry
+from llmopt.exporter import ExportOptions, export, registry
 from llmopt.runtime.kv import left_pad, position_ids
 from tests import tiny_decoders
 
@@ -97,7 +97,7 @@ def test_validation_failure_raises_and_marks_the_package(tmp_path: Path,
     """A graph that computes the wrong thing is caught, with numbers, and marked failed."""
     from dataclasses import replace
 
-    from llmopt.export import decoder
+    from llmopt.exporter import decoder
 
     real_read_dims = decoder.read_dims
 

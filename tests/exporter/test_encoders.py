@@ -16,10 +16,10 @@ import torch
 from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, AutoTokenizer
 
 from llmopt.errors import UnsupportedError
-from llmopt.export import ExportOptions, export, registry
-from llmopt.export.encoder import EncoderArch, pooling
-from llmopt.export.options import FP16_TOLERANCE
-from llmopt.export.validate import validate_encoder
+from llmopt.exporter import ExportOptions, export, registry
+from llmopt.exporter.encoder import EncoderArch, pooling
+from llmopt.exporter.options import FP16_TOLERANCE
+from llmopt.exporter.validate import validate_encoder
 from llmopt.runtime.session import cpu_session
 from tests import tiny_tokenizers
 

@@ -1,3 +1,3 @@
 """Built-in architecture descriptions; importing this package registers them."""
 
-from llmopt.export.architectures import decoders, encoders  # noqa: F401
+from llmopt.exporter.architectures import decoders, encoders  # noqa: F401

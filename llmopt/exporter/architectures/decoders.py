@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from llmopt.export.decoder import DecoderArch, DecoderNames
-from llmopt.export.registry import register
+from llmopt.exporter.decoder import DecoderArch, DecoderNames
+from llmopt.exporter.registry import register
 
 _LLAMA_LAYER = DecoderNames(
     embed="model.embed_tokens.weight",

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from llmopt.export.encoder import ClassifierHead, EncoderArch, EncoderNames
-from llmopt.export.registry import register
+from llmopt.exporter.encoder import ClassifierHead, EncoderArch, EncoderNames
+from llmopt.exporter.registry import register
 
 _BERT_LAYER = EncoderNames(
     word_embed="embeddings.word_embeddings",
