@@ -29,12 +29,27 @@ __all__ = [
     "ValidationError",
     "__version__",
     "export",
+    "load",
+    "SamplingParams",
+    "CPUOptions",
+    "CUDAOptions",
+    "TensorRTOptions",
+    "ShapeRange",
 ]
 
 if TYPE_CHECKING:
     from llmopt.exporter import ExportOptions, export
+    from llmopt.runtime import load
+    from llmopt.runtime.providers import CPUOptions, CUDAOptions, ShapeRange, TensorRTOptions
+    from llmopt.runtime.sampling import SamplingParams
 
 _LAZY = {
+    "load": ("llmopt.runtime", "load"),
+    "SamplingParams": ("llmopt.runtime.sampling", "SamplingParams"),
+    "CPUOptions": ("llmopt.runtime.providers", "CPUOptions"),
+    "CUDAOptions": ("llmopt.runtime.providers", "CUDAOptions"),
+    "TensorRTOptions": ("llmopt.runtime.providers", "TensorRTOptions"),
+    "ShapeRange": ("llmopt.runtime.providers", "ShapeRange"),
     "export": ("llmopt.exporter", "export"),
     "ExportOptions": ("llmopt.exporter.options", "ExportOptions"),
 }

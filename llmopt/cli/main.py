@@ -13,7 +13,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-COMMANDS = ("export", "inspect", "fetch")
+COMMANDS = ("export", "inspect", "generate", "embed", "fetch")
 
 EXIT_USER_ERROR = 1
 EXIT_INTERRUPTED = 130

@@ -1,0 +1,68 @@
+"""Incremental detokenization for streaming.
+
+Decoding tokens one by one breaks multi-byte UTF-8 characters (a CJK character or an emoji is
+often several byte-level tokens) and tokenizers that merge across tokens. The streamer decodes
+the whole generated sequence each step and emits only text that is final: never a trailing
+replacement character of an incomplete UTF-8 sequence, never text that could still turn out to
+begin a stop string. So the concatenated deltas always equal the final text.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+REPLACEMENT = "\ufffd"
+
+
+class Streamer:
+    """Feed token ids; get back text deltas that are safe to show."""
+
+    def __init__(self, tokenizer: Any, stop: Sequence[str] = ()) -> None:
+        self.tokenizer = tokenizer
+        self.stop = tuple(stop)
+        self.tokens: list[int] = []
+        self.emitted = ""
+        self.stopped = False
+        self.text = ""
+
+    def push(self, token: int) -> str:
+        """Add a token; return the newly final text (possibly empty)."""
+        self.tokens.append(token)
+        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        cut = _first_stop(text, self.stop)
+        if cut is not None:
+            text, self.stopped = text[:cut], True
+        self.text = text
+        if self.stopped:
+            return self._emit(text)
+        safe = text.rstrip(REPLACEMENT)
+        held = _stop_prefix_len(safe, self.stop)
+        return self._emit(safe[: len(safe) - held])
+
+    def finish(self) -> str:
+        """Flush what was held back (an unfinished stop-string prefix, a trailing partial char)."""
+        return self._emit(self.text)
+
+    def _emit(self, text: str) -> str:
+        if not text.startswith(self.emitted) or len(text) <= len(self.emitted):
+            return ""
+        delta = text[len(self.emitted):]
+        self.emitted = text
+        return delta
+
+
+def _first_stop(text: str, stops: Sequence[str]) -> int | None:
+    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return min(hits) if hits else None
+
+
+def _stop_prefix_len(text: str, stops: Sequence[str]) -> int:
+    """Length of the longest suffix of ``text`` that is a proper prefix of a stop string."""
+    best = 0
+    for stop in stops:
+        for n in range(min(len(stop) - 1, len(text)), 0, -1):
+            if text.endswith(stop[:n]):
+                best = max(best, n)
+                break
+    return best

@@ -1,0 +1,306 @@
+"""The Generator: prefill, then decode with the KV cache kept in ONNX Runtime values.
+
+Each step binds the previous step's ``present.*`` OrtValues straight back as
+``past_key_values.*`` (IO binding), so the cache is never copied into numpy between steps.
+Batches of prompts are left-padded, with attention mask and position ids that skip the padding,
+so a prompt decodes the same tokens alone or in a batch.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Generator as Generator_
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+import numpy as np
+
+from llmopt.errors import InvalidInputError
+from llmopt.runtime.detokenize import Streamer
+from llmopt.runtime.kv import DecoderModel, left_pad, position_ids
+from llmopt.runtime.sampling import SamplingParams, next_token
+from llmopt.runtime.session import SessionInfo
+
+Prompt = str | Sequence[dict[str, str]] | Sequence[int]
+GPU_PROVIDERS = ("cuda", "tensorrt")
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    ttft_s: float = 0.0  # request start -> first token chosen (tokenization + prefill)
+    total_s: float = 0.0
+    prefill_tokens_per_s: float = 0.0
+    decode_tokens_per_s: float = 0.0  # tokens after the first / time after the first
+
+    def as_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    token_ids: list[int]
+    finish_reason: str  # "eos" | "stop" | "length" | "context"
+    stats: GenerationStats = field(default_factory=GenerationStats)
+
+
+class TextStream:
+    """Iterator of text deltas; ``result`` holds the :class:`GenerationResult` once exhausted.
+
+    The concatenated deltas equal ``result.text``.
+    """
+
+    def __init__(self, deltas: Iterator[str], holder: list[GenerationResult]) -> None:
+        self._deltas = deltas
+        self._holder = holder
+
+    def __iter__(self) -> TextStream:
+        return self
+
+    def __next__(self) -> str:
+        return next(self._deltas)
+
+    @property
+    def result(self) -> GenerationResult:
+        if not self._holder:
+            raise RuntimeError("the stream has not finished; iterate it to the end first")
+        return self._holder[0]
+
+
+class Generator:
+    """Text generation over a decoder package (created by :func:`llmopt.load`)."""
+
+    def __init__(self, package: Any, session: Any, info: SessionInfo, tokenizer: Any) -> None:
+        self.package = package
+        self.session = session
+        self.session_info = info
+        self.tokenizer = tokenizer
+        self.model = DecoderModel(session, package.kv_cache)
+        generation = package.manifest.get("generation") or {}
+        self.eos_token_ids = tuple(int(e) for e in generation.get("eos_token_ids") or ())
+        self.pad_token_id = int(generation.get("pad_token_id") or 0)
+        self.context_length = int(generation.get("context_length") or self.model.max_positions)
+        self.device = "cuda" if info.active and info.active[0] in GPU_PROVIDERS else "cpu"
+
+    @property
+    def providers(self) -> list[str]:
+        return list(self.session_info.active)
+
+    # -- prompts -------------------------------------------------------------------------------
+
+    def encode(self, prompt: Prompt, chat: bool = False) -> list[int]:
+        """Token ids of a prompt: text, chat messages (rendered with the chat template), or ids."""
+        if isinstance(prompt, str):
+            if not prompt.strip():
+                raise InvalidInputError("the prompt is empty", fix="pass some text to continue")
+            if chat:
+                return self._render_chat([{"role": "user", "content": prompt}])
+            return list(self.tokenizer(prompt)["input_ids"])
+        items = list(prompt)
+        if not items:
+            raise InvalidInputError("the prompt is empty", fix="pass text, messages or token ids")
+        if all(isinstance(m, dict) for m in items):
+            return self._render_chat(items)  # type: ignore[arg-type]
+        if all(isinstance(t, int | np.integer) for t in items):
+            vocab = int(self.package.manifest["signature"]["outputs"][0]["shape"][-1])
+            bad = [int(t) for t in items if not 0 <= int(t) < vocab]
+            if bad:
+                raise InvalidInputError(f"token ids {bad[:5]} are outside the vocabulary "
+                                        f"(0..{vocab - 1})", fix="pass ids from this tokenizer")
+            return [int(t) for t in items]
+        raise InvalidInputError("a prompt is a string, a list of chat messages "
+                                "({'role': ..., 'content': ...}), or a list of token ids",
+                                fix="pass one of those")
+
+    def _render_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise InvalidInputError("this package's tokenizer has no chat template",
+                                    fix="pass plain text instead of messages")
+        for message in messages:
+            if not isinstance(message.get("role"), str) or not isinstance(
+                    message.get("content"), str):
+                raise InvalidInputError("each chat message needs string 'role' and 'content'",
+                                        fix='e.g. {"role": "user", "content": "Hello"}')
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                                  tokenize=False)
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    # -- generation ----------------------------------------------------------------------------
+
+    def generate(self, prompt: Prompt, params: SamplingParams | None = None, *,
+                 chat: bool = False, **overrides: Any) -> GenerationResult:
+        """Generate a completion of one prompt."""
+        stream = self.stream(prompt, params, chat=chat, **overrides)
+        for _ in stream:
+            pass
+        return stream.result
+
+    def chat(self, messages: str | Sequence[dict[str, str]], params: SamplingParams | None = None,
+             **overrides: Any) -> GenerationResult:
+        """Generate the assistant's reply to chat messages (or one user message)."""
+        return self.generate(messages, params, chat=True, **overrides)
+
+    def stream(self, prompt: Prompt, params: SamplingParams | None = None, *,
+               chat: bool = False, **overrides: Any) -> TextStream:
+        """Like :meth:`generate`, but an iterator of text deltas."""
+        params = _params(params, overrides)
+        started = time.perf_counter()
+        tokens = self.encode(prompt, chat=chat)
+        self._check_context(tokens)
+        holder: list[GenerationResult] = []
+
+        def deltas() -> Iterator[str]:
+            queue: list[str] = []
+            run = self._run([tokens], [params], started, lambda row, delta: queue.append(delta))
+            while True:
+                try:
+                    next(run)
+                except StopIteration as done:
+                    holder.extend(done.value)
+                    break
+                yield from queue
+                queue.clear()
+            yield from queue
+
+        return TextStream(deltas(), holder)
+
+    def generate_batch(self, prompts: Sequence[Prompt], params: SamplingParams | None = None, *,
+                       chat: bool = False, **overrides: Any) -> list[GenerationResult]:
+        """Generate completions of several prompts in one batch."""
+        if not prompts:
+            raise InvalidInputError("no prompts given", fix="pass at least one prompt")
+        params = _params(params, overrides)
+        started = time.perf_counter()
+        tokens = [self.encode(p, chat=chat) for p in prompts]
+        for t in tokens:
+            self._check_context(t)
+        run = self._run(tokens, [params] * len(tokens), started, None)
+        while True:
+            try:
+                next(run)
+            except StopIteration as done:
+                return list(done.value)
+
+    def _check_context(self, tokens: list[int]) -> None:
+        if len(tokens) >= self.context_length:
+            raise InvalidInputError(
+                f"the prompt has {len(tokens)} tokens; the model's context is "
+                f"{self.context_length}",
+                fix=f"shorten the prompt below {self.context_length} tokens",
+            )
+
+    def _run(self, prompts: list[list[int]], params: list[SamplingParams], started: float,
+             on_delta: Callable[[int, str], None] | None
+             ) -> Generator_[None, None, list[GenerationResult]]:
+        """The decode loop; yields after each step so streams can hand out text, and returns
+        the results."""
+        batch = len(prompts)
+        eos = [set(p.eos_token_ids if p.eos_token_ids is not None else self.eos_token_ids)
+               if not p.ignore_eos else set() for p in params]
+        rngs = [None if p.greedy else np.random.default_rng(p.seed) for p in params]
+        streamers = [Streamer(self.tokenizer, p.stop) for p in params]
+        generated: list[list[int]] = [[] for _ in prompts]
+        finish: list[str | None] = [None] * batch
+        limit = [min(p.max_new_tokens, self.context_length - len(t))
+                 for p, t in zip(params, prompts, strict=True)]
+
+        ids, mask = left_pad(prompts, self.pad_token_id)
+        positions = position_ids(mask)
+        past: list[Any] = self._empty_past(batch)
+        first_token_at = None
+        steps = 0
+        prefill_s = 0.0
+        while True:
+            step_start = time.perf_counter()
+            logits, past = self._forward(ids, mask, positions, past)
+            if steps == 0:
+                prefill_s = time.perf_counter() - step_start
+            steps += 1
+            next_ids = np.full(batch, self.pad_token_id, dtype=np.int64)
+            for row in range(batch):
+                if finish[row] is not None:
+                    continue
+                seen = prompts[row] + generated[row]
+                token = next_token(logits[row, -1], params[row], seen, rngs[row])
+                next_ids[row] = token
+                if token in eos[row]:
+                    finish[row] = "eos"
+                    continue
+                generated[row].append(token)
+                delta = streamers[row].push(token)
+                if delta and on_delta:
+                    on_delta(row, delta)
+                if streamers[row].stopped:
+                    finish[row] = "stop"
+                elif len(generated[row]) >= limit[row]:
+                    finish[row] = "length" if limit[row] == params[row].max_new_tokens else "context"
+            if first_token_at is None:
+                first_token_at = time.perf_counter()
+            yield
+            if all(f is not None for f in finish):
+                break
+            ids = next_ids[:, None]
+            positions = positions[:, -1:] + 1
+            mask = np.concatenate([mask, np.ones((batch, 1), np.int64)], axis=1)
+        ended = time.perf_counter()
+        results = []
+        for row in range(batch):
+            tail = streamers[row].finish()
+            if tail and on_delta:
+                on_delta(row, tail)
+            text = streamers[row].emitted
+            n = len(generated[row])
+            assert first_token_at is not None
+            decode_s = ended - first_token_at
+            stats = GenerationStats(
+                prompt_tokens=len(prompts[row]),
+                generated_tokens=n,
+                ttft_s=first_token_at - started,
+                total_s=ended - started,
+                prefill_tokens_per_s=len(prompts[row]) / prefill_s if prefill_s else 0.0,
+                decode_tokens_per_s=(max(steps - 1, 0) / decode_s) if decode_s > 0 else 0.0,
+            )
+            results.append(GenerationResult(text, generated[row], finish[row] or "length", stats))
+        return results
+
+    # -- ONNX Runtime calls ----------------------------------------------------------------------
+
+    def _empty_past(self, batch: int) -> list[Any]:
+        import onnxruntime as ort
+
+        return [ort.OrtValue.ortvalue_from_numpy(a, self.device, 0)
+                for a in self.model.empty_past(batch)]
+
+    def _forward(self, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray,
+                 past: list[Any]) -> tuple[np.ndarray, list[Any]]:
+        binding = self.session.io_binding()
+        binding.bind_cpu_input("input_ids", np.ascontiguousarray(ids, dtype=np.int64))
+        binding.bind_cpu_input("attention_mask", np.ascontiguousarray(mask, dtype=np.int64))
+        binding.bind_cpu_input("position_ids", np.ascontiguousarray(positions, dtype=np.int64))
+        for name, value in zip(self.model.past_names, past, strict=True):
+            binding.bind_ortvalue_input(name, value)
+        binding.bind_output("logits", "cpu")
+        for name in self.model.present_names:
+            binding.bind_output(name, self.device)
+        self.session.run_with_iobinding(binding)
+        outputs = binding.get_outputs()
+        return outputs[0].numpy(), list(outputs[1:])
+
+
+def _params(params: SamplingParams | None, overrides: dict[str, Any]) -> SamplingParams:
+    params = params or SamplingParams()
+    if overrides:
+        if "stop" in overrides and isinstance(overrides["stop"], str):
+            overrides["stop"] = (overrides["stop"],)
+        unknown = set(overrides) - set(SamplingParams.__dataclass_fields__)
+        if unknown:
+            raise InvalidInputError(f"unknown generation option(s): {', '.join(sorted(unknown))}",
+                                    fix="valid: " + ", ".join(SamplingParams.__dataclass_fields__))
+        for key in ("stop", "eos_token_ids"):
+            if isinstance(overrides.get(key), list):
+                overrides[key] = tuple(overrides[key])
+        params = replace(params, **overrides)
+    return params

@@ -1,0 +1,100 @@
+"""Decoding parameters and next-token selection (greedy, temperature, top-k, top-p,
+repetition penalty), with transformers' semantics, in numpy."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from llmopt.errors import InvalidInputError
+
+MAX_NEW_TOKENS_LIMIT = 1_000_000
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick tokens and when to stop. ``temperature=0`` is greedy decoding.
+
+    ``eos_token_ids=None`` uses the package's; ``stop`` strings end generation before them.
+    """
+
+    max_new_tokens: int = 128
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    eos_token_ids: tuple[int, ...] | None = None
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        _check(isinstance(self.max_new_tokens, int)
+               and 1 <= self.max_new_tokens <= MAX_NEW_TOKENS_LIMIT,
+               f"max_new_tokens must be an integer from 1 to {MAX_NEW_TOKENS_LIMIT}, "
+               f"not {self.max_new_tokens!r}", "e.g. max_new_tokens=128")
+        _check(_finite(self.temperature) and 0.0 <= self.temperature <= 100.0,
+               f"temperature must be between 0 and 100, not {self.temperature!r}",
+               "use 0 for greedy decoding, 0.7 for typical sampling")
+        _check(isinstance(self.top_k, int) and self.top_k >= 0,
+               f"top_k must be a non-negative integer, not {self.top_k!r}",
+               "use 0 to disable, or e.g. top_k=50")
+        _check(_finite(self.top_p) and 0.0 < self.top_p <= 1.0,
+               f"top_p must be in (0, 1], not {self.top_p!r}", "use 1.0 to disable, or e.g. 0.9")
+        _check(_finite(self.repetition_penalty) and 0.0 < self.repetition_penalty <= 10.0,
+               f"repetition_penalty must be in (0, 10], not {self.repetition_penalty!r}",
+               "use 1.0 to disable, or e.g. 1.1")
+        _check(self.seed is None or (isinstance(self.seed, int) and 0 <= self.seed < 2**63),
+               f"seed must be a non-negative integer, not {self.seed!r}", "e.g. seed=0")
+        _check(all(isinstance(s, str) and s for s in self.stop),
+               "stop strings must be non-empty strings", 'e.g. stop=("\\n\\n",)')
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+def _finite(value: float) -> bool:
+    return isinstance(value, int | float) and math.isfinite(value)
+
+
+def _check(ok: bool, message: str, fix: str) -> None:
+    if not ok:
+        raise InvalidInputError(message, fix=fix)
+
+
+def apply_repetition_penalty(logits: np.ndarray, seen: Sequence[int], penalty: float) -> None:
+    """transformers' rule, in place: divide positive, multiply negative logits of seen tokens."""
+    if penalty == 1.0 or not len(seen):
+        return
+    index = np.unique(np.asarray(seen, dtype=np.int64))
+    values = logits[index]
+    logits[index] = np.where(values < 0, values * penalty, values / penalty)
+
+
+def next_token(logits: np.ndarray, params: SamplingParams, seen: Sequence[int],
+               rng: np.random.Generator | None) -> int:
+    """Pick the next token from one row of logits ``[vocab]``."""
+    logits = logits.astype(np.float64, copy=True)
+    apply_repetition_penalty(logits, seen, params.repetition_penalty)
+    if params.greedy or rng is None:
+        return int(np.argmax(logits))
+    logits /= params.temperature
+    if params.top_k and params.top_k < logits.size:
+        kth = np.partition(logits, -params.top_k)[-params.top_k]
+        logits[logits < kth] = -np.inf
+    probs = np.exp(logits - np.max(logits))
+    probs /= probs.sum()
+    if params.top_p < 1.0:
+        order = np.argsort(-probs, kind="stable")
+        cumulative = np.cumsum(probs[order])
+        # keep the smallest prefix whose mass reaches top_p (always at least one token)
+        cutoff = int(np.searchsorted(cumulative, params.top_p)) + 1
+        keep = order[:cutoff]
+        mask = np.zeros_like(probs)
+        mask[keep] = probs[keep]
+        probs = mask / mask.sum()
+    return int(rng.choice(probs.size, p=probs))
