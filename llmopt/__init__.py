@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from llmopt.errors import (
+    BusyError,
     InvalidInputError,
     LlmoptError,
     PackageError,
@@ -18,6 +19,7 @@ from llmopt.package import Package
 __version__ = "0.1.0"
 
 __all__ = [
+    "BusyError",
     "ExportOptions",
     "InvalidInputError",
     "LlmoptError",

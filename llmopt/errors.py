@@ -55,3 +55,7 @@ class MissingDependencyError(LlmoptError):
             f"{package} is not installed",
             fix=f"pip install 'llmopt[{extra}]'",
         )
+
+
+class BusyError(LlmoptError):
+    """The engine or server is at capacity (queue full, memory budget); retry later."""

@@ -11,40 +11,19 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator, Sequence
 from collections.abc import Generator as Generator_
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
 
 from llmopt.errors import InvalidInputError
-from llmopt.runtime.detokenize import Streamer
 from llmopt.runtime.kv import DecoderModel, left_pad, position_ids
-from llmopt.runtime.sampling import SamplingParams, next_token
+from llmopt.runtime.sampling import SamplingParams
+from llmopt.runtime.sequence import DecodeState, GenerationResult, GenerationStats
 from llmopt.runtime.session import SessionInfo
 
 Prompt = str | Sequence[dict[str, str]] | Sequence[int]
 GPU_PROVIDERS = ("cuda", "tensorrt")
-
-
-@dataclass
-class GenerationStats:
-    prompt_tokens: int = 0
-    generated_tokens: int = 0
-    ttft_s: float = 0.0  # request start -> first token chosen (tokenization + prefill)
-    total_s: float = 0.0
-    prefill_tokens_per_s: float = 0.0
-    decode_tokens_per_s: float = 0.0  # tokens after the first / time after the first
-
-    def as_dict(self) -> dict[str, float]:
-        return asdict(self)
-
-
-@dataclass
-class GenerationResult:
-    text: str
-    token_ids: list[int]
-    finish_reason: str  # "eos" | "stop" | "length" | "context"
-    stats: GenerationStats = field(default_factory=GenerationStats)
 
 
 class TextStream:
@@ -149,7 +128,7 @@ class Generator:
         params = _params(params, overrides)
         started = time.perf_counter()
         tokens = self.encode(prompt, chat=chat)
-        self._check_context(tokens)
+        self.check_context(tokens)
         holder: list[GenerationResult] = []
 
         def deltas() -> Iterator[str]:
@@ -176,7 +155,7 @@ class Generator:
         started = time.perf_counter()
         tokens = [self.encode(p, chat=chat) for p in prompts]
         for t in tokens:
-            self._check_context(t)
+            self.check_context(t)
         run = self._run(tokens, [params] * len(tokens), started, None)
         while True:
             try:
@@ -184,7 +163,7 @@ class Generator:
             except StopIteration as done:
                 return list(done.value)
 
-    def _check_context(self, tokens: list[int]) -> None:
+    def check_context(self, tokens: list[int]) -> None:
         if len(tokens) >= self.context_length:
             raise InvalidInputError(
                 f"the prompt has {len(tokens)} tokens; the model's context is "
@@ -198,73 +177,32 @@ class Generator:
         """The decode loop; yields after each step so streams can hand out text, and returns
         the results."""
         batch = len(prompts)
-        eos = [set(p.eos_token_ids if p.eos_token_ids is not None else self.eos_token_ids)
-               if not p.ignore_eos else set() for p in params]
-        rngs = [None if p.greedy else np.random.default_rng(p.seed) for p in params]
-        streamers = [Streamer(self.tokenizer, p.stop) for p in params]
-        generated: list[list[int]] = [[] for _ in prompts]
-        finish: list[str | None] = [None] * batch
-        limit = [min(p.max_new_tokens, self.context_length - len(t))
-                 for p, t in zip(params, prompts, strict=True)]
 
+        def sink(row: int) -> Callable[[str], None] | None:
+            return None if on_delta is None else (lambda delta: on_delta(row, delta))
+
+        states = [DecodeState(t, p, self.tokenizer, self.eos_token_ids, self.context_length,
+                              started, sink(row))
+                  for row, (t, p) in enumerate(zip(prompts, params, strict=True))]
         ids, mask = left_pad(prompts, self.pad_token_id)
         positions = position_ids(mask)
         past: list[Any] = self._empty_past(batch)
-        first_token_at = None
-        steps = 0
-        prefill_s = 0.0
+        prefill_started = time.perf_counter()
+        for state in states:
+            state.prefill_started = prefill_started
         while True:
-            step_start = time.perf_counter()
             logits, past = self._forward(ids, mask, positions, past)
-            if steps == 0:
-                prefill_s = time.perf_counter() - step_start
-            steps += 1
             next_ids = np.full(batch, self.pad_token_id, dtype=np.int64)
-            for row in range(batch):
-                if finish[row] is not None:
-                    continue
-                seen = prompts[row] + generated[row]
-                token = next_token(logits[row, -1], params[row], seen, rngs[row])
-                next_ids[row] = token
-                if token in eos[row]:
-                    finish[row] = "eos"
-                    continue
-                generated[row].append(token)
-                delta = streamers[row].push(token)
-                if delta and on_delta:
-                    on_delta(row, delta)
-                if streamers[row].stopped:
-                    finish[row] = "stop"
-                elif len(generated[row]) >= limit[row]:
-                    finish[row] = "length" if limit[row] == params[row].max_new_tokens else "context"
-            if first_token_at is None:
-                first_token_at = time.perf_counter()
+            for row, state in enumerate(states):
+                if not state.done:
+                    next_ids[row] = state.step(logits[row, -1])
             yield
-            if all(f is not None for f in finish):
+            if all(state.done for state in states):
                 break
             ids = next_ids[:, None]
             positions = positions[:, -1:] + 1
             mask = np.concatenate([mask, np.ones((batch, 1), np.int64)], axis=1)
-        ended = time.perf_counter()
-        results = []
-        for row in range(batch):
-            tail = streamers[row].finish()
-            if tail and on_delta:
-                on_delta(row, tail)
-            text = streamers[row].emitted
-            n = len(generated[row])
-            assert first_token_at is not None
-            decode_s = ended - first_token_at
-            stats = GenerationStats(
-                prompt_tokens=len(prompts[row]),
-                generated_tokens=n,
-                ttft_s=first_token_at - started,
-                total_s=ended - started,
-                prefill_tokens_per_s=len(prompts[row]) / prefill_s if prefill_s else 0.0,
-                decode_tokens_per_s=(max(steps - 1, 0) / decode_s) if decode_s > 0 else 0.0,
-            )
-            results.append(GenerationResult(text, generated[row], finish[row] or "length", stats))
-        return results
+        return [state.result() for state in states]
 
     # -- ONNX Runtime calls ----------------------------------------------------------------------
 
@@ -281,7 +219,10 @@ class Generator:
         binding.bind_cpu_input("attention_mask", np.ascontiguousarray(mask, dtype=np.int64))
         binding.bind_cpu_input("position_ids", np.ascontiguousarray(positions, dtype=np.int64))
         for name, value in zip(self.model.past_names, past, strict=True):
-            binding.bind_ortvalue_input(name, value)
+            if isinstance(value, np.ndarray):
+                binding.bind_cpu_input(name, value)
+            else:
+                binding.bind_ortvalue_input(name, value)
         binding.bind_output("logits", "cpu")
         for name in self.model.present_names:
             binding.bind_output(name, self.device)

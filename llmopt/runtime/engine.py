@@ -1,0 +1,291 @@
+"""Continuous batching: requests join the running batch at step boundaries and leave when done.
+
+One background thread owns the ONNX Runtime session. New requests are prefilled together, then
+merged into the running batch by left-padding the shorter KV caches (masked positions), so every
+decode step is one forward pass for all live requests. Finished, cancelled or expired requests
+leave at the next step boundary and their rows (and any all-padding cache columns) are dropped
+at once. A bounded queue and a KV-cache memory budget bound the work; beyond the queue,
+``submit`` fails fast with :class:`~llmopt.errors.BusyError`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from llmopt.errors import BusyError, InvalidInputError
+from llmopt.runtime.generator import Generator, Prompt
+from llmopt.runtime.kv import left_pad, position_ids
+from llmopt.runtime.sampling import SamplingParams
+from llmopt.runtime.sequence import DecodeState, GenerationResult
+
+log = logging.getLogger("llmopt.engine")
+_END = object()
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Limits of one model's engine."""
+
+    max_batch_size: int = 8
+    max_queue: int = 64
+    kv_budget_bytes: int | None = None  # None: no limit beyond max_batch_size
+    max_prefill_batch: int = 4
+
+    def __post_init__(self) -> None:
+        for name in ("max_batch_size", "max_queue", "max_prefill_batch"):
+            if getattr(self, name) < 1:
+                raise InvalidInputError(f"{name} must be >= 1", fix=f"set {name} to 1 or more")
+
+
+class Request:
+    """A submitted generation: iterate it for text deltas; ``result()`` waits for the end."""
+
+    _ids = itertools.count(1)
+
+    def __init__(self, state: DecodeState, deadline: float | None) -> None:
+        self.id = next(self._ids)
+        self.state = state
+        self.deadline = deadline  # time.monotonic() value
+        self.events: queue.Queue[Any] = queue.Queue()
+        self.cancelled = threading.Event()
+        self.finished = threading.Event()
+        state.on_delta = self.events.put
+
+    def cancel(self) -> None:
+        """Stop generating; the slot is freed at the next step boundary."""
+        self.cancelled.set()
+
+    def __iter__(self) -> Iterator[str]:
+        while True:
+            item = self.events.get()
+            if item is _END:
+                return
+            yield item
+
+    def result(self, timeout: float | None = None) -> GenerationResult:
+        if not self.finished.wait(timeout):
+            raise TimeoutError(f"request {self.id} did not finish within {timeout} s")
+        return self.state.result()
+
+    def _close(self) -> None:
+        self.events.put(_END)
+        self.finished.set()
+
+
+class Engine:
+    """Serves many concurrent generations over one :class:`Generator` session."""
+
+    def __init__(self, generator: Generator, config: EngineConfig | None = None) -> None:
+        self.generator = generator
+        self.config = config or EngineConfig()
+        model = generator.model
+        itemsize = np.dtype(model.kv_dtype).itemsize
+        self.kv_bytes_per_token = 2 * model.num_layers * model.num_kv_heads * model.head_dim * itemsize
+        self._waiting: deque[Request] = deque()
+        self._running: list[Request] = []
+        self._lock = threading.Condition()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        # the running batch
+        self._mask = np.zeros((0, 0), np.int64)
+        self._positions = np.zeros((0,), np.int64)
+        self._last = np.zeros((0,), np.int64)
+        self._past: list[Any] = []
+        self.steps = 0
+
+    # -- public ------------------------------------------------------------------------------
+
+    def start(self) -> Engine:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="llmopt-engine", daemon=True)
+            self._thread.start()
+        return self
+
+    def submit(self, prompt: Prompt, params: SamplingParams | None = None, *, chat: bool = False,
+               timeout: float | None = None) -> Request:
+        """Queue a generation (validated here, so bad input fails in the caller's thread)."""
+        params = params or SamplingParams()
+        tokens = self.generator.encode(prompt, chat=chat)
+        self.generator.check_context(tokens)
+        state = DecodeState(tokens, params, self.generator.tokenizer,
+                            self.generator.eos_token_ids, self.generator.context_length)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        request = Request(state, deadline)
+        with self._lock:
+            if self._stopping:
+                raise BusyError("the engine is shutting down", fix="retry on another replica")
+            if len(self._waiting) >= self.config.max_queue:
+                raise BusyError(
+                    f"the request queue is full ({self.config.max_queue} waiting)",
+                    fix="retry later, or raise max_queue / add replicas",
+                )
+            self._waiting.append(request)
+            self._lock.notify()
+        return request
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def batch_size(self) -> int:
+        return len(self._running)
+
+    def close(self, grace: float | None = None) -> None:
+        """Stop taking requests; let running ones finish within ``grace`` seconds (then cancel)."""
+        with self._lock:
+            self._stopping = True
+            self._lock.notify()
+        deadline = None if grace is None else time.monotonic() + grace
+        while self._thread and self._thread.is_alive():
+            if deadline is not None and time.monotonic() > deadline:
+                for request in list(self._running) + list(self._waiting):
+                    request.cancel()
+            self._thread.join(0.05)
+        self._thread = None
+
+    # -- the loop ----------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                while not self._waiting and not self._running and not self._stopping:
+                    self._lock.wait()
+                if self._stopping and not self._waiting and not self._running:
+                    return
+                admitted = self._take_admissible()
+            try:
+                if admitted:
+                    self._prefill(admitted)
+                if self._running:
+                    self._decode()
+            except Exception:  # a broken step must not hang its clients
+                log.exception("engine step failed; failing the requests in it")
+                for request in admitted + self._running:
+                    request.state.cancel("error")
+                    request._close()
+                self._running = []
+                self._reset_batch()
+
+    def _take_admissible(self) -> list[Request]:
+        taken: list[Request] = []
+        free = self.config.max_batch_size - len(self._running)
+        width = self._mask.shape[1]
+        while self._waiting and len(taken) < min(free, self.config.max_prefill_batch):
+            request = self._waiting[0]
+            if request.cancelled.is_set() or self._expired(request):
+                self._waiting.popleft()
+                request.state.cancel("cancelled" if request.cancelled.is_set() else "deadline")
+                request._close()
+                continue
+            rows = len(self._running) + len(taken) + 1
+            need = max(width, len(request.state.prompt)) + 1
+            budget = self.config.kv_budget_bytes
+            if budget is not None and rows * need * self.kv_bytes_per_token > budget and (
+                    self._running or taken):
+                break  # wait for memory to free up (a lone request is always admitted)
+            taken.append(self._waiting.popleft())
+        return taken
+
+    def _expired(self, request: Request) -> bool:
+        return request.deadline is not None and time.monotonic() > request.deadline
+
+    def _prefill(self, requests: list[Request]) -> None:
+        gen = self.generator
+        prompts = [r.state.prompt for r in requests]
+        ids, mask = left_pad(prompts, gen.pad_token_id)
+        positions = position_ids(mask)
+        now = time.perf_counter()
+        for request in requests:
+            request.state.prefill_started = now
+        logits, present = gen._forward(ids, mask, positions, gen._empty_past(len(requests)))
+        last = np.array([r.state.step(logits[i, -1]) for i, r in enumerate(requests)], np.int64)
+        self._merge(requests, mask, positions[:, -1], last, present)
+        self._retire()
+
+    def _decode(self) -> None:
+        for request in self._running:
+            if request.cancelled.is_set():
+                request.state.cancel("cancelled")
+            elif self._expired(request):
+                request.state.cancel("deadline")
+        self._retire()
+        if not self._running:
+            return
+        batch = len(self._running)
+        self._mask = np.concatenate([self._mask, np.ones((batch, 1), np.int64)], axis=1)
+        self._positions = self._positions + 1
+        logits, self._past = self.generator._forward(
+            self._last[:, None], self._mask, self._positions[:, None], self._past)
+        self.steps += 1
+        self._last = np.array([r.state.step(logits[i, -1]) for i, r in enumerate(self._running)],
+                              np.int64)
+        self._retire()
+
+    # -- batch bookkeeping -------------------------------------------------------------------
+
+    def _merge(self, requests: list[Request], mask: np.ndarray, positions: np.ndarray,
+               last: np.ndarray, present: list[Any]) -> None:
+        if not self._running:
+            self._running = list(requests)
+            self._mask, self._positions, self._last, self._past = mask, positions, last, present
+            return
+        width = max(self._mask.shape[1], mask.shape[1])
+        old = [_numpy(v) for v in self._past]
+        new = [_numpy(v) for v in present]
+        self._past = [np.concatenate([_left_pad(a, width, 2), _left_pad(b, width, 2)])
+                      for a, b in zip(old, new, strict=True)]
+        self._mask = np.concatenate([_left_pad(self._mask, width, 1), _left_pad(mask, width, 1)])
+        self._positions = np.concatenate([self._positions, positions])
+        self._last = np.concatenate([self._last, last])
+        self._running.extend(requests)
+
+    def _retire(self) -> None:
+        """Drop finished rows and the cache columns that are padding in every remaining row."""
+        keep = [i for i, r in enumerate(self._running) if not r.state.done]
+        if len(keep) == len(self._running):
+            return
+        for i, request in enumerate(self._running):
+            if request.state.done:
+                request._close()
+        if not keep:
+            self._running = []
+            self._reset_batch()
+            return
+        index = np.array(keep)
+        self._running = [self._running[i] for i in keep]
+        mask = self._mask[index]
+        start = int(np.argmax(mask.any(axis=0)))
+        self._mask = mask[:, start:]
+        self._positions = self._positions[index]
+        self._last = self._last[index]
+        self._past = [np.ascontiguousarray(_numpy(v)[index][:, :, start:]) for v in self._past]
+
+    def _reset_batch(self) -> None:
+        self._mask = np.zeros((0, 0), np.int64)
+        self._positions = np.zeros((0,), np.int64)
+        self._last = np.zeros((0,), np.int64)
+        self._past = []
+
+
+def _numpy(value: Any) -> np.ndarray:
+    return value if isinstance(value, np.ndarray) else value.numpy()
+
+
+def _left_pad(array: np.ndarray, width: int, axis: int) -> np.ndarray:
+    missing = width - array.shape[axis]
+    if missing <= 0:
+        return array
+    pad = [(0, 0)] * array.ndim
+    pad[axis] = (missing, 0)
+    return np.pad(array, pad)

@@ -1,0 +1,111 @@
+"""One request's decoding state: token choice, stop conditions, streamed text and timings.
+
+Shared by the Generator's batch loop and the continuous-batching engine, so both stop, sample
+and stream exactly alike.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from llmopt.runtime.detokenize import Streamer
+from llmopt.runtime.sampling import SamplingParams, next_token
+
+FINISH_REASONS = ("eos", "stop", "length", "context", "cancelled", "deadline")
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    ttft_s: float = 0.0  # request start -> first token chosen (queueing, tokenization, prefill)
+    total_s: float = 0.0
+    prefill_tokens_per_s: float = 0.0
+    decode_tokens_per_s: float = 0.0  # tokens after the first / time after the first
+
+    def as_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    token_ids: list[int]
+    finish_reason: str  # one of FINISH_REASONS
+    stats: GenerationStats = field(default_factory=GenerationStats)
+
+
+class DecodeState:
+    """Feed it one row of logits per step; it picks the token and knows when to stop."""
+
+    def __init__(self, prompt: Sequence[int], params: SamplingParams, tokenizer: object,
+                 default_eos: Sequence[int], context_length: int, started: float | None = None,
+                 on_delta: Callable[[str], None] | None = None) -> None:
+        self.prompt = list(prompt)
+        self.params = params
+        eos = params.eos_token_ids if params.eos_token_ids is not None else default_eos
+        self.eos = set() if params.ignore_eos else set(eos)
+        self.rng = None if params.greedy else np.random.default_rng(params.seed)
+        self.streamer = Streamer(tokenizer, params.stop)
+        self.limit = min(params.max_new_tokens, context_length - len(self.prompt))
+        self.generated: list[int] = []
+        self.finish_reason: str | None = None
+        self.on_delta = on_delta
+        self.started = time.perf_counter() if started is None else started
+        self.prefill_started: float | None = None
+        self.first_token_at: float | None = None
+        self.ended_at: float | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+    def step(self, logits: np.ndarray) -> int:
+        """Choose the next token from ``logits [vocab]``; returns it (the last input next step)."""
+        now = time.perf_counter()
+        if self.first_token_at is None:
+            self.first_token_at = now
+        token = next_token(logits, self.params, self.prompt + self.generated, self.rng)
+        if token in self.eos:
+            self._finish("eos")
+            return token
+        self.generated.append(token)
+        delta = self.streamer.push(token)
+        if delta and self.on_delta:
+            self.on_delta(delta)
+        if self.streamer.stopped:
+            self._finish("stop")
+        elif len(self.generated) >= self.limit:
+            self._finish("length" if self.limit == self.params.max_new_tokens else "context")
+        return token
+
+    def cancel(self, reason: str = "cancelled") -> None:
+        if not self.done:
+            self._finish(reason)
+
+    def _finish(self, reason: str) -> None:
+        self.finish_reason = reason
+        self.ended_at = time.perf_counter()
+        tail = self.streamer.finish()
+        if tail and self.on_delta:
+            self.on_delta(tail)
+
+    def result(self) -> GenerationResult:
+        ended = self.ended_at or time.perf_counter()
+        first = self.first_token_at or ended
+        n = len(self.generated)
+        prefill_s = first - (self.prefill_started or self.started)
+        stats = GenerationStats(
+            prompt_tokens=len(self.prompt),
+            generated_tokens=n,
+            ttft_s=first - self.started,
+            total_s=ended - self.started,
+            prefill_tokens_per_s=len(self.prompt) / prefill_s if prefill_s > 0 else 0.0,
+            decode_tokens_per_s=(n - 1) / (ended - first) if n > 1 and ended > first else 0.0,
+        )
+        return GenerationResult(self.streamer.emitted, list(self.generated),
+                                self.finish_reason or "length", stats)
