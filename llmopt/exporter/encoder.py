@@ -24,7 +24,11 @@ import numpy as np
 import onnx
 
 from llmopt.errors import UnsupportedError
-from llmopt.exporter.decoder import Linear, _activation, _array, _concat, _linear
+from llmopt.exporter.ops import Linear
+from llmopt.exporter.ops import activation as _activation
+from llmopt.exporter.ops import concat_linear as _concat
+from llmopt.exporter.ops import state_linear as _linear
+from llmopt.exporter.ops import to_numpy as _array
 from llmopt.exporter.graph import GraphBuilder
 
 TASKS = ("feature-extraction", "text-classification")

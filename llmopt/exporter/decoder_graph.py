@@ -1,0 +1,284 @@
+"""The decoder graph, emitted from normalized weights in one of two forms.
+
+- ``fused=False`` (export): opset 18 primitives only, so any ONNX runtime can run it.
+- ``fused=True`` (optimize): per layer one residual+norm op, rotary and attention as single
+  ops (ONNX opset 23 ``RMSNormalization``, ``RotaryEmbedding``, ``Attention`` with native
+  grouped-query heads and the KV cache), and ONNX Runtime's ``Skip(Simplified)LayerNormalization``
+  for the residual adds. About 12 nodes a layer instead of about 55.
+
+Both take the same inputs, produce the same outputs and name weights alike
+(``model.layers.{i}.attn.qkv_proj.weight``...), so later stages can find them.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+import numpy as np
+import onnx
+
+from llmopt.exporter.decoder import WEIGHT_PREFIX, DecoderDims, DecoderWeights, Norm
+from llmopt.exporter.graph import MS_DOMAIN, OPSET, GraphBuilder
+from llmopt.exporter.ops import F32, Linear, activation, rms_norm
+
+I64 = np.int64
+FUSED_OPSET = 23
+MASK_MIN = float(np.finfo(np.float32).min)
+
+
+def build_decoder(dims: DecoderDims, weights: DecoderWeights, norm_kind: str, dtype: Any,
+                  fused: bool) -> onnx.ModelProto:
+    d = dims
+    dt = np.dtype(dtype)
+    b = GraphBuilder()
+    input_ids = b.input("input_ids", I64, ["batch", "sequence"])
+    attention_mask = b.input("attention_mask", I64, ["batch", "total_sequence"])
+    position_ids = b.input("position_ids", I64, ["batch", "sequence"])
+    kv_shape = ["batch", d.num_kv_heads, "past_sequence", d.head_dim]
+    past = [(b.input(f"past_key_values.{i}.key", dt, kv_shape),
+             b.input(f"past_key_values.{i}.value", dt, kv_shape)) for i in range(d.num_layers)]
+    b.output("logits", F32, ["batch", "sequence", d.vocab])
+    present_shape = ["batch", d.num_kv_heads, "total_sequence", d.head_dim]
+    for i in range(d.num_layers):
+        b.output(f"present.{i}.key", dt, present_shape)
+        b.output(f"present.{i}.value", dt, present_shape)
+
+    P = WEIGHT_PREFIX
+
+    def w(name: str, array: np.ndarray) -> str:
+        return b.weight(name, array.astype(dt))
+
+    def linear(x: str, lin: Linear, name: str) -> str:
+        with b.scope(name.rsplit(".", 1)[-1]):
+            y = b.op("MatMul", x, w(f"{name}.weight", lin.weight))
+            if lin.bias is not None:
+                y = b.op("Add", y, w(f"{name}.bias", lin.bias))
+        return y
+
+    def norm(x: str, weights_: Norm, name: str) -> str:
+        weight = w(f"{name}.weight", weights_.weight)
+        with b.scope(name.rsplit(".", 1)[-1]):
+            if norm_kind == "layer":
+                bias = w(f"{name}.bias", weights_.bias if weights_.bias is not None
+                         else np.zeros_like(weights_.weight))
+                return b.op("LayerNormalization", x, weight, bias, axis=-1, epsilon=d.eps)
+            if fused:
+                return b.op("RMSNormalization", x, weight, axis=-1, epsilon=d.eps)
+            return rms_norm(b, x, weight, d.eps, dt)
+
+    def skip_norm(x: str, residual: str, weights_: Norm, name: str) -> tuple[str, str]:
+        """(norm(x + residual), x + residual): one op when fused."""
+        if not fused:
+            total = b.op("Add", x, residual, name=f"{name.rsplit('.', 1)[-1]}_residual")
+            return norm(total, weights_, name), total
+        weight = w(f"{name}.weight", weights_.weight)
+        with b.scope(name.rsplit(".", 1)[-1]):
+            if norm_kind == "layer":
+                bias = w(f"{name}.bias", weights_.bias if weights_.bias is not None
+                         else np.zeros_like(weights_.weight))
+                out = b.op("SkipLayerNormalization", x, residual, weight, bias, outputs=4,
+                           domain=MS_DOMAIN, epsilon=d.eps)
+            else:
+                out = b.op("SkipSimplifiedLayerNormalization", x, residual, weight, outputs=4,
+                           domain=MS_DOMAIN, epsilon=d.eps)
+        return out[0], out[3]
+
+    with b.scope("model"):
+        with b.scope("embed"):
+            x = b.op("Gather", w(f"{P}.embed.weight", weights.embed), input_ids)
+            if weights.position_embed is not None:
+                table = w(f"{P}.position_embed.weight", weights.position_embed)
+                x = b.op("Add", x, b.op("Gather", table, position_ids))
+        with b.scope("attn_mask"):
+            bias = attention_bias(b, input_ids, attention_mask, d.sliding_window)
+        cos = sin = None
+        if weights.inv_freq is not None:
+            with b.scope("rotary"):
+                cos, sin = rotary_tables(b, position_ids, weights.inv_freq, d.rope_scaling, dt,
+                                         doubled=not fused)
+        if fused and dt != np.dtype(F32):
+            bias = b.op("Cast", bias, to=onnx.TensorProto.FLOAT16)
+
+        h = norm(x, weights.layers[0].attn_norm, f"{P}.layers.0.attn_norm")
+        for i, layer in enumerate(weights.layers):
+            p = f"{P}.layers.{i}."
+            with b.scope(f"layers.{i}"):
+                qkv = linear(h, layer.qkv, p + "attn.qkv_proj")
+                with b.scope("attn"):
+                    if fused:
+                        attn = _fused_attention(b, qkv, past[i], bias, cos, sin, d, i)
+                    else:
+                        attn = _attention(b, qkv, past[i], bias, cos, sin, d, i, dt)
+                attn = linear(attn, layer.o, p + "attn.o_proj")
+                h, x = skip_norm(x, attn, layer.mlp_norm, p + "mlp_norm")
+                with b.scope("mlp"):
+                    y = linear(h, layer.mlp_in, p + ("mlp.gate_up_proj" if layer.gated
+                                                     else "mlp.fc_in"))
+                    if layer.gated:
+                        half = layer.mlp_in.weight.shape[1] // 2
+                        gate, up = b.op("Split", y, b.const([half, half]), axis=-1, outputs=2)
+                        y = b.op("Mul", activation(b, gate, d.activation, dt), up)
+                    else:
+                        y = activation(b, y, d.activation, dt)
+                    y = linear(y, layer.mlp_out, p + "mlp.fc_out")
+                if i + 1 < len(weights.layers):
+                    h, x = skip_norm(x, y, weights.layers[i + 1].attn_norm,
+                                     f"{P}.layers.{i + 1}.attn_norm")
+                else:
+                    h, x = skip_norm(x, y, weights.final_norm, f"{P}.final_norm")
+
+        with b.scope("lm_head"):
+            logits = linear(h, weights.lm_head, f"{P}.lm_head")
+            if dt != np.dtype(F32):
+                b.op("Cast", logits, to=onnx.TensorProto.FLOAT, output_names=["logits"])
+            else:
+                b.op("Identity", logits, output_names=["logits"])
+    return b.build("llmopt_decoder", opset=FUSED_OPSET if fused else OPSET)
+
+
+def op_histogram(proto: onnx.ModelProto) -> dict[str, int]:
+    return dict(Counter(n.op_type for n in proto.graph.node).most_common())
+
+
+def attention_bias(b: GraphBuilder, input_ids: str, attention_mask: str,
+                   window: int | None) -> str:
+    """[B,1,S,T] float32 bias: 0 where query s may attend key t, float32-min elsewhere.
+
+    Allowed: key not padding, key not after the query (causal), key inside the sliding window.
+    Every query may also attend to itself, so the rows of padding queries are never fully
+    masked (their outputs are ignored, but must stay finite: they become cache entries).
+    """
+    zero, axis0 = b.const(0), b.const([0])
+    seq = b.op("Squeeze", b.op("Shape", input_ids, start=1, end=2), axis0)
+    total = b.op("Squeeze", b.op("Shape", attention_mask, start=1, end=2), axis0)
+    past_len = b.op("Sub", total, seq)
+    one = b.const(1)
+    kv_idx = b.op("Unsqueeze", b.op("Range", zero, total, one), axis0)  # [1,T]
+    q_idx = b.op("Unsqueeze", b.op("Range", past_len, total, one), b.const([1]))  # [S,1]
+    allowed = b.op("LessOrEqual", kv_idx, q_idx)
+    if window:
+        in_window = b.op("Greater", kv_idx, b.op("Sub", q_idx, b.const(window)))
+        allowed = b.op("And", allowed, in_window)
+    pad = b.op("Unsqueeze", b.op("Cast", attention_mask, to=onnx.TensorProto.BOOL),
+               b.const([1, 2]))  # [B,1,1,T]
+    allowed = b.op("Or", b.op("And", pad, allowed), b.op("Equal", kv_idx, q_idx))
+    return b.op("Where", allowed, b.const(0.0, F32), b.const(MASK_MIN, F32))
+
+
+def rotary_tables(b: GraphBuilder, position_ids: str, inv_freq: np.ndarray, scaling: float,
+                  dt: np.dtype, doubled: bool) -> tuple[str, str]:
+    """cos/sin from positions, in float32 as transformers computes them.
+
+    ``doubled``: [B,1,S,rot] for the primitive form (both halves); else [B,S,rot/2] for
+    ``RotaryEmbedding``.
+    """
+    pos = b.op("Unsqueeze", b.op("Cast", position_ids, to=onnx.TensorProto.FLOAT), b.const([-1]))
+    freqs = b.op("Mul", pos, b.weight(f"{WEIGHT_PREFIX}.rotary.inv_freq", inv_freq.astype(F32)))
+    if doubled:
+        freqs = b.op("Concat", freqs, freqs, axis=-1)
+    cos, sin = b.op("Cos", freqs), b.op("Sin", freqs)
+    if scaling != 1.0:
+        cos = b.op("Mul", cos, b.const(scaling, F32))
+        sin = b.op("Mul", sin, b.const(scaling, F32))
+    if dt != np.dtype(F32):
+        cos = b.op("Cast", cos, to=onnx.TensorProto.FLOAT16)
+        sin = b.op("Cast", sin, to=onnx.TensorProto.FLOAT16)
+    if doubled:
+        axis = b.const([1])
+        return b.op("Unsqueeze", cos, axis), b.op("Unsqueeze", sin, axis)
+    return cos, sin
+
+
+def _split_qkv(b: GraphBuilder, qkv: str, d: DecoderDims) -> list[str]:
+    heads, kv_heads, dim = d.num_heads, d.num_kv_heads, d.head_dim
+    return list(b.op("Split", qkv, b.const([heads * dim, kv_heads * dim, kv_heads * dim]),
+                     axis=-1, outputs=3))
+
+
+def _fused_attention(b: GraphBuilder, qkv: str, past: tuple[str, str], bias: str,
+                     cos: str | None, sin: str | None, d: DecoderDims, layer: int) -> str:
+    r"""Rotary and attention as single ops; the KV cache stays BNSH.
+
+    ::
+
+        qkv ─Split─┬ q ─RotaryEmbedding─┐
+                   ├ k ─RotaryEmbedding─┼─Attention(bias, past_k, past_v) ─▶ out, present_k/v
+                   └ v ─────────────────┘
+    """
+    q, k, v = _split_qkv(b, qkv, d)
+    if cos is not None and sin is not None:
+        rot = d.rotary_dim if d.rotary_dim < d.head_dim else None
+        q = b.op("RotaryEmbedding", q, cos, sin, num_heads=d.num_heads, rotary_embedding_dim=rot)
+        k = b.op("RotaryEmbedding", k, cos, sin, num_heads=d.num_kv_heads,
+                 rotary_embedding_dim=rot)
+    out = b.op("Attention", q, k, v, bias, past[0], past[1],
+               output_names=[f"/model/layers.{layer}/attn/output", f"present.{layer}.key",
+                             f"present.{layer}.value"],
+               q_num_heads=d.num_heads, kv_num_heads=d.num_kv_heads,
+               scale=d.attention_scale * d.layer_scales[layer])
+    return str(out[0])
+
+
+def _apply_rotary(b: GraphBuilder, x: str, cos: str, sin: str, head_dim: int,
+                  rotary_dim: int) -> str:
+    """x * cos + rotate_half(x) * sin on the first ``rotary_dim`` channels of each head."""
+    passthrough = None
+    if rotary_dim < head_dim:
+        x, passthrough = b.op("Split", x, b.const([rotary_dim, head_dim - rotary_dim]), axis=-1,
+                              outputs=2)
+    half = rotary_dim // 2
+    x1, x2 = b.op("Split", x, b.const([half, half]), axis=-1, outputs=2)
+    rotated = b.op("Concat", b.op("Neg", x2), x1, axis=-1)
+    y = b.op("Add", b.op("Mul", x, cos), b.op("Mul", rotated, sin))
+    if passthrough is not None:
+        y = b.op("Concat", y, passthrough, axis=-1)
+    return y
+
+
+def _attention(b: GraphBuilder, qkv: str, past: tuple[str, str], bias: str, cos: str | None,
+               sin: str | None, d: DecoderDims, layer: int, dt: np.dtype) -> str:
+    r"""Scaled dot-product attention with a KV cache and grouped-query heads, in primitives.
+
+    ::
+
+        qkv ─Split─┬ q ─Reshape─Transpose─RoPE─Mul(scale)─Reshape[B,kvH,rep*S,D]─┐
+                   ├ k ─Reshape─Transpose─RoPE─Concat(past_k)=present_k ─Transpose┴MatMul
+                   └ v ─Reshape─Transpose──────Concat(past_v)=present_v ──────────┐  │
+                                                         MatMul ◀─Softmax◀─Add(bias)◀┘
+                                                           └─Reshape─Transpose─Reshape ─▶ out
+
+    Grouped-query heads are handled by folding the ``rep`` query heads that share a KV head
+    into the sequence axis, so the cache is never repeated in memory.
+    """
+    heads, kv_heads, dim = d.num_heads, d.num_kv_heads, d.head_dim
+    rep = heads // kv_heads
+    q, k, v = _split_qkv(b, qkv, d)
+    perm = [0, 2, 1, 3]
+    q = b.op("Transpose", b.op("Reshape", q, b.const([0, 0, heads, dim])), perm=perm)
+    k = b.op("Transpose", b.op("Reshape", k, b.const([0, 0, kv_heads, dim])), perm=perm)
+    v = b.op("Transpose", b.op("Reshape", v, b.const([0, 0, kv_heads, dim])), perm=perm)
+    if cos is not None and sin is not None:
+        with b.scope("rotary_q"):
+            q = _apply_rotary(b, q, cos, sin, dim, d.rotary_dim)
+        with b.scope("rotary_k"):
+            k = _apply_rotary(b, k, cos, sin, dim, d.rotary_dim)
+    present_k = b.op("Concat", past[0], k, axis=2, output_names=[f"present.{layer}.key"])
+    present_v = b.op("Concat", past[1], v, axis=2, output_names=[f"present.{layer}.value"])
+    q = b.op("Mul", q, b.const(d.attention_scale * d.layer_scales[layer], dt))
+    if rep > 1:
+        q = b.op("Reshape", q, b.const([0, kv_heads, -1, dim]))
+    scores = b.op("MatMul", q, b.op("Transpose", present_k, perm=[0, 1, 3, 2]))
+    if rep > 1:
+        scores = b.op("Reshape", scores, b.const([0, heads, -1, 0]))
+    if dt != np.dtype(F32):
+        scores = b.op("Cast", scores, to=onnx.TensorProto.FLOAT)
+    probs = b.op("Softmax", b.op("Add", scores, bias), axis=-1)
+    if dt != np.dtype(F32):
+        probs = b.op("Cast", probs, to=onnx.TensorProto.FLOAT16)
+    if rep > 1:
+        probs = b.op("Reshape", probs, b.const([0, kv_heads, -1, 0]))
+    out = b.op("MatMul", probs, present_v)
+    if rep > 1:
+        out = b.op("Reshape", out, b.const([0, heads, -1, dim]))
+    return str(b.op("Reshape", b.op("Transpose", out, perm=perm), b.const([0, 0, heads * dim])))
