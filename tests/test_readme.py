@@ -99,6 +99,23 @@ def test_setup_commands_exist_and_ci_runs_the_test_command() -> None:
     assert re.search(r"^\s*make test\s*$", ci, re.MULTILINE), ".ci/run must run `make test`"
 
 
+def test_make_demo_runs_the_command_line_example() -> None:
+    """``make demo`` is not run by CI; the README block it equals is, so this keeps them equal."""
+    makefile = (ROOT / "Makefile").read_text()
+    recipe = re.search(r"^demo:.*\n((?:\t.*\n)+)", makefile, re.MULTILINE)
+    assert recipe, "Makefile has no demo recipe"
+    commands = [
+        line.strip().replace("$$", "$").replace("$(LLMOPT)", "llmopt").replace("$(DEMO_DIR)", "DIR")
+        for line in recipe.group(1).splitlines()
+    ]
+    examples = [
+        b.code.replace("out/smollm2", "DIR").strip().splitlines()
+        for b in RUNNABLE
+        if b.language == "bash" and "llmopt export" in b.code
+    ]
+    assert commands in examples, f"make demo runs {commands}; no README block does"
+
+
 def test_every_block_is_runnable_or_plain_text() -> None:
     unknown = [b.id for b in BLOCKS if b.language not in RUNNERS and b.language not in NOT_CODE]
     assert not unknown, f"blocks in a language this test cannot run: {unknown}"
