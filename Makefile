@@ -45,7 +45,7 @@ demo: models
 	$(LLMOPT) inspect $(DEMO_DIR)
 
 proto: install
-	@echo "proto: no .proto files yet; the gRPC service is in progress" >&2
+	$(PYTHON) -m llmopt._proto.generate
 
 bench: install
 	@echo "bench: the benchmark harness is in progress" >&2
