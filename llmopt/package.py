@@ -129,3 +129,72 @@ def _json_default(value: Any) -> Any:
     if hasattr(value, "item"):
         return value.item()
     raise TypeError(f"cannot store {type(value).__name__} in the manifest")
+
+
+SIDE_FILE_EXCLUDES = (MANIFEST_NAME, MODEL_NAME)
+
+
+def write_derived(parent: Package, out_dir: str | os.PathLike[str], proto: Any,
+                  manifest: dict[str, Any], external_data: bool | None = None) -> Package:
+    """Write a package made from ``parent``: its side files (tokenizer, configs) and a new
+    graph and manifest, into a temporary sibling directory moved into place at the end."""
+    import shutil
+    import tempfile
+
+    import onnx
+
+    out = Path(out_dir)
+    if out.resolve() == parent.path.resolve():
+        raise PackageError("the output directory is the input package",
+                           fix="write the result to a new directory")
+    if out.is_dir() and any(out.iterdir()) and not (out / MANIFEST_NAME).is_file():
+        raise PackageError(f"{out} is not empty and is not an llmopt package; refusing to "
+                           "overwrite it", fix="choose an empty or new output directory")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp.chmod(0o755)
+    try:
+        for item in parent.path.iterdir():
+            if item.is_file() and not item.name.startswith(SIDE_FILE_EXCLUDES):
+                shutil.copy2(item, tmp / item.name)
+        size = sum(len(t.raw_data) for t in proto.graph.initializer)
+        if external_data is None:
+            external_data = size > 2**31 - 2**26
+        if external_data:
+            onnx.save_model(proto, str(tmp / MODEL_NAME), save_as_external_data=True,
+                            all_tensors_to_one_file=True, location=EXTERNAL_DATA_NAME,
+                            size_threshold=1024)
+        else:
+            onnx.save_model(proto, str(tmp / MODEL_NAME))
+        manifest = dict(manifest)
+        manifest["onnx"] = {**manifest.get("onnx", {}), "file": MODEL_NAME,
+                            "external_data": EXTERNAL_DATA_NAME if external_data else None,
+                            "opset": max((o.version for o in proto.opset_import
+                                          if o.domain in ("", "ai.onnx")), default=None)}
+        manifest["versions"] = tool_versions()
+        package = Package(tmp, manifest)
+        package.write_manifest()
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    package.path = out
+    return package
+
+
+def graph_signature(proto: Any) -> dict[str, list[dict[str, Any]]]:
+    """Inputs and outputs of an ONNX graph: name, numpy dtype name, shape (symbolic names)."""
+    import onnx
+
+    def describe(values: Any) -> list[dict[str, Any]]:
+        out = []
+        for value in values:
+            tensor = value.type.tensor_type
+            shape = [d.dim_param or d.dim_value for d in tensor.shape.dim]
+            dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type).name
+            out.append({"name": value.name, "dtype": dtype, "shape": shape})
+        return out
+
+    return {"inputs": describe(proto.graph.input), "outputs": describe(proto.graph.output)}

@@ -13,7 +13,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-COMMANDS = ("export", "inspect", "generate", "embed", "fetch")
+COMMANDS = ("export", "optimize", "inspect", "generate", "embed", "fetch", "bench", "serve")
 
 EXIT_USER_ERROR = 1
 EXIT_INTERRUPTED = 130

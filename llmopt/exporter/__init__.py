@@ -18,6 +18,7 @@ from llmopt.package import (
     MODEL_NAME,
     SCHEMA_VERSION,
     Package,
+    graph_signature,
     tool_versions,
 )
 
@@ -218,18 +219,7 @@ def _labels(config: Any) -> dict[str, str]:
 def _signature(path: Path) -> dict[str, list[dict[str, Any]]]:
     import onnx
 
-    proto = onnx.load(str(path), load_external_data=False)
-
-    def describe(values: Any) -> list[dict[str, Any]]:
-        out = []
-        for value in values:
-            tensor = value.type.tensor_type
-            shape = [d.dim_param or d.dim_value for d in tensor.shape.dim]
-            dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type).name
-            out.append({"name": value.name, "dtype": dtype, "shape": shape})
-        return out
-
-    return {"inputs": describe(proto.graph.input), "outputs": describe(proto.graph.output)}
+    return graph_signature(onnx.load(str(path), load_external_data=False))
 
 
 def _options_dict(options: ExportOptions) -> dict[str, Any]:

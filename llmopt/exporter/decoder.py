@@ -78,9 +78,10 @@ class DecoderArch:
 
     def validate(self, model: Any, session: Any, layout: dict[str, Any], tokenizer: Any,
                  tolerance: float, generation_tokens: int) -> dict[str, Any]:
-        from llmopt.exporter.validate import validate_decoder
+        from llmopt.exporter.validate import TorchReference, validate_decoder
 
-        return validate_decoder(model, session, layout, tokenizer, tolerance, generation_tokens)
+        return validate_decoder(TorchReference(model), session, layout, tokenizer, tolerance,
+                                generation_tokens)
 
 
 @dataclass(frozen=True)
@@ -275,7 +276,7 @@ def emit(arch: DecoderArch, model: Any, dtype: Any) -> tuple[onnx.ModelProto, di
     inv_freq, scaling = rotary_parameters(model) if arch.positions == "rotary" else (None, 1.0)
     dims = read_dims(arch, model.config, inv_freq, scaling)
     weights = weights_from_state(arch, dims, model.state_dict(), inv_freq)
-    proto = build_decoder(dims, weights, arch.norm, dtype, fused=False)
+    proto = build_decoder(dims, weights, arch.norm, dtype)
     layout = {
         "num_layers": dims.num_layers,
         "num_attention_heads": dims.num_heads,
@@ -289,5 +290,6 @@ def emit(arch: DecoderArch, model: Any, dtype: Any) -> tuple[onnx.ModelProto, di
         "present_value": "present.{i}.value",
         "max_positions": dims.max_positions,
         "sliding_window": dims.sliding_window,
+        "rope_attention_scaling": dims.rope_scaling,
     }
     return proto, layout

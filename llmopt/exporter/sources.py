@@ -119,6 +119,13 @@ def load_model(source: Source, task: str, trust_remote_code: bool, allow_pickle:
 def load_tokenizer(source: Source, trust_remote_code: bool) -> Any:
     from transformers import AutoTokenizer
 
+    if source.kind == "local" and not trust_remote_code:
+        from llmopt.runtime import load_tokenizer as load_saved
+
+        tokenizer = load_saved(source.directory)
+        if tokenizer is None:
+            raise SourceError(f"no tokenizer in {source.reference}", fix="add tokenizer files")
+        return tokenizer
     with _hub_errors(source):
         return AutoTokenizer.from_pretrained(
             source.directory, gguf_file=source.gguf_file, revision=source.revision,

@@ -75,34 +75,71 @@ def _encode(tokenizer: Any, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def validate_decoder(model: Any, session: Any, kv_cache: dict[str, Any], tokenizer: Any,
-                     tolerance: float, generation_tokens: int,
-                     prompts: Sequence[str] = DEFAULT_PROMPTS) -> dict[str, Any]:
-    """Compare logits and presents on six shapes, then greedy generation.
+class TorchReference:
+    """The PyTorch model as the reference a decoder graph is checked against."""
 
-    Greedy tokens must match exactly for float32 graphs; for float16 ones a near-tie can flip a
-    token, so their agreement is recorded but not required.
-    """
-    import torch
+    name = "torch"
 
-    onnx_model = DecoderModel(session, kv_cache)
-    report = Report(tolerance)
-    tokens = prompt_tokens(tokenizer, int(model.config.vocab_size), prompts)
-    long, short = tokens[0], tokens[1]
+    def __init__(self, model: Any) -> None:
+        self.model = model
+        self.vocab = int(model.config.vocab_size)
+        self.eos = _eos_ids(model)
 
-    def torch_forward(ids: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
+    def forward(self, ids: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
+        import torch
+
         with torch.no_grad():
-            out = model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
-                        position_ids=torch.from_numpy(position_ids(mask)), use_cache=True)
+            out = self.model(input_ids=torch.from_numpy(ids),
+                             attention_mask=torch.from_numpy(mask),
+                             position_ids=torch.from_numpy(position_ids(mask)), use_cache=True)
         cache = out.get("cache")  # transformers >= 5.2 name; older ones use past_key_values
         if cache is None:
             cache = out.get("past_key_values")
         return out.logits.float().numpy(), _cache_arrays(cache)
 
+    def greedy(self, prompt: list[int], max_new_tokens: int) -> list[int]:
+        return _torch_greedy(self.model, prompt, max_new_tokens, self.eos)
+
+
+class OnnxReference:
+    """Another package's decoder graph as the reference (for optimize and quantize)."""
+
+    name = "onnx"
+
+    def __init__(self, session: Any, kv_cache: dict[str, Any], eos: Sequence[int],
+                 vocab: int) -> None:
+        self.model = DecoderModel(session, kv_cache)
+        self.eos = list(eos)
+        self.vocab = vocab
+
+    def forward(self, ids: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
+        logits, present = self.model.forward(ids, mask, position_ids(mask),
+                                             self.model.empty_past(ids.shape[0]))
+        return logits, [np.asarray(p, dtype=np.float32) for p in present]
+
+    def greedy(self, prompt: list[int], max_new_tokens: int) -> list[int]:
+        return greedy(self.model, [prompt], max_new_tokens, self.eos)[0]
+
+
+def validate_decoder(reference: Any, session: Any, kv_cache: dict[str, Any], tokenizer: Any,
+                     tolerance: float, generation_tokens: int,
+                     prompts: Sequence[str] = DEFAULT_PROMPTS,
+                     require_generation: bool | None = None) -> dict[str, Any]:
+    """Compare logits and presents on six shapes, then greedy generation, with ``reference``
+    (a :class:`TorchReference` or :class:`OnnxReference`).
+
+    Greedy tokens must match exactly for float32 graphs; for float16 ones a near-tie can flip a
+    token, so their agreement is recorded but not required (``require_generation`` overrides).
+    """
+    onnx_model = DecoderModel(session, kv_cache)
+    report = Report(tolerance)
+    tokens = prompt_tokens(tokenizer, reference.vocab, prompts)
+    long, short = tokens[0], tokens[1]
+
     def check(case: str, prompts_: list[list[int]], split: int) -> None:
         """Prefill the first ``split`` columns, then run the rest with the cache."""
         ids, mask = left_pad(prompts_)
-        want_logits, want_cache = torch_forward(ids, mask)
+        want_logits, want_cache = reference.forward(ids, mask)
         valid = mask.astype(bool)
         past = onnx_model.empty_past(len(prompts_))
         got_parts = []
@@ -132,15 +169,18 @@ def validate_decoder(model: Any, session: Any, kv_cache: dict[str, Any], tokeniz
     check("batch 2, left padding, past > 0", [long, short], max(len(long), len(short)) - 2)
 
     generation = []
-    eos = _eos_ids(model)
     for text, prompt in zip(prompts, tokens, strict=True):
-        want = _torch_greedy(model, prompt, generation_tokens, eos)
-        got = greedy(onnx_model, [prompt], generation_tokens, eos)[0]
+        want = reference.greedy(prompt, generation_tokens)
+        got = greedy(onnx_model, [prompt], generation_tokens, reference.eos)[0]
         mismatch = next((i for i, (a, b) in enumerate(zip(got, want, strict=False)) if a != b),
                         None if len(got) == len(want) else min(len(got), len(want)))
         generation.append({"prompt": text, "tokens": len(want), "match": mismatch is None,
                            "first_mismatch": mismatch})
-    return report.result(generation, generation_required=onnx_model.kv_dtype == np.float32)
+    required = onnx_model.kv_dtype == np.float32 if require_generation is None \
+        else require_generation
+    result = report.result(generation, generation_required=required)
+    result["reference"] = reference.name
+    return result
 
 
 def _torch_greedy(model: Any, prompt: list[int], max_new_tokens: int, eos: list[int]) -> list[int]:

@@ -38,15 +38,40 @@ def load(package: str | os.PathLike[str] | Package,
     ``strict=True`` raises :class:`~llmopt.errors.ProviderError` instead of falling back to a
     later provider; ``runner.session_info`` says which provider holds the session and why.
     """
-    from transformers import AutoTokenizer
-
     pkg = package if isinstance(package, Package) else Package.open(package)
     source = pkg.manifest.get("source") or {}
     fingerprint = f"{source.get('sha256')}:{pkg.manifest.get('steps')}"
     session, info = create_session(pkg.model_path, providers, provider_options, strict,
                                    signature=pkg.manifest.get("signature"),
                                    model_fingerprint=fingerprint)
-    tokenizer = AutoTokenizer.from_pretrained(str(pkg.path))
+    tokenizer = load_tokenizer(pkg.path)
     if pkg.is_decoder:
         return Generator(pkg, session, info, tokenizer)
     return Embedder(pkg, session, info, tokenizer)
+
+
+GENERIC_TOKENIZERS = ("TokenizersBackend", "PreTrainedTokenizerFast")
+
+
+def load_tokenizer(path: str | os.PathLike[str]) -> Any:
+    """The package's tokenizer as it was at export (None if it has none).
+
+    A tokenizer saved as the generic fast class is loaded as that class: AutoTokenizer would
+    otherwise pick the model type's own class, which may rebuild the pipeline differently.
+    """
+    import json
+    from pathlib import Path
+
+    import transformers
+
+    config_file = Path(path) / "tokenizer_config.json"
+    if not config_file.is_file() and not (Path(path) / "tokenizer.json").is_file():
+        return None
+    try:
+        saved = json.loads(config_file.read_text()).get("tokenizer_class") \
+            if config_file.is_file() else None
+        if saved in GENERIC_TOKENIZERS:
+            return transformers.PreTrainedTokenizerFast.from_pretrained(str(path))
+        return transformers.AutoTokenizer.from_pretrained(str(path))
+    except (OSError, ValueError):  # unreadable: the package takes token ids only
+        return None

@@ -29,6 +29,8 @@ class Streamer:
     def push(self, token: int) -> str:
         """Add a token; return the newly final text (possibly empty)."""
         self.tokens.append(token)
+        if self.tokenizer is None:  # token ids only: there is no text to stream
+            return ""
         text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
         cut = _first_stop(text, self.stop)
         if cut is not None:

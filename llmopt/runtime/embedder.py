@@ -56,6 +56,9 @@ class Embedder:
                                     fix="split the input into smaller batches")
         if not all(isinstance(t, str) for t in texts):
             raise InvalidInputError("texts must be strings", fix="pass a list of str")
+        if self.tokenizer is None:
+            raise InvalidInputError("this package has no tokenizer",
+                                    fix="re-export it from a source that has one")
         encoded = self.tokenizer(list(texts), padding=True, truncation=True,
                                  max_length=self.max_length, return_tensors="np")
         feed = {name: encoded[name].astype(np.int64) for name in self.inputs if name in encoded}

@@ -72,6 +72,9 @@ class Generator:
 
     def encode(self, prompt: Prompt, chat: bool = False) -> list[int]:
         """Token ids of a prompt: text, chat messages (rendered with the chat template), or ids."""
+        if isinstance(prompt, str) and self.tokenizer is None:
+            raise InvalidInputError("this package has no tokenizer, so it takes token ids only",
+                                    fix="pass a list of token ids, or re-export with a tokenizer")
         if isinstance(prompt, str):
             if not prompt.strip():
                 raise InvalidInputError("the prompt is empty", fix="pass some text to continue")

@@ -1,0 +1,136 @@
+"""Optimize: a package in, a faster package out (graph fusion, fp16), validated against it.
+
+Levels (presets), each a superset of the one before:
+
+- 0: no change (a validated copy; useful as a baseline in benchmarks).
+- 1: ONNX Runtime's basic offline optimizations (constant folding, redundant-node and shape
+  cleanup), saved into the graph.
+- 2: llmopt's fusions, re-emitting the graph from the package's own weights: residual+norm,
+  norm, rotary + attention (with the KV cache and grouped-query heads), GELU.
+- 3: level 2 in float16 (for GPUs; norms, softmax and logits stay float32).
+
+``fusions`` picks individual fusions instead of all of the level's; a requested fusion that
+does not apply to the model (rotary on GPT-2) is reported, not silently dropped.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from llmopt.errors import InvalidInputError, UnsupportedError
+from llmopt.package import Package
+
+__all__ = ["FUSIONS", "OptimizeOptions", "optimize"]
+
+log = logging.getLogger("llmopt.optimize")
+LEVELS = (0, 1, 2, 3)
+FUSIONS = ("norm", "skip_norm", "attention", "activation")
+
+
+@dataclass(frozen=True)
+class OptimizeOptions:
+    """How to optimize. ``fusions=None`` means every fusion the level includes."""
+
+    level: int = 2
+    fusions: tuple[str, ...] | None = None
+    fp16: bool | None = None  # None: only at level 3
+    validate: bool = True
+    tolerance: float | None = None
+    generation_tokens: int = 32
+
+    def __post_init__(self) -> None:
+        if self.level not in LEVELS:
+            raise InvalidInputError(
+                f"optimize level {self.level!r} does not exist",
+                fix=f"use one of {', '.join(map(str, LEVELS))} (see `llmopt optimize --help`)",
+            )
+        unknown = set(self.fusions or ()) - set(FUSIONS)
+        if unknown:
+            raise InvalidInputError(f"unknown fusion(s): {', '.join(sorted(unknown))}",
+                                    fix=f"choose from: {', '.join(FUSIONS)}")
+
+    @classmethod
+    def O1(cls) -> OptimizeOptions:  # noqa: N802  (the preset names users know from optimum)
+        return cls(level=1)
+
+    @classmethod
+    def O2(cls) -> OptimizeOptions:  # noqa: N802
+        return cls(level=2)
+
+    @classmethod
+    def O3(cls) -> OptimizeOptions:  # noqa: N802
+        return cls(level=3)
+
+    @property
+    def float16(self) -> bool:
+        return self.level == 3 if self.fp16 is None else self.fp16
+
+    def selected_fusions(self) -> frozenset[str]:
+        if self.fusions is not None:
+            return frozenset(self.fusions)
+        return frozenset(FUSIONS) if self.level >= 2 else frozenset()
+
+
+def optimize(package: str | os.PathLike[str] | Package, out_dir: str | os.PathLike[str],
+             options: OptimizeOptions | None = None) -> Package:
+    """Write an optimized copy of ``package`` to ``out_dir``, validated against ``package``."""
+    from llmopt.optimizer.graphs import reemit, ort_basic
+    from llmopt.package import graph_signature, write_derived
+
+    options = options or OptimizeOptions()
+    parent = package if isinstance(package, Package) else Package.open(package)
+    _refuse_quantized(parent)
+    started = time.perf_counter()
+    fusions = options.selected_fusions()
+    dtype = "float16" if options.float16 else str(parent.manifest["onnx"].get("dtype", "float32"))
+    if fusions or dtype != parent.manifest["onnx"].get("dtype", "float32"):
+        proto, report = reemit(parent, fusions, dtype)
+    else:
+        proto, report = _load(parent), {"fusions": {}}
+    if options.level >= 1:
+        proto = ort_basic(proto)
+    report["nodes_before"] = _node_count(parent)
+    report["nodes_after"] = len(proto.graph.node)
+    manifest = dict(parent.manifest)
+    manifest["onnx"] = {**manifest["onnx"], "dtype": dtype}
+    manifest["signature"] = graph_signature(proto)
+    if manifest.get("kv_cache"):
+        manifest["kv_cache"] = {**manifest["kv_cache"], "dtype": dtype}
+    manifest["steps"] = [*parent.manifest.get("steps", []), {
+        "stage": "optimize", "options": asdict(options), "parent": str(parent.path),
+        **report}]
+    manifest["validation"] = None
+    result = write_derived(parent, out_dir, proto, manifest)
+    del proto
+    if options.validate:
+        from llmopt.optimizer.check import check_against
+
+        check_against(result, parent, dtype, options.tolerance, options.generation_tokens)
+    result.manifest["steps"][-1]["seconds"] = round(time.perf_counter() - started, 2)
+    result.write_manifest()
+    log.info("optimized: %s nodes -> %s nodes", report["nodes_before"], report["nodes_after"])
+    return result
+
+
+def _refuse_quantized(package: Package) -> None:
+    if any(step.get("stage") == "quantize" for step in package.manifest.get("steps", [])):
+        raise UnsupportedError(
+            f"{package.path} is quantized; optimize before quantizing",
+            fix="optimize the float package, then quantize the result",
+        )
+
+
+def _load(package: Package) -> Any:
+    import onnx
+
+    return onnx.load(str(package.model_path))
+
+
+def _node_count(package: Package) -> int:
+    import onnx
+
+    return len(onnx.load(str(package.model_path), load_external_data=False).graph.node)

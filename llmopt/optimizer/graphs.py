@@ -1,0 +1,100 @@
+"""Graph rewrites behind ``optimize``: re-emission in fused form, ONNX Runtime's basic passes."""
+
+from __future__ import annotations
+
+import tempfile
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from llmopt.errors import UnsupportedError
+from llmopt.package import Package
+
+# fusion -> the op types that show it fired
+FUSED_OPS = {
+    "norm": ("RMSNormalization", "SimplifiedLayerNormalization"),  # LayerNorm is always 1 op
+    "skip_norm": ("SkipSimplifiedLayerNormalization", "SkipLayerNormalization"),
+    "attention": ("Attention", "RotaryEmbedding", "MultiHeadAttention", "GroupQueryAttention"),
+    "activation": ("FastGelu", "Gelu", "BiasGelu", "QuickGelu"),
+}
+
+
+def initializers(package: Package) -> dict[str, np.ndarray]:
+    import onnx
+    from onnx import numpy_helper
+
+    proto = onnx.load(str(package.model_path))
+    return {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
+
+
+def reemit(package: Package, fusions: frozenset[str], dtype: str) -> tuple[Any, dict[str, Any]]:
+    """The package's graph emitted again from its own weights, with ``fusions`` applied."""
+    tensors = initializers(package)
+    if package.is_decoder:
+        proto, notes = _reemit_decoder(package, tensors, fusions, dtype)
+    else:
+        from llmopt.exporter.encoder import reemit_encoder
+
+        proto, notes = reemit_encoder(package, tensors, fusions, dtype)
+    counts = Counter(node.op_type for node in proto.graph.node)
+    report: dict[str, Any] = {"fusions": {}}
+    for fusion in sorted(fusions):
+        fired = {op: counts[op] for op in FUSED_OPS[fusion] if counts[op]}
+        if fired:
+            report["fusions"][fusion] = {"fired": True, "ops": fired}
+        else:
+            report["fusions"][fusion] = {"fired": False,
+                                         "reason": notes.get(fusion, "no matching pattern")}
+    return proto, report
+
+
+def _reemit_decoder(package: Package, tensors: dict[str, np.ndarray], fusions: frozenset[str],
+                    dtype: str) -> tuple[Any, dict[str, str]]:
+    from transformers import AutoConfig
+
+    from llmopt.exporter import registry
+    from llmopt.exporter.decoder import read_dims, weights_from_onnx
+    from llmopt.exporter.decoder_graph import build_decoder
+
+    kv = package.kv_cache
+    arch: Any = registry.find(str(package.manifest["model_type"]), "text-generation")
+    weights = weights_from_onnx(tensors, int(kv["num_layers"]))
+    config = AutoConfig.from_pretrained(str(package.path))
+    dims = read_dims(arch, config, weights.inv_freq,
+                     float(kv.get("rope_attention_scaling") or 1.0))
+    notes = {}
+    if weights.inv_freq is None and "attention" in fusions:
+        notes["rotary"] = "not applicable: learned absolute positions"
+    if arch.norm == "layer" and "norm" in fusions:
+        notes["norm"] = "not applicable: LayerNormalization is already one op"
+    if "activation" in fusions and not dims.activation.startswith("gelu"):
+        notes["activation"] = (f"not applicable: {dims.activation} (ONNX Runtime fuses "
+                               "Sigmoid*Mul itself)")
+    return build_decoder(dims, weights, arch.norm, np.dtype(dtype), fusions), notes
+
+
+def ort_basic(proto: Any) -> Any:
+    """ONNX Runtime's provider-independent basic optimizations, saved offline."""
+    import onnx
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src, dst = Path(tmp) / "in.onnx", Path(tmp) / "out.onnx"
+        large = sum(len(t.raw_data) for t in proto.graph.initializer) > 2**31 - 2**26
+        onnx.save_model(proto, str(src), save_as_external_data=large,
+                        location="in.onnx.data" if large else None)
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        options.optimized_model_filepath = str(dst)
+        options.log_severity_level = 3
+        if large:
+            options.add_session_config_entry(
+                "session.optimized_model_external_initializers_file_name", "out.onnx.data")
+        try:
+            ort.InferenceSession(str(src), options, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # noqa: BLE001  (onnxruntime's exception types are private)
+            raise UnsupportedError(f"ONNX Runtime could not optimize the graph: {exc}",
+                                   fix="use --level 0, or report the model") from None
+        return onnx.load(str(dst))

@@ -1,0 +1,120 @@
+"""Optimize on decoder packages: fusions fire, results still match, bad options are refused."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+import llmopt
+from llmopt.exporter import export, registry
+from llmopt.optimizer import OptimizeOptions, optimize
+from tests import tiny_decoders
+
+DECODERS = sorted(a.name for a in registry.supported() if a.kind == "decoder")
+
+
+@pytest.fixture(scope="module")
+def packages(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    out = {}
+    for arch in DECODERS:
+        root = tmp_path_factory.mktemp(arch)
+        export(tiny_decoders.build(arch, root / "source"), root / "package")
+        out[arch] = root / "package"
+    return out
+
+
+def _ops(path: Path) -> set[str]:
+    return {n.op_type for n in onnx.load(str(path / "model.onnx")).graph.node}
+
+
+@pytest.mark.parametrize("arch", DECODERS)
+def test_level2_fuses_and_still_matches(packages: dict[str, Path], arch: str,
+                                        tmp_path: Path) -> None:
+    result = optimize(packages[arch], tmp_path / "o2")
+    step = result.manifest["steps"][-1]
+    assert step["stage"] == "optimize" and step["nodes_after"] < step["nodes_before"] / 2
+    assert result.manifest["validation"]["passed"]
+    assert all(g["match"] for g in result.manifest["validation"]["generation"])
+    ops = _ops(result.path)
+    assert "Attention" in ops
+    assert {"SkipSimplifiedLayerNormalization", "SkipLayerNormalization"} & ops
+    fusions = step["fusions"]
+    assert fusions["attention"]["fired"] and fusions["skip_norm"]["fired"]
+    if arch == "gpt2":
+        assert "RotaryEmbedding" not in ops
+        assert fusions["activation"]["ops"] == {"FastGelu": 2}
+        assert not fusions["norm"]["fired"] and "not applicable" in fusions["norm"]["reason"]
+    else:
+        assert "RotaryEmbedding" in ops
+        assert not fusions["activation"]["fired"]
+
+
+def test_selected_fusions_only(packages: dict[str, Path], tmp_path: Path) -> None:
+    result = optimize(packages["llama"], tmp_path / "o", OptimizeOptions(fusions=("skip_norm",)))
+    ops = _ops(result.path)
+    assert "SkipSimplifiedLayerNormalization" in ops and "Attention" not in ops
+    assert set(result.manifest["steps"][-1]["fusions"]) == {"skip_norm"}
+
+
+def test_level3_is_float16_and_validated(packages: dict[str, Path], tmp_path: Path) -> None:
+    result = optimize(packages["qwen2"], tmp_path / "o3", OptimizeOptions.O3())
+    assert result.manifest["onnx"]["dtype"] == "float16"
+    assert result.manifest["kv_cache"]["dtype"] == "float16"
+    assert result.manifest["validation"]["passed"]
+    runner = llmopt.load(result.path)
+    assert runner.generate("hello world", max_new_tokens=4, ignore_eos=True).token_ids
+
+
+def test_fused_package_generates_like_the_unfused_one(packages: dict[str, Path],
+                                                      tmp_path: Path) -> None:
+    fused = optimize(packages["phi3"], tmp_path / "o2")
+    a = llmopt.load(packages["phi3"]).generate_batch(["the sea", "hello world , how"],
+                                                     max_new_tokens=10, ignore_eos=True)
+    b = llmopt.load(fused.path).generate_batch(["the sea", "hello world , how"],
+                                               max_new_tokens=10, ignore_eos=True)
+    assert [r.token_ids for r in a] == [r.token_ids for r in b]
+
+
+def test_level0_is_a_validated_copy(packages: dict[str, Path], tmp_path: Path) -> None:
+    result = optimize(packages["gpt2"], tmp_path / "o0", OptimizeOptions(level=0))
+    assert result.manifest["validation"]["passed"]
+    before = onnx.load(str(packages["gpt2"] / "model.onnx"))
+    after = onnx.load(str(result.path / "model.onnx"))
+    assert len(before.graph.node) == len(after.graph.node)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"level": 7}, "level 7 does not exist"),
+    ({"fusions": ("warp",)}, "unknown fusion"),
+])
+def test_bad_options(kwargs: dict, match: str) -> None:
+    with pytest.raises(llmopt.InvalidInputError, match=match):
+        OptimizeOptions(**kwargs)
+
+
+def test_cli_optimize_and_bad_level(packages: dict[str, Path], tmp_path: Path) -> None:
+    run = [sys.executable, "-m", "llmopt.cli.main", "optimize", str(packages["llama"]), "-o"]
+    ok = subprocess.run([*run, str(tmp_path / "o")], capture_output=True, text=True, check=False)
+    assert ok.returncode == 0, ok.stderr
+    manifest = json.loads((tmp_path / "o" / "llmopt.json").read_text())
+    assert manifest["steps"][-1]["stage"] == "optimize"
+    bad = subprocess.run([*run, str(tmp_path / "x"), "--level", "9"], capture_output=True,
+                         text=True, check=False)
+    assert bad.returncode == 1 and "does not exist" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_output_over_the_input_is_refused(packages: dict[str, Path]) -> None:
+    with pytest.raises(llmopt.PackageError, match="output directory is the input"):
+        optimize(packages["llama"], packages["llama"])
+
+
+def test_logits_close_to_the_parent(packages: dict[str, Path], tmp_path: Path) -> None:
+    result = optimize(packages["mistral"], tmp_path / "o2")
+    diffs = [c["max_abs_diff"]["logits"] for c in result.manifest["validation"]["cases"]]
+    assert max(diffs) < 1e-4 and np.isfinite(diffs).all()
