@@ -36,6 +36,7 @@ def describe(path: str | os.PathLike[str] | Package) -> dict[str, Any]:
         "generation": m.get("generation"),
         "steps": m.get("steps", []),
         "validation": m.get("validation"),
+        "fidelity": m.get("fidelity"),
         "versions": m.get("versions"),
     }
 
@@ -76,6 +77,11 @@ def render(info: dict[str, Any]) -> str:
         seconds = f" ({step['seconds']} s)" if step.get("seconds") is not None else ""
         row("Steps" if i == 0 else "", f"{step['stage']}{seconds} at {step.get('time')}")
     lines.extend(_validation_lines(info.get("validation")))
+    if info.get("fidelity"):
+        from llmopt.evaluate import format_fidelity
+
+        lines.extend(f"{'Fidelity' if i == 0 else '':<11} {line}"
+                     for i, line in enumerate(format_fidelity(info["fidelity"])))
     versions = info.get("versions") or {}
     row("Versions", ", ".join(f"{k} {v}" for k, v in versions.items()))
     return "\n".join(lines)
@@ -98,7 +104,7 @@ def _io_lines(values: list[dict[str, Any]]) -> list[str]:
 
 def _validation_lines(validation: dict[str, Any] | None) -> list[str]:
     if not validation:
-        return ["Validation  not run"]
+        return ["Validation  not run (quantized packages are measured: see Fidelity)"]
     verdict = "PASSED" if validation["passed"] else "FAILED"
     lines = [f"Validation  {verdict} on {validation.get('provider', '?')} "
              f"(tolerance {validation['tolerance']:g}: {validation.get('rule', '')})"]

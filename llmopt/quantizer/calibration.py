@@ -1,0 +1,76 @@
+"""Calibration data for static int8 and GPTQ: token windows from a text file or a built-in
+corpus, fed as the package's own inputs (prefill, empty KV cache)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from llmopt.errors import InvalidInputError
+from llmopt.package import Package
+from llmopt.quantizer.options import QuantizeOptions
+
+
+def calibration_text(options: QuantizeOptions) -> str:
+    if options.calibration_file is None:
+        from llmopt.evaluate import EVAL_SENTENCES
+        from importlib import resources
+
+        corpus = resources.files("llmopt.data").joinpath("calibration.txt").read_text("utf-8")
+        return corpus + "\n" + "\n".join(EVAL_SENTENCES)
+    path = Path(options.calibration_file)
+    if not path.is_file():
+        raise InvalidInputError(f"calibration file {path} does not exist",
+                                fix="pass a UTF-8 text file, or omit it to use the built-in "
+                                "corpus")
+    text = path.read_text(encoding="utf-8", errors="replace")
+    if not text.strip():
+        raise InvalidInputError(f"calibration file {path} is empty", fix="pass some text")
+    return text
+
+
+def reader_for(package: Package, options: QuantizeOptions) -> Any:
+    from onnxruntime.quantization import CalibrationDataReader
+
+    from llmopt.runtime import load_tokenizer
+    from llmopt.runtime.kv import position_ids
+
+    tokenizer = load_tokenizer(package.path)
+    if tokenizer is None:
+        raise InvalidInputError("the package has no tokenizer to calibrate with",
+                                fix="re-export it with its tokenizer")
+    text = calibration_text(options)
+    tokens = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    n = options.calibration_length
+    windows = [tokens[i:i + n] for i in range(0, max(len(tokens) - n, 1), n)]
+    windows = [w for w in windows if len(w) >= 8][: options.calibration_samples]
+    inputs = {v["name"] for v in package.manifest["signature"]["inputs"]}
+    feeds: list[dict[str, np.ndarray]] = []
+    kv = package.kv_cache
+    for window in windows:
+        ids = np.array([window], dtype=np.int64)
+        mask = np.ones_like(ids)
+        feed = {"input_ids": ids, "attention_mask": mask}
+        if package.is_decoder:
+            feed["position_ids"] = position_ids(mask)
+            empty = np.zeros((1, kv["num_kv_heads"], 0, kv["head_dim"]), np.float32)
+            for i in range(int(kv["num_layers"])):
+                feed[kv["past_key"].format(i=i)] = empty
+                feed[kv["past_value"].format(i=i)] = empty
+        elif "token_type_ids" in inputs:
+            feed["token_type_ids"] = np.zeros_like(ids)
+        feeds.append({k: v for k, v in feed.items() if k in inputs})
+
+    class Reader(CalibrationDataReader):  # type: ignore[misc]
+        def __init__(self) -> None:
+            self.items = iter(feeds)
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            return next(self.items, None)
+
+        def rewind(self) -> None:
+            self.items = iter(feeds)
+
+    return Reader()
