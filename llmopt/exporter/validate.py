@@ -9,7 +9,7 @@ pass over the same tokens, then by greedy generation through the graph's own KV 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -241,11 +241,47 @@ def validate_encoder(model: Any, session: Any, layout: dict[str, Any], tokenizer
     import torch
 
     del generation_tokens
+
+    def reference(output: str, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        with torch.no_grad():
+            out = model(**{name: torch.from_numpy(a) for name, a in feeds.items()})
+        want = out.logits if output == "logits" else out.last_hidden_state
+        return want.float().numpy()
+
+    return _encoder_cases(session, reference, layout=layout, tokenizer=tokenizer,
+                          vocab=int(model.config.vocab_size), tolerance=tolerance, texts=texts)
+
+
+def validate_encoder_against(parent: Any, result: Any, tokenizer: Any, tolerance: float,
+                             texts: Sequence[str] = ENCODER_TEXTS) -> dict[str, Any]:
+    """Compare ``result``'s encoder graph with its ``parent`` package's (both on ONNX Runtime's
+    CPU provider) on the cases of :func:`validate_encoder`, for optimize and quantize."""
+    from transformers import AutoConfig
+
+    from llmopt.runtime.session import cpu_session
+
+    want = cpu_session(parent.model_path)
+
+    def reference(output: str, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        return np.asarray(want.run([output], feeds)[0], dtype=np.float32)
+
+    vocab = int(AutoConfig.from_pretrained(str(parent.path)).vocab_size)
+    report = _encoder_cases(cpu_session(result.model_path), reference,
+                            layout=parent.manifest.get("encoder") or {}, tokenizer=tokenizer,
+                            vocab=vocab, tolerance=tolerance, texts=texts)
+    report["rule"] = "max|result - parent| <= tolerance * max(1, max|parent|)"
+    report["reference"] = "onnx"
+    return report
+
+
+def _encoder_cases(session: Any, reference: Callable[[str, dict[str, np.ndarray]], np.ndarray],
+                   *, layout: dict[str, Any], tokenizer: Any, vocab: int, tolerance: float,
+                   texts: Sequence[str]) -> dict[str, Any]:
+    """Run the encoder validation cases on ``session`` and compare with ``reference``."""
     report = Report(tolerance)
     feeds_wanted = [i.name for i in session.get_inputs()]
     output = session.get_outputs()[0].name
     pad = int(layout.get("pad_token_id") or 0)
-    vocab = int(model.config.vocab_size)
     singles = _encoder_tokens(tokenizer, vocab, pad, [(t, None) for t in texts])
     pairs = _encoder_tokens(tokenizer, vocab, pad, [(texts[0], texts[1]), (texts[2], texts[3])])
 
@@ -254,13 +290,11 @@ def validate_encoder(model: Any, session: Any, layout: dict[str, Any], tokenizer
         arrays = {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
         feeds = {name: arrays[name] for name in feeds_wanted}
         got = session.run([output], feeds)[0]
-        with torch.no_grad():
-            out = model(**{name: torch.from_numpy(a) for name, a in feeds.items()})
+        want = reference(output, feeds)
         if output == "logits":
-            report.compare(case, {output: (got, out.logits.float().numpy())})
+            report.compare(case, {output: (got, want)})
         else:
             valid = mask.astype(bool)
-            want = out.last_hidden_state.float().numpy()
             report.compare(case, {output: (got[valid], want[valid])})
 
     first_ids, first_types = singles[0]
