@@ -17,9 +17,9 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
-import statistics
 import time
 from pathlib import Path
 

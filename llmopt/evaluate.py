@@ -85,9 +85,9 @@ def _decoder_metrics(runner: Any, ref: Any, max_length: int, greedy_tokens: int
     nll, count = 0.0, 0
     for i, logits in enumerate(windows):
         targets = np.array(tokens[i * max_length + 1: i * max_length + logits.shape[0] + 1])
-        logits = logits[: len(targets)]
-        logz = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
-        nll += float((logz - logits[np.arange(len(targets)), targets]).sum())
+        scores = logits[: len(targets)]
+        logz = np.log(np.exp(scores - scores.max(-1, keepdims=True)).sum(-1)) + scores.max(-1)
+        nll += float((logz - scores[np.arange(len(targets)), targets]).sum())
         count += len(targets)
     metrics: dict[str, Any] = {"perplexity": math.exp(nll / count), "eval_tokens": count}
     if ref is None:

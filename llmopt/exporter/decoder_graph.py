@@ -39,11 +39,11 @@ def build_decoder(dims: DecoderDims, weights: DecoderWeights, norm_kind: str, dt
     input_ids = b.input("input_ids", I64, ["batch", "sequence"])
     attention_mask = b.input("attention_mask", I64, ["batch", "total_sequence"])
     position_ids = b.input("position_ids", I64, ["batch", "sequence"])
-    kv_shape = ["batch", d.num_kv_heads, "past_sequence", d.head_dim]
+    kv_shape: list[int | str] = ["batch", d.num_kv_heads, "past_sequence", d.head_dim]
     past = [(b.input(f"past_key_values.{i}.key", dt, kv_shape),
              b.input(f"past_key_values.{i}.value", dt, kv_shape)) for i in range(d.num_layers)]
-    b.output("logits", F32, ["batch", "sequence", d.vocab])
-    present_shape = ["batch", d.num_kv_heads, "total_sequence", d.head_dim]
+    b.output("logits", F32, ["batch", "sequence", int(d.vocab)])
+    present_shape: list[int | str] = ["batch", d.num_kv_heads, "total_sequence", d.head_dim]
     for i in range(d.num_layers):
         b.output(f"present.{i}.key", dt, present_shape)
         b.output(f"present.{i}.value", dt, present_shape)

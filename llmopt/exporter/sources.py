@@ -11,7 +11,7 @@ import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from llmopt.errors import SourceError
 
@@ -45,11 +45,11 @@ class Source:
         """Content hash of the weights and config this source resolved to."""
         if self.kind == "gguf":
             return _hash_files([Path(self.directory) / str(self.gguf_file)])
-        directory = Path(self.directory)
+        directory: Path | None = Path(self.directory)
         if self.kind == "hub":
             directory = _hub_snapshot(self.directory, self.revision)
-            if directory is None:
-                return None
+        if directory is None:
+            return None
         files = [p for p in directory.iterdir()
                  if p.name == "config.json" or p.name.endswith(WEIGHT_SUFFIXES)]
         return _hash_files(sorted(files))
@@ -143,7 +143,7 @@ class _hub_errors:
     def __enter__(self) -> None:
         return None
 
-    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> bool:
+    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> Literal[False]:
         if exc is None or isinstance(exc, SourceError) or not isinstance(exc, Exception):
             return False
         text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -204,7 +204,7 @@ def _looks_like_path(reference: str) -> bool:
         reference.startswith((".", "/", "~"))
         or reference.endswith(".gguf")
         or reference.count("/") > 1
-        or os.sep != "/" and os.sep in reference
+        or (os.sep != "/" and os.sep in reference)
     )
 
 

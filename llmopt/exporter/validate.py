@@ -156,9 +156,9 @@ def validate_decoder(reference: Any, session: Any, kv_cache: dict[str, Any], tok
             for name, got, want in zip(onnx_model.present_names, past, want_cache, strict=False):
                 # a sliding-window cache in transformers keeps only the newest positions
                 kept = want.shape[2]
-                got, keep_tail = got[:, :, -kept:], keep[:, :, -kept:]
-                sel = np.broadcast_to(keep_tail, np.broadcast_shapes(keep_tail.shape, got.shape))
-                outputs[name] = (got[sel], want[sel])
+                tail, keep_tail = got[:, :, -kept:], keep[:, :, -kept:]
+                sel = np.broadcast_to(keep_tail, np.broadcast_shapes(keep_tail.shape, tail.shape))
+                outputs[name] = (tail[sel], want[sel])
         report.compare(case, outputs)
 
     check("batch 1, prompt, past 0", [long], len(long))

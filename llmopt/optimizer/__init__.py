@@ -54,15 +54,15 @@ class OptimizeOptions:
                                     fix=f"choose from: {', '.join(FUSIONS)}")
 
     @classmethod
-    def O1(cls) -> OptimizeOptions:  # noqa: N802  (the preset names users know from optimum)
+    def O1(cls) -> OptimizeOptions:
         return cls(level=1)
 
     @classmethod
-    def O2(cls) -> OptimizeOptions:  # noqa: N802
+    def O2(cls) -> OptimizeOptions:
         return cls(level=2)
 
     @classmethod
-    def O3(cls) -> OptimizeOptions:  # noqa: N802
+    def O3(cls) -> OptimizeOptions:
         return cls(level=3)
 
     @property
@@ -78,7 +78,7 @@ class OptimizeOptions:
 def optimize(package: str | os.PathLike[str] | Package, out_dir: str | os.PathLike[str],
              options: OptimizeOptions | None = None) -> Package:
     """Write an optimized copy of ``package`` to ``out_dir``, validated against ``package``."""
-    from llmopt.optimizer.graphs import reemit, ort_basic
+    from llmopt.optimizer.graphs import ort_basic, reemit
     from llmopt.package import graph_signature, write_derived
 
     options = options or OptimizeOptions()
@@ -91,15 +91,17 @@ def optimize(package: str | os.PathLike[str] | Package, out_dir: str | os.PathLi
         proto, report = reemit(parent, fusions, dtype)
     else:
         proto, report = _load(parent), {"fusions": {}}
-    if options.level >= 1:
+    if options.level >= 1 and dtype == "float32":
+        # on fp16 graphs the CPU provider would insert its own casts into the saved graph
         proto = ort_basic(proto)
     report["nodes_before"] = _node_count(parent)
     report["nodes_after"] = len(proto.graph.node)
     manifest = dict(parent.manifest)
     manifest["onnx"] = {**manifest["onnx"], "dtype": dtype}
     manifest["signature"] = graph_signature(proto)
-    if manifest.get("kv_cache"):
-        manifest["kv_cache"] = {**manifest["kv_cache"], "dtype": dtype}
+    for layout in ("kv_cache", "encoder"):
+        if manifest.get(layout):
+            manifest[layout] = {**manifest[layout], "dtype": dtype}
     manifest["steps"] = [*parent.manifest.get("steps", []), {
         "stage": "optimize", "options": asdict(options), "parent": str(parent.path),
         **report}]

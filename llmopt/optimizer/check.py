@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from llmopt.errors import ValidationError
 from llmopt.package import Package
 

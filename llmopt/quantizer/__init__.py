@@ -78,7 +78,8 @@ def quantize(package: str | os.PathLike[str] | Package, out_dir: str | os.PathLi
 def weight_matmuls(proto: Any, keep_float: tuple[str, ...]) -> tuple[list[str], list[str]]:
     """Names of MatMul nodes whose second input is a weight, split into (quantize, keep)."""
     weights = {t.name for t in proto.graph.initializer}
-    targets, kept = [], []
+    targets: list[str] = []
+    kept: list[str] = []
     for node in proto.graph.node:
         if node.op_type != "MatMul" or node.input[1] not in weights:
             continue

@@ -15,8 +15,9 @@ from llmopt.quantizer.options import QuantizeOptions
 
 def calibration_text(options: QuantizeOptions) -> str:
     if options.calibration_file is None:
-        from llmopt.evaluate import EVAL_SENTENCES
         from importlib import resources
+
+        from llmopt.evaluate import EVAL_SENTENCES
 
         corpus = resources.files("llmopt.data").joinpath("calibration.txt").read_text("utf-8")
         return corpus + "\n" + "\n".join(EVAL_SENTENCES)
@@ -63,7 +64,7 @@ def reader_for(package: Package, options: QuantizeOptions) -> Any:
             feed["token_type_ids"] = np.zeros_like(ids)
         feeds.append({k: v for k, v in feed.items() if k in inputs})
 
-    class Reader(CalibrationDataReader):  # type: ignore[misc]
+    class Reader(CalibrationDataReader):
         def __init__(self) -> None:
             self.items = iter(feeds)
 

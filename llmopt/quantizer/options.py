@@ -50,7 +50,7 @@ class QuantizeOptions:
         if self.accuracy_level not in (0, 1, 2, 3, 4):
             raise InvalidInputError("accuracy_level must be 0-4",
                                     fix="4 (int8 compute, fastest on CPU) or 0 (default)")
-        if not 1 <= self.calibration_samples <= 10_000 or not 8 <= self.calibration_length:
+        if not 1 <= self.calibration_samples <= 10_000 or not self.calibration_length >= 8:
             raise InvalidInputError("calibration needs 1-10000 samples of >= 8 tokens",
                                     fix="e.g. calibration_samples=16, calibration_length=128")
         if not 90.0 <= self.percentile <= 100.0:
@@ -94,4 +94,5 @@ class QuantizeOptions:
 
 def _one_of(name: str, value: str, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
-        raise InvalidInputError(f"unknown {name} {value!r}", fix=f"use one of: {', '.join(allowed)}")
+        raise InvalidInputError(f"unknown {name} {value!r}",
+                                fix=f"use one of: {', '.join(allowed)}")

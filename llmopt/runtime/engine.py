@@ -90,7 +90,8 @@ class Engine:
         self.config = config or EngineConfig()
         model = generator.model
         itemsize = np.dtype(model.kv_dtype).itemsize
-        self.kv_bytes_per_token = 2 * model.num_layers * model.num_kv_heads * model.head_dim * itemsize
+        per_layer = 2 * model.num_kv_heads * model.head_dim * itemsize
+        self.kv_bytes_per_token = model.num_layers * per_layer
         self._waiting: deque[Request] = deque()
         self._running: list[Request] = []
         self._lock = threading.Condition()
@@ -255,7 +256,7 @@ class Engine:
         keep = [i for i, r in enumerate(self._running) if not r.state.done]
         if len(keep) == len(self._running):
             return
-        for i, request in enumerate(self._running):
+        for request in self._running:
             if request.state.done:
                 request._close()
         if not keep:

@@ -19,7 +19,7 @@ import numpy as np
 from llmopt.errors import InvalidInputError
 from llmopt.runtime.kv import DecoderModel, left_pad, position_ids
 from llmopt.runtime.sampling import SamplingParams
-from llmopt.runtime.sequence import DecodeState, GenerationResult, GenerationStats
+from llmopt.runtime.sequence import DecodeState, GenerationResult
 from llmopt.runtime.session import SessionInfo
 
 Prompt = str | Sequence[dict[str, str]] | Sequence[int]
@@ -87,12 +87,13 @@ class Generator:
         if all(isinstance(m, dict) for m in items):
             return self._render_chat(items)  # type: ignore[arg-type]
         if all(isinstance(t, int | np.integer) for t in items):
-            vocab = int(self.package.manifest["signature"]["outputs"][0]["shape"][-1])
-            bad = [int(t) for t in items if not 0 <= int(t) < vocab]
+            vocab = int(str(self.package.manifest["signature"]["outputs"][0]["shape"][-1]))
+            ids = [int(t) for t in items]  # type: ignore[call-overload]
+            bad = [t for t in ids if not 0 <= t < vocab]
             if bad:
                 raise InvalidInputError(f"token ids {bad[:5]} are outside the vocabulary "
                                         f"(0..{vocab - 1})", fix="pass ids from this tokenizer")
-            return [int(t) for t in items]
+            return ids
         raise InvalidInputError("a prompt is a string, a list of chat messages "
                                 "({'role': ..., 'content': ...}), or a list of token ids",
                                 fix="pass one of those")

@@ -225,7 +225,7 @@ def tensorrt_profile(signature: dict[str, Any],
         dims = value["shape"]
         if all(isinstance(d, int) for d in dims):
             continue
-        for which in shapes:
+        for which, found in shapes.items():
             parts = []
             for dim in dims:
                 if isinstance(dim, int):
@@ -233,7 +233,7 @@ def tensorrt_profile(signature: dict[str, Any],
                 else:
                     rng = merged.get(dim) or merged["sequence"]
                     parts.append(str(getattr(rng, which)))
-            shapes[which].append(f"{value['name']}:{'x'.join(parts)}")
+            found.append(f"{value['name']}:{'x'.join(parts)}")
     if not shapes["min"]:
         return {}
     return {f"trt_profile_{which}_shapes": ",".join(v) for which, v in shapes.items()}

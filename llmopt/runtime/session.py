@@ -92,7 +92,7 @@ def create_session(model_path: str | Path, providers: Sequence[ProviderSpec] | N
         with _captured_stderr() as captured:
             session = ort.InferenceSession(str(model_path), session_options,
                                            providers=ort_providers)
-    except Exception as exc:  # onnxruntime raises its own non-public exception types
+    except Exception as exc:  # noqa: BLE001  (onnxruntime's exception types are not public)
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ProviderError(
             f"onnxruntime could not create a session on {requested}: {first}",
@@ -156,7 +156,7 @@ def _load_failure(text: str) -> str | None:
 
 
 def _options(short: str, value: Any) -> P.ProviderOptions:
-    cls = P.OPTION_CLASSES.get(short)
+    cls: Any = P.OPTION_CLASSES.get(short)
     if cls is None:
         return P.CPUOptions() if value is None else value
     if value is None:
