@@ -19,7 +19,9 @@ from llmopt.package import Package
 __version__ = "0.1.0"
 
 __all__ = [
+    "AsyncClient",
     "BusyError",
+    "Client",
     "ExportOptions",
     "InvalidInputError",
     "LlmoptError",
@@ -40,6 +42,7 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
+    from llmopt.client import AsyncClient, Client
     from llmopt.exporter import ExportOptions, export
     from llmopt.runtime import load
     from llmopt.runtime.providers import CPUOptions, CUDAOptions, ShapeRange, TensorRTOptions
@@ -54,6 +57,8 @@ _LAZY = {
     "ShapeRange": ("llmopt.runtime.providers", "ShapeRange"),
     "export": ("llmopt.exporter", "export"),
     "ExportOptions": ("llmopt.exporter.options", "ExportOptions"),
+    "Client": ("llmopt.client", "Client"),
+    "AsyncClient": ("llmopt.client", "AsyncClient"),
 }
 
 

@@ -1,0 +1,198 @@
+"""The gRPC server: ``create_server`` builds and binds it, ``serve`` runs it until a signal.
+
+One process serves both protocols over one model repository, with grpc.health.v1 (overall,
+per service and per model), server reflection, Prometheus metrics, optional bearer tokens and
+(mutual) TLS. Shutdown drains: health turns NOT_SERVING, new calls are refused, in-flight ones
+get ``grace_s`` to finish, then the engines close.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from concurrent import futures
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection, reflection_pb2
+
+from llmopt import _proto
+from llmopt.errors import InvalidInputError
+from llmopt.server.auth import BearerTokenInterceptor
+from llmopt.server.config import ServerConfig
+from llmopt.server.kserve import KServeService
+from llmopt.server.llmopt_api import LlmoptService
+from llmopt.server.metrics import Metrics
+from llmopt.server.repository import ModelRepository
+from llmopt.server.rpc import service_handler
+
+log = logging.getLogger("llmopt.server")
+SERVICES = (_proto.LLMOPT_SERVICE, _proto.KSERVE_SERVICE)
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+class Server:
+    """A bound, not yet started server. Use as a context manager, or ``start()`` / ``stop()``."""
+
+    def __init__(self, server: Any, port: int, *, repository: ModelRepository,
+                 metrics: Metrics, health_servicer: Any, config: ServerConfig,
+                 host: str) -> None:
+        self.grpc_server = server
+        self.port = port
+        self.host = host
+        self.repository = repository
+        self.metrics = metrics
+        self.health = health_servicer
+        self.config = config
+        self.metrics_port: int | None = None
+        self.draining = False
+        self._stopped = threading.Event()
+        self._lock = threading.Lock()
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def start(self) -> Server:
+        self.grpc_server.start()
+        if self.config.metrics_port is not None:
+            self.metrics_port = self.metrics.serve_http(self.config.metrics_host,
+                                                        self.config.metrics_port)
+        return self
+
+    def stop(self, grace: float | None = None) -> None:
+        """Drain: NOT_SERVING, refuse new calls, give running ones ``grace`` seconds (default
+        the config's), close the models. A second call shortens the grace."""
+        grace = self.config.grace_s if grace is None else grace
+        with self._lock:
+            first = not self.draining
+            self.draining = True
+        if not first:
+            self.grpc_server.stop(grace)
+            self._stopped.wait()
+            return
+        log.info("server shutting down: in-flight requests get %.0f s", grace)
+        self.health.enter_graceful_shutdown()
+        stopped = self.grpc_server.stop(grace)  # refuses new calls from now on
+        # grpc waits for every open call, health Watch streams too; those never end by
+        # themselves, so once the work is done, cut them short
+        deadline = time.monotonic() + grace
+        while self.metrics.running > 0 and time.monotonic() < deadline and not stopped.is_set():
+            time.sleep(0.02)
+        self.grpc_server.stop(0)
+        stopped.wait()
+        self.repository.close(0)
+        self.metrics.close()
+        self._stopped.set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the server has stopped; False on timeout."""
+        return self._stopped.wait(timeout)
+
+    def __enter__(self) -> Server:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop(0)
+
+
+def create_server(repository: str | Path, address: str = "127.0.0.1:0",
+                  config: ServerConfig | None = None) -> tuple[Server, int]:
+    """Load every package of ``repository`` and bind ``address``; returns the server and the
+    port it bound (``:0`` picks a free one). Call ``start()`` to serve."""
+    config = config or ServerConfig()
+    host, port_text = address.rsplit(":", 1) if ":" in address else (address, "")
+    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise InvalidInputError(f"cannot bind {address}: the port must be 0 to 65535",
+                                fix="give the address as HOST:PORT, e.g. 127.0.0.1:8001")
+    health_servicer = health.HealthServicer(
+        experimental_non_blocking=True,
+        experimental_thread_pool=futures.ThreadPoolExecutor(max_workers=2))
+
+    def on_state(name: str, ready: bool) -> None:
+        health_servicer.set(name, SERVING if ready else NOT_SERVING)
+
+    repo = ModelRepository(repository, config.model_defaults, on_state=on_state)
+    metrics = Metrics(repo)
+    repo.load_all()
+    holder: list[Server] = []
+
+    def draining() -> bool:
+        return bool(holder) and holder[0].draining
+
+    interceptors = []
+    if config.tokens:
+        interceptors.append(BearerTokenInterceptor(config.tokens, on_refused=lambda method: (
+            metrics.rpc(method.rsplit("/", 1)[-1], "", grpc.StatusCode.UNAUTHENTICATED, 0.0))))
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=config.max_workers,
+                                   thread_name_prefix="llmopt-rpc"),
+        interceptors=interceptors,
+        options=[("grpc.max_receive_message_length", config.max_message_bytes),
+                 ("grpc.max_send_message_length", config.max_message_bytes),
+                 ("grpc.so_reuseport", 0)],  # never share a port with another process
+        maximum_concurrent_rpcs=config.max_workers,
+    )
+    server.add_generic_rpc_handlers([
+        service_handler(_proto.LLMOPT_SERVICE, LlmoptService(repo, metrics), metrics),
+        service_handler(_proto.KSERVE_SERVICE,
+                        KServeService(repo, metrics, draining, config.max_message_bytes),
+                        metrics),
+    ])
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    for name in ("", *SERVICES):
+        health_servicer.set(name, SERVING)
+    for file in (health_pb2.DESCRIPTOR, reflection_pb2.DESCRIPTOR):
+        _proto.add_file(file.serialized_pb)
+    reflection.enable_server_reflection(
+        (*SERVICES, health.SERVICE_NAME, reflection.SERVICE_NAME), server, pool=_proto.pool())
+    try:
+        if config.tls is not None:
+            port = server.add_secure_port(address, config.tls.credentials())
+        else:
+            port = server.add_insecure_port(address)
+    except RuntimeError as exc:
+        port, reason = 0, str(exc)
+    else:
+        reason = "the address is in use or not local"
+    if not port:
+        repo.close(0)
+        raise InvalidInputError(f"cannot bind {address}: {reason}",
+                                fix="pick a free port (or 0), and a host of this machine")
+    holder.append(Server(server, port, repository=repo, metrics=metrics,
+                         health_servicer=health_servicer, config=config, host=host))
+    return holder[0], port
+
+
+def serve(repository: str | Path, address: str = "127.0.0.1:8001",
+          config: ServerConfig | None = None, *, on_ready: Any = None) -> int:
+    """Serve until SIGTERM or SIGINT, then drain (a second signal cuts the grace short)."""
+    server, _ = create_server(repository, address, config)
+    stop = threading.Event()
+    signals = 0
+
+    def handle(signum: int, frame: FrameType | None) -> None:
+        nonlocal signals
+        signals += 1
+        if signals > 1:
+            threading.Thread(target=server.stop, args=(0,), daemon=True).start()
+        stop.set()
+
+    previous = {s: signal.signal(s, handle) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        server.start()
+        if on_ready is not None:
+            on_ready(server)
+        while not stop.wait(0.5):
+            pass
+        server.stop()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return 0
