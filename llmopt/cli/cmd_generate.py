@@ -1,5 +1,6 @@
 """``llmopt generate PKG PROMPT``: stream a completion (chat-formatted where the package has a
-chat template, unless ``--raw``)."""
+chat template, unless ``--raw``). With ``--server HOST:PORT``, PKG names a model of that
+server and the completion streams through :class:`llmopt.Client`."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ def add_parser(subparsers: Any) -> None:
     p = subparsers.add_parser("generate", help="generate text with a decoder package",
                               description="Generate a completion and stream it to stdout; "
                               "statistics go to stderr.")
-    p.add_argument("package", help="package directory")
+    p.add_argument("package", help="package directory (with --server: the model's name)")
     p.add_argument("prompt", help="the prompt ('-' reads stdin)")
     p.add_argument("--raw", action="store_true",
                    help="continue the text as is instead of using the chat template")
@@ -30,6 +31,16 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--no-stream", action="store_true", help="print the text when done")
     p.add_argument("--json", action="store_true", help="print the result and stats as JSON")
     add_provider_args(p)
+    remote = p.add_argument_group("remote generation (llmopt serve)")
+    remote.add_argument("--server", metavar="HOST:PORT",
+                        help="generate on this llmopt server instead of in-process")
+    remote.add_argument("--token-file", help="file whose first line is the bearer token")
+    remote.add_argument("--token-env", metavar="VAR", help="variable holding the bearer token")
+    remote.add_argument("--tls", action="store_true", help="connect with TLS (system CAs)")
+    remote.add_argument("--tls-ca", help="CA certificate (PEM) that signed the server's")
+    remote.add_argument("--tls-cert", help="client certificate (PEM), for mutual TLS")
+    remote.add_argument("--tls-key", help="client private key (PEM), for mutual TLS")
+    remote.add_argument("--timeout", type=float, help="deadline of the request, seconds")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -43,12 +54,16 @@ def run(args: argparse.Namespace) -> int:
         top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
         stop=tuple(args.stop), ignore_eos=args.ignore_eos,
     )
-    generator = load_runner(args)
-    if not isinstance(generator, Generator):
-        raise InvalidInputError(f"{args.package} is an encoder package",
-                                fix="use `llmopt embed` for it")
-    chat = not args.raw and bool(getattr(generator.tokenizer, "chat_template", None))
-    stream = generator.stream(prompt, params, chat=chat)
+    if args.server:
+        stream, providers = _remote_stream(args, prompt, params)
+    else:
+        generator = load_runner(args)
+        if not isinstance(generator, Generator):
+            raise InvalidInputError(f"{args.package} is an encoder package",
+                                    fix="use `llmopt embed` for it")
+        chat = not args.raw and bool(getattr(generator.tokenizer, "chat_template", None))
+        stream = generator.stream(prompt, params, chat=chat)
+        providers = generator.providers
     quiet = args.no_stream or args.json
     for delta in stream:
         if not quiet:
@@ -59,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps({"text": result.text, "token_ids": result.token_ids,
                           "finish_reason": result.finish_reason,
                           "stats": result.stats.as_dict(),
-                          "providers": generator.providers}, ensure_ascii=False))
+                          "providers": providers}, ensure_ascii=False))
         return 0
     if args.no_stream:
         sys.stdout.write(result.text)
@@ -67,6 +82,22 @@ def run(args: argparse.Namespace) -> int:
     s = result.stats
     print(f"[{s.prompt_tokens} prompt + {s.generated_tokens} generated tokens, "
           f"TTFT {s.ttft_s * 1000:.0f} ms, decode {s.decode_tokens_per_s:.1f} tokens/s, "
-          f"finish: {result.finish_reason}, provider: {generator.providers[0]}]",
+          f"finish: {result.finish_reason}, provider: {providers[0] if providers else '?'}]",
           file=sys.stderr)
     return 0
+
+
+def _remote_stream(args: argparse.Namespace, prompt: str, params: Any) -> tuple[Any, list[str]]:
+    """A stream from the server's model ``args.package``, and the providers it runs on."""
+    from llmopt.client import Client
+    from llmopt.server.config import read_tokens
+
+    token = None
+    if args.token_file or args.token_env:
+        token = read_tokens(file=args.token_file, env=args.token_env)[0]
+    client = Client(args.server, token=token, tls=args.tls, root_certificates=args.tls_ca,
+                    client_cert=args.tls_cert, client_key=args.tls_key, timeout=args.timeout)
+    details = client.get_model(args.package)
+    has_template = bool((details.manifest.get("generation") or {}).get("chat_template"))
+    stream = client.stream(args.package, prompt, params, chat=not args.raw and has_template)
+    return stream, list(details.providers)

@@ -1,0 +1,82 @@
+"""``llmopt serve --model-repository DIR``: serve every package in DIR over gRPC until SIGTERM.
+
+Prints the bound address first (``listening on HOST:PORT``), so scripts can start it on port 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]")
+
+
+def add_parser(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "serve", help="serve a model repository over gRPC (llmopt API + KServe v2)",
+        description="Serve every package in a model repository over gRPC: llmopt's API and the "
+        "KServe v2 / Triton protocol, with health, reflection and Prometheus metrics. Runs "
+        "until SIGTERM or SIGINT, then drains in-flight requests.")
+    p.add_argument("--model-repository", required=True, type=Path, metavar="DIR",
+                   help="folder holding one package directory per model")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (default 127.0.0.1; 0.0.0.0 for every interface)")
+    p.add_argument("--port", type=int, default=8001, help="gRPC port (default 8001; 0: any)")
+    p.add_argument("--metrics-port", type=int, default=8002,
+                   help="Prometheus /metrics HTTP port (default 8002; 0: any)")
+    p.add_argument("--no-metrics", action="store_true", help="serve no metrics endpoint")
+    auth = p.add_mutually_exclusive_group()
+    auth.add_argument("--token-file", type=Path, help="bearer tokens, one per line")
+    auth.add_argument("--token-env", metavar="VAR",
+                      help="environment variable holding bearer tokens (comma-separated)")
+    p.add_argument("--tls-cert", type=Path, help="server certificate chain (PEM)")
+    p.add_argument("--tls-key", type=Path, help="server private key (PEM)")
+    p.add_argument("--tls-client-ca", type=Path,
+                   help="CA of client certificates: enables mutual TLS")
+    p.add_argument("--max-message-bytes", type=int, default=64 * 1024 * 1024,
+                   help="largest request or response message (default 64 MiB)")
+    p.add_argument("--workers", type=int, default=64,
+                   help="concurrent RPCs; more get RESOURCE_EXHAUSTED (default 64)")
+    p.add_argument("--grace", type=float, default=30.0,
+                   help="seconds in-flight requests get on shutdown (default 30)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from llmopt.errors import InvalidInputError
+    from llmopt.server import ServerConfig, TLSConfig, read_tokens, serve
+
+    tls = None
+    if args.tls_cert or args.tls_key or args.tls_client_ca:
+        if not (args.tls_cert and args.tls_key):
+            raise InvalidInputError("TLS needs both --tls-cert and --tls-key",
+                                    fix="pass both (and --tls-client-ca for mutual TLS)")
+        tls = TLSConfig(args.tls_cert, args.tls_key, args.tls_client_ca)
+    tokens: tuple[str, ...] = ()
+    if args.token_file or args.token_env:
+        tokens = read_tokens(file=args.token_file, env=args.token_env)
+    config = ServerConfig(tokens=tokens, tls=tls, max_message_bytes=args.max_message_bytes,
+                          max_workers=args.workers, grace_s=args.grace,
+                          metrics_port=None if args.no_metrics else args.metrics_port,
+                          metrics_host=args.host)
+    if args.host not in LOOPBACK and (tls is None or not tokens):
+        print(f"llmopt serve: warning: binding {args.host} without "
+              f"{'TLS' if tls is None else 'tokens'}; anyone who can reach it can use it",
+              file=sys.stderr)
+    host = f"[{args.host}]" if ":" in args.host and not args.host.startswith("[") else args.host
+    return serve(args.model_repository, f"{host}:{args.port}", config, on_ready=_announce)
+
+
+def _announce(server: Any) -> None:
+    scheme = "TLS" if server.config.tls else "plaintext"
+    if server.config.tls and server.config.tls.client_ca_file:
+        scheme = "mutual TLS"
+    auth = "bearer token" if server.config.tokens else "none"
+    print(f"llmopt serve: listening on {server.address} ({scheme}, auth: {auth})", flush=True)
+    if server.metrics_port is not None:
+        print(f"llmopt serve: metrics on http://{server.config.metrics_host}:"
+              f"{server.metrics_port}/metrics", flush=True)
+    for entry in server.repository.index():
+        reason = f": {entry.reason}" if entry.reason else ""
+        print(f"llmopt serve: model {entry.name} {entry.state}{reason}", flush=True)
