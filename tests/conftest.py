@@ -80,6 +80,16 @@ def smollm2_gguf() -> Path:
 
 
 @pytest.fixture(scope="session")
+def smollm2_package(smollm2_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """SmolLM2-135M-Instruct exported from its GGUF file, with 32-token greedy validation."""
+    from llmopt.exporter import ExportOptions, export
+
+    out = tmp_path_factory.mktemp("smollm2") / "package"
+    export(smollm2_gguf, out, ExportOptions(generation_tokens=32))
+    return out
+
+
+@pytest.fixture(scope="session")
 def minilm_dir() -> Path:
     """all-MiniLM-L6-v2 as a Hugging Face model directory (BERT)."""
     return _fetch_or_skip("all-minilm-l6-v2")

@@ -53,7 +53,7 @@ def render(data: bytes, files: list[str]) -> str:
 
 def main(output: Path = OUTPUT) -> int:
     output.write_text(render(descriptor_set(), proto_files()))
-    print(f"wrote {output.relative_to(ROOT)}")
+    print(f"wrote {output}")
     return 0
 
 

@@ -1,4 +1,5 @@
-"""Real-model packages, exported once per test session."""
+"""Real-model fixtures of the runtime tests (the SmolLM2 package itself is in tests/conftest.py,
+shared with the server tests)."""
 
 from __future__ import annotations
 
@@ -6,16 +7,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-
-@pytest.fixture(scope="session")
-def smollm2_package(smollm2_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """SmolLM2-135M-Instruct exported from its GGUF file, with 32-token greedy validation."""
-    from llmopt.exporter import ExportOptions, export
-
-    out = tmp_path_factory.mktemp("smollm2") / "package"
-    export(smollm2_gguf, out, ExportOptions(generation_tokens=32))
-    return out
 
 
 @pytest.fixture(scope="session")

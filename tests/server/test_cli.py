@@ -1,0 +1,123 @@
+"""``llmopt serve`` as a real process (SIGTERM drains in-flight streams) and
+``llmopt generate --server``, through the real entry point."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import llmopt
+from llmopt.cli.main import main
+from llmopt.server.status import ServerUnavailableError
+from tests.server.conftest import DECODER, make_repository
+
+ROOT = Path(__file__).resolve().parents[2]
+# `llmopt serve` with each forward pass slowed to 20 ms, so a stream surely runs during SIGTERM
+SLOW_SERVE = """
+import sys, time
+from llmopt.runtime.generator import Generator
+forward = Generator._forward
+def slowed(self, *args):
+    time.sleep(0.02)
+    return forward(self, *args)
+Generator._forward = slowed
+from llmopt.cli.main import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _start_serve(repo: Path, *extra: str) -> tuple[subprocess.Popen[str], str]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SLOW_SERVE, "serve", "--model-repository", str(repo), "--port",
+         "0", "--no-metrics", "--grace", "60", *extra],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    assert proc.stdout is not None
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        found = re.search(r"listening on (\S+)", line)
+        if found:
+            return proc, found.group(1)
+    proc.kill()
+    raise AssertionError(f"llmopt serve did not start: {proc.stdout.read()}")
+
+
+def test_sigterm_drains_in_flight_streams(packages: dict[str, Path], tmp_path: Path) -> None:
+    repo = make_repository(tmp_path / "repo", packages, [DECODER])
+    proc, address = _start_serve(repo)
+    try:
+        with llmopt.Client(address, timeout=60) as client:
+            stream = client.stream(DECODER, "hello", max_new_tokens=100, ignore_eos=True)
+            first = [next(stream) for _ in range(3)]
+            proc.send_signal(signal.SIGTERM)
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline:  # new calls are refused once it drains ...
+                try:
+                    client.list_models(timeout=2)
+                except ServerUnavailableError:
+                    break
+                time.sleep(0.05)
+            else:
+                raise AssertionError("the server kept accepting calls after SIGTERM")
+            rest = list(stream)  # ... while the stream in flight runs to its end
+        assert stream.result.finish_reason == "length"
+        assert stream.result.stats.generated_tokens == 100
+        assert "".join(first + rest) == stream.result.text
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.stdout is not None
+    output = proc.stdout.read()
+    assert f"model {DECODER} READY" in output and "Traceback" not in output
+
+
+def test_generate_through_the_server(server: Any, packages: dict[str, Path],
+                                     capsys: pytest.CaptureFixture[str]) -> None:
+    generator = llmopt.load(packages[DECODER])
+    expected = generator.generate("hello world", max_new_tokens=7, ignore_eos=True)
+    code = main(["generate", DECODER, "hello world", "--server", server.address, "--raw",
+                 "--max-new-tokens", "7", "--ignore-eos", "--json"])
+    assert code == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["token_ids"] == expected.token_ids and result["text"] == expected.text
+    assert result["providers"] == ["cpu"]
+    chat = generator.chat("hello world", max_new_tokens=7)
+    assert main(["generate", DECODER, "hello world", "--server", server.address,
+                 "--max-new-tokens", "7"]) == 0
+    out = capsys.readouterr()
+    assert out.out.strip() == chat.text.strip()
+    assert f"{chat.stats.generated_tokens} generated tokens" in out.err
+    assert main(["generate", "nope", "hi", "--server", server.address]) == 1
+    assert "no model named 'nope'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--tls-cert", "cert.pem"], "needs both --tls-cert and --tls-key"),
+    (["--token-env", "LLMOPT_TEST_UNSET_TOKENS"], "unset or empty"),
+    (["--port", "99999"], "cannot bind"),
+])
+def test_serve_refuses_bad_options(packages: dict[str, Path], tmp_path: Path,
+                                   capsys: pytest.CaptureFixture[str], args: list[str],
+                                   message: str) -> None:
+    repo = make_repository(tmp_path / "repo", packages, [DECODER])
+    assert main(["serve", "--model-repository", str(repo), "--no-metrics", *args]) == 1
+    assert message in capsys.readouterr().err
+
+
+def test_serve_needs_a_repository(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["serve", "--model-repository", str(tmp_path / "missing")]) == 1
+    assert "is not a directory" in capsys.readouterr().err
