@@ -48,8 +48,8 @@ proto: install
 	$(PYTHON) -m llmopt._proto.generate
 
 bench: install
-	@echo "bench: the benchmark harness is in progress" >&2
-	@exit 1
+	$(LLMOPT) bench bench/configs/smollm2_cpu.yaml --prepare --skip-missing \
+		--out bench/results/smollm2_cpu
 
 clean:
 	rm -rf demo-output .pytest_cache .mypy_cache .ruff_cache

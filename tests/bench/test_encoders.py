@@ -1,0 +1,48 @@
+"""Encoders: latency per batch and sequence length, sequences/s, speedup, their plot."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jsonschema
+import pytest
+
+from llmopt.bench import parse_config, run_bench
+from llmopt.bench.schema import SCHEMA
+
+
+@pytest.fixture(scope="module")
+def tiny_encoder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from llmopt.exporter import ExportOptions, export
+    from tests.exporter.test_encoders import build
+
+    root = tmp_path_factory.mktemp("bench-encoder")
+    source = build("bert", "feature-extraction", root / "source")
+    export(source, root / "package", ExportOptions())
+    return root / "package"
+
+
+def test_encoder_sweep(tiny_encoder: Path, tmp_path: Path) -> None:
+    config = parse_config({
+        "packages": {"bert": str(tiny_encoder)}, "pytorch": {"threads": 1},
+        "run": {"warmup": 1, "repetitions": 2},
+        "matrix": {"targets": ["pytorch", "inprocess"], "batch_sizes": [1, 4],
+                   "prompt_lengths": [8, 16], "concurrency": [1]},
+        "sweeps": [{}, {"targets": ["inprocess"], "batch_sizes": [4], "concurrency": [2]}]})
+    run = run_bench(config, tmp_path, progress=None)
+    jsonschema.validate(run.results, SCHEMA)
+    records = {r["id"]: r for r in run.records}
+    assert len(records) == 10 and {r["status"] for r in records.values()} == {"ok"}
+    rec = records["inprocess/bert/cpu/b4/p16/n0/c1"]
+    m = rec["metrics"]
+    assert m["latency_s"]["n"] == 2 and m["latency_s"]["p50"] > 0
+    assert 4 < m["input_tokens_per_sequence"] <= 16  # texts fit the asked length
+    assert m["sequences_per_s"]["mean"] == pytest.approx(
+        4 / m["round_wall_s"]["mean"], rel=0.5)
+    assert "ttft_s" not in m
+    assert rec["speedup_over_pytorch"]["baseline"] == "pytorch/bert/torch-cpu/b4/p16/n0/c1"
+    assert records["inprocess/bert/cpu/b4/p16/n0/c2"]["requests"] == 4
+    summary = (tmp_path / "summary.md").read_text()
+    assert "latency p50 ms" in summary
+    assert (tmp_path / "plots" / "encoder_latency_vs_batch.png").is_file()
+    assert (tmp_path / "plots" / "throughput_vs_concurrency.png").is_file()
