@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import os
 import platform
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -134,12 +136,31 @@ def _json_default(value: Any) -> Any:
 SIDE_FILE_EXCLUDES = (MANIFEST_NAME, MODEL_NAME)
 
 
+@contextmanager
+def staging(out: Path) -> Iterator[Path]:
+    """A temporary sibling of ``out`` to write a package into, moved into place when the block
+    succeeds and removed when it fails, so no half-written package is ever left behind."""
+    import shutil
+    import tempfile
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp.chmod(0o755)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+
+
 def write_derived(parent: Package, out_dir: str | os.PathLike[str], proto: Any,
                   manifest: dict[str, Any], external_data: bool | None = None) -> Package:
     """Write a package made from ``parent``: its side files (tokenizer, configs) and a new
     graph and manifest, into a temporary sibling directory moved into place at the end."""
     import shutil
-    import tempfile
 
     import onnx
 
@@ -150,10 +171,7 @@ def write_derived(parent: Package, out_dir: str | os.PathLike[str], proto: Any,
     if out.is_dir() and any(out.iterdir()) and not (out / MANIFEST_NAME).is_file():
         raise PackageError(f"{out} is not empty and is not an llmopt package; refusing to "
                            "overwrite it", fix="choose an empty or new output directory")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    tmp.chmod(0o755)
-    try:
+    with staging(out) as tmp:
         for item in parent.path.iterdir():
             if item.is_file() and not item.name.startswith(SIDE_FILE_EXCLUDES):
                 shutil.copy2(item, tmp / item.name)
@@ -174,12 +192,6 @@ def write_derived(parent: Package, out_dir: str | os.PathLike[str], proto: Any,
         manifest["versions"] = tool_versions()
         package = Package(tmp, manifest)
         package.write_manifest()
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
     package.path = out
     return package
 

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -19,6 +17,7 @@ from llmopt.package import (
     SCHEMA_VERSION,
     Package,
     graph_signature,
+    staging,
     tool_versions,
 )
 
@@ -52,18 +51,9 @@ def export(source: str | os.PathLike[str], out_dir: str | os.PathLike[str],
     proto, layout = arch.emit(model, options.dtype)
 
     final = out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    out.chmod(0o755)
-    try:
-        package = _write_and_validate(out, proto, model, tokenizer, source_, config, task, arch,
+    with staging(final) as tmp:
+        package = _write_and_validate(tmp, proto, model, tokenizer, source_, config, task, arch,
                                       layout, options, started)
-    except BaseException:
-        shutil.rmtree(out, ignore_errors=True)
-        raise
-    if final.exists():
-        shutil.rmtree(final)
-    out.rename(final)
     package.path = final
     validation = package.manifest["validation"]
     if validation is not None and not validation["passed"]:

@@ -20,7 +20,7 @@ import numpy as np
 import onnx
 
 from llmopt.errors import UnsupportedError
-from llmopt.exporter.ops import F32, Linear, concat_linear, state_linear, to_numpy
+from llmopt.exporter.ops import Initializers, Linear, concat_linear, state_linear, to_numpy
 
 TASKS = ("text-generation",)
 WEIGHT_PREFIX = "model"  # initializer names: model.layers.{i}.attn.qkv_proj.weight, ...
@@ -234,19 +234,8 @@ def weights_from_onnx(tensors: Mapping[str, np.ndarray], num_layers: int) -> Dec
     """Recover the weights from an llmopt decoder graph's initializers (by their stable names),
     so later stages can re-emit the graph in another form."""
 
-    def get(name: str) -> np.ndarray | None:
-        value = tensors.get(name)
-        return None if value is None else value.astype(F32, copy=False)
-
-    def need(name: str) -> np.ndarray:
-        value = get(name)
-        if value is None:
-            raise UnsupportedError(f"the graph has no initializer {name!r}",
-                                   fix="optimize a package exported by this llmopt version")
-        return value
-
-    def linear(name: str) -> Linear:
-        return Linear(need(f"{name}.weight"), get(f"{name}.bias"))
+    found = Initializers(tensors)
+    get, need, linear = found.get, found.need, found.linear
 
     def norm(name: str) -> Norm:
         return Norm(need(f"{name}.weight"), get(f"{name}.bias"))

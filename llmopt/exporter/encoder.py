@@ -38,7 +38,7 @@ import onnx
 from llmopt.errors import UnsupportedError
 from llmopt.exporter.decoder import Norm
 from llmopt.exporter.graph import MS_DOMAIN, OPSET, GraphBuilder
-from llmopt.exporter.ops import Linear
+from llmopt.exporter.ops import Initializers, Linear
 from llmopt.exporter.ops import activation as _activation
 from llmopt.exporter.ops import concat_linear as _concat
 from llmopt.exporter.ops import state_linear as _linear
@@ -255,19 +255,8 @@ def weights_from_onnx(tensors: Mapping[str, np.ndarray], num_layers: int) -> Enc
     """Recover the weights from an llmopt encoder graph's initializers (by their stable names),
     so later stages can re-emit the graph in another form."""
 
-    def get(name: str) -> np.ndarray | None:
-        value = tensors.get(name)
-        return None if value is None else value.astype(F32, copy=False)
-
-    def need(name: str) -> np.ndarray:
-        value = get(name)
-        if value is None:
-            raise UnsupportedError(f"the graph has no initializer {name!r}",
-                                   fix="optimize a package exported by this llmopt version")
-        return value
-
-    def linear(name: str) -> Linear:
-        return Linear(need(f"{name}.weight"), get(f"{name}.bias"))
+    found = Initializers(tensors)
+    get, need, linear = found.get, found.need, found.linear
 
     def norm(name: str) -> Norm:
         return Norm(need(f"{name}.weight"), get(f"{name}.bias"))

@@ -22,6 +22,30 @@ class Linear:
     bias: np.ndarray | None
 
 
+class Initializers:
+    """A graph's named weights, read back by their stable names to re-emit the graph."""
+
+    def __init__(self, tensors: Mapping[str, np.ndarray]) -> None:
+        self.tensors = tensors
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.tensors
+
+    def get(self, name: str) -> np.ndarray | None:
+        value = self.tensors.get(name)
+        return None if value is None else value.astype(F32, copy=False)
+
+    def need(self, name: str) -> np.ndarray:
+        value = self.get(name)
+        if value is None:
+            raise UnsupportedError(f"the graph has no initializer {name!r}",
+                                   fix="re-export the package with this llmopt version")
+        return value
+
+    def linear(self, name: str) -> Linear:
+        return Linear(self.need(f"{name}.weight"), self.get(f"{name}.bias"))
+
+
 def to_numpy(tensor: Any) -> np.ndarray:
     """A float32 numpy copy of a torch tensor (or numpy array)."""
     if isinstance(tensor, np.ndarray):
