@@ -42,7 +42,10 @@ test: lint models install-tf457
 
 demo: models
 	$(LLMOPT) export "$$($(LLMOPT) fetch smollm2-135m-instruct)" -o $(DEMO_DIR)
-	$(LLMOPT) inspect $(DEMO_DIR)
+	$(LLMOPT) optimize $(DEMO_DIR) -o $(DEMO_DIR)-fused
+	$(LLMOPT) quantize $(DEMO_DIR)-fused -o $(DEMO_DIR)-int4 --method int4
+	$(LLMOPT) generate $(DEMO_DIR)-int4 "What is the capital of France?" --max-new-tokens 48
+	$(LLMOPT) inspect $(DEMO_DIR)-int4
 
 proto: install
 	$(PYTHON) -m llmopt._proto.generate
