@@ -4,6 +4,8 @@ Triton's published one name for name and number for number, and docs/grpc.md cov
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -99,6 +101,27 @@ def test_tritonclient_and_llmopt_messages_live_in_one_process() -> None:
 
     theirs = service_pb2.ModelInferRequest.FromString(request.SerializeToString())
     assert theirs.model_name == "m"
+
+
+def test_first_use_from_many_threads_makes_one_class_per_message() -> None:
+    """Two threads building one message class would make two classes that refuse each other's
+    instances; run in a fresh interpreter, where nothing is built yet."""
+    script = (
+        "import threading\n"
+        "from llmopt.client import _common as c\n"
+        "errors = []\n"
+        "def go():\n"
+        "    try:\n"
+        "        c.generate_request('m', [{'role': 'user', 'content': 'hi'}], None, True, {})\n"
+        "    except Exception as exc:\n"
+        "        errors.append(exc)\n"
+        "threads = [threading.Thread(target=go) for _ in range(32)]\n"
+        "[t.start() for t in threads]\n"
+        "[t.join() for t in threads]\n"
+        "assert not errors, errors\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120, check=False, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-2000:]
 
 
 def test_docs_cover_every_rpc_option_and_status() -> None:
