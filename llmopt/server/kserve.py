@@ -163,9 +163,13 @@ class KServeService:
         timeout = _min(context.time_remaining(), spec.timeout)
         generations: list[Generation] = []
         context.add_callback(lambda: _cancel(generations))
-        for prompt in spec.prompts:
-            generations.append(Generation(model, prompt, spec.params, chat=spec.chat,
-                                          metrics=self.metrics, timeout=timeout))
+        try:
+            for prompt in spec.prompts:
+                generations.append(Generation(model, prompt, spec.params, chat=spec.chat,
+                                              metrics=self.metrics, timeout=timeout))
+        except Exception:
+            _cancel(generations)  # one prompt refused (queue full, too long): drop the batch
+            raise
         results = [g.result() for g in generations]
         texts = np.empty(len(results), dtype=np.object_)
         texts[:] = [r.text.encode() for r in results]

@@ -84,7 +84,8 @@ class Decoder(ServedModel):
         return self.engine.batch_size
 
     def warmup(self) -> None:
-        request = self.submit("Hello", SamplingParams(max_new_tokens=2, ignore_eos=True))
+        prompt = [0, 0] if self.tokenizer is None else "Hello"  # packages may lack a tokenizer
+        request = self.submit(prompt, SamplingParams(max_new_tokens=2, ignore_eos=True))
         request.result(timeout=300)
 
     def close(self, grace: float | None = None) -> None:
@@ -204,7 +205,7 @@ class Encoder(ServedModel):
         return feed
 
     def warmup(self) -> None:
-        feed = self.encode(["warm up"])
+        feed = self.check_feed({"input_ids": np.ones((1, 4), np.int64)})
         self.run(feed, self.outputs)
 
     def close(self, grace: float | None = None) -> None:
