@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from llmopt.errors import InvalidInputError, UnsupportedError
-from llmopt.package import Package
+from llmopt.package import Package, now_iso
 
 __all__ = ["FUSIONS", "OptimizeOptions", "optimize"]
 
@@ -103,7 +103,8 @@ def optimize(package: str | os.PathLike[str] | Package, out_dir: str | os.PathLi
         if manifest.get(layout):
             manifest[layout] = {**manifest[layout], "dtype": dtype}
     manifest["steps"] = [*parent.manifest.get("steps", []), {
-        "stage": "optimize", "options": asdict(options), "parent": str(parent.path),
+        "stage": "optimize", "time": now_iso(), "options": asdict(options),
+        "parent": str(parent.path),
         **report}]
     manifest["validation"] = None
     result = write_derived(parent, out_dir, proto, manifest)

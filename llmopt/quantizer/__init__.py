@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from llmopt.errors import InvalidInputError, UnsupportedError
-from llmopt.package import Package, graph_signature, write_derived
+from llmopt.package import Package, graph_signature, now_iso, write_derived
 from llmopt.quantizer.options import QuantizeOptions
 
 __all__ = ["QuantizeOptions", "quantize"]
@@ -56,7 +56,8 @@ def quantize(package: str | os.PathLike[str] | Package, out_dir: str | os.PathLi
     manifest = dict(parent.manifest)
     manifest["signature"] = graph_signature(quantized)
     manifest["steps"] = [*parent.manifest.get("steps", []), {
-        "stage": "quantize", "method": options.method, "options": asdict(options),
+        "stage": "quantize", "time": now_iso(), "method": options.method,
+        "options": asdict(options),
         "parent": str(parent.path), "quantized_matmuls": len(targets), "kept_float": kept,
     }]
     manifest["validation"] = None

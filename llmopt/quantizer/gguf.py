@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from llmopt.errors import InvalidInputError, UnsupportedError
-from llmopt.package import Package, graph_signature, write_derived
+from llmopt.package import Package, graph_signature, now_iso, write_derived
 
 log = logging.getLogger("llmopt.quantize")
 BLOCK = 32
@@ -84,7 +84,7 @@ def quantize_from_gguf(parent: Package, out_dir: Any, accuracy_level: int = 4,
     manifest = dict(parent.manifest)
     manifest["signature"] = graph_signature(proto)
     manifest["steps"] = [*parent.manifest.get("steps", []), {
-        "stage": "quantize", "method": "int4_gguf", "source": str(path),
+        "stage": "quantize", "time": now_iso(), "method": "int4_gguf", "source": str(path),
         "options": {"accuracy_level": accuracy_level, "block_size": BLOCK},
         "parent": str(parent.path), "reused": replaced, "kept_float": kept,
     }]
