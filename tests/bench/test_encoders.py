@@ -32,7 +32,9 @@ def test_encoder_sweep(tiny_encoder: Path, tmp_path: Path) -> None:
     run = run_bench(config, tmp_path, progress=None)
     jsonschema.validate(run.results, SCHEMA)
     records = {r["id"]: r for r in run.records}
-    assert len(records) == 10 and {r["status"] for r in records.values()} == {"ok"}
+    assert len(records) == 10
+    assert {r["status"] for r in records.values()} == {"ok"}, [
+        (r["id"], r["error"]) for r in records.values() if r["error"]]
     rec = records["inprocess/bert/cpu/b4/p16/n0/c1"]
     m = rec["metrics"]
     assert m["latency_s"]["n"] == 2 and m["latency_s"]["p50"] > 0

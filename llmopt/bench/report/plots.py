@@ -132,6 +132,8 @@ def _encoder_latency(rows: list[Record], colors: dict[str, Any], path: Path) -> 
         ax.set_xlabel("batch size (texts per request)")
         ax.set_ylabel("latency per request (ms), p50, bar to p90")
         ax.set_xscale("log", base=2)
+        ax.set_xticks(sorted({r["workload"]["batch_size"] for r in group}))
+        ax.get_xaxis().set_major_formatter(plt.ScalarFormatter())
         ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
@@ -163,7 +165,8 @@ def _throughput_vs_concurrency(rows: list[Record], colors: dict[str, Any],
             ax.plot([r["workload"]["concurrency"] for r in points],
                     [r["metrics"][metric]["mean"] for r in points], "o-",
                     color=colors[series], label=series)
-        ax.set_title(f"batch {batch}, prompt {prompt}" + (f", {new} new" if new else ""))
+        ax.set_title(f"batch {batch}, prompt {prompt}, {new} new" if decoder
+                     else f"batch {batch}, sequences of <= {prompt} tokens")
         ax.set_xticks(sorted(levels))
         ax.set_xlabel("concurrent requests")
         ax.set_ylabel("output tokens/s (all requests)" if decoder else "sequences/s")
@@ -177,6 +180,7 @@ def _throughput_vs_concurrency(rows: list[Record], colors: dict[str, Any],
 
 def _distributions(rows: list[Record], colors: dict[str, Any], path: Path) -> str | None:
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     rows = [r for r in _closed_loop(rows) if r["workload"]["batch_size"] == 1 and r["samples"]]
     if not rows:
@@ -193,9 +197,15 @@ def _distributions(rows: list[Record], colors: dict[str, Any], path: Path) -> st
                     ys = [(i + 1) / len(values) for i in range(len(values))]
                     ax.step(values, ys, where="post", color=colors[r["series"]],
                             label=f"{r['series']} (n={len(values)})")
+                    if len(values) <= 20:  # few samples: show each (one alone draws no step)
+                        ax.plot(values, ys, "o", color=colors[r["series"]], markersize=4)
             ax.set_xscale("log")
+            ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+            ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+            ax.xaxis.set_minor_formatter(NullFormatter())
             ax.set_xlabel(label + ", log scale")
             ax.set_ylabel("fraction of samples <= x")
+            ax.set_ylim(0, 1.03)
             ax.set_title(f"batch 1, prompt {prompt} tokens")
             ax.grid(alpha=0.3, which="both")
             ax.legend(fontsize=7)
@@ -228,7 +238,7 @@ def _speedup(rows: list[Record], colors: dict[str, Any], path: Path) -> str | No
             ax.bar(xs, [values.get(w) or 0 for w in workloads], width, color=colors[s], label=s)
         ax.axhline(1.0, color="black", linewidth=1, linestyle="--")
         ax.set_xticks(range(len(workloads)), [f"b{b} p{p}" for b, p in workloads])
-        ax.set_xlabel("workload (batch size, prompt tokens)")
+        ax.set_xlabel("workload (batch size, prompt or sequence tokens)")
         ax.set_ylabel(f"speedup in {label} (x PyTorch)")
         ax.grid(alpha=0.3, axis="y")
     axes[0][0].legend(fontsize=8)

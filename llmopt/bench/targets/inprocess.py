@@ -36,6 +36,9 @@ class InProcessTarget:
                 "engine": asdict(self.engine_options) if self._engine else None}
 
     def uses_engine(self, concurrency: int, rate: float | None) -> bool:
+        """Decoders only: concurrent encoder requests call the Embedder from their threads."""
+        if not hasattr(self.runner, "generate"):
+            return False
         use = self.engine_options.use
         return use == "always" or (use == "auto" and (concurrency > 1 or rate is not None))
 
