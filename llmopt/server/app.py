@@ -54,16 +54,17 @@ class Server:
         self.draining = False
         self._stopped = threading.Event()
         self._lock = threading.Lock()
+        self._deadline = float("inf")
 
     @property
     def address(self) -> str:
         return f"{self.host}:{self.port}"
 
     def start(self) -> Server:
-        self.grpc_server.start()
-        if self.config.metrics_port is not None:
+        if self.config.metrics_port is not None:  # first: a port in use fails before serving
             self.metrics_port = self.metrics.serve_http(self.config.metrics_host,
                                                         self.config.metrics_port)
+        self.grpc_server.start()
         return self
 
     def stop(self, grace: float | None = None) -> None:
@@ -73,20 +74,19 @@ class Server:
         with self._lock:
             first = not self.draining
             self.draining = True
+            self._deadline = min(self._deadline, time.monotonic() + grace)
         if not first:
-            self.grpc_server.stop(grace)
             self._stopped.wait()
             return
         log.info("server shutting down: in-flight requests get %.0f s", grace)
         self.health.enter_graceful_shutdown()
-        stopped = self.grpc_server.stop(grace)  # refuses new calls from now on
-        # grpc waits for every open call, health Watch streams too; those never end by
-        # themselves, so once the work is done, cut them short
-        deadline = time.monotonic() + grace
-        while self.metrics.running > 0 and time.monotonic() < deadline and not stopped.is_set():
+        # New calls are refused UNAVAILABLE by the guard from now on (grpc's own stop would
+        # answer calls on open connections CANCELLED, which clients do not retry elsewhere).
+        # grpc.stop(grace) would also wait for health Watch streams, which never end by
+        # themselves: so wait for the work, then stop at once.
+        while self.metrics.running > 0 and time.monotonic() < self._deadline:
             time.sleep(0.02)
-        self.grpc_server.stop(0)
-        stopped.wait()
+        self.grpc_server.stop(0).wait()
         self.repository.close(0)
         self.metrics.close()
         self._stopped.set()
@@ -140,10 +140,11 @@ def create_server(repository: str | Path, address: str = "127.0.0.1:0",
         maximum_concurrent_rpcs=config.max_workers,
     )
     server.add_generic_rpc_handlers([
-        service_handler(_proto.LLMOPT_SERVICE, LlmoptService(repo, metrics), metrics),
+        service_handler(_proto.LLMOPT_SERVICE, LlmoptService(repo, metrics), metrics,
+                        draining),
         service_handler(_proto.KSERVE_SERVICE,
                         KServeService(repo, metrics, draining, config.max_message_bytes),
-                        metrics),
+                        metrics, draining),
     ])
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in ("", *SERVICES):
@@ -186,7 +187,11 @@ def serve(repository: str | Path, address: str = "127.0.0.1:8001",
 
     previous = {s: signal.signal(s, handle) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
-        server.start()
+        try:
+            server.start()
+        except BaseException:
+            server.repository.close(0)
+            raise
         if on_ready is not None:
             on_ready(server)
         while not stop.wait(0.5):

@@ -16,6 +16,7 @@ import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 
+from llmopt.errors import InvalidInputError
 from llmopt.runtime.sequence import GenerationResult
 
 if TYPE_CHECKING:
@@ -97,7 +98,12 @@ class Metrics:
         """Serve /metrics on ``host:port`` (0: a free port); returns the bound port."""
         from prometheus_client import start_http_server
 
-        self._http, _ = start_http_server(port, addr=host, registry=self.registry)
+        try:
+            self._http, _ = start_http_server(port, addr=host, registry=self.registry)
+        except OSError as exc:
+            raise InvalidInputError(f"cannot serve metrics on {host}:{port}: {exc.strerror}",
+                                    fix="pick a free --metrics-port (0: any), or --no-metrics"
+                                    ) from None
         return int(self._http.server_port)
 
     def close(self) -> None:

@@ -19,7 +19,7 @@ from google.protobuf.message import DecodeError
 
 from llmopt import _proto
 from llmopt.errors import InvalidInputError, LlmoptError
-from llmopt.server.status import ServerError, code_of, trailers
+from llmopt.server.status import ServerError, ServerUnavailableError, code_of, trailers
 
 log = logging.getLogger("llmopt.server")
 MAX_DETAILS = 2000
@@ -45,10 +45,12 @@ class Malformed:
                                  fix="send a message built from the published .proto files")
 
 
-def service_handler(service_name: str, servicer: Any, observer: Observer) -> Any:
+def service_handler(service_name: str, servicer: Any, observer: Observer,
+                    draining: Callable[[], bool] = lambda: False) -> Any:
     """A ``grpc.GenericRpcHandler`` serving ``servicer``'s methods named as in the service.
 
-    Methods the servicer lacks are left out, so grpc answers them UNIMPLEMENTED.
+    Methods the servicer lacks are left out, so grpc answers them UNIMPLEMENTED. While
+    ``draining()``, new calls are refused UNAVAILABLE (retry elsewhere) and running ones go on.
     """
     service = _proto.service(service_name)
     factories = {
@@ -66,7 +68,7 @@ def service_handler(service_name: str, servicer: Any, observer: Observer) -> Any
         response_type = _proto.message(method.output_type.full_name)
         kind = (method.client_streaming, method.server_streaming)
         handlers[method.name] = factories[kind](
-            _guard(behaviour, method.name, kind, observer),
+            _guard(behaviour, method.name, kind, observer, draining),
             request_deserializer=_parser(request_type),
             response_serializer=response_type.SerializeToString,
         )
@@ -101,10 +103,13 @@ def abort(context: grpc.ServicerContext, error: LlmoptError) -> NoReturn:
 
 
 def _guard(behaviour: Callable[..., Any], name: str, kind: tuple[bool, bool],
-           observer: Observer) -> Callable[..., Any]:
+           observer: Observer, draining: Callable[[], bool]) -> Callable[..., Any]:
     client_streaming, server_streaming = kind
 
     def prepare(request: Any) -> Any:
+        if draining():
+            raise ServerUnavailableError("the server is shutting down",
+                                         fix="retry on another replica, or after the restart")
         if client_streaming:
             return _checked(request)
         if isinstance(request, Malformed):

@@ -7,6 +7,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -66,7 +67,8 @@ def test_sigterm_drains_in_flight_streams(packages: dict[str, Path], tmp_path: P
             while time.monotonic() < deadline:  # new calls are refused once it drains ...
                 try:
                     client.list_models(timeout=2)
-                except ServerUnavailableError:
+                except ServerUnavailableError as exc:
+                    assert "shutting down" in str(exc)
                     break
                 time.sleep(0.05)
             else:
@@ -121,3 +123,15 @@ def test_serve_refuses_bad_options(packages: dict[str, Path], tmp_path: Path,
 def test_serve_needs_a_repository(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["serve", "--model-repository", str(tmp_path / "missing")]) == 1
     assert "is not a directory" in capsys.readouterr().err
+
+
+def test_serve_refuses_a_metrics_port_in_use(packages: dict[str, Path], tmp_path: Path,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    repo = make_repository(tmp_path / "repo", packages, [DECODER])
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["serve", "--model-repository", str(repo), "--port", "0",
+                     "--metrics-port", str(port)]) == 1
+    assert f"cannot serve metrics on 127.0.0.1:{port}" in capsys.readouterr().err

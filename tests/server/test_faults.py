@@ -74,9 +74,10 @@ def test_full_queue_gives_resource_exhausted(one_slot: Any) -> None:
 
     def call() -> None:
         with llmopt.Client(one_slot.address) as client:
+            client.list_models()  # connected before the race starts
             barrier.wait()
             try:
-                outcomes.append(client.generate(DECODER, "hello", max_new_tokens=20,
+                outcomes.append(client.generate(DECODER, "hello", max_new_tokens=50,
                                                 ignore_eos=True, timeout=60))
             except llmopt.LlmoptError as exc:
                 outcomes.append(exc)
@@ -91,7 +92,7 @@ def test_full_queue_gives_resource_exhausted(one_slot: Any) -> None:
     assert len(outcomes) == 6 and len(busy) + len(done) == 6
     assert busy and len(done) >= 2  # one ran, one waited; the rest were refused at once
     assert "queue is full" in str(busy[0])
-    assert all(d.stats.generated_tokens == 20 for d in done)
+    assert all(d.stats.generated_tokens == 50 for d in done)
     refused = sample(one_slot, "llmopt_requests_total",
                      {"method": "Generate", "model": DECODER, "code": "RESOURCE_EXHAUSTED"})
     assert refused == len(busy)

@@ -16,6 +16,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 )
 
 import llmopt
+from llmopt.server.status import ServerUnavailableError
 from tests.server.conftest import CLASSIFIER, DECODER, ENCODER, make_repository, slow_steps
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -97,6 +98,8 @@ def test_shutdown_drains_and_health_turns_not_serving(start_server: Any,
         stopper = threading.Thread(target=srv.stop, args=(30,))
         stopper.start()
         assert next(watch).status == NOT_SERVING
+        with pytest.raises(ServerUnavailableError, match="shutting down"):
+            client.list_models()  # refused, retryable elsewhere, while the stream goes on
         rest = list(stream)  # the in-flight stream finishes within the grace period
         assert stream.result.stats.generated_tokens == 60 and len(rest) >= 1
         stopper.join(30)
