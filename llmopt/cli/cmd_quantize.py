@@ -19,8 +19,8 @@ def add_parser(subparsers: Any) -> None:
                    "calibrated); int4: weight-only MatMulNBits")
     p.add_argument("--block-size", type=int, default=32, help="int4/int8 block size")
     p.add_argument("--algorithm", default="auto",
-                   help="int4: auto (GGUF blocks if the source was Q4, else HQQ), gguf, rtn, "
-                   "hqq, gptq")
+                   help="int4: auto (HQQ), gguf (reuse a Q4_0/Q4_1 source's blocks exactly; "
+                   "slower CPU kernel), rtn, hqq, gptq")
     p.add_argument("--symmetric", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--accuracy-level", type=int, default=4, help="MatMulNBits compute (0-4)")
     p.add_argument("--per-channel", action="store_true", help="int8 dynamic/static weights")

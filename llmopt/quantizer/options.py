@@ -83,8 +83,8 @@ class QuantizeOptions:
         """Weight-only int4 (MatMulNBits), int8 compute (accuracy level 4). Embeddings and the
         LM head stay float unless asked; asymmetric blocks of 32 by default (measured).
 
-        ``algorithm="auto"`` reuses a GGUF source's own 4-bit blocks when the package came
-        from a Q4_0/Q4_1 file (no second rounding), and uses HQQ otherwise."""
+        ``algorithm="auto"`` is HQQ. ``algorithm="gguf"`` reuses a Q4_0/Q4_1 GGUF source's own
+        4-bit blocks exactly (no second rounding), at the cost of a slower CPU kernel."""
         return cls(method="int4", block_size=block_size, algorithm=algorithm,
                    symmetric=symmetric, keep_float=() if quantize_lm_head else ("lm_head",))
 

@@ -42,7 +42,7 @@ def test_int8_perplexity_within_3_percent(fused: Path, tmp_path: Path) -> None:
 
 
 def test_int4_from_gguf_reuses_blocks_exactly(fused: Path, tmp_path: Path) -> None:
-    result = quantize(fused, tmp_path / "int4", QuantizeOptions.int4())
+    result = quantize(fused, tmp_path / "int4", QuantizeOptions.int4(algorithm="gguf"))
     step = result.manifest["steps"][-1]
     assert step["method"] == "int4_gguf" and len(step["reused"]) == 4 * 30
     fidelity = result.manifest["fidelity"]
@@ -50,7 +50,8 @@ def test_int4_from_gguf_reuses_blocks_exactly(fused: Path, tmp_path: Path) -> No
     assert fidelity["perplexity_delta_pct"] <= 8.0
 
 
-def test_int4_hqq_on_float_weights_within_8_percent(fused: Path, tmp_path: Path) -> None:
-    options = QuantizeOptions.int4(algorithm="hqq")
-    fidelity = quantize(fused, tmp_path / "hqq", options).manifest["fidelity"]
+def test_int4_default_within_8_percent(fused: Path, tmp_path: Path) -> None:
+    result = quantize(fused, tmp_path / "hqq", QuantizeOptions.int4())
+    assert result.manifest["steps"][-1]["options"]["algorithm"] == "auto"  # HQQ
+    fidelity = result.manifest["fidelity"]
     assert fidelity["perplexity_delta_pct"] <= 8.0, fidelity
