@@ -21,6 +21,8 @@ __version__ = "0.1.0"
 __all__ = [
     "AsyncClient",
     "BusyError",
+    "CPUOptions",
+    "CUDAOptions",
     "Client",
     "ExportOptions",
     "InvalidInputError",
@@ -28,17 +30,15 @@ __all__ = [
     "Package",
     "PackageError",
     "ProviderError",
+    "SamplingParams",
+    "ShapeRange",
     "SourceError",
+    "TensorRTOptions",
     "UnsupportedError",
     "ValidationError",
     "__version__",
     "export",
     "load",
-    "SamplingParams",
-    "CPUOptions",
-    "CUDAOptions",
-    "TensorRTOptions",
-    "ShapeRange",
 ]
 
 if TYPE_CHECKING:

@@ -13,7 +13,10 @@ import os
 import sys
 from collections.abc import Sequence
 
-COMMANDS = ("export", "optimize", "inspect", "generate", "embed", "fetch", "bench", "serve")
+COMMANDS = (
+    "export", "optimize", "quantize", "eval", "inspect",
+    "generate", "embed", "fetch", "bench", "serve",
+)
 
 EXIT_USER_ERROR = 1
 EXIT_INTERRUPTED = 130

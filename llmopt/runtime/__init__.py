@@ -9,9 +9,9 @@ from typing import Any
 from llmopt.package import Package
 from llmopt.runtime.embedder import Embedder
 from llmopt.runtime.generator import Generator, TextStream
-from llmopt.runtime.sequence import GenerationResult, GenerationStats
 from llmopt.runtime.providers import CPUOptions, CUDAOptions, ShapeRange, TensorRTOptions
 from llmopt.runtime.sampling import SamplingParams
+from llmopt.runtime.sequence import GenerationResult, GenerationStats
 from llmopt.runtime.session import ProviderSpec, SessionInfo, create_session
 
 __all__ = [
