@@ -44,15 +44,7 @@ PRECISIONS = ("fp32", "int4")
 # torch pinned to the main venv's version (a local CPU wheel), the rest as pip resolves them.
 GENAI_PACKAGES = ["onnxruntime-genai", "torch==2.13.0", "transformers", "onnx_ir", "onnx"]
 
-PROMPT = (
-    "The history of computing is a story of people trying to make machines that think faster "
-    "than they do. In the nineteenth century Charles Babbage designed the Analytical Engine, a "
-    "mechanical computer that was never completed, and Ada Lovelace wrote what many consider "
-    "the first program for it. A century later, Alan Turing described a universal machine, and "
-    "during the war engineers built electronic computers to break codes and compute firing "
-    "tables. Transistors replaced vacuum tubes, integrated circuits replaced transistors, and "
-    "today a phone holds more computing power than all of those machines together. Explain"
-)
+from decode_cpu import PROMPT  # noqa: E402  (the same prompt as llmopt's side of the run)
 
 
 def log(message: str) -> None:
