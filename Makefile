@@ -15,19 +15,29 @@ PYTEST_ARGS  ?=
 INSTALLED       := $(VENV)/.llmopt-installed
 INSTALLED_TF457 := $(VENV_TF457)/.llmopt-installed
 
-.PHONY: install install-tf457 models lint test demo proto bench clean
+.PHONY: install install-tf457 lock models lint test demo proto bench clean
 
 install: $(INSTALLED)
 
 install-tf457: $(INSTALLED_TF457)
 
-$(INSTALLED): pyproject.toml scripts/install.sh
-	scripts/install.sh $(VENV)
+$(INSTALLED): pyproject.toml scripts/install.sh constraints/main.txt
+	LLMOPT_CONSTRAINTS=constraints/main.txt scripts/install.sh $(VENV)
 	touch $@
 
-$(INSTALLED_TF457): pyproject.toml scripts/install.sh
-	scripts/install.sh $(VENV_TF457) '$(TF457_SPEC)'
+$(INSTALLED_TF457): pyproject.toml scripts/install.sh constraints/tf457.txt
+	LLMOPT_CONSTRAINTS=constraints/tf457.txt scripts/install.sh $(VENV_TF457) '$(TF457_SPEC)'
 	touch $@
+
+# Re-resolve both environments from pyproject.toml alone (newest allowed versions) into fresh
+# scratch environments and record what was installed as the new tested sets.
+lock:
+	rm -rf .venv-lock .venv-lock-tf457
+	LLMOPT_CONSTRAINTS= scripts/install.sh .venv-lock
+	LLMOPT_CONSTRAINTS= scripts/install.sh .venv-lock-tf457 '$(TF457_SPEC)'
+	scripts/lock.sh .venv-lock constraints/main.txt
+	scripts/lock.sh .venv-lock-tf457 constraints/tf457.txt
+	rm -rf .venv-lock .venv-lock-tf457
 
 models: install
 	for model in $(MODELS); do $(LLMOPT) fetch $$model || exit 1; done

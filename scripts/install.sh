@@ -11,6 +11,12 @@
 # as --index-url). Where torch is present it is kept: pyproject.toml only asks for torch>=2.4.
 # LLMOPT_VENV_ARGS goes to `python -m venv` (--system-site-packages reuses a torch installed
 # outside the environment); PYTHON picks the interpreter (default python3).
+#
+# Every other package comes from the tested set in $LLMOPT_CONSTRAINTS (default
+# constraints/main.txt, written by `make lock`): with exact versions pip has nothing to search, so
+# a fresh install takes about a minute instead of backtracking through every grpcio-tools release
+# (tritonclient caps protobuf below 7, the newest grpcio-tools needs 7). LLMOPT_CONSTRAINTS=""
+# installs the newest versions pyproject.toml allows instead.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -37,7 +43,13 @@ else
     "$py" "${pip_install[@]}" "${torch_spec[@]}"
 fi
 
-"$py" "${pip_install[@]}" -e ".[dev]" "$@"
+constraints="${LLMOPT_CONSTRAINTS-constraints/main.txt}"
+constraint_args=()
+if [ -n "$constraints" ]; then
+    echo "install: versions from $constraints"
+    constraint_args=(-c "$constraints")
+fi
+"$py" "${pip_install[@]}" "${constraint_args[@]}" -e ".[dev]" "$@"
 "$py" - <<'PY'
 import torch, transformers
 print(f"install: done: torch {torch.__version__}, transformers {transformers.__version__}")
