@@ -19,14 +19,17 @@ def add_parser(subparsers: Any) -> None:
                    "calibrated); int4: weight-only MatMulNBits")
     p.add_argument("--block-size", type=int, default=32, help="int4/int8 block size")
     p.add_argument("--algorithm", default="auto",
-                   help="int4: auto (HQQ), gguf (reuse a Q4_0/Q4_1 source's blocks exactly; "
-                   "slower CPU kernel), rtn, hqq, gptq")
+                   help="int4: auto (gguf for a package exported from a Q4_0/Q4_1 GGUF file, "
+                   "else hqq), gguf (reuse the source's 4-bit blocks exactly), hqq, gptq, mse "
+                   "(clipping search), rtn")
     p.add_argument("--symmetric", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--accuracy-level", type=int, default=4, help="MatMulNBits compute (0-4)")
     p.add_argument("--per-channel", action="store_true", help="int8 dynamic/static weights")
     p.add_argument("--keep-float", action="append", metavar="NAME",
-                   help="keep weights whose name contains NAME in float (repeatable; default "
-                   "lm_head)")
+                   help="keep weights whose name contains NAME in float (repeatable; default: "
+                   "none for int8/int4, lm_head for int8-dynamic/int8-static)")
+    p.add_argument("--lm-head", default="int8", choices=["int8", "int4", "float"],
+                   help="int8/int4: how to store the LM head (default int8)")
     p.add_argument("--quantize-embeddings", action="store_true")
     p.add_argument("--calibration", default="minmax", help="minmax, entropy or percentile")
     p.add_argument("--calibration-file", help="text file (default: built-in corpus)")
@@ -46,7 +49,9 @@ def run(args: argparse.Namespace) -> int:
         method=method, block_size=args.block_size, algorithm=args.algorithm,
         symmetric=symmetric, accuracy_level=args.accuracy_level,
         per_channel=args.per_channel,
-        keep_float=tuple(args.keep_float) if args.keep_float else ("lm_head",),
+        keep_float=tuple(args.keep_float) if args.keep_float else
+        ("lm_head",) if method in ("int8_dynamic", "int8_static") else (),
+        lm_head_bits={"int8": 8, "int4": 4, "float": None}[args.lm_head],
         quantize_embeddings=args.quantize_embeddings, calibration=args.calibration,
         calibration_file=args.calibration_file, calibration_samples=args.samples,
         calibration_length=args.sequence_length, evaluate=args.evaluate,

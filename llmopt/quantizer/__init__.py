@@ -39,10 +39,14 @@ def quantize(package: str | os.PathLike[str] | Package, out_dir: str | os.PathLi
     if options.method == "int4" and _gguf_blocks_usable(parent, options):
         from llmopt.quantizer.gguf import quantize_from_gguf
 
-        return quantize_from_gguf(parent, out_dir, options.accuracy_level, options.evaluate)
+        return quantize_from_gguf(parent, out_dir, options.accuracy_level, options.evaluate,
+                                  options.lm_head_bits)
     started = time.perf_counter()
     proto = onnx.load(str(parent.model_path))
-    targets, kept = weight_matmuls(proto, options.keep_float)
+    keep = options.keep_float
+    if options.method in ("int4", "int8") and options.lm_head_bits is None:
+        keep = (*keep, "lm_head")
+    targets, kept = weight_matmuls(proto, keep)
     if not targets:
         raise UnsupportedError("no weight MatMul left to quantize",
                                fix="keep fewer weights in float (keep_float)")
@@ -52,12 +56,13 @@ def quantize(package: str | os.PathLike[str] | Package, out_dir: str | os.PathLi
         src = Path(tmp) / "model.onnx"
         onnx.save_model(proto, str(src), save_as_external_data=True, location="model.onnx.data")
         del proto
-        quantized = _run(options, src, Path(tmp) / "quantized.onnx", targets, kept, parent)
+        quantized, details = _run(options, src, Path(tmp) / "quantized.onnx", targets, kept,
+                                  parent)
     manifest = dict(parent.manifest)
     manifest["signature"] = graph_signature(quantized)
     manifest["steps"] = [*parent.manifest.get("steps", []), {
         "stage": "quantize", "time": now_iso(), "method": options.method,
-        "options": asdict(options),
+        "options": asdict(options), **details,
         "parent": str(parent.path), "quantized_matmuls": len(targets), "kept_float": kept,
     }]
     manifest["validation"] = None
@@ -103,7 +108,7 @@ def _check_blocks(proto: Any, targets: list[str], block: int) -> None:
 
 
 def _run(options: QuantizeOptions, src: Path, dst: Path, targets: list[str], kept: list[str],
-         parent: Package) -> Any:
+         parent: Package) -> tuple[Any, dict[str, Any]]:
     import onnx
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
 
@@ -113,7 +118,7 @@ def _run(options: QuantizeOptions, src: Path, dst: Path, targets: list[str], kep
                          nodes_to_quantize=targets, use_external_data_format=True,
                          extra_options={"MatMulConstBOnly": True,
                                         "DefaultTensorType": onnx.TensorProto.FLOAT})
-        return onnx.load(str(dst))
+        return onnx.load(str(dst)), {}
     if options.method == "int8_static":
         from onnxruntime.quantization import CalibrationMethod
 
@@ -130,56 +135,140 @@ def _run(options: QuantizeOptions, src: Path, dst: Path, targets: list[str], kep
                                        "DefaultTensorType": onnx.TensorProto.FLOAT,
                                        "CalibPercentile": options.percentile,
                                        "CalibTensorRangeSymmetric": False})
-        return onnx.load(str(dst))
-    return _nbits(options, src, kept, parent)
+        return onnx.load(str(dst)), {}
+    return _nbits(options, src, targets, kept, parent)
 
 
 def _gguf_blocks_usable(parent: Package, options: QuantizeOptions) -> bool:
-    """Whether int4 reuses the GGUF source's blocks: only when asked (``algorithm="gguf"``).
+    """Whether int4 reuses the GGUF source's blocks: when asked (``algorithm="gguf"``), or for
+    ``auto`` when the package was exported from a GGUF file that is still on disk and the
+    weights were not changed since (a fused package keeps them; the block check is exact)."""
+    if options.algorithm == "gguf":
+        return True
+    if options.algorithm != "auto" or options.block_size != 32 or options.symmetric:
+        return False
+    source = parent.manifest.get("source") or {}
+    path = Path(str(source.get("reference", "")))
+    if source.get("kind") != "gguf" or not path.is_file():
+        return False
+    from llmopt.quantizer.gguf import reusable
 
-    Exact, but Q4_1's float zero points take ONNX Runtime's slow MatMulNBits path on CPU
-    (measured 3-5x slower than fp32), so ``auto`` uses HQQ, which lands on nearly the same
-    grid (+0.07% perplexity on SmolLM2) with integer zero points and the fast kernel.
-    """
-    del parent
-    return options.algorithm == "gguf"
+    return reusable(path)
 
 
-def _nbits(options: QuantizeOptions, src: Path, kept: list[str], parent: Package) -> Any:
+def _nbits(options: QuantizeOptions, src: Path, targets: list[str], kept: list[str],
+           parent: Package) -> tuple[Any, dict[str, Any]]:
+    """Weight-only MatMulNBits: the layers by ``options.algorithm``, the LM head in
+    ``options.lm_head_bits`` (symmetric, clipping search), embeddings by ONNX Runtime's RTN."""
+    import onnx
+
+    from llmopt.quantizer import blockwise
+
+    model = onnx.load(str(src))
+    bits = 8 if options.method == "int8" else 4
+    algorithm = options.algorithm
+    if algorithm == "auto":
+        algorithm = "hqq" if bits == 4 else "mse"
+    if bits == 8 and algorithm not in ("rtn", "mse"):
+        algorithm = "mse"
+    names = set(targets)
+    heads = {n.name for n in model.graph.node if n.name in names and _is_lm_head(n)}
+    body = names - heads
+    details: dict[str, Any] = {"algorithm_used": algorithm, "bits": bits,
+                               "lm_head_bits": options.lm_head_bits if heads else None}
+    if algorithm in ("rtn", "mse"):
+        _blockwise(model, body, bits, options.block_size, options.symmetric or bits == 8,
+                   algorithm, options.accuracy_level)
+    else:
+        _onnxruntime_nbits(model, options, algorithm, exclude=[*kept, *heads], parent=parent)
+        details["zero_point_corrections"] = blockwise.correct_float_zero_points(model)
+    if heads and options.lm_head_bits:
+        _blockwise(model, heads, options.lm_head_bits, options.block_size, True, "mse",
+                   options.accuracy_level)
+    if options.quantize_embeddings:
+        _onnxruntime_embeddings(model, options)
+    if not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
+    return model, details
+
+
+def _is_lm_head(node: Any) -> bool:
+    return node.op_type == "MatMul" and "lm_head" in node.input[1]
+
+
+def _blockwise(model: Any, names: set[str], bits: int, block: int, symmetric: bool,
+               method: str, accuracy_level: int) -> None:
+    """Replace the named weight MatMuls with llmopt's own MatMulNBits (integer zero points)."""
+    from onnx import numpy_helper
+
+    from llmopt.quantizer import blockwise
+
+    inits = {t.name: t for t in model.graph.initializer}
+    nodes: list[Any] = []
+    for node in model.graph.node:
+        if node.name not in names:
+            nodes.append(node)
+            continue
+        weight = numpy_helper.to_array(inits[node.input[1]])
+        blocks = blockwise.quantize(weight, bits=bits, block=block, symmetric=symmetric,
+                                    method=method)
+        more, new = blockwise.matmul_nbits(
+            node.name.replace("/MatMul", "/MatMulNBits"), (node.input[0], node.output[0]),
+            node.input[1].removesuffix(".weight"), blocks, accuracy_level)
+        nodes += more
+        model.graph.initializer.extend(new)
+    used = {i for node in nodes for i in node.input}
+    kept = [t for t in model.graph.initializer if t.name in used]
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept)
+
+
+def _onnxruntime_nbits(model: Any, options: QuantizeOptions, algorithm: str,
+                       exclude: list[str], parent: Package) -> None:
+    """HQQ or GPTQ through ONNX Runtime's MatMulNBits quantizer, in place."""
     import onnx
     from onnxruntime.quantization import matmul_nbits_quantizer as nbits
 
-    ops: tuple[str, ...] = ("MatMul", "Gather") if options.quantize_embeddings else ("MatMul",)
-    bits = 8 if options.method == "int8" else 4
-    algorithm = "hqq" if options.algorithm == "auto" and bits == 4 else options.algorithm
     algo: Any
-    if algorithm == "hqq" and bits == 4:
+    if algorithm == "hqq":
         algo = nbits.HQQWeightOnlyQuantConfig(block_size=options.block_size, bits=4,
-                                              op_types_to_quantize=ops)
-    elif algorithm == "gptq" and bits == 4:
+                                              op_types_to_quantize=("MatMul",))
+    else:
         from llmopt.quantizer.calibration import reader_for
 
         algo = nbits.GPTQWeightOnlyQuantConfig(
             calibration_data_reader=reader_for(parent, options),
-            block_size=options.block_size, op_types_to_quantize=ops)
-    else:
-        algo = nbits.DefaultWeightOnlyQuantConfig(
-            block_size=options.block_size, is_symmetric=options.symmetric,
-            accuracy_level=options.accuracy_level, op_types_to_quantize=ops, bits=bits)
-    model = onnx.load(str(src))
+            block_size=options.block_size, op_types_to_quantize=("MatMul",))
     quantizer = nbits.MatMulNBitsQuantizer(
-        model, bits=bits, block_size=options.block_size, is_symmetric=options.symmetric,
-        accuracy_level=options.accuracy_level, nodes_to_exclude=kept,
-        op_types_to_quantize=ops, algo_config=algo)
+        model, bits=4, block_size=options.block_size, is_symmetric=options.symmetric,
+        accuracy_level=options.accuracy_level, nodes_to_exclude=exclude,
+        op_types_to_quantize=("MatMul",), algo_config=algo)
     quantizer.process()
     result = quantizer.model.model
-    if algorithm in ("hqq", "gptq"):  # their configs take no accuracy level: set it here
-        for node in result.graph.node:
-            if node.op_type == "MatMulNBits":
-                for attr in node.attribute:
-                    if attr.name == "accuracy_level":
-                        attr.i = options.accuracy_level
-                if not any(a.name == "accuracy_level" for a in node.attribute):
-                    node.attribute.append(onnx.helper.make_attribute(
-                        "accuracy_level", options.accuracy_level))
-    return result
+    for node in result.graph.node:  # their configs take no accuracy level: set it here
+        if node.op_type == "MatMulNBits":
+            for attr in list(node.attribute):
+                if attr.name == "accuracy_level":
+                    node.attribute.remove(attr)
+            node.attribute.append(onnx.helper.make_attribute("accuracy_level",
+                                                             options.accuracy_level))
+    if result is not model:
+        model.CopyFrom(result)
+
+
+def _onnxruntime_embeddings(model: Any, options: QuantizeOptions) -> None:
+    """Token embeddings (Gather) to GatherBlockQuantized, round to nearest, in place."""
+    from onnxruntime.quantization import matmul_nbits_quantizer as nbits
+
+    algo = nbits.DefaultWeightOnlyQuantConfig(
+        block_size=options.block_size, is_symmetric=options.symmetric,
+        accuracy_level=options.accuracy_level, op_types_to_quantize=("Gather",), bits=4)
+    quantizer = nbits.MatMulNBitsQuantizer(
+        model, bits=4, block_size=options.block_size, is_symmetric=options.symmetric,
+        accuracy_level=options.accuracy_level, op_types_to_quantize=("Gather",),
+        algo_config=algo)
+    quantizer.process()
+    if quantizer.model.model is not model:
+        model.CopyFrom(quantizer.model.model)

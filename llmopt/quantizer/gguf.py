@@ -2,9 +2,12 @@
 
 GGUF Q4_0 stores blocks of 32 weights as ``w = d * (q - 8)`` and Q4_1 as ``w = d * q + m``;
 ONNX Runtime's ``MatMulNBits`` computes ``w = (q - zero_point) * scale`` per block of 32 along
-the input axis. Q4_0 maps with zero point 8, Q4_1 with a float zero point ``-m / d``. Both
-keep the very 4-bit codes llama.cpp uses, so the int4 package computes what the dequantized
-float package computes (checked weight by weight before anything is written).
+the input axis. Q4_0 maps with zero point 8, Q4_1 with a float zero point ``-m / d``, which
+llmopt moves into a small correction beside the symmetric kernel (``blockwise.correction``) so
+the fast int8-compute path still runs. A Q8_0 token embedding (``w = d * q``) that the model
+ties to its LM head becomes an exact 8-bit LM head. All keep the very codes llama.cpp uses, so
+the package computes what the dequantized float package computes (checked weight by weight
+before anything is written).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import numpy as np
 
 from llmopt.errors import InvalidInputError, UnsupportedError
 from llmopt.package import Package, graph_signature, now_iso, write_derived
+from llmopt.quantizer import blockwise
 
 log = logging.getLogger("llmopt.quantize")
 BLOCK = 32
@@ -32,7 +36,7 @@ PERMUTED = ("llama", "mistral")  # llama.cpp reorders q/k rows for these; undo i
 
 
 def quantize_from_gguf(parent: Package, out_dir: Any, accuracy_level: int = 4,
-                       evaluate: bool = True) -> Package:
+                       evaluate: bool = True, lm_head_bits: int | None = 8) -> Package:
     import onnx
     from gguf import GGUFReader
 
@@ -55,6 +59,22 @@ def quantize_from_gguf(parent: Package, out_dir: Any, accuracy_level: int = 4,
     kept: dict[str, str] = {}
     nodes = []
     for node in proto.graph.node:
+        if lm_head_bits and _is_lm_head(node, weights):
+            weight = onnx.numpy_helper.to_array(weights[node.input[1]])
+            head = _lm_head_blocks(tensors.get("output.weight") or
+                                   tensors.get("token_embd.weight")) if lm_head_bits == 8 else None
+            if head is not None:
+                _check_exact(head, weight, node.input[1])
+                replaced[node.input[1]] = "Q8_0"
+            else:
+                head = blockwise.quantize(weight, bits=lm_head_bits, symmetric=True)
+                kept[node.input[1]] = f"requantized to {lm_head_bits} bits"
+            more, inits = blockwise.matmul_nbits(
+                node.name.replace("/MatMul", "/MatMulNBits"), (node.input[0], node.output[0]),
+                node.input[1].removesuffix(".weight"), head, accuracy_level)
+            nodes += more
+            proto.graph.initializer.extend(inits)
+            continue
         target = _target(node, weights)
         if target is None:
             nodes.append(node)
@@ -65,10 +85,13 @@ def quantize_from_gguf(parent: Package, out_dir: Any, accuracy_level: int = 4,
             kept[node.input[1]] = "/".join(sorted(kinds))
             nodes.append(node)
             continue
-        codes, scales, zeros = _stack(parts, target[2], kv, permute)
-        float_weight = onnx.numpy_helper.to_array(weights[node.input[1]])
-        _check_exact(codes, scales, zeros, float_weight, node.input[1])
-        nodes.append(_matmul_nbits(node, codes, scales, zeros, proto, accuracy_level))
+        blocks = _stack(parts, target[2], kv, permute)
+        _check_exact(blocks, onnx.numpy_helper.to_array(weights[node.input[1]]), node.input[1])
+        more, inits = blockwise.matmul_nbits(
+            node.name.replace("/MatMul", "/MatMulNBits"), (node.input[0], node.output[0]),
+            node.input[1].removesuffix(".weight"), blocks, accuracy_level)
+        nodes += more
+        proto.graph.initializer.extend(inits)
         replaced[node.input[1]] = "/".join(sorted(kinds))
     if not replaced:
         raise UnsupportedError(f"{path.name} has no Q4_0/Q4_1 layer weights to reuse",
@@ -85,7 +108,11 @@ def quantize_from_gguf(parent: Package, out_dir: Any, accuracy_level: int = 4,
     manifest["signature"] = graph_signature(proto)
     manifest["steps"] = [*parent.manifest.get("steps", []), {
         "stage": "quantize", "time": now_iso(), "method": "int4_gguf", "source": str(path),
-        "options": {"accuracy_level": accuracy_level, "block_size": BLOCK},
+        "options": {"accuracy_level": accuracy_level, "block_size": BLOCK,
+                    "lm_head_bits": lm_head_bits},
+        "algorithm_used": "gguf", "bits": 4, "lm_head_bits": lm_head_bits,
+        "zero_point_corrections": sum(n.op_type == "Add" and n.name.endswith("/AddCorrection")
+                                      for n in proto.graph.node),
         "parent": str(parent.path), "reused": replaced, "kept_float": kept,
     }]
     manifest["validation"] = manifest["fidelity"] = None
@@ -113,8 +140,39 @@ def _target(node: Any, weights: dict[str, Any]) -> tuple[int, str, tuple[str, ..
     return (int(layer), key, LAYER_TENSORS[key]) if key in LAYER_TENSORS else None
 
 
-def _blocks(tensor: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """codes [rows, nblocks, 32] uint8, scales and zero points [rows, nblocks] float32."""
+def reusable(path: Path) -> bool:
+    """Whether every layer weight llmopt maps (see LAYER_TENSORS) is Q4_0 or Q4_1 in ``path``."""
+    from gguf import GGUFReader
+
+    try:
+        reader = GGUFReader(str(path))
+    except (OSError, ValueError):
+        return False
+    wanted = {name for names in LAYER_TENSORS.values() for name in names}
+    kinds = {t.tensor_type.name for t in reader.tensors
+             if t.name.startswith("blk.") and t.name.split(".")[2] in wanted}
+    return bool(kinds) and kinds <= {"Q4_0", "Q4_1"}
+
+
+def _is_lm_head(node: Any, weights: dict[str, Any]) -> bool:
+    return node.op_type == "MatMul" and node.input[1] in weights and \
+        node.input[1].endswith("lm_head.weight")
+
+
+def _lm_head_blocks(tensor: Any) -> blockwise.Blocks | None:
+    """A Q8_0 tensor ([N, K] rows of blocks ``w = d * q``, q int8) as 8-bit blocks with the
+    implicit zero point 128; None for any other type."""
+    if tensor is None or tensor.tensor_type.name != "Q8_0":
+        return None
+    raw = np.asarray(tensor.data, dtype=np.uint8)
+    blocks = raw.reshape(raw.shape[0], -1, 34)
+    d = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
+    codes = (blocks[..., 2:].view(np.int8).astype(np.int16) + 128).astype(np.uint8)
+    return blockwise.Blocks(codes, d, None, bits=8)
+
+
+def _blocks(tensor: Any) -> blockwise.Blocks:
+    """A Q4_0/Q4_1 tensor as blocks: codes [rows, nblocks, 32], float zero points."""
     raw = np.asarray(tensor.data, dtype=np.uint8)
     rows = raw.shape[0]
     kind = tensor.tensor_type.name
@@ -124,25 +182,32 @@ def _blocks(tensor: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     qs = blocks[..., size - 16:]
     codes = np.concatenate([qs & 0x0F, qs >> 4], axis=-1)  # element j, then j + 16
     if kind == "Q4_0":
-        return codes, d, np.full_like(d, 8.0)
+        return blockwise.Blocks(codes, d, None, bits=4)
     m = blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
     zero = np.divide(-m, d, out=np.zeros_like(d), where=d != 0)
     flat = d == 0  # a constant block (w = m): code 1, scale m, zero point 0
     codes = np.where(flat[..., None], 1, codes).astype(np.uint8)
-    return codes, np.where(flat, m, d), zero
+    return blockwise.Blocks(codes, np.where(flat, m, d), zero.astype(np.float32), bits=4)
 
 
 def _stack(parts: list[Any], names: tuple[str, ...], kv: dict[str, Any],
-           permute: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+           permute: bool) -> blockwise.Blocks:
     out = []
     for part, name in zip(parts, names, strict=True):
-        codes, scales, zeros = _blocks(part)
+        blocks = _blocks(part)
         if permute and name in ("attn_q", "attn_k"):
             heads = kv["num_attention_heads"] if name == "attn_q" else kv["num_kv_heads"]
-            order = _unpermute_rows(codes.shape[0], heads)
-            codes, scales, zeros = codes[order], scales[order], zeros[order]
-        out.append((codes, scales, zeros))
-    return tuple(np.concatenate([o[i] for o in out]) for i in range(3))  # type: ignore[return-value]
+            order = _unpermute_rows(blocks.codes.shape[0], heads)
+            blocks = blockwise.Blocks(blocks.codes[order], blocks.scales[order],
+                                      None if blocks.zeros is None else blocks.zeros[order], 4)
+        out.append(blocks)
+    if any(b.zeros is None for b in out) and any(b.zeros is not None for b in out):
+        out = [b if b.zeros is not None else  # Q4_0 beside Q4_1: give it its zero point 8
+               blockwise.Blocks(b.codes, b.scales, np.full(b.scales.shape, 8.0, np.float32), 4)
+               for b in out]
+    zeros = None if out[0].zeros is None else np.concatenate([b.zeros for b in out])
+    return blockwise.Blocks(np.concatenate([b.codes for b in out]),
+                            np.concatenate([b.scales for b in out]), zeros, 4)
 
 
 def _unpermute_rows(rows: int, heads: int) -> np.ndarray:
@@ -151,11 +216,9 @@ def _unpermute_rows(rows: int, heads: int) -> np.ndarray:
     return index.reshape(heads, rows // heads // 2, 2).swapaxes(2, 1).reshape(rows)
 
 
-def _check_exact(codes: np.ndarray, scales: np.ndarray, zeros: np.ndarray,
-                 weight: np.ndarray, name: str) -> None:
+def _check_exact(blocks: blockwise.Blocks, weight: np.ndarray, name: str) -> None:
     """The blocks must reproduce the package's float weight ([K, N]) to float rounding."""
-    values = ((codes.astype(np.float32) - zeros[..., None]) * scales[..., None])
-    values = values.reshape(codes.shape[0], -1).T
+    values = blocks.dequantize()
     if values.shape != weight.shape:
         raise UnsupportedError(f"GGUF blocks for {name} have shape {values.shape}, the package "
                                f"{weight.shape}", fix="export the package from this GGUF file")
@@ -164,23 +227,3 @@ def _check_exact(codes: np.ndarray, scales: np.ndarray, zeros: np.ndarray,
     if diff > 1e-3 * scale:
         raise UnsupportedError(f"GGUF blocks do not reproduce {name} (max diff {diff:.3g})",
                                fix="export the package from this GGUF file, then quantize")
-
-
-def _matmul_nbits(node: Any, codes: np.ndarray, scales: np.ndarray, zeros: np.ndarray,
-                  proto: Any, accuracy_level: int) -> Any:
-    from onnx import helper, numpy_helper
-
-    n, blocks, _ = codes.shape
-    packed = (codes[..., 0::2] | (codes[..., 1::2] << 4)).astype(np.uint8)
-    base = node.input[1].removesuffix(".weight")
-    inits = [numpy_helper.from_array(packed, f"{base}.q4"),
-             numpy_helper.from_array(scales.reshape(-1).astype(np.float32), f"{base}.scales")]
-    integral = np.all(zeros == 8.0)
-    if not integral:
-        inits.append(numpy_helper.from_array(zeros.reshape(-1).astype(np.float32),
-                                             f"{base}.zero_points"))
-    proto.graph.initializer.extend(inits)
-    return helper.make_node(
-        "MatMulNBits", [node.input[0], *(i.name for i in inits)], list(node.output),
-        name=node.name.replace("/MatMul", "/MatMulNBits"), domain="com.microsoft",
-        K=blocks * BLOCK, N=n, bits=4, block_size=BLOCK, accuracy_level=accuracy_level)

@@ -42,6 +42,7 @@ def _ops(path: Path) -> dict[str, int]:
     (QuantizeOptions.int8(), "MatMulNBits"),
     (QuantizeOptions.int4(), "MatMulNBits"),
     (QuantizeOptions.int4(algorithm="rtn", symmetric=True), "MatMulNBits"),
+    (QuantizeOptions.int4(algorithm="mse", lm_head_bits=4), "MatMulNBits"),
     (QuantizeOptions.int8_dynamic(), "MatMulInteger"),
     (QuantizeOptions.int8_static(), "QuantizeLinear"),
 ])
@@ -55,7 +56,10 @@ def test_every_method_makes_a_measured_working_package(request: pytest.FixtureRe
     assert op in ops or (op == "MatMulInteger" and "DynamicQuantizeMatMul" in ops), ops
     step = result.manifest["steps"][-1]
     assert step["stage"] == "quantize" and step["method"] == options.method
-    assert any("lm_head" in name for name in step["kept_float"])  # the default keeps it float
+    if options.method in ("int8", "int4"):  # weight-only: the LM head in lm_head_bits
+        assert step["lm_head_bits"] == options.lm_head_bits == _head_bits(result.path)
+    else:  # dynamic and static int8 keep it float
+        assert any("lm_head" in name for name in step["kept_float"])
     fidelity = result.manifest["fidelity"]
     assert fidelity["perplexity"] > 1 and 0 <= fidelity["top1_agreement"] <= 1
     assert fidelity["greedy_agreement"]["prompts"] == 4
@@ -63,10 +67,46 @@ def test_every_method_makes_a_measured_working_package(request: pytest.FixtureRe
     assert len(generator.generate("hello world", max_new_tokens=5, ignore_eos=True).token_ids) == 5
 
 
+def _head_bits(path: Path) -> int | None:
+    for node in onnx.load(str(path / "model.onnx")).graph.node:
+        if node.op_type == "MatMulNBits" and "lm_head" in node.input[1]:
+            return next(a.i for a in node.attribute if a.name == "bits")
+    return None
+
+
+def _zero_point_types(path: Path) -> set[int]:
+    model = onnx.load(str(path / "model.onnx"))
+    types = {t.name: t.data_type for t in model.graph.initializer}
+    return {types[n.input[3]] for n in model.graph.node
+            if n.op_type == "MatMulNBits" and len(n.input) > 3}
+
+
 def test_int4_shrinks_the_weights(package: Path, tmp_path: Path) -> None:
-    result = quantize(package, tmp_path / "q4", QuantizeOptions.int4(quantize_lm_head=True))
+    result = quantize(package, tmp_path / "q4", QuantizeOptions.int4())
     sizes = result.manifest["steps"][-1]["size_bytes"]
     assert sizes["after"] < 0.6 * sizes["before"]
+
+
+@pytest.mark.parametrize("algorithm, corrections", [("hqq", True), ("rtn", False),
+                                                    ("mse", False)])
+def test_int4_never_leaves_float_zero_points(package: Path, tmp_path: Path, algorithm: str,
+                                             corrections: bool) -> None:
+    """Float zero points send MatMulNBits down ONNX Runtime's slow path: HQQ's are moved into
+    a block-sum correction, RTN and MSE only make integer ones."""
+    result = quantize(package, tmp_path / "q4", QuantizeOptions.int4(algorithm=algorithm))
+    assert _zero_point_types(result.path) <= {onnx.TensorProto.UINT8}
+    step = result.manifest["steps"][-1]
+    assert step["algorithm_used"] == algorithm
+    assert bool(step.get("zero_point_corrections")) == corrections
+    ops = _ops(result.path)
+    assert ops.get("MatMul", 0) >= (2 * ops["MatMulNBits"] - 2 if corrections else 0)
+    assert result.manifest["fidelity"]["top1_agreement"] > 0.5
+
+
+def test_lm_head_can_stay_float(package: Path, tmp_path: Path) -> None:
+    result = quantize(package, tmp_path / "q4", QuantizeOptions.int4(lm_head_bits=None))
+    assert _head_bits(result.path) is None
+    assert any("lm_head" in name for name in result.manifest["steps"][-1]["kept_float"])
 
 
 def test_quantizing_twice_is_refused(package: Path, tmp_path: Path) -> None:
@@ -107,6 +147,7 @@ def test_gguf_algorithm_needs_a_gguf_source(package: Path, tmp_path: Path) -> No
     ({"algorithm": "magic"}, "unknown algorithm"),
     ({"calibration": "vibes"}, "unknown calibration"),
     ({"accuracy_level": 9}, "accuracy_level"),
+    ({"lm_head_bits": 3}, "lm_head_bits"),
 ])
 def test_bad_options(kwargs: dict, match: str) -> None:
     with pytest.raises(llmopt.InvalidInputError, match=match):
