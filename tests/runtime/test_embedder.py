@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +40,20 @@ def test_embed_pools_like_the_source_model(tmp_path: Path) -> None:
         embedder.classify(TEXTS)
     with pytest.raises(llmopt.InvalidInputError, match="no texts"):
         embedder.embed([])
+
+
+def test_cli_output_into_a_closed_pipe_is_not_an_error(tmp_path: Path) -> None:
+    """`llmopt embed PKG TEXT | head -c 100`: the reader leaves before the vector is written."""
+    source = build("bert", "feature-extraction", tmp_path / "source")
+    export(source, tmp_path / "package", ExportOptions(task="feature-extraction"))
+    process = subprocess.Popen(
+        [sys.executable, "-m", "llmopt.cli.main", "embed", str(tmp_path / "package"), "hi"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert process.stdout is not None and process.stderr is not None
+    process.stdout.close()  # before the CLI has loaded anything, let alone printed
+    stderr = process.stderr.read().decode()
+    assert process.wait(timeout=120) == 0, stderr
+    assert "Traceback" not in stderr
 
 
 def test_classify_returns_labels_and_scores(tmp_path: Path) -> None:
