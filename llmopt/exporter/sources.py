@@ -7,7 +7,9 @@ refused unless the user opts in.
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import importlib.util
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,6 +87,21 @@ def resolve(reference: str, revision: str | None = None) -> Source:
     return Source("hub", reference, reference, revision=revision)
 
 
+def gguf_reader(path: str | os.PathLike[str]) -> Any:
+    """A ``gguf.GGUFReader`` for ``path``, shared while the file is unchanged (it maps the
+    file and parses its metadata once: seconds for a real model)."""
+    stat = Path(path).stat()
+    return _gguf_reader(str(Path(path).resolve()), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=2)
+def _gguf_reader(path: str, mtime_ns: int, size: int) -> Any:
+    from gguf.gguf_reader import GGUFReader  # the class itself, even while _hub_errors patches
+
+    del mtime_ns, size  # part of the cache key only
+    return GGUFReader(path)
+
+
 def load_config(source: Source, trust_remote_code: bool) -> Any:
     from transformers import AutoConfig
 
@@ -139,11 +156,23 @@ class _hub_errors:
     def __init__(self, source: Source, allow_pickle: bool = True) -> None:
         self.source = source
         self.allow_pickle = allow_pickle
+        self.patched: Any = None
 
     def __enter__(self) -> None:
-        return None
+        if self.source.kind == "gguf" and importlib.util.find_spec("gguf") is not None:
+            # transformers builds a new GGUFReader for the config, the model and the tokenizer,
+            # ~8 s each for SmolLM2 (every metadata field parsed in Python): share one
+            import gguf
+
+            self.patched = gguf.GGUFReader
+            gguf.GGUFReader = gguf_reader  # type: ignore[assignment,misc]
 
     def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> Literal[False]:
+        if self.patched is not None:
+            import gguf
+
+            gguf.GGUFReader = self.patched  # type: ignore[misc]
+            self.patched = None
         if exc is None or isinstance(exc, SourceError) or not isinstance(exc, Exception):
             return False
         text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

@@ -38,7 +38,8 @@ PERMUTED = ("llama", "mistral")  # llama.cpp reorders q/k rows for these; undo i
 def quantize_from_gguf(parent: Package, out_dir: Any, accuracy_level: int = 4,
                        evaluate: bool = True, lm_head_bits: int | None = 8) -> Package:
     import onnx
-    from gguf import GGUFReader
+
+    from llmopt.exporter.sources import gguf_reader
 
     source = parent.manifest.get("source") or {}
     if source.get("kind") != "gguf":
@@ -49,7 +50,7 @@ def quantize_from_gguf(parent: Package, out_dir: Any, accuracy_level: int = 4,
         raise InvalidInputError(f"the GGUF source {path} is gone",
                                 fix="put the file back or quantize with QuantizeOptions.int4()")
     started = time.perf_counter()
-    reader = GGUFReader(str(path))
+    reader = gguf_reader(path)
     tensors = {t.name: t for t in reader.tensors}
     proto = onnx.load(str(parent.model_path))
     weights = {t.name: t for t in proto.graph.initializer}
@@ -142,10 +143,10 @@ def _target(node: Any, weights: dict[str, Any]) -> tuple[int, str, tuple[str, ..
 
 def reusable(path: Path) -> bool:
     """Whether every layer weight llmopt maps (see LAYER_TENSORS) is Q4_0 or Q4_1 in ``path``."""
-    from gguf import GGUFReader
+    from llmopt.exporter.sources import gguf_reader
 
     try:
-        reader = GGUFReader(str(path))
+        reader = gguf_reader(path)
     except (OSError, ValueError):
         return False
     wanted = {name for names in LAYER_TENSORS.values() for name in names}
