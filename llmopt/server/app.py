@@ -29,12 +29,13 @@ from llmopt.server.kserve import KServeService
 from llmopt.server.llmopt_api import LlmoptService
 from llmopt.server.metrics import Metrics
 from llmopt.server.repository import ModelRepository
-from llmopt.server.rpc import service_handler
+from llmopt.server.rpc import CallLimit, service_handler
 
 log = logging.getLogger("llmopt.server")
 SERVICES = (_proto.LLMOPT_SERVICE, _proto.KSERVE_SERVICE)
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+SPARE_THREADS = 4  # grpc threads beyond max_workers: health checks and reflection never wait
 
 
 class Server:
@@ -130,21 +131,24 @@ def create_server(repository: str | Path, address: str = "127.0.0.1:0",
     if config.tokens:
         interceptors.append(BearerTokenInterceptor(config.tokens, on_refused=lambda method: (
             metrics.rpc(method.rsplit("/", 1)[-1], "", grpc.StatusCode.UNAUTHENTICATED, 0.0))))
+    # API calls are limited to max_workers by CallLimit; the pool has threads beyond that for
+    # health checks, reflection and refusals, and grpc's own cap is only a backstop.
+    limit = CallLimit(config.max_workers)
     server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=config.max_workers,
+        futures.ThreadPoolExecutor(max_workers=config.max_workers + SPARE_THREADS,
                                    thread_name_prefix="llmopt-rpc"),
         interceptors=interceptors,
         options=[("grpc.max_receive_message_length", config.max_message_bytes),
                  ("grpc.max_send_message_length", config.max_message_bytes),
                  ("grpc.so_reuseport", 0)],  # never share a port with another process
-        maximum_concurrent_rpcs=config.max_workers,
+        maximum_concurrent_rpcs=2 * config.max_workers + SPARE_THREADS,
     )
     server.add_generic_rpc_handlers([
         service_handler(_proto.LLMOPT_SERVICE, LlmoptService(repo, metrics), metrics,
-                        draining),
+                        draining, limit),
         service_handler(_proto.KSERVE_SERVICE,
                         KServeService(repo, metrics, draining, config.max_message_bytes),
-                        metrics, draining),
+                        metrics, draining, limit),
     ])
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in ("", *SERVICES):

@@ -255,7 +255,7 @@ class KServeService:
         index = _msg("RepositoryIndexResponse")
         entries = [e for e in self.repository.index() if not request.ready or e.state == READY]
         return index(models=[index.ModelIndex(name=e.name, version=VERSION, state=e.state,
-                                              reason=e.reason) for e in entries])
+                                              reason=e.detail) for e in entries])
 
     def RepositoryModelLoad(self, request: Any, context: grpc.ServicerContext) -> Any:
         _check_repository(request.repository_name)

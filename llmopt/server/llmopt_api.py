@@ -154,14 +154,14 @@ class LlmoptService:
 
     def ListModels(self, request: Any, context: grpc.ServicerContext) -> Any:
         return _msg("ListModelsResponse")(
-            models=[self._summary(e.name, e.state, e.reason) for e in self.repository.index()])
+            models=[self._summary(e.name, e.state, e.detail) for e in self.repository.index()])
 
     def GetModel(self, request: Any, context: grpc.ServicerContext) -> Any:
         package = self.repository.package(request.name)
         entry = next((e for e in self.repository.index() if e.name == request.name), None)
         response = _msg("GetModelResponse")(
             summary=self._summary(request.name, entry.state if entry else "UNAVAILABLE",
-                                  entry.reason if entry else ""),
+                                  entry.detail if entry else ""),
             manifest_json=json.dumps(package.manifest, sort_keys=True))
         signature = package.manifest.get("signature") or {}
         for side in ("inputs", "outputs"):

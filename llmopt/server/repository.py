@@ -33,6 +33,12 @@ class Entry:
     state: str
     reason: str = ""
     wanted: bool = True  # False once unloaded on request: it no longer counts for readiness
+    fix: str | None = None  # what the failed load's own error said to do
+
+    @property
+    def detail(self) -> str:
+        """The reason with its fix, as the repository index shows it."""
+        return f"{self.reason} (fix: {self.fix})" if self.fix else self.reason
 
 
 class ModelRepository:
@@ -94,7 +100,7 @@ class ModelRepository:
                     config = config.merged(overrides, f"load parameters of {name}")
                 model = load_model(name, directory, config)
             except LlmoptError as exc:
-                self._failed(name, str(exc))
+                self._failed(name, exc.message, exc.fix)
                 raise
             except Exception as exc:
                 log.exception("model %s failed to load", name)
@@ -127,13 +133,14 @@ class ModelRepository:
         for model in models:
             model.close(grace)
 
-    def _failed(self, name: str, reason: str) -> None:
+    def _failed(self, name: str, reason: str, fix: str | None = None) -> None:
         """Record a failed load; a model already loaded keeps serving its old version."""
         with self._lock:
             if name in self._models:
-                self._entries[name] = Entry(name, READY, f"the last reload failed: {reason}")
+                self._entries[name] = Entry(name, READY, f"the last reload failed: {reason}",
+                                            fix=fix)
                 return
-            self._entries[name] = Entry(name, UNAVAILABLE, reason)
+            self._entries[name] = Entry(name, UNAVAILABLE, reason, fix=fix)
         self._on_state(name, False)
 
     # -- lookup ---------------------------------------------------------------------------------
@@ -148,8 +155,9 @@ class ModelRepository:
         self.directory(name)  # NOT_FOUND for a name the repository does not hold
         state = entry.state if entry else UNAVAILABLE
         reason = (entry.reason if entry else "") or "not loaded"
-        raise ModelNotReadyError(f"model {name!r} is {state}: {reason}",
-                                 fix="load it (RepositoryModelLoad) or wait until it is ready")
+        fix = entry.fix if entry and entry.fix else \
+            "load it (RepositoryModelLoad) or wait until it is ready"
+        raise ModelNotReadyError(f"model {name!r} is {state}: {reason}", fix=fix)
 
     def decoder(self, name: str) -> Decoder:
         model = self.get(name)

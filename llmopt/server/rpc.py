@@ -10,6 +10,7 @@ counted and timed by the observer (the metrics), which also knows how many are i
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any, NoReturn, Protocol
@@ -18,7 +19,7 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from llmopt import _proto
-from llmopt.errors import InvalidInputError, LlmoptError
+from llmopt.errors import BusyError, InvalidInputError, LlmoptError
 from llmopt.server.status import ServerError, ServerUnavailableError, code_of, trailers
 
 log = logging.getLogger("llmopt.server")
@@ -45,12 +46,35 @@ class Malformed:
                                  fix="send a message built from the published .proto files")
 
 
+class CallLimit:
+    """At most ``limit`` API calls at once; one more is refused RESOURCE_EXHAUSTED at once.
+
+    Counted here rather than by grpc's ``maximum_concurrent_rpcs``, which counts every call:
+    health checks and reflection stay outside the limit, so a server busy with ``limit``
+    streams still answers its Kubernetes probes instead of being restarted for being busy.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._free = threading.BoundedSemaphore(limit)
+
+    def enter(self) -> None:
+        if not self._free.acquire(blocking=False):
+            raise BusyError(f"the server is handling its limit of {self.limit} calls",
+                            fix="retry with backoff, or raise max_workers")
+
+    def exit(self) -> None:
+        self._free.release()
+
+
 def service_handler(service_name: str, servicer: Any, observer: Observer,
-                    draining: Callable[[], bool] = lambda: False) -> Any:
+                    draining: Callable[[], bool] = lambda: False,
+                    limit: CallLimit | None = None) -> Any:
     """A ``grpc.GenericRpcHandler`` serving ``servicer``'s methods named as in the service.
 
     Methods the servicer lacks are left out, so grpc answers them UNIMPLEMENTED. While
-    ``draining()``, new calls are refused UNAVAILABLE (retry elsewhere) and running ones go on.
+    ``draining()``, new calls are refused UNAVAILABLE (retry elsewhere) and running ones go on;
+    beyond ``limit``, RESOURCE_EXHAUSTED.
     """
     service = _proto.service(service_name)
     factories = {
@@ -68,7 +92,7 @@ def service_handler(service_name: str, servicer: Any, observer: Observer,
         response_type = _proto.message(method.output_type.full_name)
         kind = (method.client_streaming, method.server_streaming)
         handlers[method.name] = factories[kind](
-            _guard(behaviour, method.name, kind, observer, draining),
+            _guard(behaviour, method.name, kind, observer, draining, limit),
             request_deserializer=_parser(request_type),
             response_serializer=response_type.SerializeToString,
         )
@@ -103,7 +127,8 @@ def abort(context: grpc.ServicerContext, error: LlmoptError) -> NoReturn:
 
 
 def _guard(behaviour: Callable[..., Any], name: str, kind: tuple[bool, bool],
-           observer: Observer, draining: Callable[[], bool]) -> Callable[..., Any]:
+           observer: Observer, draining: Callable[[], bool],
+           limit: CallLimit | None) -> Callable[..., Any]:
     client_streaming, server_streaming = kind
 
     def prepare(request: Any) -> Any:
@@ -119,13 +144,19 @@ def _guard(behaviour: Callable[..., Any], name: str, kind: tuple[bool, bool],
     def unary(request: Any, context: grpc.ServicerContext) -> Any:
         started, code = time.perf_counter(), grpc.StatusCode.OK
         observer.started()
+        counted = False
         try:
+            if limit is not None:
+                limit.enter()
+                counted = True
             return behaviour(prepare(request), context)
         except Exception as exc:  # noqa: BLE001 - every failure becomes a status, never a crash
             error = as_llmopt(exc, name)
             code = code_of(error)
             abort(context, error)
         finally:
+            if counted and limit is not None:
+                limit.exit()
             observer.ended()
             observer.rpc(name, _label(request, client_streaming), code,
                          time.perf_counter() - started)
@@ -133,7 +164,11 @@ def _guard(behaviour: Callable[..., Any], name: str, kind: tuple[bool, bool],
     def streaming(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
         started, code = time.perf_counter(), grpc.StatusCode.OK
         observer.started()
+        counted = False
         try:
+            if limit is not None:
+                limit.enter()
+                counted = True
             yield from behaviour(prepare(request), context)
             if not context.is_active():
                 code = grpc.StatusCode.CANCELLED
@@ -141,10 +176,15 @@ def _guard(behaviour: Callable[..., Any], name: str, kind: tuple[bool, bool],
             code = grpc.StatusCode.CANCELLED
             raise
         except Exception as exc:  # noqa: BLE001 - every failure becomes a status, never a crash
+            if not context.is_active():  # the client left mid-stream: not a server error
+                code = grpc.StatusCode.CANCELLED
+                return
             error = as_llmopt(exc, name)
             code = code_of(error)
             abort(context, error)
         finally:
+            if counted and limit is not None:
+                limit.exit()
             observer.ended()
             observer.rpc(name, _label(request, client_streaming), code,
                          time.perf_counter() - started)

@@ -143,3 +143,40 @@ def test_fuzzed_requests_get_errors_and_the_server_still_answers(server: Any) ->
         assert client.generate(DECODER, "hello", max_new_tokens=3,
                                ignore_eos=True).stats.generated_tokens == 3
         assert {m.state for m in client.list_models()} == {"READY"}
+
+
+def test_health_checks_are_answered_when_every_worker_is_busy(
+        start_server: Any, packages: dict[str, Path], tmp_path: Path) -> None:
+    """max_workers counts API calls only: with both slots streaming, a third call is refused
+    RESOURCE_EXHAUSTED at once, while health checks (what Kubernetes probes) still answer."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from llmopt.server import ServerConfig
+
+    repo = make_repository(tmp_path / "repo", packages, [DECODER],
+                           {DECODER: "max_batch_size: 4\nwarmup: false\n"})
+    srv = start_server(repo, ServerConfig(max_workers=2))
+    slow_steps(srv.repository.get(DECODER), 0.01)
+    with llmopt.Client(srv.address) as client:
+        streams = [client.stream(DECODER, "hello", max_new_tokens=FULL, ignore_eos=True)
+                   for _ in range(2)]
+        for stream in streams:
+            next(stream)  # both are running: every API slot is taken
+        with pytest.raises(llmopt.BusyError, match="limit of 2 calls"):
+            client.list_models()
+        with grpc.insecure_channel(srv.address) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            for service in ("", _proto.LLMOPT_SERVICE):
+                reply = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+                assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        for stream in streams:
+            stream.cancel()
+    with llmopt.Client(srv.address) as client:  # the slots are free again
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                assert client.list_models()
+                break
+            except llmopt.BusyError:
+                assert time.monotonic() < deadline
+                time.sleep(0.05)

@@ -157,6 +157,9 @@ def test_repository_index_load_and_unload(triton: Any) -> None:
         with pytest.raises(tc.InferenceServerException, match="unknown option"):
             triton.load_model(CLASSIFIER, config=json.dumps({"max_batch": 2}))
         assert not triton.is_server_ready()  # that load failed: the model is wanted, not ready
+        with pytest.raises(tc.InferenceServerException) as failed:  # says why, with one fix
+            triton.infer(CLASSIFIER, _inputs({"input_ids": np.ones((1, 2), np.int64)}))
+        assert "unknown option" in str(failed.value) and str(failed.value).count("fix:") == 1
     finally:
         triton.load_model(CLASSIFIER, config=json.dumps({"max_batch_size": 2}))
     assert triton.is_model_ready(CLASSIFIER) and triton.is_server_ready()
