@@ -8,7 +8,7 @@ PYTHON       := $(VENV)/bin/python
 PYTHON_TF457 := $(VENV_TF457)/bin/python
 LLMOPT       := $(VENV)/bin/llmopt
 MODELS       := smollm2-135m-instruct all-minilm-l6-v2
-DEMO_DIR     ?= demo-output/smollm2
+DEMO_DIR     ?= llmopt-demo
 PYTEST_ARGS  ?=
 
 # Stamps: an environment is reinstalled when pyproject.toml or the install script changes.
@@ -50,19 +50,18 @@ test: lint models install-tf457
 	$(PYTHON) -m pytest $(PYTEST_ARGS)
 	$(PYTHON_TF457) -m pytest -m "not real_model" $(PYTEST_ARGS) tests/exporter
 
-demo: models
-	$(LLMOPT) export "$$($(LLMOPT) fetch smollm2-135m-instruct)" -o $(DEMO_DIR)
-	$(LLMOPT) optimize $(DEMO_DIR) -o $(DEMO_DIR)-fused
-	$(LLMOPT) quantize $(DEMO_DIR)-fused -o $(DEMO_DIR)-int4 --method int4
-	$(LLMOPT) generate $(DEMO_DIR)-int4 "What is the capital of France?" --max-new-tokens 48
-	$(LLMOPT) inspect $(DEMO_DIR)-int4
+# The whole pipeline on SmolLM2: fetch, export, optimize, int8 + int4, serve, streamed chat,
+# benchmark table and plot (see `llmopt demo --help`). A second run reuses the packages.
+demo: install
+	$(LLMOPT) demo --out $(DEMO_DIR)
 
 proto: install
 	$(PYTHON) -m llmopt._proto.generate
+	$(PYTHON) scripts/gen_api_docs.py
 
 bench: install
 	$(LLMOPT) bench bench/configs/smollm2_cpu.yaml --prepare --skip-missing \
 		--out bench/results/smollm2_cpu
 
 clean:
-	rm -rf demo-output .pytest_cache .mypy_cache .ruff_cache
+	rm -rf llmopt-demo .pytest_cache .mypy_cache .ruff_cache
