@@ -30,7 +30,8 @@ ALIASES = {"trt": "tensorrt", "gpu": "cuda", "directml": "dml"}
 INSTALL_HINTS = {
     "tensorrt": "pip install onnxruntime-gpu and TensorRT (pip install tensorrt), on a "
     "machine with an NVIDIA GPU",
-    "cuda": "pip install onnxruntime-gpu on a machine with an NVIDIA GPU and CUDA 12",
+    "cuda": "pip install 'onnxruntime-gpu[cuda,cudnn]' (the CUDA and cuDNN libraries its "
+    "release is built for) on a machine with an NVIDIA GPU",
     "openvino": "pip install onnxruntime-openvino",
     "dml": "pip install onnxruntime-directml (Windows)",
     "coreml": "use the onnxruntime wheel for macOS",

@@ -42,7 +42,7 @@ def test_provider_not_in_this_build_names_the_install(monkeypatch: pytest.Monkey
     monkeypatch.setattr(P, "available", lambda: ["cpu"])
     with pytest.raises(llmopt.ProviderError, match="not installed") as info:
         resolve_providers(["cuda"])
-    assert "pip install onnxruntime-gpu" in str(info.value)
+    assert "pip install 'onnxruntime-gpu[cuda,cudnn]'" in str(info.value)
 
 
 def test_cpu_is_appended_as_the_last_resort() -> None:
