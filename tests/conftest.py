@@ -80,14 +80,47 @@ def smollm2_gguf() -> Path:
     return _fetch_or_skip("smollm2-135m-instruct")
 
 
-@pytest.fixture(scope="session")
-def smollm2_package(smollm2_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """SmolLM2-135M-Instruct exported from its GGUF file, with 32-token greedy validation."""
-    from llmopt.exporter import ExportOptions, export
+DEMO_ARGS = ("--max-new-tokens", "24", "--bench-new-tokens", "8", "--bench-repetitions", "1",
+             "--json")
 
-    out = tmp_path_factory.mktemp("smollm2") / "package"
-    export(smollm2_gguf, out, ExportOptions(generation_tokens=32))
-    return out
+
+def run_demo_cli(out: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    """``llmopt demo --out OUT`` as a user runs it, in a subprocess."""
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "llmopt.cli.main", "demo", "--out", str(out),
+                           *DEMO_ARGS, *extra], capture_output=True, text=True, timeout=1800,
+                          check=False)
+
+
+@pytest.fixture(scope="session")
+def smollm2_demo(smollm2_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """``llmopt demo`` run once, end to end: its packages (fp32, fused, int8, int4) are the
+    SmolLM2 packages the other real-model tests check."""
+    import json
+    import time
+
+    out = tmp_path_factory.mktemp("demo") / "llmopt-demo"
+    started = time.perf_counter()
+    result = run_demo_cli(out)
+    seconds = time.perf_counter() - started
+    assert result.returncode == 0, f"llmopt demo failed:\n{result.stderr[-6000:]}"
+    summary = json.loads(result.stdout[result.stdout.rindex("\n{") + 1:])
+    return {"out": out, "stdout": result.stdout, "stderr": result.stderr, "summary": summary,
+            "seconds": seconds}
+
+
+@pytest.fixture(scope="session")
+def smollm2_package(smollm2_demo: dict[str, Any]) -> Path:
+    """SmolLM2-135M-Instruct exported from its GGUF file by the demo (validated against
+    PyTorch: six input shapes and greedy generation)."""
+    return Path(smollm2_demo["out"]) / "packages" / "fp32"
+
+
+@pytest.fixture(scope="session")
+def smollm2_fused(smollm2_demo: dict[str, Any]) -> Path:
+    """The demo's fused (optimize level 2) SmolLM2 package."""
+    return Path(smollm2_demo["out"]) / "packages" / "fused"
 
 
 @pytest.fixture(scope="session")

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 COMMANDS = (
     "export", "optimize", "quantize", "eval", "inspect",
-    "generate", "embed", "fetch", "bench", "serve",
+    "generate", "embed", "fetch", "bench", "serve", "demo",
 )
 
 EXIT_USER_ERROR = 1

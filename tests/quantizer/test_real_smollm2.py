@@ -4,6 +4,8 @@ and RTN are checked on tiny models in test_quantize.py)."""
 
 from __future__ import annotations
 
+import json
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +14,7 @@ import pytest
 
 import llmopt
 from llmopt.evaluate import eval_text
-from llmopt.optimizer import optimize
+from llmopt.package import Package
 from llmopt.quantizer import QuantizeOptions, quantize
 from llmopt.runtime.kv import position_ids
 from tests.runtime.test_real_smollm2 import CHAT_PROMPTS, _torch_chat_greedy
@@ -21,10 +23,15 @@ pytestmark = pytest.mark.real_model
 
 
 @pytest.fixture(scope="module")
-def fused(smollm2_package: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("fused") / "package"
-    optimize(smollm2_package, out)
-    return out
+def fused(smollm2_fused: Path) -> Path:
+    """Made by ``llmopt.optimize`` (level 2) in the demo run (tests/conftest.py)."""
+    return smollm2_fused
+
+
+@pytest.fixture(scope="module")
+def demo_packages(smollm2_demo: dict[str, Any]) -> Path:
+    """int8 and int4 made by ``quantize(fused, QuantizeOptions.int8()/int4())`` in the demo."""
+    return Path(smollm2_demo["out"]) / "packages"
 
 
 def test_fused_fp32_matches_pytorch_greedy(fused: Path, smollm2_torch: Any) -> None:
@@ -37,18 +44,22 @@ def test_fused_fp32_matches_pytorch_greedy(fused: Path, smollm2_torch: Any) -> N
         assert ours == _torch_chat_greedy(smollm2_torch, generator.tokenizer, prompt, 32)
 
 
-def test_int8_perplexity_within_3_percent(fused: Path, tmp_path: Path) -> None:
-    fidelity = quantize(fused, tmp_path / "int8", QuantizeOptions.int8()).manifest["fidelity"]
+def test_int8_perplexity_within_3_percent(demo_packages: Path, fused: Path) -> None:
+    int8 = Package.open(demo_packages / "int8")
+    assert int8.manifest["steps"][-1]["options"] == json.loads(json.dumps(
+        asdict(QuantizeOptions.int8())))
+    fidelity = int8.manifest["fidelity"]
+    assert Path(fidelity["against"]).resolve() == fused.resolve()
     assert fidelity["perplexity_delta_pct"] <= 3.0, fidelity
     assert fidelity["size_bytes"] < 0.6 * fidelity["against_size_bytes"]
     print("int8", fidelity["perplexity_delta_pct"], fidelity["top1_agreement"],
           fidelity["greedy_agreement"])
 
 
-def test_int4_default_reuses_the_gguf_blocks(fused: Path, tmp_path: Path) -> None:
+def test_int4_default_reuses_the_gguf_blocks(demo_packages: Path) -> None:
     """``auto`` on a package exported from SmolLM2's Q4_1 GGUF keeps its 4-bit codes (and the
     Q8_0 embedding as the 8-bit LM head), with no float zero point left for the slow kernel."""
-    result = quantize(fused, tmp_path / "int4", QuantizeOptions.int4())
+    result = Package.open(demo_packages / "int4")
     step = result.manifest["steps"][-1]
     assert step["method"] == "int4_gguf" and step["algorithm_used"] == "gguf"
     assert len(step["reused"]) == 4 * 30 + 1 and step["reused"]["model.lm_head.weight"] == "Q8_0"

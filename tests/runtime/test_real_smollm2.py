@@ -33,14 +33,15 @@ def generator(smollm2_package: Path) -> Generator:
     return runner
 
 
-def test_gguf_export_is_validated_with_32_greedy_tokens(smollm2_package: Path) -> None:
+def test_gguf_export_is_validated_with_greedy_generation(smollm2_package: Path) -> None:
     manifest = json.loads((smollm2_package / "llmopt.json").read_text())
     assert manifest["source"]["kind"] == "gguf"
     assert len(manifest["source"]["sha256"]) == 64
     assert manifest["kv_cache"]["num_kv_heads"] == 3 < manifest["kv_cache"]["num_attention_heads"]
     validation = manifest["validation"]
     assert validation["passed"]
-    full = [g for g in validation["generation"] if g["match"] and g["tokens"] == 32]
+    # the default 16 tokens on each prompt (32 through the CLI: see the test below)
+    full = [g for g in validation["generation"] if g["match"] and g["tokens"] == 16]
     assert len(full) >= 3, validation["generation"]
     assert manifest["generation"]["chat_template"]
 
