@@ -167,10 +167,10 @@ def _nbits(options: QuantizeOptions, src: Path, targets: list[str], kept: list[s
     model = onnx.load(str(src))
     bits = 8 if options.method == "int8" else 4
     algorithm = options.algorithm
-    if algorithm == "auto":
-        algorithm = "hqq" if bits == 4 else "mse"
+    if algorithm == "auto":  # 8 bits: the clipping search gains ~10% MSE for 5x the time
+        algorithm = "hqq" if bits == 4 else "rtn"
     if bits == 8 and algorithm not in ("rtn", "mse"):
-        algorithm = "mse"
+        algorithm = "rtn"
     names = set(targets)
     heads = {n.name for n in model.graph.node if n.name in names and _is_lm_head(n)}
     body = names - heads
