@@ -220,10 +220,7 @@ def _reuse_or(path: Path, stages: _Stages, build: Callable[[Path], Any]) -> Path
 def _export(source: str, path: Path) -> None:
     from llmopt.exporter import export
 
-    if path.exists():
-        import shutil
-
-        shutil.rmtree(path)
+    _fresh(path)
     export(source, path)
 
 
@@ -292,6 +289,8 @@ def _table(records: list[dict[str, Any]], packages: dict[str, Path]) -> str:
     rows = ["| runtime | TTFT ms | decode tokens/s | speedup vs PyTorch | perplexity vs fp32 "
             "| size MB |", "|---|---:|---:|---:|---:|---:|"]
     baseline = None
+    reference = (Package.open(packages["int4"]).manifest.get("fidelity") or {}).get(
+        "reference_perplexity") if "int4" in packages else None
     order = list(packages)
     ordered = sorted(records, key=lambda r: (r["target"] != "pytorch", order.index(r["package"])
                                              if r["package"] in order else len(order)))
@@ -306,8 +305,6 @@ def _table(records: list[dict[str, Any]], packages: dict[str, Path]) -> str:
             package = Package.open(packages[record["package"]])
             name = f"llmopt {record['package']}"
             fidelity = package.manifest.get("fidelity") or {}
-            reference = (Package.open(packages["int4"]).manifest.get("fidelity") or {}).get(
-                "reference_perplexity") if "int4" in packages else None
             ppl = (f"{fidelity['perplexity_delta_pct']:+.2f}%" if "perplexity_delta_pct"
                    in fidelity else f"{reference:.2f} (reference)" if reference else "reference")
             size = f"{package.size_bytes() / 1e6:.0f}"

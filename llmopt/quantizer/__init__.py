@@ -205,6 +205,7 @@ def _blockwise(model: Any, names: set[str], bits: int, block: int, symmetric: bo
 
     inits = {t.name: t for t in model.graph.initializer}
     nodes: list[Any] = []
+    added: list[Any] = []
     for node in model.graph.node:
         if node.name not in names:
             nodes.append(node)
@@ -212,17 +213,10 @@ def _blockwise(model: Any, names: set[str], bits: int, block: int, symmetric: bo
         weight = numpy_helper.to_array(inits[node.input[1]])
         blocks = blockwise.quantize(weight, bits=bits, block=block, symmetric=symmetric,
                                     method=method)
-        more, new = blockwise.matmul_nbits(
-            node.name.replace("/MatMul", "/MatMulNBits"), (node.input[0], node.output[0]),
-            node.input[1].removesuffix(".weight"), blocks, accuracy_level)
+        more, new = blockwise.replace_matmul(node, blocks, accuracy_level)
         nodes += more
-        model.graph.initializer.extend(new)
-    used = {i for node in nodes for i in node.input}
-    kept = [t for t in model.graph.initializer if t.name in used]
-    del model.graph.node[:]
-    model.graph.node.extend(nodes)
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(kept)
+        added += new
+    blockwise.set_nodes(model, nodes, added)
 
 
 def _onnxruntime_nbits(model: Any, options: QuantizeOptions, algorithm: str,

@@ -217,10 +217,24 @@ def correct_float_zero_points(proto: Any) -> int:
         nodes += more_nodes
         added += more_inits
         rewritten += 1
+    set_nodes(proto, nodes, added)
+    return rewritten
+
+
+def replace_matmul(node: Any, blocks: Blocks, accuracy_level: int) -> tuple[list[Any], list[Any]]:
+    """:func:`matmul_nbits` for a weight MatMul ``node``: same input and output, named after
+    the node and its weight."""
+    return matmul_nbits(node.name.replace("/MatMul", "/MatMulNBits"),
+                        (node.input[0], node.output[0]), node.input[1].removesuffix(".weight"),
+                        blocks, accuracy_level)
+
+
+def set_nodes(proto: Any, nodes: list[Any], added: list[Any]) -> None:
+    """Make ``nodes`` the graph's nodes, add the ``added`` initializers and drop the ones no
+    node reads any more (the float weights that were quantized)."""
     used = {i for node in nodes for i in node.input}
     kept = [t for t in proto.graph.initializer if t.name in used]
     del proto.graph.node[:]
     proto.graph.node.extend(nodes)
     del proto.graph.initializer[:]
-    proto.graph.initializer.extend(kept + added)
-    return rewritten
+    proto.graph.initializer.extend(kept + [t for t in added if t.name in used])

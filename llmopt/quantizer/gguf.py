@@ -58,7 +58,8 @@ def quantize_from_gguf(parent: Package, out_dir: Any, accuracy_level: int = 4,
     permute = parent.manifest.get("model_type") in PERMUTED
     replaced: dict[str, str] = {}
     kept: dict[str, str] = {}
-    nodes = []
+    nodes: list[Any] = []
+    added: list[Any] = []
     for node in proto.graph.node:
         if lm_head_bits and _is_lm_head(node, weights):
             weight = onnx.numpy_helper.to_array(weights[node.input[1]])
@@ -70,11 +71,9 @@ def quantize_from_gguf(parent: Package, out_dir: Any, accuracy_level: int = 4,
             else:
                 head = blockwise.quantize(weight, bits=lm_head_bits, symmetric=True)
                 kept[node.input[1]] = f"requantized to {lm_head_bits} bits"
-            more, inits = blockwise.matmul_nbits(
-                node.name.replace("/MatMul", "/MatMulNBits"), (node.input[0], node.output[0]),
-                node.input[1].removesuffix(".weight"), head, accuracy_level)
+            more, inits = blockwise.replace_matmul(node, head, accuracy_level)
             nodes += more
-            proto.graph.initializer.extend(inits)
+            added += inits
             continue
         target = _target(node, weights)
         if target is None:
@@ -88,21 +87,14 @@ def quantize_from_gguf(parent: Package, out_dir: Any, accuracy_level: int = 4,
             continue
         blocks = _stack(parts, target[2], kv, permute)
         _check_exact(blocks, onnx.numpy_helper.to_array(weights[node.input[1]]), node.input[1])
-        more, inits = blockwise.matmul_nbits(
-            node.name.replace("/MatMul", "/MatMulNBits"), (node.input[0], node.output[0]),
-            node.input[1].removesuffix(".weight"), blocks, accuracy_level)
+        more, inits = blockwise.replace_matmul(node, blocks, accuracy_level)
         nodes += more
-        proto.graph.initializer.extend(inits)
+        added += inits
         replaced[node.input[1]] = "/".join(sorted(kinds))
     if not replaced:
         raise UnsupportedError(f"{path.name} has no Q4_0/Q4_1 layer weights to reuse",
                                fix="use QuantizeOptions.int4() instead")
-    del proto.graph.node[:]
-    proto.graph.node.extend(nodes)
-    used = {i for n in proto.graph.node for i in n.input}
-    kept_inits = [t for t in proto.graph.initializer if t.name in used]
-    del proto.graph.initializer[:]
-    proto.graph.initializer.extend(kept_inits)
+    blockwise.set_nodes(proto, nodes, added)
     if not any(o.domain == "com.microsoft" for o in proto.opset_import):
         proto.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
     manifest = dict(parent.manifest)
