@@ -27,9 +27,11 @@ __all__ = [
     "ExportOptions",
     "InvalidInputError",
     "LlmoptError",
+    "OptimizeOptions",
     "Package",
     "PackageError",
     "ProviderError",
+    "QuantizeOptions",
     "SamplingParams",
     "ShapeRange",
     "SourceError",
@@ -39,11 +41,15 @@ __all__ = [
     "__version__",
     "export",
     "load",
+    "optimize",
+    "quantize",
 ]
 
 if TYPE_CHECKING:
     from llmopt.client import AsyncClient, Client
     from llmopt.exporter import ExportOptions, export
+    from llmopt.optimizer import OptimizeOptions, optimize
+    from llmopt.quantizer import QuantizeOptions, quantize
     from llmopt.runtime import load
     from llmopt.runtime.providers import CPUOptions, CUDAOptions, ShapeRange, TensorRTOptions
     from llmopt.runtime.sampling import SamplingParams
@@ -57,6 +63,10 @@ _LAZY = {
     "ShapeRange": ("llmopt.runtime.providers", "ShapeRange"),
     "export": ("llmopt.exporter", "export"),
     "ExportOptions": ("llmopt.exporter.options", "ExportOptions"),
+    "optimize": ("llmopt.optimizer", "optimize"),
+    "OptimizeOptions": ("llmopt.optimizer", "OptimizeOptions"),
+    "quantize": ("llmopt.quantizer", "quantize"),
+    "QuantizeOptions": ("llmopt.quantizer", "QuantizeOptions"),
     "Client": ("llmopt.client", "Client"),
     "AsyncClient": ("llmopt.client", "AsyncClient"),
 }

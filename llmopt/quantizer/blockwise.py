@@ -162,23 +162,26 @@ def correction(x: str, symmetric: str, y: str, base: str, scales: np.ndarray,
     A block with a float zero point ``z`` computes ``s * (q - z) = s * (q - m) + s * (m - z)``
     with ``m = 2^(bits-1)``, the zero point MatMulNBits assumes when none is given. The first
     term is a symmetric MatMulNBits on the same codes; the second is constant per block and
-    output column, so its product with ``x`` is the per-block sums of ``x`` ([.., K/block])
-    times ``C[b, n] = s[n, b] * (m - z[n, b])`` ([K/block, N]): two small MatMuls and an Add,
-    exact up to float rounding, costing 1/8 of the 4-bit weight's bytes.
+    output column, so its product with ``x`` is the per-block sums of ``x`` ([B, S, K/block],
+    a Reshape and a ReduceSum: nothing to read from memory) times ``C[b, n] = s[n, b] * (m -
+    z[n, b])`` ([K/block, N]): exact up to float rounding, costing 1/8 of the 4-bit weight's
+    bytes. ``x`` is [batch, sequence, K], as in every graph llmopt emits.
     """
     from onnx import helper, numpy_helper
 
     nblocks = scales.shape[1]
     middle = float(1 << (bits - 1))
     c = (scales * (middle - zeros)).T.astype(np.float32)  # [nblocks, N]
-    summing = np.zeros((nblocks * block, nblocks), np.float32)
-    summing[np.arange(nblocks * block), np.arange(nblocks * block) // block] = 1.0
-    inits = [numpy_helper.from_array(summing, f"{base}.block_sum"),
+    inits = [numpy_helper.from_array(np.array([0, 0, nblocks, block], np.int64),
+                                     f"{base}.block_shape"),
+             numpy_helper.from_array(np.array([-1], np.int64), f"{base}.block_axis"),
              numpy_helper.from_array(c, f"{base}.zero_point_correction")]
     nodes = [
-        helper.make_node("MatMul", [x, inits[0].name], [f"{base}/block_sums"],
-                         name=f"{base}/BlockSums"),
-        helper.make_node("MatMul", [f"{base}/block_sums", inits[1].name],
+        helper.make_node("Reshape", [x, inits[0].name], [f"{base}/blocks"],
+                         name=f"{base}/Blocks"),
+        helper.make_node("ReduceSum", [f"{base}/blocks", inits[1].name], [f"{base}/block_sums"],
+                         name=f"{base}/BlockSums", keepdims=0),
+        helper.make_node("MatMul", [f"{base}/block_sums", inits[2].name],
                          [f"{base}/correction"], name=f"{base}/ZeroPointCorrection"),
         helper.make_node("Add", [symmetric, f"{base}/correction"], [y],
                          name=f"{base}/AddCorrection"),
@@ -203,7 +206,9 @@ def correct_float_zero_points(proto: Any) -> int:
             continue
         attrs = {a.name: a.i for a in node.attribute}
         k, n, bits, block = attrs["K"], attrs["N"], attrs["bits"], attrs["block_size"]
-        nblocks = -(-k // block)
+        if k % block:
+            raise ValueError(f"block size {block} does not divide K={k}")
+        nblocks = k // block
         scales = numpy_helper.to_array(inits[node.input[2]]).astype(np.float32)
         zeros = numpy_helper.to_array(zp).astype(np.float32)
         base = node.input[1].rsplit(".", 1)[0] if "." in node.input[1] else node.input[1]

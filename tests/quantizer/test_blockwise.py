@@ -51,8 +51,12 @@ def test_float_zero_points_run_symmetric_plus_correction() -> None:
     zeros = RNG.uniform(0, 15, (n, k // 32)).astype(np.float32)
     blocks = blockwise.Blocks(codes, scales, zeros, bits=4)
     nodes, inits = blockwise.matmul_nbits("mm", ("x", "y"), "w", blocks, accuracy_level=0)
-    assert [node.op_type for node in nodes] == ["MatMulNBits", "MatMul", "MatMul", "Add"]
+    assert [node.op_type for node in nodes] == ["MatMulNBits", "Reshape", "ReduceSum", "MatMul",
+                                                "Add"]
     assert len(nodes[0].input) == 3  # no zero points: the fast kernel
+    # the block sums are computed, not read: the only float matrix added is C [K/32, N]
+    assert sorted(i.dims[:] for i in inits if i.data_type == onnx.TensorProto.FLOAT) == [
+        [k // 32, n], [n * k // 32]]
     x = RNG.standard_normal((1, 5, k)).astype(np.float32)
     want = x @ blocks.dequantize()
     np.testing.assert_allclose(_run(nodes, inits, x, n), want, rtol=1e-4, atol=1e-4)
