@@ -3,9 +3,11 @@
 - no fusions (export): opset 18 primitives only, so any ONNX runtime can run it.
 - with ``fusions`` (optimize), each independently: ``norm`` (opset-23 ``RMSNormalization``),
   ``skip_norm`` (ONNX Runtime's ``Skip(Simplified)LayerNormalization`` for residual add + norm),
-  ``attention`` (opset-23 ``RotaryEmbedding`` and ``Attention`` with native grouped-query heads
-  and the KV cache), ``activation`` (ONNX Runtime's ``Gelu``/``FastGelu``). All of them: about
-  15 nodes a layer instead of about 55.
+  ``attention`` (opset-23 ``RotaryEmbedding``, then attention with native grouped-query heads
+  and the KV cache: ONNX Runtime's ``GroupQueryAttention`` in float32, whose cache can be one
+  preallocated buffer for past and present (see :func:`_fused_attention`); opset-23
+  ``Attention`` in float16, whose CUDA kernel has the flash paths), ``activation`` (ONNX
+  Runtime's ``Gelu``/``FastGelu``). All of them: about 15 nodes a layer instead of about 55.
 
 Both take the same inputs, produce the same outputs and name weights alike
 (``model.layers.{i}.attn.qkv_proj.weight``...), so later stages can find them.
@@ -103,6 +105,10 @@ def build_decoder(dims: DecoderDims, weights: DecoderWeights, norm_kind: str, dt
                                          doubled="attention" not in fusions)
         if "attention" in fusions and dt != np.dtype(F32):
             bias = b.op("Cast", bias, to=onnx.TensorProto.FLOAT16)
+        lengths = None
+        if "attention" in fusions and dt == np.dtype(F32):
+            with b.scope("kv_lengths"):
+                lengths = kv_lengths(b, attention_mask)
 
         h = norm(x, weights.layers[0].attn_norm, f"{P}.layers.0.attn_norm")
         for i, layer in enumerate(weights.layers):
@@ -111,7 +117,8 @@ def build_decoder(dims: DecoderDims, weights: DecoderWeights, norm_kind: str, dt
                 qkv = linear(h, layer.qkv, p + "attn.qkv_proj")
                 with b.scope("attn"):
                     if "attention" in fusions:
-                        attn = _fused_attention(b, qkv, past[i], bias, cos, sin, d, i)
+                        attn = _fused_attention(b, qkv, past[i], bias, cos, sin, d, i,
+                                                lengths)
                     else:
                         attn = _attention(b, qkv, past[i], bias, cos, sin, d, i, dt)
                 attn = linear(attn, layer.o, p + "attn.o_proj")
@@ -212,15 +219,31 @@ def _split_qkv(b: GraphBuilder, qkv: str, d: DecoderDims) -> list[str]:
                      axis=-1, outputs=3))
 
 
+def kv_lengths(b: GraphBuilder, attention_mask: str) -> tuple[str, str]:
+    """GroupQueryAttention's ``seqlens_k`` ([B] int32, total length - 1 for every row: left
+    padding is masked by the bias, not by lengths) and ``total_sequence_length`` (int32
+    scalar), both from the attention mask's width."""
+    total = b.op("Cast", b.op("Shape", attention_mask, start=1, end=2), to=onnx.TensorProto.INT32)
+    batch = b.op("Shape", attention_mask, start=0, end=1)
+    seqlens = b.op("Expand", b.op("Sub", total, b.const([1], np.int32)), batch)
+    return seqlens, b.op("Squeeze", total, b.const([0]))
+
+
 def _fused_attention(b: GraphBuilder, qkv: str, past: tuple[str, str], bias: str,
-                     cos: str | None, sin: str | None, d: DecoderDims, layer: int) -> str:
+                     cos: str | None, sin: str | None, d: DecoderDims, layer: int,
+                     lengths: tuple[str, str] | None) -> str:
     r"""Rotary and attention as single ops; the KV cache stays BNSH.
 
     ::
 
         qkv ─Split─┬ q ─RotaryEmbedding─┐
-                   ├ k ─RotaryEmbedding─┼─Attention(bias, past_k, past_v) ─▶ out, present_k/v
-                   └ v ─────────────────┘
+                   ├ k ─RotaryEmbedding─┼─GroupQueryAttention(bias, past_k, past_v) ─▶ out,
+                   └ v ─────────────────┘    (or opset-23 Attention)          present_k/v
+
+    With ``lengths`` (float32), ``GroupQueryAttention``: when the caller binds one buffer
+    [B, kv_heads, capacity, head_dim] as both past and present, ONNX Runtime writes the new
+    keys and values into it in place instead of copying the whole cache every step. Rotary
+    stays outside it, at each row's own position, so left-padded batches stay exact.
     """
     q, k, v = _split_qkv(b, qkv, d)
     if cos is not None and sin is not None:
@@ -228,11 +251,17 @@ def _fused_attention(b: GraphBuilder, qkv: str, past: tuple[str, str], bias: str
         q = b.op("RotaryEmbedding", q, cos, sin, num_heads=d.num_heads, rotary_embedding_dim=rot)
         k = b.op("RotaryEmbedding", k, cos, sin, num_heads=d.num_kv_heads,
                  rotary_embedding_dim=rot)
-    out = b.op("Attention", q, k, v, bias, past[0], past[1],
-               output_names=[f"/model/layers.{layer}/attn/output", f"present.{layer}.key",
-                             f"present.{layer}.value"],
-               q_num_heads=d.num_heads, kv_num_heads=d.num_kv_heads,
-               scale=d.attention_scale * d.layer_scales[layer])
+    names = [f"/model/layers.{layer}/attn/output", f"present.{layer}.key",
+             f"present.{layer}.value"]
+    scale = d.attention_scale * d.layer_scales[layer]
+    if lengths is not None:
+        seqlens, total = lengths
+        out = b.op("GroupQueryAttention", q, k, v, past[0], past[1], seqlens, total, "", "", "",
+                   bias, output_names=names, domain=MS_DOMAIN, num_heads=d.num_heads,
+                   kv_num_heads=d.num_kv_heads, scale=scale)
+    else:
+        out = b.op("Attention", q, k, v, bias, past[0], past[1], output_names=names,
+                   q_num_heads=d.num_heads, kv_num_heads=d.num_kv_heads, scale=scale)
     return str(out[0])
 
 

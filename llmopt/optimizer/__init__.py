@@ -102,6 +102,10 @@ def optimize(package: str | os.PathLike[str] | Package, out_dir: str | os.PathLi
     for layout in ("kv_cache", "encoder"):
         if manifest.get(layout):
             manifest[layout] = {**manifest[layout], "dtype": dtype}
+    if manifest.get("kv_cache"):
+        # GroupQueryAttention updates a cache buffer bound as both past and present in place
+        manifest["kv_cache"]["shared_buffer"] = any(
+            node.op_type == "GroupQueryAttention" for node in proto.graph.node)
     manifest["steps"] = [*parent.manifest.get("steps", []), {
         "stage": "optimize", "time": now_iso(), "options": asdict(options),
         "parent": str(parent.path),

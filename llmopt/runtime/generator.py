@@ -63,6 +63,7 @@ class Generator:
         self.pad_token_id = int(generation.get("pad_token_id") or 0)
         self.context_length = int(generation.get("context_length") or self.model.max_positions)
         self.device = "cuda" if info.active and info.active[0] in GPU_PROVIDERS else "cpu"
+        self.shared_kv = bool(package.kv_cache.get("shared_buffer"))
 
     @property
     def providers(self) -> list[str]:
@@ -190,12 +191,14 @@ class Generator:
                   for row, (t, p) in enumerate(zip(prompts, params, strict=True))]
         ids, mask = left_pad(prompts, self.pad_token_id)
         positions = position_ids(mask)
-        past: list[Any] = self._empty_past(batch)
+        shared = self.shared_kv
+        past: list[Any] = (self._kv_buffers(batch, ids.shape[1] + max(s.limit for s in states))
+                           if shared else self._empty_past(batch))
         prefill_started = time.perf_counter()
         for state in states:
             state.prefill_started = prefill_started
         while True:
-            logits, past = self._forward(ids, mask, positions, past)
+            logits, past = self._forward(ids, mask, positions, past, shared)
             next_ids = np.full(batch, self.pad_token_id, dtype=np.int64)
             for row, state in enumerate(states):
                 if not state.done:
@@ -216,8 +219,18 @@ class Generator:
         return [ort.OrtValue.ortvalue_from_numpy(a, self.device, 0)
                 for a in self.model.empty_past(batch)]
 
+    def _kv_buffers(self, batch: int, capacity: int) -> list[Any]:
+        """One buffer per cache tensor, bound as both past and present (``shared_buffer``
+        packages): the graph writes each step's keys and values into it in place."""
+        import onnxruntime as ort
+
+        shape = [batch, self.model.num_kv_heads, capacity, self.model.head_dim]
+        return [ort.OrtValue.ortvalue_from_shape_and_type(shape, self.model.kv_dtype,
+                                                          self.device, 0)
+                for _ in self.model.past_names]
+
     def _forward(self, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray,
-                 past: list[Any]) -> tuple[np.ndarray, list[Any]]:
+                 past: list[Any], shared: bool = False) -> tuple[np.ndarray, list[Any]]:
         binding = self.session.io_binding()
         binding.bind_cpu_input("input_ids", np.ascontiguousarray(ids, dtype=np.int64))
         binding.bind_cpu_input("attention_mask", np.ascontiguousarray(mask, dtype=np.int64))
@@ -228,8 +241,11 @@ class Generator:
             else:
                 binding.bind_ortvalue_input(name, value)
         binding.bind_output("logits", "cpu")
-        for name in self.model.present_names:
-            binding.bind_output(name, self.device)
+        for name, value in zip(self.model.present_names, past, strict=True):
+            if shared:
+                binding.bind_ortvalue_output(name, value)
+            else:
+                binding.bind_output(name, self.device)
         self.session.run_with_iobinding(binding)
         outputs = binding.get_outputs()
         return outputs[0].numpy(), list(outputs[1:])

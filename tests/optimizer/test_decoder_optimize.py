@@ -38,11 +38,13 @@ def test_level2_fuses_and_still_matches(packages: dict[str, Path], arch: str,
                                         tmp_path: Path) -> None:
     result = optimize(packages[arch], tmp_path / "o2")
     step = result.manifest["steps"][-1]
-    assert step["stage"] == "optimize" and step["nodes_after"] < step["nodes_before"] / 2
+    # two-layer models: the graph-wide inputs (mask, rotary, cache lengths) weigh more here
+    assert step["stage"] == "optimize" and step["nodes_after"] < step["nodes_before"] * 0.6
     assert result.manifest["validation"]["passed"]
     assert all(g["match"] for g in result.manifest["validation"]["generation"])
     ops = _ops(result.path)
-    assert "Attention" in ops
+    assert "GroupQueryAttention" in ops and "Attention" not in ops  # float32: the in-place cache
+    assert result.manifest["kv_cache"]["shared_buffer"] is True
     assert {"SkipSimplifiedLayerNormalization", "SkipLayerNormalization"} & ops
     fusions = step["fusions"]
     assert fusions["attention"]["fired"] and fusions["skip_norm"]["fired"]
@@ -59,6 +61,7 @@ def test_selected_fusions_only(packages: dict[str, Path], tmp_path: Path) -> Non
     result = optimize(packages["llama"], tmp_path / "o", OptimizeOptions(fusions=("skip_norm",)))
     ops = _ops(result.path)
     assert "SkipSimplifiedLayerNormalization" in ops and "Attention" not in ops
+    assert "GroupQueryAttention" not in ops and not result.manifest["kv_cache"]["shared_buffer"]
     assert set(result.manifest["steps"][-1]["fusions"]) == {"skip_norm"}
 
 
@@ -66,6 +69,7 @@ def test_level3_is_float16_and_validated(packages: dict[str, Path], tmp_path: Pa
     result = optimize(packages["qwen2"], tmp_path / "o3", OptimizeOptions.O3())
     assert result.manifest["onnx"]["dtype"] == "float16"
     assert result.manifest["kv_cache"]["dtype"] == "float16"
+    assert "Attention" in _ops(result.path)  # opset 23's, with CUDA's flash paths
     assert result.manifest["validation"]["passed"]
     runner = llmopt.load(result.path)
     assert runner.generate("hello world", max_new_tokens=4, ignore_eos=True).token_ids

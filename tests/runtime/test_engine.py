@@ -9,6 +9,7 @@ import pytest
 
 import llmopt
 from llmopt.exporter import export
+from llmopt.optimizer import optimize
 from llmopt.runtime.engine import Engine, EngineConfig
 from llmopt.runtime.generator import Generator
 from llmopt.runtime.sampling import SamplingParams
@@ -18,11 +19,16 @@ PROMPTS = ["the quick brown fox", "hello world , how are you ?", "one two three 
            "a", "the sea and the sky", "what is the capital of france ?"]
 
 
-@pytest.fixture(scope="module")
-def generator(tmp_path_factory: pytest.TempPathFactory) -> Generator:
+@pytest.fixture(scope="module", params=["exported", "optimized"])
+def generator(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+              ) -> Generator:
+    """``optimized``: GroupQueryAttention, whose cache the engine feeds as past-sized tensors
+    (joining, padding and dropping rows), while a lone Generator updates one buffer in place."""
     root = tmp_path_factory.mktemp("engine")
-    export(tiny_decoders.build("llama", root / "source"), root / "package")
-    runner = llmopt.load(root / "package")
+    package = export(tiny_decoders.build("llama", root / "source"), root / "package")
+    if request.param == "optimized":
+        package = optimize(package, root / "optimized")
+    runner = llmopt.load(package.path)
     assert isinstance(runner, Generator)
     return runner
 

@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import llmopt
 from llmopt.exporter import export
+from llmopt.optimizer import optimize
 from llmopt.runtime.generator import Generator
 from tests import tiny_decoders
 
@@ -18,14 +19,20 @@ PROMPTS = ["the quick brown fox", "hello world , how are you ?", "one two three 
            "a"]
 
 
-@pytest.fixture(scope="module", params=["llama", "gpt2"])
+@pytest.fixture(scope="module", params=["llama", "gpt2", "llama-optimized"])
 def tiny(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
          ) -> tuple[Path, Generator]:
+    """``-optimized``: the fused float32 graph, whose KV cache is one buffer per tensor that
+    GroupQueryAttention updates in place (``shared_buffer``)."""
+    arch, _, optimized = request.param.partition("-")
     root = tmp_path_factory.mktemp(request.param)
-    source = tiny_decoders.build(request.param, root / "source")
-    export(source, root / "package")
-    generator = llmopt.load(root / "package")
+    source = tiny_decoders.build(arch, root / "source")
+    package = export(source, root / "package")
+    if optimized:
+        package = optimize(package, root / "optimized")
+    generator = llmopt.load(package.path)
     assert isinstance(generator, Generator)
+    assert generator.shared_kv == bool(optimized)
     return source, generator
 
 
