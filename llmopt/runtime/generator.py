@@ -191,14 +191,15 @@ class Generator:
                   for row, (t, p) in enumerate(zip(prompts, params, strict=True))]
         ids, mask = left_pad(prompts, self.pad_token_id)
         positions = position_ids(mask)
-        shared = self.shared_kv
-        past: list[Any] = (self._kv_buffers(batch, ids.shape[1] + max(s.limit for s in states))
-                           if shared else self._empty_past(batch))
+        if self.shared_kv:
+            forward = self._in_place(batch, ids.shape[1] + max(s.limit for s in states))
+        else:
+            forward = self._copying(batch)
         prefill_started = time.perf_counter()
         for state in states:
             state.prefill_started = prefill_started
         while True:
-            logits, past = self._forward(ids, mask, positions, past, shared)
+            logits = forward(ids, mask, positions)
             next_ids = np.full(batch, self.pad_token_id, dtype=np.int64)
             for row, state in enumerate(states):
                 if not state.done:
@@ -219,36 +220,63 @@ class Generator:
         return [ort.OrtValue.ortvalue_from_numpy(a, self.device, 0)
                 for a in self.model.empty_past(batch)]
 
-    def _kv_buffers(self, batch: int, capacity: int) -> list[Any]:
-        """One buffer per cache tensor, bound as both past and present (``shared_buffer``
-        packages): the graph writes each step's keys and values into it in place."""
+    def _copying(self, batch: int) -> Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]:
+        """Steps whose present (past plus the new tokens) becomes the next step's past."""
+        past = self._empty_past(batch)
+
+        def forward(ids: np.ndarray, mask: np.ndarray, positions: np.ndarray) -> np.ndarray:
+            nonlocal past
+            logits, past = self._forward(ids, mask, positions, past)
+            return logits
+
+        return forward
+
+    def _in_place(self, batch: int, capacity: int
+                  ) -> Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]:
+        """Steps on ``shared_buffer`` packages: one [batch, kv_heads, capacity, head_dim]
+        buffer per cache tensor, bound once as both past and present, which the graph updates
+        in place; each step rebinds only the token inputs."""
         import onnxruntime as ort
 
         shape = [batch, self.model.num_kv_heads, capacity, self.model.head_dim]
-        return [ort.OrtValue.ortvalue_from_shape_and_type(shape, self.model.kv_dtype,
-                                                          self.device, 0)
-                for _ in self.model.past_names]
+        binding = self.session.io_binding()
+        binding.bind_output("logits", "cpu")  # first: get_outputs() keeps first-binding order
+        for past, present in zip(self.model.past_names, self.model.present_names, strict=True):
+            buffer = ort.OrtValue.ortvalue_from_shape_and_type(shape, self.model.kv_dtype,
+                                                               self.device, 0)
+            binding.bind_ortvalue_input(past, buffer)
+            binding.bind_ortvalue_output(present, buffer)
+
+        def forward(ids: np.ndarray, mask: np.ndarray, positions: np.ndarray) -> np.ndarray:
+            _bind_tokens(binding, ids, mask, positions)
+            binding.bind_output("logits", "cpu")  # a new shape each step: unallocated again
+            self.session.run_with_iobinding(binding)
+            return binding.get_outputs()[0].numpy()
+
+        return forward
 
     def _forward(self, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray,
-                 past: list[Any], shared: bool = False) -> tuple[np.ndarray, list[Any]]:
+                 past: list[Any]) -> tuple[np.ndarray, list[Any]]:
+        """One step on past-sized cache tensors; returns the logits and the presents."""
         binding = self.session.io_binding()
-        binding.bind_cpu_input("input_ids", np.ascontiguousarray(ids, dtype=np.int64))
-        binding.bind_cpu_input("attention_mask", np.ascontiguousarray(mask, dtype=np.int64))
-        binding.bind_cpu_input("position_ids", np.ascontiguousarray(positions, dtype=np.int64))
+        _bind_tokens(binding, ids, mask, positions)
         for name, value in zip(self.model.past_names, past, strict=True):
             if isinstance(value, np.ndarray):
                 binding.bind_cpu_input(name, value)
             else:
                 binding.bind_ortvalue_input(name, value)
         binding.bind_output("logits", "cpu")
-        for name, value in zip(self.model.present_names, past, strict=True):
-            if shared:
-                binding.bind_ortvalue_output(name, value)
-            else:
-                binding.bind_output(name, self.device)
+        for name in self.model.present_names:
+            binding.bind_output(name, self.device)
         self.session.run_with_iobinding(binding)
         outputs = binding.get_outputs()
         return outputs[0].numpy(), list(outputs[1:])
+
+
+def _bind_tokens(binding: Any, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray) -> None:
+    binding.bind_cpu_input("input_ids", np.ascontiguousarray(ids, dtype=np.int64))
+    binding.bind_cpu_input("attention_mask", np.ascontiguousarray(mask, dtype=np.int64))
+    binding.bind_cpu_input("position_ids", np.ascontiguousarray(positions, dtype=np.int64))
 
 
 def _params(params: SamplingParams | None, overrides: dict[str, Any]) -> SamplingParams:
