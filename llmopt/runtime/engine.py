@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from llmopt.errors import BusyError, InvalidInputError
-from llmopt.runtime.generator import Generator, Prompt
+from llmopt.runtime.generator import Generator, InPlaceCache, Prompt
 from llmopt.runtime.kv import left_pad, position_ids
 from llmopt.runtime.sampling import SamplingParams
 from llmopt.runtime.sequence import DecodeState, GenerationResult
@@ -102,6 +102,8 @@ class Engine:
         self._positions = np.zeros((0,), np.int64)
         self._last = np.zeros((0,), np.int64)
         self._past: list[Any] = []
+        # shared_buffer packages: the batch's cache in place between joins and leaves
+        self._cache: InPlaceCache | None = None
         self.steps = 0
 
     # -- public ------------------------------------------------------------------------------
@@ -226,8 +228,20 @@ class Engine:
         batch = len(self._running)
         self._mask = np.concatenate([self._mask, np.ones((batch, 1), np.int64)], axis=1)
         self._positions = self._positions + 1
-        logits, self._past = self.generator._forward(
-            self._last[:, None], self._mask, self._positions[:, None], self._past)
+        if self.generator.shared_kv:
+            total = self._mask.shape[1]
+            if self._cache is None or total > self._cache.capacity:
+                # room for every running request's remaining tokens: no regrowth until the
+                # batch changes
+                room = max(r.state.limit - len(r.state.generated) for r in self._running)
+                self._cache = InPlaceCache(self.generator, batch, total + room,
+                                           [_numpy(v) for v in self._cached(total - 1)])
+                self._past = []
+            logits = self._cache.forward(self._last[:, None], self._mask,
+                                         self._positions[:, None])
+        else:
+            logits, self._past = self.generator._forward(
+                self._last[:, None], self._mask, self._positions[:, None], self._past)
         self.steps += 1
         self._last = np.array([r.state.step(logits[i, -1]) for i, r in enumerate(self._running)],
                               np.int64)
@@ -240,9 +254,11 @@ class Engine:
         if not self._running:
             self._running = list(requests)
             self._mask, self._positions, self._last, self._past = mask, positions, last, present
+            self._cache = None
             return
         width = max(self._mask.shape[1], mask.shape[1])
-        old = [_numpy(v) for v in self._past]
+        old = [_numpy(v) for v in self._cached(self._mask.shape[1])]
+        self._cache = None
         new = [_numpy(v) for v in present]
         self._past = [np.concatenate([_left_pad(a, width, 2), _left_pad(b, width, 2)])
                       for a, b in zip(old, new, strict=True)]
@@ -270,13 +286,21 @@ class Engine:
         self._mask = mask[:, start:]
         self._positions = self._positions[index]
         self._last = self._last[index]
-        self._past = [np.ascontiguousarray(_numpy(v)[index][:, :, start:]) for v in self._past]
+        self._past = [np.ascontiguousarray(_numpy(v)[index][:, :, start:])
+                      for v in self._cached(mask.shape[1])]
+        self._cache = None
 
     def _reset_batch(self) -> None:
         self._mask = np.zeros((0, 0), np.int64)
         self._positions = np.zeros((0,), np.int64)
         self._last = np.zeros((0,), np.int64)
         self._past = []
+        self._cache = None
+
+    def _cached(self, length: int) -> list[Any]:
+        """The running batch's cache, ``length`` positions: from the in-place buffers when
+        there are, else the past-sized tensors."""
+        return self._cache.arrays(length) if self._cache is not None else self._past
 
 
 def _numpy(value: Any) -> np.ndarray:

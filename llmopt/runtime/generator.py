@@ -233,27 +233,8 @@ class Generator:
 
     def _in_place(self, batch: int, capacity: int
                   ) -> Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]:
-        """Steps on ``shared_buffer`` packages: one [batch, kv_heads, capacity, head_dim]
-        buffer per cache tensor, bound once as both past and present, which the graph updates
-        in place; each step rebinds only the token inputs."""
-        import onnxruntime as ort
-
-        shape = [batch, self.model.num_kv_heads, capacity, self.model.head_dim]
-        binding = self.session.io_binding()
-        binding.bind_output("logits", "cpu")  # first: get_outputs() keeps first-binding order
-        for past, present in zip(self.model.past_names, self.model.present_names, strict=True):
-            buffer = ort.OrtValue.ortvalue_from_shape_and_type(shape, self.model.kv_dtype,
-                                                               self.device, 0)
-            binding.bind_ortvalue_input(past, buffer)
-            binding.bind_ortvalue_output(present, buffer)
-
-        def forward(ids: np.ndarray, mask: np.ndarray, positions: np.ndarray) -> np.ndarray:
-            _bind_tokens(binding, ids, mask, positions)
-            binding.bind_output("logits", "cpu")  # a new shape each step: unallocated again
-            self.session.run_with_iobinding(binding)
-            return binding.get_outputs()[0].numpy()
-
-        return forward
+        """Steps on ``shared_buffer`` packages: see :class:`InPlaceCache`."""
+        return InPlaceCache(self, batch, capacity).forward
 
     def _forward(self, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray,
                  past: list[Any]) -> tuple[np.ndarray, list[Any]]:
@@ -271,6 +252,48 @@ class Generator:
         self.session.run_with_iobinding(binding)
         outputs = binding.get_outputs()
         return outputs[0].numpy(), list(outputs[1:])
+
+
+class InPlaceCache:
+    """The KV cache of a ``shared_buffer`` package: one [batch, kv_heads, capacity, head_dim]
+    buffer per cache tensor, bound once as both past and present, which the graph updates in
+    place; each step binds only the token inputs again. ``initial`` fills the first positions
+    (an existing cache, e.g. after the engine regrouped its batch)."""
+
+    def __init__(self, generator: Generator, batch: int, capacity: int,
+                 initial: list[np.ndarray] | None = None) -> None:
+        import onnxruntime as ort
+
+        model = generator.model
+        self.session = generator.session
+        self.capacity = capacity
+        shape = [batch, model.num_kv_heads, capacity, model.head_dim]
+        self.binding = self.session.io_binding()
+        self.binding.bind_output("logits", "cpu")  # first: get_outputs() keeps that order
+        self.buffers = []
+        for i, (past, present) in enumerate(zip(model.past_names, model.present_names,
+                                                strict=True)):
+            if initial is None:
+                buffer = ort.OrtValue.ortvalue_from_shape_and_type(shape, model.kv_dtype,
+                                                                   generator.device, 0)
+            else:
+                array = np.zeros(shape, model.kv_dtype)
+                array[:, :, :initial[i].shape[2]] = initial[i]
+                buffer = ort.OrtValue.ortvalue_from_numpy(array, generator.device, 0)
+            self.binding.bind_ortvalue_input(past, buffer)
+            self.binding.bind_ortvalue_output(present, buffer)
+            self.buffers.append(buffer)
+
+    def forward(self, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        """One step; the cache then holds ``mask.shape[1]`` positions. Returns the logits."""
+        _bind_tokens(self.binding, ids, mask, positions)
+        self.binding.bind_output("logits", "cpu")  # a new shape each step: unallocated again
+        self.session.run_with_iobinding(self.binding)
+        return self.binding.get_outputs()[0].numpy()
+
+    def arrays(self, length: int) -> list[np.ndarray]:
+        """The first ``length`` positions of every cache tensor."""
+        return [np.ascontiguousarray(b.numpy()[:, :, :length]) for b in self.buffers]
 
 
 def _bind_tokens(binding: Any, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray) -> None:
