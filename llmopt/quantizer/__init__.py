@@ -172,7 +172,9 @@ def _nbits(options: QuantizeOptions, src: Path, targets: list[str], kept: list[s
     if bits == 8 and algorithm not in ("rtn", "mse"):
         algorithm = "rtn"
     names = set(targets)
-    heads = {n.name for n in model.graph.node if n.name in names and _is_lm_head(n)}
+    weights = {t.name for t in model.graph.initializer}
+    heads = {n.name for n in model.graph.node
+             if n.name in names and blockwise.is_lm_head(n, weights)}
     body = names - heads
     details: dict[str, Any] = {"algorithm_used": algorithm, "bits": bits,
                                "lm_head_bits": options.lm_head_bits if heads else None}
@@ -190,10 +192,6 @@ def _nbits(options: QuantizeOptions, src: Path, targets: list[str], kept: list[s
     if not any(o.domain == "com.microsoft" for o in model.opset_import):
         model.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
     return model, details
-
-
-def _is_lm_head(node: Any) -> bool:
-    return node.op_type == "MatMul" and "lm_head" in node.input[1]
 
 
 def _blockwise(model: Any, names: set[str], bits: int, block: int, symmetric: bool,

@@ -226,6 +226,13 @@ def correct_float_zero_points(proto: Any) -> int:
     return rewritten
 
 
+def is_lm_head(node: Any, weights: Any) -> bool:
+    """The decoder's LM head: the MatMul reading llmopt's ``...lm_head.weight`` initializer
+    (``weights``: the graph's initializer names)."""
+    return node.op_type == "MatMul" and len(node.input) > 1 and node.input[1] in weights \
+        and node.input[1].endswith("lm_head.weight")
+
+
 def replace_matmul(node: Any, blocks: Blocks, accuracy_level: int) -> tuple[list[Any], list[Any]]:
     """:func:`matmul_nbits` for a weight MatMul ``node``: same input and output, named after
     the node and its weight."""

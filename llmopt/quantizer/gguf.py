@@ -61,7 +61,7 @@ def quantize_from_gguf(parent: Package, out_dir: Any, accuracy_level: int = 4,
     nodes: list[Any] = []
     added: list[Any] = []
     for node in proto.graph.node:
-        if lm_head_bits and _is_lm_head(node, weights):
+        if lm_head_bits and blockwise.is_lm_head(node, weights):
             weight = onnx.numpy_helper.to_array(weights[node.input[1]])
             head = _lm_head_blocks(tensors.get("output.weight") or
                                    tensors.get("token_embd.weight")) if lm_head_bits == 8 else None
@@ -145,11 +145,6 @@ def reusable(path: Path) -> bool:
     kinds = {t.tensor_type.name for t in reader.tensors
              if t.name.startswith("blk.") and t.name.split(".")[2] in wanted}
     return bool(kinds) and kinds <= {"Q4_0", "Q4_1"}
-
-
-def _is_lm_head(node: Any, weights: dict[str, Any]) -> bool:
-    return node.op_type == "MatMul" and node.input[1] in weights and \
-        node.input[1].endswith("lm_head.weight")
 
 
 def _lm_head_blocks(tensor: Any) -> blockwise.Blocks | None:
