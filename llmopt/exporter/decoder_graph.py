@@ -44,7 +44,11 @@ def build_decoder(dims: DecoderDims, weights: DecoderWeights, norm_kind: str, dt
     kv_shape: list[int | str] = ["batch", d.num_kv_heads, "past_sequence", d.head_dim]
     past = [(b.input(f"past_key_values.{i}.key", dt, kv_shape),
              b.input(f"past_key_values.{i}.value", dt, kv_shape)) for i in range(d.num_layers)]
-    b.output("logits", F32, ["batch", "sequence", int(d.vocab)])
+    # logits of the last K positions only, K = 0 for all (transformers' logits_to_keep):
+    # generation asks for 1 and skips the LM head on the rest of a prompt. A required input:
+    # ONNX Runtime's IOBinding cannot bind an input that has a default value.
+    logits_to_keep = b.input("logits_to_keep", I64, [])
+    b.output("logits", F32, ["batch", "logits_sequence", int(d.vocab)])
     present_shape: list[int | str] = ["batch", d.num_kv_heads, "total_sequence", d.head_dim]
     for i in range(d.num_layers):
         b.output(f"present.{i}.key", dt, present_shape)
@@ -140,6 +144,8 @@ def build_decoder(dims: DecoderDims, weights: DecoderWeights, norm_kind: str, dt
                     h, x = skip_norm(x, y, weights.final_norm, f"{P}.final_norm")
 
         with b.scope("lm_head"):
+            start = b.op("Neg", b.op("Unsqueeze", logits_to_keep, b.const([0])))
+            h = b.op("Slice", h, start, b.const([2**62]), b.const([1]))
             logits = linear(h, weights.lm_head, f"{P}.lm_head")
             if dt != np.dtype(F32):
                 b.op("Cast", logits, to=onnx.TensorProto.FLOAT, output_names=["logits"])

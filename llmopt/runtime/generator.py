@@ -240,7 +240,7 @@ class Generator:
                  past: list[Any]) -> tuple[np.ndarray, list[Any]]:
         """One step on past-sized cache tensors; returns the logits and the presents."""
         binding = self.session.io_binding()
-        _bind_tokens(binding, ids, mask, positions)
+        _bind_tokens(binding, self.model, ids, mask, positions)
         for name, value in zip(self.model.past_names, past, strict=True):
             if isinstance(value, np.ndarray):
                 binding.bind_cpu_input(name, value)
@@ -265,6 +265,7 @@ class InPlaceCache:
         import onnxruntime as ort
 
         model = generator.model
+        self.model = model
         self.session = generator.session
         self.capacity = capacity
         shape = [batch, model.num_kv_heads, capacity, model.head_dim]
@@ -286,7 +287,7 @@ class InPlaceCache:
 
     def forward(self, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray) -> np.ndarray:
         """One step; the cache then holds ``mask.shape[1]`` positions. Returns the logits."""
-        _bind_tokens(self.binding, ids, mask, positions)
+        _bind_tokens(self.binding, self.model, ids, mask, positions)
         self.binding.bind_output("logits", "cpu")  # a new shape each step: unallocated again
         self.session.run_with_iobinding(self.binding)
         return self.binding.get_outputs()[0].numpy()
@@ -296,10 +297,17 @@ class InPlaceCache:
         return [np.ascontiguousarray(b.numpy()[:, :, :length]) for b in self.buffers]
 
 
-def _bind_tokens(binding: Any, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray) -> None:
+_LAST_ONLY = np.array(1, np.int64)
+
+
+def _bind_tokens(binding: Any, model: DecoderModel, ids: np.ndarray, mask: np.ndarray,
+                 positions: np.ndarray) -> None:
+    """The step's token inputs; logits of the last position only, all generation needs."""
     binding.bind_cpu_input("input_ids", np.ascontiguousarray(ids, dtype=np.int64))
     binding.bind_cpu_input("attention_mask", np.ascontiguousarray(mask, dtype=np.int64))
     binding.bind_cpu_input("position_ids", np.ascontiguousarray(positions, dtype=np.int64))
+    if model.keeps_logits:
+        binding.bind_cpu_input("logits_to_keep", _LAST_ONLY)
 
 
 def _params(params: SamplingParams | None, overrides: dict[str, Any]) -> SamplingParams:

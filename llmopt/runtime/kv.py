@@ -7,9 +7,12 @@ from typing import Any
 
 import numpy as np
 
+ALL_POSITIONS = np.array(0, np.int64)  # logits_to_keep: every position's logits
+
 
 class DecoderModel:
-    """One decoder session and its KV-cache layout: ``forward`` runs prefill or decode."""
+    """One decoder session and its KV-cache layout: ``forward`` runs prefill or decode and
+    returns every position's logits."""
 
     def __init__(self, session: Any, kv_cache: dict[str, Any]) -> None:
         self.session = session
@@ -30,6 +33,8 @@ class DecoderModel:
                          kv_cache["present_value"].format(i=i))
         ]
         self.output_names = ["logits", *self.present_names]
+        # packages exported before logits_to_keep existed compute every position's logits
+        self.keeps_logits = "logits_to_keep" in {i.name for i in session.get_inputs()}
 
     def empty_past(self, batch: int) -> list[np.ndarray]:
         shape = (batch, self.num_kv_heads, 0, self.head_dim)
@@ -40,6 +45,8 @@ class DecoderModel:
                 ) -> tuple[np.ndarray, list[np.ndarray]]:
         feed = {"input_ids": input_ids, "attention_mask": attention_mask,
                 "position_ids": position_ids}
+        if self.keeps_logits:
+            feed["logits_to_keep"] = ALL_POSITIONS
         feed.update(zip(self.past_names, past, strict=True))
         logits, *present = self.session.run(self.output_names, feed)
         return logits, present

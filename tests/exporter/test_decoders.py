@@ -83,13 +83,32 @@ def test_onnx_matches_pytorch_on_a_padded_batch_of_three(exported: dict, arch: s
                         (ids.shape[1] + 1, ids.shape[1] + 2)):
         result = dict(zip(outputs, session.run(None, {
             "input_ids": full_ids[:, start:stop], "attention_mask": full_mask[:, :stop],
-            "position_ids": position_ids(full_mask)[:, start:stop], **past}), strict=True))
+            "position_ids": position_ids(full_mask)[:, start:stop],
+            "logits_to_keep": np.array(0, np.int64), **past}), strict=True))
         got.append(result["logits"])
         past = {f"past_key_values.{i}.{k}": result[f"present.{i}.{k}"]
                 for i in range(2) for k in ("key", "value")}
     got_logits = np.concatenate(got, axis=1)
     valid = full_mask.astype(bool)
     np.testing.assert_allclose(got_logits[valid], want[valid], atol=1e-4, rtol=1e-4)
+
+
+def test_logits_to_keep_computes_the_last_positions_only(exported: dict) -> None:
+    """Generation asks for the last position's logits (the LM head skips the rest of a
+    prompt); 0 means every position, as in transformers."""
+    _, package_dir = exported["llama"]
+    session = ort.InferenceSession(str(package_dir / "model.onnx"),
+                                   providers=["CPUExecutionProvider"])
+    kv = json.loads((package_dir / "llmopt.json").read_text())["kv_cache"]
+    ids, mask = left_pad([[5, 9, 11, 20, 7], [8, 3]])
+    empty = np.zeros((2, kv["num_kv_heads"], 0, kv["head_dim"]), np.float32)
+    feed = {"input_ids": ids, "attention_mask": mask, "position_ids": position_ids(mask),
+            **{f"past_key_values.{i}.{k}": empty for i in range(2) for k in ("key", "value")}}
+    logits = {keep: session.run(["logits"], {**feed, "logits_to_keep": np.array(keep)})[0]
+              for keep in (0, 1, 2)}
+    assert logits[0].shape[:2] == (2, 5) and logits[1].shape[:2] == (2, 1)
+    np.testing.assert_allclose(logits[1], logits[0][:, -1:], atol=1e-6)
+    np.testing.assert_allclose(logits[2], logits[0][:, -2:], atol=1e-6)
 
 
 def test_validation_failure_raises_and_marks_the_package(tmp_path: Path,
