@@ -36,7 +36,7 @@ def reader_for(package: Package, options: QuantizeOptions) -> Any:
     from onnxruntime.quantization import CalibrationDataReader
 
     from llmopt.runtime import load_tokenizer
-    from llmopt.runtime.kv import position_ids
+    from llmopt.runtime.kv import ALL_POSITIONS, position_ids
 
     tokenizer = load_tokenizer(package.path)
     if tokenizer is None:
@@ -56,6 +56,7 @@ def reader_for(package: Package, options: QuantizeOptions) -> Any:
         feed = {"input_ids": ids, "attention_mask": mask}
         if package.is_decoder:
             feed["position_ids"] = position_ids(mask)
+            feed["logits_to_keep"] = ALL_POSITIONS
             empty = np.zeros((1, kv["num_kv_heads"], 0, kv["head_dim"]), np.float32)
             for i in range(int(kv["num_layers"])):
                 feed[kv["past_key"].format(i=i)] = empty
