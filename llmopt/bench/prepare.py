@@ -3,7 +3,8 @@
 A package's ``prepare`` says how:
 
     prepare: {export: fetch:smollm2-135m-instruct}          # or a .gguf file, directory, hub id
-    prepare: {quantize: {from: fp32, preset: int8_dynamic}}  # QuantizeOptions.<preset>()
+    prepare: {optimize: {from: fp32, level: 2}}               # OptimizeOptions(level=...)
+    prepare: {quantize: {from: fused, preset: int8_dynamic}}  # QuantizeOptions.<preset>()
 
 Packages are made in dependency order; one that cannot be made (for instance because this llmopt
 has no quantizer yet) is reported and left missing.
@@ -53,9 +54,10 @@ def prepare_packages(config: BenchConfig,
 def _make_one(config: BenchConfig, spec: PackageSpec, need: Callable[[str], None],
               progress: Callable[[str], None]) -> None:
     steps = dict(spec.prepare or {})
-    if set(steps) - {"export", "quantize", "options"} or len(set(steps) - {"options"}) != 1:
+    kinds = set(steps) - {"options"}
+    if set(steps) - {"export", "optimize", "quantize", "options"} or len(kinds) != 1:
         raise InvalidInputError(f"packages.{spec.label}.prepare needs exactly one of export, "
-                                "quantize (and optionally options)",
+                                "optimize, quantize (and optionally options)",
                                 fix="e.g. prepare: {export: fetch:smollm2-135m-instruct}")
     options = dict(steps.get("options") or {})
     if "export" in steps:
@@ -65,21 +67,33 @@ def _make_one(config: BenchConfig, spec: PackageSpec, need: Callable[[str], None
         progress(f"prepare: {spec.label}: exporting {source} to {spec.path}")
         export(source, spec.path, ExportOptions(**options))
         return
-    quant = steps["quantize"]
-    if not isinstance(quant, dict) or "from" not in quant or "preset" not in quant:
-        raise InvalidInputError(f"packages.{spec.label}.prepare.quantize needs from and preset",
-                                fix="e.g. quantize: {from: fp32, preset: int8_dynamic}")
-    base = str(quant["from"])
+    kind = kinds.pop()
+    step = steps[kind]
+    example = {"optimize": "optimize: {from: fp32, level: 2}",
+               "quantize": "quantize: {from: fp32, preset: int8_dynamic}"}[kind]
+    if not isinstance(step, dict) or "from" not in step or (
+            kind == "quantize" and "preset" not in step):
+        raise InvalidInputError(f"packages.{spec.label}.prepare.{kind} needs from"
+                                + (" and preset" if kind == "quantize" else ""),
+                                fix=f"e.g. {example}")
+    base = str(step["from"])
     if base not in config.packages:
-        raise InvalidInputError(f"packages.{spec.label}: quantize from unknown package {base!r}",
+        raise InvalidInputError(f"packages.{spec.label}: {kind} from unknown package {base!r}",
                                 fix=f"defined packages: {', '.join(config.packages)}")
     need(base)
+    if kind == "optimize":
+        from llmopt.optimizer import OptimizeOptions, optimize
+
+        level = int(step.get("level", 2))
+        progress(f"prepare: {spec.label}: optimizing {base} (level {level}) to {spec.path}")
+        optimize(config.packages[base].path, spec.path, OptimizeOptions(level=level, **options))
+        return
     quantize, options_cls = _quantizer()
-    preset = getattr(options_cls, str(quant["preset"]), None)
+    preset = getattr(options_cls, str(step["preset"]), None)
     if preset is None:
-        raise InvalidInputError(f"unknown quantize preset {quant['preset']!r}",
+        raise InvalidInputError(f"unknown quantize preset {step['preset']!r}",
                                 fix="use a QuantizeOptions preset, e.g. int8_dynamic or int4")
-    progress(f"prepare: {spec.label}: quantizing {base} ({quant['preset']}) to {spec.path}")
+    progress(f"prepare: {spec.label}: quantizing {base} ({step['preset']}) to {spec.path}")
     quantize(config.packages[base].path, spec.path, preset(**options))
 
 
