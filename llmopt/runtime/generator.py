@@ -191,8 +191,10 @@ class Generator:
                   for row, (t, p) in enumerate(zip(prompts, params, strict=True))]
         ids, mask = left_pad(prompts, self.pad_token_id)
         positions = position_ids(mask)
-        if self.shared_kv:
-            forward = self._in_place(batch, ids.shape[1] + max(s.limit for s in states))
+        forward: Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
+        if self.shared_kv:  # room for the prompt and the longest answer
+            capacity = ids.shape[1] + max(s.limit for s in states)
+            forward = InPlaceCache(self, batch, capacity).forward
         else:
             forward = self._copying(batch)
         prefill_started = time.perf_counter()
@@ -230,11 +232,6 @@ class Generator:
             return logits
 
         return forward
-
-    def _in_place(self, batch: int, capacity: int
-                  ) -> Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]:
-        """Steps on ``shared_buffer`` packages: see :class:`InPlaceCache`."""
-        return InPlaceCache(self, batch, capacity).forward
 
     def _forward(self, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray,
                  past: list[Any]) -> tuple[np.ndarray, list[Any]]:
