@@ -25,6 +25,7 @@ def describe(path: str | os.PathLike[str] | Package) -> dict[str, Any]:
         "path": str(package.path),
         "task": m.get("task"),
         "architecture": m.get("architecture"),
+        "builder": m.get("builder", "native"),  # packages made before the traced builder
         "model_type": m.get("model_type"),
         "source": m.get("source"),
         "onnx": m.get("onnx"),
@@ -49,7 +50,8 @@ def render(info: dict[str, Any]) -> str:
         lines.append(f"{label:<11} {text}")
 
     row("Package", info["path"])
-    row("Task", f"{info['task']}  ({info['architecture']}, model_type {info['model_type']})")
+    row("Task", f"{info['task']}  ({info['architecture']}, model_type {info['model_type']}, "
+        f"{info['builder']} builder)")
     source = info.get("source") or {}
     digest = (source.get("sha256") or "")[:16]
     row("Source", f"{source.get('kind')} {source.get('reference')}"

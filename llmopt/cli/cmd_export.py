@@ -17,6 +17,10 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("-o", "--output", required=True, metavar="DIR", help="package directory")
     p.add_argument("--task", help="text-generation, feature-extraction or text-classification "
                    "(default: from the model config)")
+    p.add_argument("--builder", default="auto", choices=("auto", "native", "traced"),
+                   help="native: the graph emitted from the weights by a registered "
+                   "architecture (fused by optimize); traced: the PyTorch module traced, for any "
+                   "architecture transformers runs; auto (default): native where registered")
     p.add_argument("--dtype", default="float32", help="float32 (default) or float16")
     p.add_argument("--revision", help="hub revision (branch, tag or commit)")
     p.add_argument("--trust-remote-code", action="store_true",
@@ -40,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
         task=args.task, dtype=args.dtype, revision=args.revision,
         trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle,
         external_data=args.external_data, validate=args.validate, tolerance=args.tolerance,
-        generation_tokens=args.generation_tokens,
+        generation_tokens=args.generation_tokens, builder=args.builder,
     )
     package = export(args.source, args.output, options)
     print(render(describe(package)))

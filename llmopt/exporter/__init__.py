@@ -43,8 +43,8 @@ def export(source: str | os.PathLike[str], out_dir: str | os.PathLike[str],
     source_ = sources.resolve(str(source), options.revision)
     config = sources.load_config(source_, options.trust_remote_code)
     task = options.task or _default_task(config)
-    arch = registry.find(str(config.model_type), task)
-    log.info("loading %s (%s, %s)", source, arch.name, task)
+    arch = registry.choose(config, task, options.builder)  # refusals come before any weight
+    log.info("loading %s (%s, %s, %s builder)", source, arch.name, task, arch.builder)
     model = sources.load_model(source_, task, options.trust_remote_code, options.allow_pickle)
     tokenizer = _try_tokenizer(source_, options.trust_remote_code)
     log.info("emitting the ONNX graph (%s)", options.dtype)
@@ -81,6 +81,7 @@ def _write_and_validate(out: Path, proto: Any, model: Any, tokenizer: Any, sourc
         "schema_version": SCHEMA_VERSION,
         "task": task,
         "architecture": arch.name,
+        "builder": arch.builder,
         "model_type": str(config.model_type),
         "source": source_.manifest(),
         "onnx": {
@@ -92,7 +93,8 @@ def _write_and_validate(out: Path, proto: Any, model: Any, tokenizer: Any, sourc
         "signature": _signature(out / MODEL_NAME),
         "kv_cache": layout if arch.kind == "decoder" else None,
         "encoder": layout if arch.kind == "encoder" else None,
-        "generation": _generation_info(model, tokenizer) if arch.kind == "decoder" else None,
+        "generation": _generation_info(model, tokenizer, layout) if arch.kind == "decoder"
+        else None,
         "labels": _labels(config) if task == "text-classification" else None,
         "versions": tool_versions(),
         "steps": [],
@@ -187,7 +189,7 @@ def _try_tokenizer(source: Any, trust_remote_code: bool) -> Any:
         return None
 
 
-def _generation_info(model: Any, tokenizer: Any) -> dict[str, Any]:
+def _generation_info(model: Any, tokenizer: Any, layout: dict[str, Any]) -> dict[str, Any]:
     config = model.generation_config
     eos = config.eos_token_id
     eos_ids = [] if eos is None else list(eos) if isinstance(eos, list | tuple) else [eos]
@@ -197,7 +199,7 @@ def _generation_info(model: Any, tokenizer: Any) -> dict[str, Any]:
         "eos_token_ids": [int(e) for e in eos_ids],
         "bos_token_id": config.bos_token_id,
         "pad_token_id": pad if pad is not None else (eos_ids[0] if eos_ids else 0),
-        "context_length": int(model.config.max_position_embeddings),
+        "context_length": int(layout["max_positions"]),
         "chat_template": bool(getattr(tokenizer, "chat_template", None)),
     }
 

@@ -72,6 +72,7 @@ class DecoderArch:
     notes: str = ""
     extra_checks: tuple[Callable[[Any], None], ...] = field(default=())
     kind: str = "decoder"
+    builder: str = "native"
 
     def emit(self, model: Any, dtype: Any) -> tuple[onnx.ModelProto, dict[str, Any]]:
         return emit(self, model, dtype)

@@ -130,6 +130,7 @@ class EncoderArch:
     notes: str = ""
     extra_checks: tuple[Callable[[Any], None], ...] = field(default=())
     kind: str = "encoder"
+    builder: str = "native"
 
     def emit(self, model: Any, dtype: Any) -> tuple[onnx.ModelProto, dict[str, Any]]:
         return emit(self, model, dtype)

@@ -8,6 +8,7 @@ from llmopt.errors import InvalidInputError
 from llmopt.package import TASKS
 
 DTYPES = ("float32", "float16")
+BUILDERS = ("auto", "native", "traced")
 # fp16 graphs are compared with the float32 PyTorch model; this is their tolerance.
 FP16_TOLERANCE = 3e-2
 
@@ -24,6 +25,9 @@ class ExportOptions:
     - ``validate``: compare against PyTorch (keep it on; off only for quick experiments).
     - ``tolerance``: override the architecture's validation tolerance.
     - ``generation_tokens``: tokens of greedy generation compared with PyTorch.
+    - ``builder``: ``native`` (a registered architecture: the graph emitted from the weights,
+      fused by ``optimize``), ``traced`` (the PyTorch module traced, for any architecture
+      transformers runs) or ``auto`` (native where registered, else traced).
     """
 
     task: str | None = None
@@ -35,6 +39,7 @@ class ExportOptions:
     validate: bool = True
     tolerance: float | None = None
     generation_tokens: int = 16
+    builder: str = "auto"
 
     def __post_init__(self) -> None:
         if self.task is not None and self.task not in TASKS:
@@ -48,5 +53,9 @@ class ExportOptions:
             )
         if self.tolerance is not None and not self.tolerance > 0:
             raise InvalidInputError("tolerance must be positive", fix="pass e.g. 1e-3")
+        if self.builder not in BUILDERS:
+            raise InvalidInputError(
+                f"unknown builder {self.builder!r}", fix=f"use one of: {', '.join(BUILDERS)}"
+            )
         if self.generation_tokens < 0:
             raise InvalidInputError("generation_tokens must be >= 0", fix="pass e.g. 16")

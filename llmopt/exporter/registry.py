@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any, Protocol
 
 from llmopt.errors import UnsupportedError
+from llmopt.exporter.options import BUILDERS
 
 
 class Architecture(Protocol):
@@ -27,6 +28,8 @@ class Architecture(Protocol):
     def tolerance(self) -> float: ...
     @property
     def min_transformers(self) -> str: ...
+    @property
+    def builder(self) -> str: ...
 
     def emit(self, model: Any, dtype: Any) -> tuple[Any, dict[str, Any]]: ...
 
@@ -64,11 +67,43 @@ def find(model_type: str, task: str) -> Architecture:
     return arch
 
 
+def choose(config: Any, task: str, builder: str = "auto") -> Architecture:
+    """The builder that exports a model with this transformers ``config`` for ``task``:
+    ``native`` (a registered description: a fused graph emitted from the weights), ``traced``
+    (the PyTorch module traced) or ``auto`` (native where registered, else traced). Decided from
+    the config alone, so a refusal never costs a weight load."""
+    from llmopt.exporter import traced
+
+    _load_builtin()
+    model_type = str(config.model_type)
+    if builder not in BUILDERS:
+        raise UnsupportedError(f"unknown builder {builder!r}",
+                               fix=f"use one of: {', '.join(BUILDERS)}")
+    native = _REGISTRY.get(model_type)
+    if builder == "native" or (builder == "auto" and native is not None):
+        if native is None:
+            raise UnsupportedError(
+                f"architecture {model_type!r} has no native builder; native: "
+                + ", ".join(sorted(_REGISTRY)),
+                fix="use --builder traced (or auto) to trace the PyTorch model instead",
+            )
+        if native.kind == "decoder":
+            traced.check_rope(config)
+        return find(model_type, task)
+    traced.check_config(config, task)
+    return traced.TracedArch(model_type, traced.kind_for_task(task))
+
+
 def default_task(model_type: str) -> str:
-    """The first task an architecture lists (text-generation where it is unknown)."""
+    """The first task an architecture lists, else what transformers' auto classes suggest
+    (text-generation where nothing does)."""
+    from llmopt.exporter import traced
+
     _load_builtin()
     arch = _REGISTRY.get(model_type)
-    return arch.tasks[0] if arch is not None else "text-generation"
+    if arch is not None:
+        return arch.tasks[0]
+    return traced.default_task(model_type) or "text-generation"
 
 
 def supported() -> list[Architecture]:
