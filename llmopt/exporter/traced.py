@@ -275,6 +275,7 @@ def _emit_decoder(model: Any) -> tuple[Any, dict[str, Any]]:
                    [*names, *past_names], ["logits", *present_names], axes)
     _keep_inputs(proto, {"position_ids": (7, ["batch", "sequence"]),
                          "logits_to_keep": (7, [])})
+    _order_inputs(proto, [*names[:3], *past_names, "logits_to_keep"])  # the native order
     layout = {
         "num_layers": layers,
         "num_attention_heads": int(getattr(model.config, "num_attention_heads", kv_heads)
@@ -417,3 +418,11 @@ def _keep_inputs(proto: Any, wanted: dict[str, tuple[int, list[Any]]]) -> None:
     for name, (elem, shape) in wanted.items():
         if name not in present:
             proto.graph.input.append(helper.make_tensor_value_info(name, elem, shape))
+
+
+def _order_inputs(proto: Any, order: list[str]) -> None:
+    inputs = {i.name: i for i in proto.graph.input}
+    ordered = [inputs[name] for name in order if name in inputs]
+    rest = [i for i in proto.graph.input if i.name not in order]
+    del proto.graph.input[:]
+    proto.graph.input.extend([*ordered, *rest])

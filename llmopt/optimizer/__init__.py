@@ -9,6 +9,10 @@ Levels (presets), each a superset of the one before:
   norm, rotary + attention (with the KV cache and grouped-query heads), GELU.
 - 3: level 2 in float16 (for GPUs; norms, softmax and logits stay float32).
 
+A package made by the traced builder has no weights under llmopt's names to re-emit from: its
+level 2 is ONNX Runtime's extended graph fusions (layer norms, residual + norm, GELU, ...),
+saved offline, and reported per fusion like the native ones.
+
 ``fusions`` picks individual fusions instead of all of the level's; a requested fusion that
 does not apply to the model (rotary on GPT-2) is reported, not silently dropped.
 """
@@ -78,7 +82,7 @@ class OptimizeOptions:
 def optimize(package: str | os.PathLike[str] | Package, out_dir: str | os.PathLike[str],
              options: OptimizeOptions | None = None) -> Package:
     """Write an optimized copy of ``package`` to ``out_dir``, validated against ``package``."""
-    from llmopt.optimizer.graphs import ort_basic, reemit
+    from llmopt.optimizer.graphs import ort_basic, ort_fusions, reemit
     from llmopt.package import graph_signature, write_derived
 
     options = options or OptimizeOptions()
@@ -87,7 +91,17 @@ def optimize(package: str | os.PathLike[str] | Package, out_dir: str | os.PathLi
     started = time.perf_counter()
     fusions = options.selected_fusions()
     dtype = "float16" if options.float16 else str(parent.manifest["onnx"].get("dtype", "float32"))
-    if fusions or dtype != parent.manifest["onnx"].get("dtype", "float32"):
+    traced = parent.manifest.get("builder") == "traced"
+    if traced and dtype != parent.manifest["onnx"].get("dtype", "float32"):
+        raise UnsupportedError(
+            f"{parent.path} was made by the traced builder; float16 optimization needs a "
+            "native one",
+            fix="optimize at level 2 (float32), or export with --builder native where the "
+            "architecture has one",
+        )
+    if traced and fusions:
+        proto, report = ort_fusions(_load(parent), fusions)
+    elif fusions or dtype != parent.manifest["onnx"].get("dtype", "float32"):
         proto, report = reemit(parent, fusions, dtype)
     else:
         proto, report = _load(parent), {"fusions": {}}

@@ -75,8 +75,23 @@ def _reemit_decoder(package: Package, tensors: dict[str, np.ndarray], fusions: f
     return build_decoder(dims, weights, arch.norm, np.dtype(dtype), fusions), notes
 
 
-def ort_basic(proto: Any) -> Any:
-    """ONNX Runtime's provider-independent basic optimizations, saved offline."""
+def ort_fusions(proto: Any, fusions: frozenset[str]) -> tuple[Any, dict[str, Any]]:
+    """A traced graph with ONNX Runtime's extended (fusing) optimizations saved offline, and which
+    of the requested fusions fired."""
+    import onnxruntime as ort
+
+    fused = ort_basic(proto, ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED)
+    counts = Counter(node.op_type for node in fused.graph.node)
+    report: dict[str, Any] = {"fusions": {}, "fused_by": "onnxruntime (extended level)"}
+    for fusion in sorted(fusions):
+        fired = {op: counts[op] for op in FUSED_OPS[fusion] if counts[op]}
+        report["fusions"][fusion] = {"fired": True, "ops": fired} if fired else {
+            "fired": False, "reason": "ONNX Runtime found no matching pattern in the traced graph"}
+    return fused, report
+
+
+def ort_basic(proto: Any, level: Any = None) -> Any:
+    """ONNX Runtime's provider-independent basic optimizations (or ``level``), saved offline."""
     import onnx
     import onnxruntime as ort
 
@@ -86,7 +101,7 @@ def ort_basic(proto: Any) -> Any:
         onnx.save_model(proto, str(src), save_as_external_data=large,
                         location="in.onnx.data" if large else None)
         options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        options.graph_optimization_level = level or ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
         options.optimized_model_filepath = str(dst)
         options.log_severity_level = 3
         if large:

@@ -81,15 +81,24 @@ def quantize(package: str | os.PathLike[str] | Package, out_dir: str | os.PathLi
     return result
 
 
+# mixture-of-experts routers: a few columns whose rounding flips which experts run
+ROUTERS = (".gate.weight", ".router.weight", "shared_expert_gate.weight")
+
+
 def weight_matmuls(proto: Any, keep_float: tuple[str, ...]) -> tuple[list[str], list[str]]:
-    """Names of MatMul nodes whose second input is a weight, split into (quantize, keep)."""
-    weights = {t.name for t in proto.graph.initializer}
+    """Names of MatMul nodes whose second input is a weight, split into (quantize, keep).
+    Routers stay float whatever ``keep_float`` says."""
+    weights = {t.name: t for t in proto.graph.initializer}
     targets: list[str] = []
     kept: list[str] = []
     for node in proto.graph.node:
         if node.op_type != "MatMul" or node.input[1] not in weights:
             continue
-        (kept if any(k in node.input[1] for k in keep_float) else targets).append(node.name)
+        name = node.input[1]
+        router = name.endswith(ROUTERS) and len(weights[name].dims) == 2 \
+            and weights[name].dims[1] < 256
+        keep = router or any(k in name for k in keep_float)
+        (kept if keep else targets).append(node.name)
     return targets, kept
 
 
@@ -143,6 +152,12 @@ def _gguf_blocks_usable(parent: Package, options: QuantizeOptions) -> bool:
     """Whether int4 reuses the GGUF source's blocks: when asked (``algorithm="gguf"``), or for
     ``auto`` when the package was exported from a GGUF file that is still on disk and the
     weights were not changed since (a fused package keeps them; the block check is exact)."""
+    if parent.manifest.get("builder", "native") != "native":
+        if options.algorithm == "gguf":
+            raise UnsupportedError(
+                "reusing GGUF blocks needs a package made by a native builder",
+                fix="use algorithm auto/hqq/rtn, or export with --builder native")
+        return False
     if options.algorithm == "gguf":
         return True
     if options.algorithm != "auto" or options.block_size != 32 or options.symmetric:
@@ -183,7 +198,8 @@ def _nbits(options: QuantizeOptions, src: Path, targets: list[str], kept: list[s
                    algorithm, options.accuracy_level)
     else:
         _onnxruntime_nbits(model, options, algorithm, exclude=[*kept, *heads], parent=parent)
-        details["zero_point_corrections"] = blockwise.correct_float_zero_points(model)
+        details["zero_point_corrections"] = blockwise.correct_float_zero_points(
+            model, any_rank=parent.manifest.get("builder", "native") != "native")
     if heads and options.lm_head_bits:
         _blockwise(model, heads, options.lm_head_bits, options.block_size, True, "mse",
                    options.accuracy_level)

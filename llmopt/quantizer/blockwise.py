@@ -156,7 +156,8 @@ def matmul_nbits(node_name: str, inputs: tuple[str, str], base: str, blocks: Blo
 
 
 def correction(x: str, symmetric: str, y: str, base: str, scales: np.ndarray,
-               zeros: np.ndarray, bits: int, block: int) -> tuple[list[Any], list[Any]]:
+               zeros: np.ndarray, bits: int, block: int,
+               any_rank: bool = False) -> tuple[list[Any], list[Any]]:
     """Float zero points on the fast kernel: ``y = symmetric + blocksum(x) @ C``.
 
     A block with a float zero point ``z`` computes ``s * (q - z) = s * (q - m) + s * (m - z)``
@@ -165,7 +166,9 @@ def correction(x: str, symmetric: str, y: str, base: str, scales: np.ndarray,
     output column, so its product with ``x`` is the per-block sums of ``x`` ([B, S, K/block],
     a Reshape and a ReduceSum: nothing to read from memory) times ``C[b, n] = s[n, b] * (m -
     z[n, b])`` ([K/block, N]): exact up to float rounding, costing 1/8 of the 4-bit weight's
-    bytes. ``x`` is [batch, sequence, K], as in every graph llmopt emits.
+    bytes. ``x`` is [batch, sequence, K], as in every graph llmopt emits; ``any_rank`` (traced
+    graphs, whose mixture-of-experts layers multiply [tokens, K]) takes the block shape from
+    ``x`` at run time instead, for two more tiny ops.
     """
     from onnx import helper, numpy_helper
 
@@ -176,8 +179,20 @@ def correction(x: str, symmetric: str, y: str, base: str, scales: np.ndarray,
                                      f"{base}.block_shape"),
              numpy_helper.from_array(np.array([-1], np.int64), f"{base}.block_axis"),
              numpy_helper.from_array(c, f"{base}.zero_point_correction")]
-    nodes = [
-        helper.make_node("Reshape", [x, inits[0].name], [f"{base}/blocks"],
+    shape = inits[0].name
+    nodes = []
+    if any_rank:
+        inits[0] = numpy_helper.from_array(np.array([nblocks, block], np.int64),
+                                           f"{base}.block_shape")
+        shape = f"{base}/block_shape"
+        nodes += [
+            helper.make_node("Shape", [x], [f"{base}/lead_shape"], name=f"{base}/LeadShape",
+                             end=-1),
+            helper.make_node("Concat", [f"{base}/lead_shape", inits[0].name], [shape],
+                             name=f"{base}/BlockShape", axis=0),
+        ]
+    nodes += [
+        helper.make_node("Reshape", [x, shape], [f"{base}/blocks"],
                          name=f"{base}/Blocks"),
         helper.make_node("ReduceSum", [f"{base}/blocks", inits[1].name], [f"{base}/block_sums"],
                          name=f"{base}/BlockSums", keepdims=0),
@@ -189,7 +204,7 @@ def correction(x: str, symmetric: str, y: str, base: str, scales: np.ndarray,
     return nodes, inits
 
 
-def correct_float_zero_points(proto: Any) -> int:
+def correct_float_zero_points(proto: Any, any_rank: bool = False) -> int:
     """Rewrite every MatMulNBits with float zero points (HQQ, GPTQ, GGUF Q4_1) into the
     symmetric kernel plus :func:`correction`; returns how many were rewritten."""
     from onnx import TensorProto, numpy_helper
@@ -218,7 +233,7 @@ def correct_float_zero_points(proto: Any) -> int:
         nodes.append(node)
         more_nodes, more_inits = correction(node.input[0], symmetric, y, base,
                                             scales.reshape(n, nblocks),
-                                            zeros.reshape(n, nblocks), bits, block)
+                                            zeros.reshape(n, nblocks), bits, block, any_rank)
         nodes += more_nodes
         added += more_inits
         rewritten += 1
