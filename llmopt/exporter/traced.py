@@ -43,6 +43,7 @@ RECURRENT = ("mamba", "mamba2", "rwkv", "jamba", "falcon_mamba", "falcon_h1", "z
              "recurrent_gemma", "xlstm", "bamba", "granitemoehybrid", "lfm2", "lfm2_moe",
              "qwen3_next", "nemotron_h", "minimax", "plamo2", "olmo3_hybrid")
 DYNAMIC_ROPE = ("dynamic", "longrope")
+MIN_TRANSFORMERS = "5.0"
 # the example shapes the trace runs on: neither 0 nor 1, so no dimension is taken for constant
 _BATCH, _SEQUENCE, _PAST = 2, 3, 4
 
@@ -54,7 +55,7 @@ class TracedArch:
     name: str
     kind: str  # "decoder" | "encoder"
     tolerance: float = 1e-3
-    min_transformers: str = "4.57"
+    min_transformers: str = MIN_TRANSFORMERS
     builder: str = "traced"
     notes: str = "traced from the PyTorch module (torch.onnx TorchScript export)"
 
@@ -120,6 +121,16 @@ def check_config(config: Any, task: str) -> None:
             fix="pass another --task, or export a model transformers can run for this task",
         )
     check_rope(config)
+    if not transformers_traceable():
+        import transformers
+
+        raise UnsupportedError(
+            f"{model_type} has no native builder, and the traced builder needs transformers "
+            f">= {MIN_TRANSFORMERS} (this is {transformers.__version__}: its attention masks "
+            "are built with torch.vmap, which does not trace)",
+            fix=f"pip install 'transformers>={MIN_TRANSFORMERS}', or export a family with a "
+            "native builder",
+        )
 
 
 def check_rope(config: Any) -> None:
@@ -133,6 +144,13 @@ def check_rope(config: Any) -> None:
             "one graph",
             fix="export a variant with static RoPE (e.g. the 4k-context model)",
         )
+
+
+def transformers_traceable() -> bool:
+    import transformers
+
+    major = int(transformers.__version__.split(".", 1)[0])
+    return major >= int(MIN_TRANSFORMERS.split(".", 1)[0])
 
 
 def default_task(model_type: str) -> str | None:

@@ -14,7 +14,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import llmopt
-from llmopt.exporter import ExportOptions, export, registry
+from llmopt.exporter import ExportOptions, export, registry, traced
 from llmopt.runtime.kv import left_pad, position_ids
 from tests import tiny_decoders
 
@@ -225,6 +225,11 @@ def test_builder_native_names_the_traced_fix(tmp_path: Path) -> None:
         assert arch in str(info.value)
 
 
+TRACEABLE = pytest.mark.skipif(not traced.transformers_traceable(),
+                               reason="the traced builder needs transformers >= 5")
+
+
+@TRACEABLE
 def test_native_and_traced_builders_agree_on_the_same_model(tmp_path: Path) -> None:
     """--builder lets a user compare both on one model: same contract, same tokens."""
     source = tiny_decoders.build("llama", tmp_path / "source")
@@ -311,6 +316,7 @@ def test_cli_unknown_architecture_exits_nonzero(tmp_path: Path) -> None:
     assert "encoder-decoder" in result.stderr and "Traceback" not in result.stderr
 
 
+@TRACEABLE
 def test_cli_builder_flag_and_inspect_show_the_builder(tmp_path: Path) -> None:
     source = tiny_decoders.build("mistral", tmp_path / "source")
     result = _cli("export", str(source), "-o", str(tmp_path / "package"), "--builder", "traced")

@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import llmopt
 from llmopt.errors import UnsupportedError
-from llmopt.exporter import ExportOptions, export, registry
+from llmopt.exporter import ExportOptions, export, registry, traced
 from llmopt.quantizer import QuantizeOptions
 from tests import tiny_decoders, tiny_families
 
@@ -60,6 +60,11 @@ def test_decoder_pipeline(model_type: str, tmp_path: Path, record_property: Any)
     if reason:
         pytest.skip(reason)
     source = tiny_families.build_decoder(model_type, tmp_path / "source")
+    if expected_builder(model_type) == "traced" and not traced.transformers_traceable():
+        with pytest.raises(UnsupportedError, match="transformers >= 5"):
+            export(source, tmp_path / "package")
+        assert not (tmp_path / "package").exists()  # refused from the config
+        return
     package = export(source, tmp_path / "package", ExportOptions(generation_tokens=8))
     manifest = package.manifest
     assert manifest["builder"] == expected_builder(model_type)
@@ -99,6 +104,10 @@ def test_decoder_pipeline(model_type: str, tmp_path: Path, record_property: Any)
 def test_encoder_export(model_type: str, tmp_path: Path) -> None:
     if model_type in tiny_families.ENCODERS:
         source = tiny_families.build_encoder(model_type, tmp_path / "source")
+        if not traced.transformers_traceable():
+            with pytest.raises(UnsupportedError, match="transformers >= 5"):
+                export(source, tmp_path / "package")
+            return
     else:
         from tests.exporter.test_encoders import build
 
@@ -173,6 +182,8 @@ def test_a_trace_that_computes_something_else_fails_validation(model_type: str,
     """These families bake shapes into a TorchScript trace; validation must catch it, name the
     differences and mark the package failed, never hand it on."""
     source = tiny_families.build_encoder(model_type, tmp_path / "source")
+    if not traced.transformers_traceable():
+        pytest.skip("transformers 4.x: the traced builder refuses before tracing (tested above)")
     with pytest.raises(llmopt.ValidationError, match="max abs diff"):
         export(source, tmp_path / "package")
     manifest = json.loads((tmp_path / "package" / "llmopt.json").read_text())
