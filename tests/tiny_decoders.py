@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 import transformers as T
@@ -43,9 +44,20 @@ def build(arch: str, directory: str | os.PathLike[str], seed: int = 0,
     config.eos_token_id = tokenizer.eos_token_id
     config.bos_token_id = tokenizer.bos_token_id
     config.pad_token_id = tokenizer.pad_token_id
+    model = save_random(model_class, config, tokenizer, directory, seed)
+    if not safe_serialization:  # transformers 5 always writes safetensors; make a pickled copy
+        (directory / "model.safetensors").unlink()
+        torch.save(model.state_dict(), directory / "pytorch_model.bin")
+    return directory
+
+
+def save_random(model_class: Any, config: Any, tokenizer: Any, directory: Path,
+                seed: int) -> Any:
+    """A seeded random ``model_class(config)`` saved in ``directory``, with weights larger than
+    the default init so every layer matters."""
     torch.manual_seed(seed)
     model = model_class(config)
-    with torch.no_grad():  # larger weights than the default init, so layers matter
+    with torch.no_grad():
         for param in model.parameters():
             if param.dim() > 1:
                 param.normal_(0.0, 0.2)
@@ -54,7 +66,4 @@ def build(arch: str, directory: str | os.PathLike[str], seed: int = 0,
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(directory)
-    if not safe_serialization:  # transformers 5 always writes safetensors; make a pickled copy
-        (directory / "model.safetensors").unlink()
-        torch.save(model.state_dict(), directory / "pytorch_model.bin")
-    return directory
+    return model

@@ -105,17 +105,7 @@ def build_decoder(model_type: str, directory: str | os.PathLike[str], seed: int 
     config.eos_token_id = tokenizer.eos_token_id
     config.bos_token_id = tokenizer.bos_token_id
     config.pad_token_id = tokenizer.pad_token_id
-    torch.manual_seed(seed)
-    model = getattr(T, model_class)(config)
-    with torch.no_grad():  # larger weights than the default init, so layers matter
-        for param in model.parameters():
-            if param.dim() > 1:
-                param.normal_(0.0, 0.2)
-            else:
-                param.uniform_(0.5, 1.5)
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.save_pretrained(directory)
+    tiny_decoders.save_random(getattr(T, model_class), config, tokenizer, directory, seed)
     return directory
 
 
