@@ -127,9 +127,24 @@ def _default_task(config: Any) -> str:
         return "text-classification"
     if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures):
         return "text-generation"
+    if any(a.endswith("Model") for a in architectures) and not getattr(config, "is_decoder",
+                                                                       False):
+        from llmopt.exporter import traced
+
+        if traced.default_task(str(config.model_type)) is not None and str(
+                config.model_type) not in _decoder_only():
+            return "feature-extraction"  # a bare encoder (ElectraModel, ModernBertModel)
     from llmopt.exporter import registry
 
     return registry.default_task(str(config.model_type))
+
+
+def _decoder_only() -> set[str]:
+    """Model types transformers has a causal LM for and no masked-LM or classifier head:
+    decoders, whose bare ``...Model`` class is still a decoder."""
+    from transformers.models.auto import modeling_auto as auto
+
+    return set(auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES) - set(auto.MODEL_FOR_MASKED_LM_MAPPING_NAMES)
 
 
 def _check_output_dir(out: Path) -> None:

@@ -249,7 +249,14 @@ def probe_cache(model: Any) -> tuple[int, int, int]:
         out = model(input_ids=torch.tensor([[1, 2]]), attention_mask=torch.ones(1, 2,
                                                                                   dtype=torch.long),
                     use_cache=True)
-    tensors = _cache_tensors(out.past_key_values)
+    cache = getattr(out, "past_key_values", None)
+    if cache is None:
+        raise UnsupportedError(
+            f"{model.config.model_type} returned no KV cache, so it is not exported as a "
+            "decoder",
+            fix="pass --task feature-extraction (or text-classification) for an encoder",
+        )
+    tensors = _cache_tensors(cache)
     if not tensors or any(t is None or t.dim() != 4 for t in tensors):
         raise UnsupportedError(
             f"{model.config.model_type}'s cache is not one [batch, heads, sequence, head_dim] "
