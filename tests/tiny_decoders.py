@@ -26,6 +26,8 @@ CONFIGS = {
     "mistral": (T.MistralForCausalLM,
                 lambda v: T.MistralConfig(vocab_size=v, sliding_window=8, **_COMMON)),
     "qwen2": (T.Qwen2ForCausalLM, lambda v: T.Qwen2Config(vocab_size=v, **_COMMON)),
+    "qwen3": (T.Qwen3ForCausalLM,
+              lambda v: T.Qwen3Config(vocab_size=v, head_dim=16, **_COMMON)),
     "phi3": (T.Phi3ForCausalLM,
              lambda v: T.Phi3Config(vocab_size=v, partial_rotary_factor=0.5, **_COMMON)),
     "gpt2": (T.GPT2LMHeadModel,

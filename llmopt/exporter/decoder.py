@@ -32,6 +32,7 @@ class DecoderNames:
 
     Attention is given either as separate ``q``/``k``/``v`` or as one fused ``qkv``; the MLP as
     ``gate`` + ``up`` (gated), a fused ``gate_up`` (gate first), or a plain ``fc_in``.
+    ``q_norm``/``k_norm``: per-head RMSNorms over head_dim after projection (Qwen3).
     """
 
     embed: str
@@ -51,6 +52,8 @@ class DecoderNames:
     up: str | None = None
     gate_up: str | None = None
     fc_in: str | None = None
+    q_norm: str | None = None
+    k_norm: str | None = None
 
 
 @dataclass(frozen=True)
@@ -179,6 +182,8 @@ class LayerWeights:
     mlp_in: Linear  # gate and up side by side (gated MLP), or the plain first projection
     mlp_out: Linear
     gated: bool
+    q_norm: Norm | None = None  # per-head RMSNorm over head_dim, before rotary (Qwen3)
+    k_norm: Norm | None = None
 
 
 @dataclass
@@ -217,9 +222,12 @@ def weights_from_state(arch: DecoderArch, dims: DecoderDims, state: Mapping[str,
             mlp_in = concat_linear([state_linear(state, p + n.gate, t),
                                     state_linear(state, p + n.up, t)])
             gated = True
-        layers.append(LayerWeights(norm(p + n.attn_norm), qkv,
-                                   state_linear(state, p + n.o, t), norm(p + n.mlp_norm),
-                                   mlp_in, state_linear(state, p + n.mlp_out, t), gated))
+        layers.append(LayerWeights(
+            norm(p + n.attn_norm), qkv, state_linear(state, p + n.o, t),
+            norm(p + n.mlp_norm), mlp_in, state_linear(state, p + n.mlp_out, t),
+            gated,
+            q_norm=norm(p + n.q_norm) if n.q_norm else None,
+            k_norm=norm(p + n.k_norm) if n.k_norm else None))
     head = n.lm_head if f"{n.lm_head}.weight" in state else n.embed.removesuffix(".weight")
     return DecoderWeights(
         embed=to_numpy(state[n.embed]),
@@ -245,10 +253,13 @@ def weights_from_onnx(tensors: Mapping[str, np.ndarray], num_layers: int) -> Dec
     for i in range(num_layers):
         p = f"{WEIGHT_PREFIX}.layers.{i}."
         gated = f"{p}mlp.gate_up_proj.weight" in tensors
+        q_norm, k_norm = (get(f"{p}attn.{x}_norm.weight") for x in "qk")
         layers.append(LayerWeights(
             norm(p + "attn_norm"), linear(p + "attn.qkv_proj"), linear(p + "attn.o_proj"),
             norm(p + "mlp_norm"), linear(p + ("mlp.gate_up_proj" if gated else "mlp.fc_in")),
-            linear(p + "mlp.fc_out"), gated))
+            linear(p + "mlp.fc_out"), gated,
+            q_norm=None if q_norm is None else Norm(q_norm),
+            k_norm=None if k_norm is None else Norm(k_norm)))
     return DecoderWeights(
         embed=need(f"{WEIGHT_PREFIX}.embed.weight"),
         position_embed=get(f"{WEIGHT_PREFIX}.position_embed.weight"),

@@ -11,17 +11,28 @@
 
 Both take the same inputs, produce the same outputs and name weights alike
 (``model.layers.{i}.attn.qkv_proj.weight``...), so later stages can find them.
+
+An optional per-architecture feature, absent by default so other graphs are unchanged:
+per-head q/k RMSNorm before rotary (Qwen3; ``model.layers.{i}.attn.q_norm.weight``, fused as
+``RMSNormalization`` over head_dim).
 """
 
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import onnx
 
-from llmopt.exporter.decoder import WEIGHT_PREFIX, DecoderDims, DecoderWeights, Norm
+from llmopt.exporter.decoder import (
+    WEIGHT_PREFIX,
+    DecoderDims,
+    DecoderWeights,
+    LayerWeights,
+    Norm,
+)
 from llmopt.exporter.graph import MS_DOMAIN, OPSET, GraphBuilder
 from llmopt.exporter.ops import F32, Linear, activation, rms_norm
 
@@ -31,6 +42,8 @@ MASK_MIN = float(np.finfo(np.float32).min)
 
 
 FUSIONS = ("norm", "skip_norm", "attention", "activation")
+
+QKNorm = Callable[[str, str], tuple[str, str]]  # (q, k) -> normalized (q, k), [B,S,H*D]
 
 
 def build_decoder(dims: DecoderDims, weights: DecoderWeights, norm_kind: str, dtype: Any,
@@ -114,17 +127,34 @@ def build_decoder(dims: DecoderDims, weights: DecoderWeights, norm_kind: str, dt
             with b.scope("kv_lengths"):
                 lengths = kv_lengths(b, attention_mask)
 
+        def head_norms(layer: LayerWeights, p: str) -> QKNorm | None:
+            """Per-head RMSNorm of q and k over head_dim ([B,S,H*D] in and out)."""
+            if layer.q_norm is None or layer.k_norm is None:
+                return None
+            q_norm, k_norm = layer.q_norm, layer.k_norm
+
+            def apply(q: str, k: str) -> tuple[str, str]:
+                out = []
+                for flat, weights_, heads, name in ((q, q_norm, d.num_heads, "q_norm"),
+                                                    (k, k_norm, d.num_kv_heads, "k_norm")):
+                    per_head = b.op("Reshape", flat, b.const([0, 0, heads, d.head_dim]))
+                    normed = norm(per_head, weights_, f"{p}attn.{name}")
+                    out.append(b.op("Reshape", normed, b.const([0, 0, heads * d.head_dim])))
+                return out[0], out[1]
+            return apply
+
         h = norm(x, weights.layers[0].attn_norm, f"{P}.layers.0.attn_norm")
         for i, layer in enumerate(weights.layers):
             p = f"{P}.layers.{i}."
             with b.scope(f"layers.{i}"):
                 qkv = linear(h, layer.qkv, p + "attn.qkv_proj")
                 with b.scope("attn"):
+                    qk_norm = head_norms(layer, p)
                     if "attention" in fusions:
                         attn = _fused_attention(b, qkv, past[i], bias, cos, sin, d, i,
-                                                lengths)
+                                                lengths, qk_norm)
                     else:
-                        attn = _attention(b, qkv, past[i], bias, cos, sin, d, i, dt)
+                        attn = _attention(b, qkv, past[i], bias, cos, sin, d, i, dt, qk_norm)
                 attn = linear(attn, layer.o, p + "attn.o_proj")
                 h, x = skip_norm(x, attn, layer.mlp_norm, p + "mlp_norm")
                 with b.scope("mlp"):
@@ -219,10 +249,14 @@ def rotary_tables(b: GraphBuilder, position_ids: str, inv_freq: np.ndarray, scal
     return cos, sin
 
 
-def _split_qkv(b: GraphBuilder, qkv: str, d: DecoderDims) -> list[str]:
+def _split_qkv(b: GraphBuilder, qkv: str, d: DecoderDims,
+               qk_norm: QKNorm | None = None) -> list[str]:
     heads, kv_heads, dim = d.num_heads, d.num_kv_heads, d.head_dim
-    return list(b.op("Split", qkv, b.const([heads * dim, kv_heads * dim, kv_heads * dim]),
-                     axis=-1, outputs=3))
+    q, k, v = b.op("Split", qkv, b.const([heads * dim, kv_heads * dim, kv_heads * dim]),
+                   axis=-1, outputs=3)
+    if qk_norm is not None:
+        q, k = qk_norm(q, k)
+    return [q, k, v]
 
 
 def kv_lengths(b: GraphBuilder, attention_mask: str) -> tuple[str, str]:
@@ -237,7 +271,7 @@ def kv_lengths(b: GraphBuilder, attention_mask: str) -> tuple[str, str]:
 
 def _fused_attention(b: GraphBuilder, qkv: str, past: tuple[str, str], bias: str,
                      cos: str | None, sin: str | None, d: DecoderDims, layer: int,
-                     lengths: tuple[str, str] | None) -> str:
+                     lengths: tuple[str, str] | None, qk_norm: QKNorm | None = None) -> str:
     r"""Rotary and attention as single ops; the KV cache stays BNSH.
 
     ::
@@ -251,7 +285,7 @@ def _fused_attention(b: GraphBuilder, qkv: str, past: tuple[str, str], bias: str
     keys and values into it in place instead of copying the whole cache every step. Rotary
     stays outside it, at each row's own position, so left-padded batches stay exact.
     """
-    q, k, v = _split_qkv(b, qkv, d)
+    q, k, v = _split_qkv(b, qkv, d, qk_norm)
     if cos is not None and sin is not None:
         rot = d.rotary_dim if d.rotary_dim < d.head_dim else None
         q = b.op("RotaryEmbedding", q, cos, sin, num_heads=d.num_heads, rotary_embedding_dim=rot)
@@ -288,7 +322,8 @@ def _apply_rotary(b: GraphBuilder, x: str, cos: str, sin: str, head_dim: int,
 
 
 def _attention(b: GraphBuilder, qkv: str, past: tuple[str, str], bias: str, cos: str | None,
-               sin: str | None, d: DecoderDims, layer: int, dt: np.dtype) -> str:
+               sin: str | None, d: DecoderDims, layer: int, dt: np.dtype,
+               qk_norm: QKNorm | None = None) -> str:
     r"""Scaled dot-product attention with a KV cache and grouped-query heads, in primitives.
 
     ::
@@ -304,7 +339,7 @@ def _attention(b: GraphBuilder, qkv: str, past: tuple[str, str], bias: str, cos:
     """
     heads, kv_heads, dim = d.num_heads, d.num_kv_heads, d.head_dim
     rep = heads // kv_heads
-    q, k, v = _split_qkv(b, qkv, d)
+    q, k, v = _split_qkv(b, qkv, d, qk_norm)
     perm = [0, 2, 1, 3]
     q = b.op("Transpose", b.op("Reshape", q, b.const([0, 0, heads, dim])), perm=perm)
     k = b.op("Transpose", b.op("Reshape", k, b.const([0, 0, kv_heads, dim])), perm=perm)

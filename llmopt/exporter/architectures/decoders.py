@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 from llmopt.exporter.decoder import DecoderArch, DecoderNames
@@ -57,6 +58,16 @@ register(DecoderArch(
     norm="rms",
     positions="rotary",
     sliding_window=_window,
+))
+
+register(DecoderArch(
+    name="qwen3",
+    model_types=("qwen3",),
+    names=replace(_LLAMA_LAYER, q_norm="self_attn.q_norm", k_norm="self_attn.k_norm"),
+    norm="rms",
+    positions="rotary",
+    sliding_window=_window,
+    notes="Qwen3 dense models (per-head q/k RMSNorm); the MoE variants are not native",
 ))
 
 register(DecoderArch(
