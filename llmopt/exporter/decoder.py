@@ -106,6 +106,11 @@ class DecoderDims:
     attention_scale: float
     layer_scales: tuple[float, ...]  # extra per-layer attention scaling (GPT-2 option)
     rope_scaling: float = 1.0  # multiplies cos/sin (transformers' attention_scaling)
+    # Granite's config multipliers; 1.0 elsewhere. Folded into the weights (embed table,
+    # o/down projections, LM head) by weights_from_state, so the graph needs no extra ops.
+    embedding_multiplier: float = 1.0
+    residual_multiplier: float = 1.0
+    logits_scaling: float = 1.0
 
 
 def read_dims(arch: DecoderArch, config: Any, inv_freq: np.ndarray | None,
@@ -120,6 +125,8 @@ def read_dims(arch: DecoderArch, config: Any, inv_freq: np.ndarray | None,
         raise UnsupportedError(f"{heads} attention heads are not a multiple of {kv_heads} KV heads")
     layers = int(config.num_hidden_layers)
     scale = 1.0 / math.sqrt(head_dim)
+    if getattr(config, "attention_multiplier", None) is not None:  # Granite: replaces 1/sqrt(D)
+        scale = float(config.attention_multiplier)
     if arch.positions == "learned" and not getattr(config, "scale_attn_weights", True):
         scale = 1.0
     by_layer = getattr(config, "scale_attn_by_inverse_layer_idx", False)
@@ -139,6 +146,9 @@ def read_dims(arch: DecoderArch, config: Any, inv_freq: np.ndarray | None,
         attention_scale=scale,
         layer_scales=layer_scales,
         rope_scaling=rope_scaling,
+        embedding_multiplier=float(getattr(config, "embedding_multiplier", 1.0) or 1.0),
+        residual_multiplier=float(getattr(config, "residual_multiplier", 1.0) or 1.0),
+        logits_scaling=float(getattr(config, "logits_scaling", 1.0) or 1.0),
     )
 
 
@@ -222,21 +232,32 @@ def weights_from_state(arch: DecoderArch, dims: DecoderDims, state: Mapping[str,
             mlp_in = concat_linear([state_linear(state, p + n.gate, t),
                                     state_linear(state, p + n.up, t)])
             gated = True
+        r = dims.residual_multiplier
         layers.append(LayerWeights(
-            norm(p + n.attn_norm), qkv, state_linear(state, p + n.o, t),
-            norm(p + n.mlp_norm), mlp_in, state_linear(state, p + n.mlp_out, t),
+            norm(p + n.attn_norm), qkv, _scaled(state_linear(state, p + n.o, t), r),
+            norm(p + n.mlp_norm), mlp_in, _scaled(state_linear(state, p + n.mlp_out, t), r),
             gated,
             q_norm=norm(p + n.q_norm) if n.q_norm else None,
             k_norm=norm(p + n.k_norm) if n.k_norm else None))
     head = n.lm_head if f"{n.lm_head}.weight" in state else n.embed.removesuffix(".weight")
     return DecoderWeights(
-        embed=to_numpy(state[n.embed]),
+        embed=to_numpy(state[n.embed]) * np.float32(dims.embedding_multiplier),
         position_embed=to_numpy(state[n.position_embed]) if n.position_embed else None,
         layers=layers,
         final_norm=norm(n.final_norm),
-        lm_head=state_linear(state, head, transposed=False),
+        lm_head=_scaled(state_linear(state, head, transposed=False), 1.0 / dims.logits_scaling),
         inv_freq=inv_freq,
     )
+
+
+def _scaled(lin: Linear, factor: float) -> Linear:
+    """``lin`` times a constant: (xW + b) * f = x(fW) + fb. Folding Granite's multipliers into
+    the weights keeps the graph (and every fusion) the same as Llama's; the multiplied weights
+    are what the ONNX initializers hold, so re-reading them does not fold twice."""
+    if factor == 1.0:
+        return lin
+    f = np.float32(factor)
+    return Linear(lin.weight * f, None if lin.bias is None else lin.bias * f)
 
 
 def weights_from_onnx(tensors: Mapping[str, np.ndarray], num_layers: int) -> DecoderWeights:

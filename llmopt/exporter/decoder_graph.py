@@ -12,9 +12,11 @@
 Both take the same inputs, produce the same outputs and name weights alike
 (``model.layers.{i}.attn.qkv_proj.weight``...), so later stages can find them.
 
-An optional per-architecture feature, absent by default so other graphs are unchanged:
+Optional per-architecture features, absent by default so other graphs are unchanged:
 per-head q/k RMSNorm before rotary (Qwen3; ``model.layers.{i}.attn.q_norm.weight``, fused as
-``RMSNormalization`` over head_dim).
+``RMSNormalization`` over head_dim), and Granite's multipliers, which need no ops of their
+own: the attention scale comes from ``DecoderDims.attention_scale`` and the embedding,
+residual and logits multipliers are folded into the weights (see ``weights_from_state``).
 """
 
 from __future__ import annotations

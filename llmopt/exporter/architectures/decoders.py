@@ -111,3 +111,12 @@ register(DecoderArch(
     act_attr="activation_function",
     transposed_linear=True,
 ))
+
+register(DecoderArch(
+    name="granite",
+    model_types=("granite",),
+    names=_LLAMA_LAYER,
+    norm="rms",
+    positions="rotary",
+    notes="IBM Granite (3.x dense): its embedding, residual, attention and logits multipliers",
+))
