@@ -25,7 +25,7 @@ def describe(path: str | os.PathLike[str] | Package) -> dict[str, Any]:
         "path": str(package.path),
         "task": m.get("task"),
         "architecture": m.get("architecture"),
-        "builder": m.get("builder", "native"),  # packages made before the traced builder
+        "builder": package.builder,
         "model_type": m.get("model_type"),
         "source": m.get("source"),
         "onnx": m.get("onnx"),

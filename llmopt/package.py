@@ -83,6 +83,12 @@ class Package:
         return self.task == "text-generation"
 
     @property
+    def builder(self) -> str:
+        """``native`` or ``traced``: which exporter builder made the graph (packages from before
+        the traced builder are native)."""
+        return str(self.manifest.get("builder", "native"))
+
+    @property
     def kv_cache(self) -> dict[str, Any]:
         return dict(self.manifest.get("kv_cache") or {})
 

@@ -91,7 +91,7 @@ def optimize(package: str | os.PathLike[str] | Package, out_dir: str | os.PathLi
     started = time.perf_counter()
     fusions = options.selected_fusions()
     dtype = "float16" if options.float16 else str(parent.manifest["onnx"].get("dtype", "float32"))
-    traced = parent.manifest.get("builder") == "traced"
+    traced = parent.builder == "traced"
     if traced and dtype != parent.manifest["onnx"].get("dtype", "float32"):
         raise UnsupportedError(
             f"{parent.path} was made by the traced builder; float16 optimization needs a "

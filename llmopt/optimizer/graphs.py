@@ -38,16 +38,20 @@ def reemit(package: Package, fusions: frozenset[str], dtype: str) -> tuple[Any, 
         from llmopt.exporter.encoder import reemit_encoder
 
         proto, notes = reemit_encoder(package, tensors, fusions, dtype)
+    return proto, {"fusions": fusion_report(proto, fusions, notes, "no matching pattern")}
+
+
+def fusion_report(proto: Any, fusions: frozenset[str], notes: dict[str, str],
+                  default_reason: str) -> dict[str, Any]:
+    """For each requested fusion, the fused ops it left in ``proto``, or why it did not fire
+    (``notes``, else ``default_reason``)."""
     counts = Counter(node.op_type for node in proto.graph.node)
-    report: dict[str, Any] = {"fusions": {}}
+    report: dict[str, Any] = {}
     for fusion in sorted(fusions):
         fired = {op: counts[op] for op in FUSED_OPS[fusion] if counts[op]}
-        if fired:
-            report["fusions"][fusion] = {"fired": True, "ops": fired}
-        else:
-            report["fusions"][fusion] = {"fired": False,
-                                         "reason": notes.get(fusion, "no matching pattern")}
-    return proto, report
+        report[fusion] = {"fired": True, "ops": fired} if fired else {
+            "fired": False, "reason": notes.get(fusion, default_reason)}
+    return report
 
 
 def _reemit_decoder(package: Package, tensors: dict[str, np.ndarray], fusions: frozenset[str],
@@ -81,13 +85,9 @@ def ort_fusions(proto: Any, fusions: frozenset[str]) -> tuple[Any, dict[str, Any
     import onnxruntime as ort
 
     fused = ort_basic(proto, ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED)
-    counts = Counter(node.op_type for node in fused.graph.node)
-    report: dict[str, Any] = {"fusions": {}, "fused_by": "onnxruntime (extended level)"}
-    for fusion in sorted(fusions):
-        fired = {op: counts[op] for op in FUSED_OPS[fusion] if counts[op]}
-        report["fusions"][fusion] = {"fired": True, "ops": fired} if fired else {
-            "fired": False, "reason": "ONNX Runtime found no matching pattern in the traced graph"}
-    return fused, report
+    report = fusion_report(fused, fusions, {},
+                           "ONNX Runtime found no matching pattern in the traced graph")
+    return fused, {"fusions": report, "fused_by": "onnxruntime (extended level)"}
 
 
 def ort_basic(proto: Any, level: Any = None) -> Any:

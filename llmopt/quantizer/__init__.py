@@ -152,7 +152,7 @@ def _gguf_blocks_usable(parent: Package, options: QuantizeOptions) -> bool:
     """Whether int4 reuses the GGUF source's blocks: when asked (``algorithm="gguf"``), or for
     ``auto`` when the package was exported from a GGUF file that is still on disk and the
     weights were not changed since (a fused package keeps them; the block check is exact)."""
-    if parent.manifest.get("builder", "native") != "native":
+    if parent.builder != "native":
         if options.algorithm == "gguf":
             raise UnsupportedError(
                 "reusing GGUF blocks needs a package made by a native builder",
@@ -199,7 +199,7 @@ def _nbits(options: QuantizeOptions, src: Path, targets: list[str], kept: list[s
     else:
         _onnxruntime_nbits(model, options, algorithm, exclude=[*kept, *heads], parent=parent)
         details["zero_point_corrections"] = blockwise.correct_float_zero_points(
-            model, any_rank=parent.manifest.get("builder", "native") != "native")
+            model, any_rank=parent.builder != "native")
     if heads and options.lm_head_bits:
         _blockwise(model, heads, options.lm_head_bits, options.block_size, True, "mse",
                    options.accuracy_level)
