@@ -66,9 +66,12 @@ class DecoderArch:
     norm: str  # "rms" | "layer"
     positions: str  # "rotary" | "learned"
     eps_attr: str = "rms_norm_eps"
+    eps: float | None = None  # the epsilon where the config names none (OPT's nn.LayerNorm)
     act_attr: str = "hidden_act"
     transposed_linear: bool = False  # GPT-2's Conv1D stores weights as [in, out]
     sliding_window: Callable[[Any], int | None] = lambda config: None
+    kv_heads: Callable[[Any], int | None] = lambda config: None  # else num_key_value_heads
+    position_offset: int = 0  # rows before position 0 in the position table (OPT: 2)
     tolerance: float = 2e-3
     min_transformers: str = "4.57"
     tasks: tuple[str, ...] = TASKS
@@ -120,7 +123,8 @@ def read_dims(arch: DecoderArch, config: Any, inv_freq: np.ndarray | None,
     heads = int(config.num_attention_heads)
     hidden = int(config.hidden_size)
     head_dim = int(getattr(config, "head_dim", None) or hidden // heads)
-    kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
+    kv_heads = int(arch.kv_heads(config) or getattr(config, "num_key_value_heads", None)
+                   or heads)
     if heads % kv_heads:
         raise UnsupportedError(f"{heads} attention heads are not a multiple of {kv_heads} KV heads")
     layers = int(config.num_hidden_layers)
@@ -138,7 +142,7 @@ def read_dims(arch: DecoderArch, config: Any, inv_freq: np.ndarray | None,
         head_dim=head_dim,
         hidden=hidden,
         vocab=int(config.vocab_size),
-        eps=float(getattr(config, arch.eps_attr)),
+        eps=float(arch.eps if arch.eps is not None else getattr(config, arch.eps_attr)),
         activation=str(getattr(config, arch.act_attr)),
         max_positions=int(config.max_position_embeddings),
         sliding_window=arch.sliding_window(config),
@@ -242,7 +246,8 @@ def weights_from_state(arch: DecoderArch, dims: DecoderDims, state: Mapping[str,
     head = n.lm_head if f"{n.lm_head}.weight" in state else n.embed.removesuffix(".weight")
     return DecoderWeights(
         embed=to_numpy(state[n.embed]) * np.float32(dims.embedding_multiplier),
-        position_embed=to_numpy(state[n.position_embed]) if n.position_embed else None,
+        position_embed=(to_numpy(state[n.position_embed])[arch.position_offset:]
+                        if n.position_embed else None),
         layers=layers,
         final_norm=norm(n.final_norm),
         lm_head=_scaled(state_linear(state, head, transposed=False), 1.0 / dims.logits_scaling),

@@ -89,6 +89,8 @@ def choose(config: Any, task: str, builder: str = "auto") -> Architecture:
             )
         if native.kind == "decoder":
             traced.check_rope(config)
+        for check in getattr(native, "extra_checks", ()):  # the description's own refusals
+            check(config)
         return find(model_type, task)
     traced.check_config(config, task)
     return traced.TracedArch(model_type, traced.kind_for_task(task))

@@ -204,6 +204,11 @@ def _unreadable_weights(directory: Path, config: dict) -> Path:
                                                        "short_factor": [1.0] * 8,
                                                        "long_factor": [2.0] * 8}},
      "longrope"),
+    ({"model_type": "opt", "vocab_size": 64, "hidden_size": 32, "num_hidden_layers": 1,
+      "num_attention_heads": 2, "ffn_dim": 64, "do_layer_norm_before": False,
+      "word_embed_proj_dim": 16}, "opt-350m"),
+    ({"model_type": "gpt_bigcode", "vocab_size": 64, "n_embd": 32, "n_layer": 1, "n_head": 2,
+      "multi_query": False}, "multi_query=false"),
 ])
 def test_unsupported_models_are_refused_before_any_weight_is_read(
         tmp_path: Path, config: dict, expected: str) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
+from llmopt.errors import UnsupportedError
 from llmopt.exporter.decoder import DecoderArch, DecoderNames
 from llmopt.exporter.registry import register
 
@@ -119,4 +120,77 @@ register(DecoderArch(
     norm="rms",
     positions="rotary",
     notes="IBM Granite (3.x dense): its embedding, residual, attention and logits multipliers",
+))
+
+
+def _opt_pre_norm(config: Any) -> None:
+    """OPT-350m alone normalizes after each block and projects its 512-wide embeddings to 1024."""
+    if not getattr(config, "do_layer_norm_before", True) or getattr(
+            config, "word_embed_proj_dim", config.hidden_size) != config.hidden_size:
+        raise UnsupportedError(
+            "OPT with post-block norms or projected embeddings (opt-350m) has no native builder",
+            fix="export another OPT size (125m, 1.3b, 2.7b, 6.7b, ...), all pre-norm")
+    if not getattr(config, "layer_norm_elementwise_affine", True):
+        raise UnsupportedError("OPT without LayerNorm weights has no native builder",
+                               fix="export a checkpoint with layer_norm_elementwise_affine=true")
+
+
+register(DecoderArch(
+    name="opt",
+    model_types=("opt",),
+    names=DecoderNames(
+        embed="model.decoder.embed_tokens.weight",
+        position_embed="model.decoder.embed_positions.weight",
+        layer="model.decoder.layers.{i}.",
+        attn_norm="self_attn_layer_norm",
+        mlp_norm="final_layer_norm",
+        q="self_attn.q_proj",
+        k="self_attn.k_proj",
+        v="self_attn.v_proj",
+        o="self_attn.out_proj",
+        fc_in="fc1",
+        mlp_out="fc2",
+        final_norm="model.decoder.final_layer_norm",
+    ),
+    norm="layer",
+    positions="learned",
+    eps=1e-5,
+    act_attr="activation_function",
+    position_offset=2,
+    extra_checks=(_opt_pre_norm,),
+    notes="Meta OPT (pre-norm sizes: 125m, 1.3b and up); its position table's 2-row offset is "
+          "dropped at export",
+))
+
+
+def _bigcode_multi_query(config: Any) -> None:
+    """GPT-BigCode's multi-head variant interleaves q, k and v per head in ``c_attn``, which the
+    native graph does not read; its multi-query models (one KV head) are the ones people run."""
+    if not getattr(config, "multi_query", True):
+        raise UnsupportedError("GPT-BigCode with multi_query=false has no native builder",
+                               fix="use a multi-query checkpoint (StarCoder, SantaCoder)")
+
+
+register(DecoderArch(
+    name="gpt_bigcode",
+    model_types=("gpt_bigcode",),
+    names=DecoderNames(
+        embed="transformer.wte.weight",
+        position_embed="transformer.wpe.weight",
+        layer="transformer.h.{i}.",
+        attn_norm="ln_1",
+        mlp_norm="ln_2",
+        qkv="attn.c_attn",
+        o="attn.c_proj",
+        fc_in="mlp.c_fc",
+        mlp_out="mlp.c_proj",
+        final_norm="transformer.ln_f",
+    ),
+    norm="layer",
+    positions="learned",
+    eps_attr="layer_norm_epsilon",
+    act_attr="activation_function",
+    kv_heads=lambda config: 1,  # multi-query
+    extra_checks=(_bigcode_multi_query,),
+    notes="StarCoder 1, SantaCoder, WizardCoder and other multi-query GPT-BigCode models",
 ))
