@@ -41,6 +41,8 @@ CONFIGS = {
     "gpt_bigcode": (T.GPTBigCodeForCausalLM,
                     lambda v: T.GPTBigCodeConfig(vocab_size=v, n_embd=64, n_layer=2, n_head=4,
                                                  n_positions=256, multi_query=True)),
+    "gemma": (T.GemmaForCausalLM,
+              lambda v: T.GemmaConfig(vocab_size=v, head_dim=16, **_COMMON)),
     "gpt2": (T.GPT2LMHeadModel,
              lambda v: T.GPT2Config(vocab_size=v, n_embd=64, n_layer=2, n_head=4,
                                     n_positions=256)),

@@ -24,7 +24,6 @@ _GPT = {"n_embd": 64, "n_layer": 2, "n_head": 4, "n_positions": 256}
 
 # model type -> (model class, config class, config kwargs)
 DECODERS: dict[str, tuple[str, str, dict[str, Any]]] = {
-    "gemma": ("GemmaForCausalLM", "GemmaConfig", {**_C, "head_dim": 16}),
     "gemma2": ("Gemma2ForCausalLM", "Gemma2Config",
                {**_C, "head_dim": 16, "sliding_window": 8}),
     "gemma3_text": ("Gemma3ForCausalLM", "Gemma3TextConfig",

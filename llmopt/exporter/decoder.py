@@ -33,6 +33,8 @@ class DecoderNames:
     Attention is given either as separate ``q``/``k``/``v`` or as one fused ``qkv``; the MLP as
     ``gate`` + ``up`` (gated), a fused ``gate_up`` (gate first), or a plain ``fc_in``.
     ``q_norm``/``k_norm``: per-head RMSNorms over head_dim after projection (Qwen3).
+    ``attn_post_norm``/``mlp_post_norm``: norms on the attention and MLP outputs before their
+    residual adds (Gemma 2/3's post_attention/post_feedforward norms); ``None`` elsewhere.
     """
 
     embed: str
@@ -54,6 +56,8 @@ class DecoderNames:
     fc_in: str | None = None
     q_norm: str | None = None
     k_norm: str | None = None
+    attn_post_norm: str | None = None
+    mlp_post_norm: str | None = None
 
 
 @dataclass(frozen=True)
@@ -77,6 +81,12 @@ class DecoderArch:
     tasks: tuple[str, ...] = TASKS
     notes: str = ""
     extra_checks: tuple[Callable[[Any], None], ...] = field(default=())
+    # Gemma: RMSNorm weights stored as offsets from 1 (``x * (1 + w)``); folded into the
+    # normalized weights, so the graph's norms (and their fusions) stay plain RMSNorms
+    norm_offset: float = 0.0
+    scale_embeddings: bool = False  # Gemma: token embeddings times sqrt(hidden) (LM head not)
+    # which layers the sliding window applies to (None: all of them); Gemma 2/3 alternate
+    sliding_layers: Callable[[Any], tuple[bool, ...] | None] = lambda config: None
     kind: str = "decoder"
     builder: str = "native"
 
@@ -114,10 +124,21 @@ class DecoderDims:
     embedding_multiplier: float = 1.0
     residual_multiplier: float = 1.0
     logits_scaling: float = 1.0
+    # per layer, whether ``sliding_window`` applies; () = every layer (when there is a window)
+    sliding_layers: tuple[bool, ...] = ()
+    attn_softcap: float = 0.0  # Gemma 2: scores -> tanh(scores / cap) * cap before the mask
+    final_softcap: float = 0.0  # Gemma 2: the same on the logits
+    rope_scaling_local: float = 1.0  # attention_scaling of the sliding layers' own RoPE table
+
+    def window(self, layer: int) -> int | None:
+        """The attention window of ``layer``, or None for full attention."""
+        if self.sliding_layers and not self.sliding_layers[layer]:
+            return None
+        return self.sliding_window
 
 
 def read_dims(arch: DecoderArch, config: Any, inv_freq: np.ndarray | None,
-              rope_scaling: float = 1.0) -> DecoderDims:
+              rope_scaling: float = 1.0, rope_scaling_local: float = 1.0) -> DecoderDims:
     for check in arch.extra_checks:
         check(config)
     heads = int(config.num_attention_heads)
@@ -131,10 +152,19 @@ def read_dims(arch: DecoderArch, config: Any, inv_freq: np.ndarray | None,
     scale = 1.0 / math.sqrt(head_dim)
     if getattr(config, "attention_multiplier", None) is not None:  # Granite: replaces 1/sqrt(D)
         scale = float(config.attention_multiplier)
+    if getattr(config, "query_pre_attn_scalar", None) is not None:  # Gemma 2/3
+        scale = float(config.query_pre_attn_scalar) ** -0.5
     if arch.positions == "learned" and not getattr(config, "scale_attn_weights", True):
         scale = 1.0
     by_layer = getattr(config, "scale_attn_by_inverse_layer_idx", False)
     layer_scales = tuple(1.0 / (i + 1) if by_layer else 1.0 for i in range(layers))
+    embedding_multiplier = float(getattr(config, "embedding_multiplier", 1.0) or 1.0)
+    if arch.scale_embeddings:
+        embedding_multiplier = math.sqrt(hidden)
+    sliding_layers = arch.sliding_layers(config)
+    if sliding_layers is not None and len(sliding_layers) != layers:
+        raise UnsupportedError(f"{len(sliding_layers)} layer types for {layers} layers",
+                               fix="give config.layer_types one entry per layer")
     return DecoderDims(
         num_layers=layers,
         num_heads=heads,
@@ -150,30 +180,43 @@ def read_dims(arch: DecoderArch, config: Any, inv_freq: np.ndarray | None,
         attention_scale=scale,
         layer_scales=layer_scales,
         rope_scaling=rope_scaling,
-        embedding_multiplier=float(getattr(config, "embedding_multiplier", 1.0) or 1.0),
+        embedding_multiplier=embedding_multiplier,
         residual_multiplier=float(getattr(config, "residual_multiplier", 1.0) or 1.0),
         logits_scaling=float(getattr(config, "logits_scaling", 1.0) or 1.0),
+        sliding_layers=tuple(sliding_layers or ()),
+        attn_softcap=float(getattr(config, "attn_logit_softcapping", None) or 0.0),
+        final_softcap=float(getattr(config, "final_logit_softcapping", None) or 0.0),
+        rope_scaling_local=rope_scaling_local,
     )
 
 
-def rotary_parameters(model: Any) -> tuple[np.ndarray | None, float]:
+def rotary_parameters(model: Any, layer_type: str = "full_attention"
+                      ) -> tuple[np.ndarray | None, float]:
     """``inv_freq`` and the attention scaling of the model's rotary embedding, if it has one.
 
     Taken from the instantiated PyTorch module, so every static RoPE scaling transformers
     implements (linear, llama3, yarn, ...) comes out right without llmopt re-deriving it.
+    Gemma 3 has one table per layer type: transformers 5 keeps them in one module as
+    ``{layer_type}_inv_freq``, 4.57 in ``rotary_emb`` and ``rotary_emb_local`` (sliding).
     """
-    for module in model.modules():
-        inv_freq = getattr(module, "inv_freq", None)
+    for name, module in model.named_modules():
+        inv_freq = getattr(module, f"{layer_type}_inv_freq", None)
+        scaling = getattr(module, f"{layer_type}_attention_scaling", 1.0)
+        rope_type: Any = getattr(module, "rope_type", "default")
+        if isinstance(rope_type, dict):
+            rope_type = rope_type.get(layer_type, "default")
+        if inv_freq is None and name.endswith("rotary_emb_local") == (
+                layer_type == "sliding_attention"):
+            inv_freq = getattr(module, "inv_freq", None)
+            scaling = getattr(module, "attention_scaling", 1.0)
         if inv_freq is None:
             continue
-        rope_type = str(getattr(module, "rope_type", "default"))
-        if rope_type in ("dynamic", "longrope"):
+        if str(rope_type) in ("dynamic", "longrope"):
             raise UnsupportedError(
                 f"RoPE scaling {rope_type!r} changes with sequence length and is not exported yet",
                 fix="export a variant with static RoPE (e.g. the 4k-context model)",
             )
-        scaling = float(getattr(module, "attention_scaling", 1.0))
-        return inv_freq.detach().float().cpu().numpy(), scaling
+        return inv_freq.detach().float().cpu().numpy(), float(scaling)
     return None, 1.0
 
 
@@ -198,6 +241,8 @@ class LayerWeights:
     gated: bool
     q_norm: Norm | None = None  # per-head RMSNorm over head_dim, before rotary (Qwen3)
     k_norm: Norm | None = None
+    attn_post_norm: Norm | None = None  # on the attention output, before the residual add
+    mlp_post_norm: Norm | None = None  # on the MLP output, before the residual add
 
 
 @dataclass
@@ -208,16 +253,24 @@ class DecoderWeights:
     final_norm: Norm
     lm_head: Linear  # [hidden, vocab]
     inv_freq: np.ndarray | None
+    inv_freq_local: np.ndarray | None = None  # the sliding layers' own RoPE table (Gemma 3)
 
 
 def weights_from_state(arch: DecoderArch, dims: DecoderDims, state: Mapping[str, Any],
-                       inv_freq: np.ndarray | None) -> DecoderWeights:
+                       inv_freq: np.ndarray | None,
+                       inv_freq_local: np.ndarray | None = None) -> DecoderWeights:
     """Normalize a transformers state dict through the architecture's names."""
     n, t = arch.names, arch.transposed_linear
 
     def norm(prefix: str) -> Norm:
         bias = state.get(f"{prefix}.bias")
-        return Norm(to_numpy(state[f"{prefix}.weight"]), None if bias is None else to_numpy(bias))
+        weight = to_numpy(state[f"{prefix}.weight"])
+        if arch.norm_offset:  # Gemma's 1 + w, in float32 as transformers computes it
+            weight = weight + np.float32(arch.norm_offset)
+        return Norm(weight, None if bias is None else to_numpy(bias))
+
+    def optional_norm(prefix: str, name: str | None) -> Norm | None:
+        return norm(prefix + name) if name else None
 
     layers = []
     for i in range(dims.num_layers):
@@ -241,8 +294,9 @@ def weights_from_state(arch: DecoderArch, dims: DecoderDims, state: Mapping[str,
             norm(p + n.attn_norm), qkv, _scaled(state_linear(state, p + n.o, t), r),
             norm(p + n.mlp_norm), mlp_in, _scaled(state_linear(state, p + n.mlp_out, t), r),
             gated,
-            q_norm=norm(p + n.q_norm) if n.q_norm else None,
-            k_norm=norm(p + n.k_norm) if n.k_norm else None))
+            q_norm=optional_norm(p, n.q_norm), k_norm=optional_norm(p, n.k_norm),
+            attn_post_norm=optional_norm(p, n.attn_post_norm),
+            mlp_post_norm=optional_norm(p, n.mlp_post_norm)))
     head = n.lm_head if f"{n.lm_head}.weight" in state else n.embed.removesuffix(".weight")
     return DecoderWeights(
         embed=to_numpy(state[n.embed]) * np.float32(dims.embedding_multiplier),
@@ -252,6 +306,7 @@ def weights_from_state(arch: DecoderArch, dims: DecoderDims, state: Mapping[str,
         final_norm=norm(n.final_norm),
         lm_head=_scaled(state_linear(state, head, transposed=False), 1.0 / dims.logits_scaling),
         inv_freq=inv_freq,
+        inv_freq_local=inv_freq_local,
     )
 
 
@@ -275,6 +330,9 @@ def weights_from_onnx(tensors: Mapping[str, np.ndarray], num_layers: int) -> Dec
     def norm(name: str) -> Norm:
         return Norm(need(f"{name}.weight"), get(f"{name}.bias"))
 
+    def optional_norm(name: str) -> Norm | None:
+        return norm(name) if f"{name}.weight" in found else None
+
     layers = []
     for i in range(num_layers):
         p = f"{WEIGHT_PREFIX}.layers.{i}."
@@ -285,7 +343,9 @@ def weights_from_onnx(tensors: Mapping[str, np.ndarray], num_layers: int) -> Dec
             norm(p + "mlp_norm"), linear(p + ("mlp.gate_up_proj" if gated else "mlp.fc_in")),
             linear(p + "mlp.fc_out"), gated,
             q_norm=None if q_norm is None else Norm(q_norm),
-            k_norm=None if k_norm is None else Norm(k_norm)))
+            k_norm=None if k_norm is None else Norm(k_norm),
+            attn_post_norm=optional_norm(p + "attn_post_norm"),
+            mlp_post_norm=optional_norm(p + "mlp_post_norm")))
     return DecoderWeights(
         embed=need(f"{WEIGHT_PREFIX}.embed.weight"),
         position_embed=get(f"{WEIGHT_PREFIX}.position_embed.weight"),
@@ -293,6 +353,7 @@ def weights_from_onnx(tensors: Mapping[str, np.ndarray], num_layers: int) -> Dec
         final_norm=norm(f"{WEIGHT_PREFIX}.final_norm"),
         lm_head=linear(f"{WEIGHT_PREFIX}.lm_head"),
         inv_freq=get(f"{WEIGHT_PREFIX}.rotary.inv_freq"),
+        inv_freq_local=get(f"{WEIGHT_PREFIX}.rotary_local.inv_freq"),
     )
 
 
@@ -301,8 +362,10 @@ def emit(arch: DecoderArch, model: Any, dtype: Any) -> tuple[onnx.ModelProto, di
     from llmopt.exporter.decoder_graph import build_decoder
 
     inv_freq, scaling = rotary_parameters(model) if arch.positions == "rotary" else (None, 1.0)
-    dims = read_dims(arch, model.config, inv_freq, scaling)
-    weights = weights_from_state(arch, dims, model.state_dict(), inv_freq)
+    local_freq, local_scaling = (rotary_parameters(model, "sliding_attention")
+                                 if arch.positions == "rotary" else (None, 1.0))
+    dims = read_dims(arch, model.config, inv_freq, scaling, local_scaling)
+    weights = weights_from_state(arch, dims, model.state_dict(), inv_freq, local_freq)
     proto = build_decoder(dims, weights, arch.norm, dtype)
     layout = {
         "num_layers": dims.num_layers,
@@ -319,4 +382,6 @@ def emit(arch: DecoderArch, model: Any, dtype: Any) -> tuple[onnx.ModelProto, di
         "sliding_window": dims.sliding_window,
         "rope_attention_scaling": dims.rope_scaling,
     }
+    if local_freq is not None:
+        layout["rope_local_attention_scaling"] = dims.rope_scaling_local
     return proto, layout

@@ -17,6 +17,11 @@ per-head q/k RMSNorm before rotary (Qwen3; ``model.layers.{i}.attn.q_norm.weight
 ``RMSNormalization`` over head_dim), and Granite's multipliers, which need no ops of their
 own: the attention scale comes from ``DecoderDims.attention_scale`` and the embedding,
 residual and logits multipliers are folded into the weights (see ``weights_from_state``).
+Gemma's: norms on the attention and MLP outputs before each residual add
+(``model.layers.{i}.attn_post_norm``/``mlp_post_norm``), tanh soft-capping of the attention
+scores (``GroupQueryAttention``'s and ``Attention``'s ``softcap`` when fused) and of the logits,
+a sliding window on some layers only (one mask per distinct window), and a second RoPE table
+for the sliding layers (``model.rotary_local.inv_freq``).
 """
 
 from __future__ import annotations
@@ -115,15 +120,24 @@ def build_decoder(dims: DecoderDims, weights: DecoderWeights, norm_kind: str, dt
             if weights.position_embed is not None:
                 table = w(f"{P}.position_embed.weight", weights.position_embed)
                 x = b.op("Add", x, b.op("Gather", table, position_ids))
-        with b.scope("attn_mask"):
-            bias = attention_bias(b, input_ids, attention_mask, d.sliding_window)
-        cos = sin = None
+        biases: dict[int | None, str] = {}
+        for window in dict.fromkeys(d.window(i) for i in range(d.num_layers)):
+            with b.scope("attn_mask" if window == d.window(0) else f"attn_mask_{window or 'full'}"):
+                biases[window] = attention_bias(b, input_ids, attention_mask, window)
+                if "attention" in fusions and dt != np.dtype(F32):
+                    biases[window] = b.op("Cast", biases[window], to=onnx.TensorProto.FLOAT16)
+        tables: dict[bool, tuple[str | None, str | None]] = {False: (None, None)}
         if weights.inv_freq is not None:
             with b.scope("rotary"):
-                cos, sin = rotary_tables(b, position_ids, weights.inv_freq, d.rope_scaling, dt,
-                                         doubled="attention" not in fusions)
-        if "attention" in fusions and dt != np.dtype(F32):
-            bias = b.op("Cast", bias, to=onnx.TensorProto.FLOAT16)
+                tables[False] = rotary_tables(b, position_ids, weights.inv_freq, d.rope_scaling,
+                                              dt, doubled="attention" not in fusions)
+        tables[True] = tables[False]
+        if weights.inv_freq_local is not None:  # the sliding layers' own table (Gemma 3)
+            with b.scope("rotary_local"):
+                tables[True] = rotary_tables(b, position_ids, weights.inv_freq_local,
+                                             d.rope_scaling_local, dt,
+                                             doubled="attention" not in fusions,
+                                             name=f"{P}.rotary_local.inv_freq")
         lengths = None
         if "attention" in fusions and dt == np.dtype(F32):
             with b.scope("kv_lengths"):
@@ -148,6 +162,8 @@ def build_decoder(dims: DecoderDims, weights: DecoderWeights, norm_kind: str, dt
         h = norm(x, weights.layers[0].attn_norm, f"{P}.layers.0.attn_norm")
         for i, layer in enumerate(weights.layers):
             p = f"{P}.layers.{i}."
+            bias = biases[d.window(i)]
+            cos, sin = tables[d.window(i) is not None]
             with b.scope(f"layers.{i}"):
                 qkv = linear(h, layer.qkv, p + "attn.qkv_proj")
                 with b.scope("attn"):
@@ -158,6 +174,8 @@ def build_decoder(dims: DecoderDims, weights: DecoderWeights, norm_kind: str, dt
                     else:
                         attn = _attention(b, qkv, past[i], bias, cos, sin, d, i, dt, qk_norm)
                 attn = linear(attn, layer.o, p + "attn.o_proj")
+                if layer.attn_post_norm is not None:
+                    attn = norm(attn, layer.attn_post_norm, p + "attn_post_norm")
                 h, x = skip_norm(x, attn, layer.mlp_norm, p + "mlp_norm")
                 with b.scope("mlp"):
                     y = linear(h, layer.mlp_in, p + ("mlp.gate_up_proj" if layer.gated
@@ -169,6 +187,8 @@ def build_decoder(dims: DecoderDims, weights: DecoderWeights, norm_kind: str, dt
                     else:
                         y = _activation(b, y, d.activation, dt, fusions)
                     y = linear(y, layer.mlp_out, p + "mlp.fc_out")
+                if layer.mlp_post_norm is not None:
+                    y = norm(y, layer.mlp_post_norm, p + "mlp_post_norm")
                 if i + 1 < len(weights.layers):
                     h, x = skip_norm(x, y, weights.layers[i + 1].attn_norm,
                                      f"{P}.layers.{i + 1}.attn_norm")
@@ -180,8 +200,12 @@ def build_decoder(dims: DecoderDims, weights: DecoderWeights, norm_kind: str, dt
             h = b.op("Slice", h, start, b.const([2**62]), b.const([1]))
             logits = linear(h, weights.lm_head, f"{P}.lm_head")
             if dt != np.dtype(F32):
-                b.op("Cast", logits, to=onnx.TensorProto.FLOAT, output_names=["logits"])
-            else:
+                logits = b.op("Cast", logits, to=onnx.TensorProto.FLOAT,
+                              output_names=None if d.final_softcap else ["logits"])
+            if d.final_softcap:
+                with b.scope("softcap"):
+                    logits = softcap(b, logits, d.final_softcap)
+            if dt == np.dtype(F32) or d.final_softcap:
                 b.op("Identity", logits, output_names=["logits"])
     opset = FUSED_OPSET if fusions & {"norm", "attention"} else OPSET
     return b.build("llmopt_decoder", opset=opset)
@@ -227,15 +251,22 @@ def attention_bias(b: GraphBuilder, input_ids: str, attention_mask: str,
     return b.op("Where", allowed, b.const(0.0, F32), b.const(MASK_MIN, F32))
 
 
+def softcap(b: GraphBuilder, x: str, cap: float) -> str:
+    """tanh(x / cap) * cap, in float32 (Gemma 2's soft-capping)."""
+    capped = b.op("Tanh", b.op("Div", x, b.const(cap, F32)))
+    return str(b.op("Mul", capped, b.const(cap, F32)))
+
+
 def rotary_tables(b: GraphBuilder, position_ids: str, inv_freq: np.ndarray, scaling: float,
-                  dt: np.dtype, doubled: bool) -> tuple[str, str]:
+                  dt: np.dtype, doubled: bool,
+                  name: str = f"{WEIGHT_PREFIX}.rotary.inv_freq") -> tuple[str, str]:
     """cos/sin from positions, in float32 as transformers computes them.
 
     ``doubled``: [B,1,S,rot] for the primitive form (both halves); else [B,S,rot/2] for
     ``RotaryEmbedding``.
     """
     pos = b.op("Unsqueeze", b.op("Cast", position_ids, to=onnx.TensorProto.FLOAT), b.const([-1]))
-    freqs = b.op("Mul", pos, b.weight(f"{WEIGHT_PREFIX}.rotary.inv_freq", inv_freq.astype(F32)))
+    freqs = b.op("Mul", pos, b.weight(name, inv_freq.astype(F32)))
     if doubled:
         freqs = b.op("Concat", freqs, freqs, axis=-1)
     cos, sin = b.op("Cos", freqs), b.op("Sin", freqs)
@@ -300,10 +331,11 @@ def _fused_attention(b: GraphBuilder, qkv: str, past: tuple[str, str], bias: str
         seqlens, total = lengths
         out = b.op("GroupQueryAttention", q, k, v, past[0], past[1], seqlens, total, "", "", "",
                    bias, output_names=names, domain=MS_DOMAIN, num_heads=d.num_heads,
-                   kv_num_heads=d.num_kv_heads, scale=scale)
+                   kv_num_heads=d.num_kv_heads, scale=scale, softcap=d.attn_softcap or None)
     else:
         out = b.op("Attention", q, k, v, bias, past[0], past[1], output_names=names,
-                   q_num_heads=d.num_heads, kv_num_heads=d.num_kv_heads, scale=scale)
+                   q_num_heads=d.num_heads, kv_num_heads=d.num_kv_heads, scale=scale,
+                   softcap=d.attn_softcap or None)
     return str(out[0])
 
 
@@ -361,6 +393,9 @@ def _attention(b: GraphBuilder, qkv: str, past: tuple[str, str], bias: str, cos:
         scores = b.op("Reshape", scores, b.const([0, heads, -1, 0]))
     if dt != np.dtype(F32):
         scores = b.op("Cast", scores, to=onnx.TensorProto.FLOAT)
+    if d.attn_softcap:
+        with b.scope("softcap"):
+            scores = softcap(b, scores, d.attn_softcap)
     probs = b.op("Softmax", b.op("Add", scores, bias), axis=-1)
     if dt != np.dtype(F32):
         probs = b.op("Cast", probs, to=onnx.TensorProto.FLOAT16)

@@ -67,7 +67,8 @@ def _reemit_decoder(package: Package, tensors: dict[str, np.ndarray], fusions: f
     weights = weights_from_onnx(tensors, int(kv["num_layers"]))
     config = AutoConfig.from_pretrained(str(package.path))
     dims = read_dims(arch, config, weights.inv_freq,
-                     float(kv.get("rope_attention_scaling") or 1.0))
+                     float(kv.get("rope_attention_scaling") or 1.0),
+                     float(kv.get("rope_local_attention_scaling") or 1.0))
     notes = {}
     if weights.inv_freq is None and "attention" in fusions:
         notes["rotary"] = "not applicable: learned absolute positions"

@@ -52,6 +52,9 @@ def test_level2_fuses_and_still_matches(packages: dict[str, Path], arch: str,
         assert "RotaryEmbedding" not in ops
         assert fusions["activation"]["ops"] == {"FastGelu": 2}
         assert not fusions["norm"]["fired"] and "not applicable" in fusions["norm"]["reason"]
+    elif arch.startswith("gemma"):  # GeGLU: rotary and a fused tanh GELU
+        assert "RotaryEmbedding" in ops
+        assert fusions["activation"]["ops"] == {"FastGelu": 2}
     else:
         assert "RotaryEmbedding" in ops
         assert not fusions["activation"]["fired"]

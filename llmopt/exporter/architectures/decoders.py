@@ -194,3 +194,15 @@ register(DecoderArch(
     extra_checks=(_bigcode_multi_query,),
     notes="StarCoder 1, SantaCoder, WizardCoder and other multi-query GPT-BigCode models",
 ))
+
+
+register(DecoderArch(
+    name="gemma",
+    model_types=("gemma",),
+    names=_LLAMA_LAYER,
+    norm="rms",
+    positions="rotary",
+    norm_offset=1.0,
+    scale_embeddings=True,
+    notes="Gemma: (1 + w) RMSNorm weights and the sqrt(hidden) embedding scale folded in; GeGLU",
+))
