@@ -43,6 +43,11 @@ CONFIGS = {
                                                  n_positions=256, multi_query=True)),
     "gemma": (T.GemmaForCausalLM,
               lambda v: T.GemmaConfig(vocab_size=v, head_dim=16, **_COMMON)),
+    # tied head (the default), biases everywhere, a window shorter than the validation prompts
+    "starcoder2": (T.Starcoder2ForCausalLM,
+                   lambda v: T.Starcoder2Config(vocab_size=v, sliding_window=8, **_COMMON)),
+    # untied head (the default); clip_qkv below the projections' range, so the Clip bites
+    "olmo": (T.OlmoForCausalLM, lambda v: T.OlmoConfig(vocab_size=v, clip_qkv=1.5, **_COMMON)),
     "gpt2": (T.GPT2LMHeadModel,
              lambda v: T.GPT2Config(vocab_size=v, n_embd=64, n_layer=2, n_head=4,
                                     n_positions=256)),

@@ -70,7 +70,8 @@ class DecoderArch:
     norm: str  # "rms" | "layer"
     positions: str  # "rotary" | "learned"
     eps_attr: str = "rms_norm_eps"
-    eps: float | None = None  # the epsilon where the config names none (OPT's nn.LayerNorm)
+    eps: float | None = None  # the epsilon where the config names none (OPT's nn.LayerNorm, OLMo)
+    norm_weights: bool = True  # False: parameter-free norms (OLMo), emitted as ones and zeros
     act_attr: str = "hidden_act"
     transposed_linear: bool = False  # GPT-2's Conv1D stores weights as [in, out]
     sliding_window: Callable[[Any], int | None] = lambda config: None
@@ -135,6 +136,7 @@ class DecoderDims:
         if self.sliding_layers and not self.sliding_layers[layer]:
             return None
         return self.sliding_window
+    clip_qkv: float | None = None  # q, k and v clamped to [-c, c] after projection (OLMo)
 
 
 def read_dims(arch: DecoderArch, config: Any, inv_freq: np.ndarray | None,
@@ -187,6 +189,7 @@ def read_dims(arch: DecoderArch, config: Any, inv_freq: np.ndarray | None,
         attn_softcap=float(getattr(config, "attn_logit_softcapping", None) or 0.0),
         final_softcap=float(getattr(config, "final_logit_softcapping", None) or 0.0),
         rope_scaling_local=rope_scaling_local,
+        clip_qkv=float(clip) if (clip := getattr(config, "clip_qkv", None)) is not None else None,
     )
 
 
@@ -263,6 +266,9 @@ def weights_from_state(arch: DecoderArch, dims: DecoderDims, state: Mapping[str,
     n, t = arch.names, arch.transposed_linear
 
     def norm(prefix: str) -> Norm:
+        if not arch.norm_weights:  # parameter-free: the identity affine transform
+            ones = np.ones(dims.hidden, np.float32)
+            return Norm(ones, np.zeros_like(ones) if arch.norm == "layer" else None)
         bias = state.get(f"{prefix}.bias")
         weight = to_numpy(state[f"{prefix}.weight"])
         if arch.norm_offset:  # Gemma's 1 + w, in float32 as transformers computes it

@@ -167,6 +167,9 @@ def build_decoder(dims: DecoderDims, weights: DecoderWeights, norm_kind: str, dt
             with b.scope(f"layers.{i}"):
                 qkv = linear(h, layer.qkv, p + "attn.qkv_proj")
                 with b.scope("attn"):
+                    if d.clip_qkv is not None:  # OLMo: clamping q, k, v = clamping them joined
+                        qkv = b.op("Clip", qkv, b.const(-d.clip_qkv, dt), b.const(d.clip_qkv, dt),
+                                   name="clip_qkv")
                     qk_norm = head_norms(layer, p)
                     if "attention" in fusions:
                         attn = _fused_attention(b, qkv, past[i], bias, cos, sin, d, i,

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 import torch
@@ -91,6 +92,21 @@ def test_onnx_matches_pytorch_on_a_padded_batch_of_three(exported: dict, arch: s
     got_logits = np.concatenate(got, axis=1)
     valid = full_mask.astype(bool)
     np.testing.assert_allclose(got_logits[valid], want[valid], atol=1e-4, rtol=1e-4)
+
+
+def test_olmo_clip_qkv_is_one_clip_a_layer_and_matters(exported: dict) -> None:
+    source, package_dir = exported["olmo"]
+    graph = onnx.load(str(package_dir / "model.onnx"), load_external_data=False).graph
+    assert [n.name for n in graph.node if n.op_type == "Clip"] == [
+        "/model/layers.0/attn/clip_qkv", "/model/layers.1/attn/clip_qkv"]
+    # the tiny config's clip_qkv is inside the projections' range, so the clamp changes logits
+    model = AutoModelForCausalLM.from_pretrained(source, attn_implementation="eager").eval()
+    ids = torch.tensor([[5, 17, 42, 8, 99, 3, 61]])
+    with torch.no_grad():
+        clipped = model(ids).logits
+        model.config.clip_qkv = None
+        unclipped = model(ids).logits
+    assert float((clipped - unclipped).abs().max()) > 0.05
 
 
 def test_logits_to_keep_computes_the_last_positions_only(exported: dict) -> None:

@@ -57,7 +57,9 @@ def test_level2_fuses_and_still_matches(packages: dict[str, Path], arch: str,
         assert fusions["activation"]["ops"] == {"FastGelu": 2}
     else:
         assert "RotaryEmbedding" in ops
-        assert not fusions["activation"]["fired"]
+        # rotary families fuse a GELU MLP too (StarCoder2); silu is left to ONNX Runtime
+        act = json.loads((packages[arch] / "config.json").read_text())["hidden_act"]
+        assert fusions["activation"]["fired"] == act.startswith("gelu"), (act, fusions)
 
 
 def test_selected_fusions_only(packages: dict[str, Path], tmp_path: Path) -> None:

@@ -206,3 +206,38 @@ register(DecoderArch(
     scale_embeddings=True,
     notes="Gemma: (1 + w) RMSNorm weights and the sqrt(hidden) embedding scale folded in; GeGLU",
 ))
+
+
+register(DecoderArch(
+    name="starcoder2",
+    model_types=("starcoder2",),
+    names=DecoderNames(
+        embed="model.embed_tokens.weight",
+        layer="model.layers.{i}.",
+        attn_norm="input_layernorm",
+        mlp_norm="post_attention_layernorm",
+        q="self_attn.q_proj",
+        k="self_attn.k_proj",
+        v="self_attn.v_proj",
+        o="self_attn.o_proj",
+        fc_in="mlp.c_fc",
+        mlp_out="mlp.c_proj",
+        final_norm="model.norm",
+    ),  # biases everywhere (use_bias) are picked up from the state dict
+    norm="layer",
+    positions="rotary",
+    eps_attr="norm_epsilon",
+    sliding_window=_window,
+    notes="StarCoder2: LayerNorm and projections with biases, plain GELU MLP, sliding window",
+))
+
+register(DecoderArch(
+    name="olmo",
+    model_types=("olmo",),
+    names=_LLAMA_LAYER,  # the norm names are unused: OLMo's LayerNorms have no parameters
+    norm="layer",
+    positions="rotary",
+    eps=1e-5,  # hard-coded in OlmoLayerNorm; the config has no epsilon
+    norm_weights=False,
+    notes="OLMo 1: parameter-free LayerNorm, clip_qkv (a Clip after the q/k/v projection)",
+))
