@@ -48,6 +48,13 @@ CONFIGS = {
                    lambda v: T.Starcoder2Config(vocab_size=v, sliding_window=8, **_COMMON)),
     # untied head (the default); clip_qkv below the projections' range, so the Clip bites
     "olmo": (T.OlmoForCausalLM, lambda v: T.OlmoConfig(vocab_size=v, clip_qkv=1.5, **_COMMON)),
+    # both layer types, a window shorter than the validation prompts, soft-capping on, a
+    # query_pre_attn_scalar that is not head_dim
+    "gemma2": (T.Gemma2ForCausalLM,
+               lambda v: T.Gemma2Config(vocab_size=v, head_dim=16, sliding_window=4,
+                                        layer_types=["sliding_attention", "full_attention"],
+                                        query_pre_attn_scalar=32, attn_logit_softcapping=5.0,
+                                        final_logit_softcapping=8.0, **_COMMON)),
     "gpt2": (T.GPT2LMHeadModel,
              lambda v: T.GPT2Config(vocab_size=v, n_embd=64, n_layer=2, n_head=4,
                                     n_positions=256)),

@@ -24,8 +24,6 @@ _GPT = {"n_embd": 64, "n_layer": 2, "n_head": 4, "n_positions": 256}
 
 # model type -> (model class, config class, config kwargs)
 DECODERS: dict[str, tuple[str, str, dict[str, Any]]] = {
-    "gemma2": ("Gemma2ForCausalLM", "Gemma2Config",
-               {**_C, "head_dim": 16, "sliding_window": 8}),
     "gemma3_text": ("Gemma3ForCausalLM", "Gemma3TextConfig",
                     {**_C, "head_dim": 16, "sliding_window": 8}),
     "phi": ("PhiForCausalLM", "PhiConfig", {**_C, "partial_rotary_factor": 0.5}),

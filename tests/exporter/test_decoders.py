@@ -345,3 +345,74 @@ def test_cli_builder_flag_and_inspect_show_the_builder(tmp_path: Path) -> None:
     assert "traced builder" in result.stdout
     info = json.loads(_cli("inspect", "--json", str(tmp_path / "package")).stdout)
     assert info["builder"] == "traced" and info["validation"]["passed"]
+
+
+def _gemma_prefill(arch: str, tmp_path: Path, dtype: type = np.float32,
+                   fusions: frozenset[str] = frozenset(), dims_change: dict | None = None,
+                   drop_local_rope: bool = False) -> tuple[np.ndarray, np.ndarray, object]:
+    """(graph logits, PyTorch logits, graph) for one 20-token prompt, five times the window."""
+    from dataclasses import replace
+
+    from llmopt.exporter.decoder import read_dims, rotary_parameters, weights_from_state
+    from llmopt.exporter.decoder_graph import build_decoder
+
+    source = tiny_decoders.build(arch, tmp_path / arch)
+    model = AutoModelForCausalLM.from_pretrained(source, attn_implementation="eager").eval()
+    desc = registry.find(arch, "text-generation")
+    inv_freq, scaling = rotary_parameters(model)
+    local, local_scaling = rotary_parameters(model, "sliding_attention")
+    dims = read_dims(desc, model.config, inv_freq, scaling, local_scaling)
+    assert dims.sliding_window is not None and dims.sliding_window < 20
+    weights = weights_from_state(desc, dims, model.state_dict(), inv_freq, local)
+    dims = replace(dims, **(dims_change or {}))
+    if drop_local_rope:
+        weights.inv_freq_local = None
+    proto = build_decoder(dims, weights, desc.norm, dtype, fusions)
+    ids = np.arange(3, 23, dtype=np.int64)[None]
+    mask = np.ones_like(ids)
+    feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": position_ids(mask),
+             "logits_to_keep": np.array(0, dtype=np.int64)}
+    for i in range(dims.num_layers):
+        for kv in ("key", "value"):
+            feeds[f"past_key_values.{i}.{kv}"] = np.zeros(
+                (1, dims.num_kv_heads, 0, dims.head_dim), dtype)
+    session = ort.InferenceSession(proto.SerializeToString(),
+                                   providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        want = model(torch.from_numpy(ids)).logits.float().numpy()
+    return session.run(["logits"], feeds)[0], want, proto
+
+
+@pytest.mark.parametrize("arch, change", [
+    ("gemma2", {"attn_softcap": 0.0}),
+    ("gemma2", {"final_softcap": 0.0}),
+    ("gemma2", {"sliding_layers": ()}),  # the window on every layer
+    ("gemma2", {"sliding_window": None}),  # on none
+])
+def test_each_gemma_feature_is_exercised_by_its_tiny_model(tmp_path: Path, arch: str,
+                                                           change: dict | str) -> None:
+    """The tiny configs make every Gemma feature matter: the graph matches PyTorch on a prompt
+    five times the window, and leaving any one feature out breaks the match."""
+    got, want, _ = _gemma_prefill(arch, tmp_path)
+    assert np.abs(got - want).max() < 1e-4
+    if change == "local rope":
+        got, want, _ = _gemma_prefill(arch, tmp_path, drop_local_rope=True)
+    else:
+        assert isinstance(change, dict)
+        got, want, _ = _gemma_prefill(arch, tmp_path, dims_change=change)
+    assert np.abs(got - want).max() > 1e-2
+
+
+def test_gemma2_float16_fused_graph_builds_and_runs_on_cpu(tmp_path: Path) -> None:
+    """optimize level 3's form (float16, every fusion): soft-capping moves into opset-23
+    Attention's ``softcap``, and the graph still computes Gemma 2 on CPU."""
+    from llmopt.exporter.decoder_graph import FUSIONS
+
+    got, want, proto = _gemma_prefill("gemma2", tmp_path, np.float16, frozenset(FUSIONS))
+    attention = [n for n in proto.graph.node if n.op_type == "Attention"]  # type: ignore[attr-defined]
+    assert len(attention) == 2
+    assert all(a.name == "softcap" and a.f == 5.0 for n in attention for a in n.attribute
+               if a.name == "softcap")
+    assert sum(a.name == "softcap" for n in attention for a in n.attribute) == 2
+    assert np.abs(got - want).max() < 2e-2 * np.abs(want).max()
+    assert (got.argmax(-1) == want.argmax(-1)).mean() > 0.9

@@ -231,6 +231,7 @@ register(DecoderArch(
     notes="StarCoder2: LayerNorm and projections with biases, plain GELU MLP, sliding window",
 ))
 
+
 register(DecoderArch(
     name="olmo",
     model_types=("olmo",),
@@ -240,4 +241,38 @@ register(DecoderArch(
     eps=1e-5,  # hard-coded in OlmoLayerNorm; the config has no epsilon
     norm_weights=False,
     notes="OLMo 1: parameter-free LayerNorm, clip_qkv (a Clip after the q/k/v projection)",
+))
+
+
+def _sliding_layers(config: Any) -> tuple[bool, ...] | None:
+    """Which layers attend through the sliding window (Gemma 2/3's ``layer_types``)."""
+    types = getattr(config, "layer_types", None)
+    return None if types is None else tuple(t == "sliding_attention" for t in types)
+
+
+def _causal(config: Any) -> None:
+    if getattr(config, "use_bidirectional_attention", False):
+        raise UnsupportedError(
+            "bidirectional attention (an embedding variant) is not a causal decoder",
+            fix="export it with --builder traced, or use the causal checkpoint")
+
+
+_GEMMA2_LAYER = replace(_LLAMA_LAYER, mlp_norm="pre_feedforward_layernorm",
+                        attn_post_norm="post_attention_layernorm",
+                        mlp_post_norm="post_feedforward_layernorm")
+
+register(DecoderArch(
+    name="gemma2",
+    model_types=("gemma2",),
+    norm="rms",
+    positions="rotary",
+    norm_offset=1.0,
+    scale_embeddings=True,
+    names=_GEMMA2_LAYER,
+    act_attr="hidden_activation",
+    sliding_window=_window,
+    sliding_layers=_sliding_layers,
+    extra_checks=(_causal,),
+    notes="Gemma 2: pre and post norms, attention and logit soft-capping, alternating "
+          "sliding-window and global layers",
 ))
