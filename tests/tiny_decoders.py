@@ -32,6 +32,8 @@ CONFIGS = {
                 lambda v: T.GraniteConfig(vocab_size=v, embedding_multiplier=2.0,
                                           residual_multiplier=0.5, attention_multiplier=0.2,
                                           logits_scaling=4.0, **_COMMON)),
+    "phi": (T.PhiForCausalLM,
+            lambda v: T.PhiConfig(vocab_size=v, partial_rotary_factor=0.5, **_COMMON)),
     "phi3": (T.Phi3ForCausalLM,
              lambda v: T.Phi3Config(vocab_size=v, partial_rotary_factor=0.5, **_COMMON)),
     "opt": (T.OPTForCausalLM,
@@ -62,12 +64,15 @@ CONFIGS = {
 
 
 def build(arch: str, directory: str | os.PathLike[str], seed: int = 0,
-          safe_serialization: bool = True) -> Path:
-    """Save a tiny random ``arch`` model and its tokenizer into ``directory``."""
+          safe_serialization: bool = True, **options: Any) -> Path:
+    """Save a tiny random ``arch`` model and its tokenizer into ``directory``; ``options`` set
+    config attributes on top of ``CONFIGS[arch]`` (variants such as ``qk_layernorm=True``)."""
     directory = Path(directory)
     tokenizer = decoder_tokenizer(directory)
     model_class, make_config = CONFIGS[arch]
     config = make_config(len(tokenizer))
+    for name, value in options.items():
+        setattr(config, name, value)
     config.eos_token_id = tokenizer.eos_token_id
     config.bos_token_id = tokenizer.bos_token_id
     config.pad_token_id = tokenizer.pad_token_id

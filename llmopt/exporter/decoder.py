@@ -32,18 +32,22 @@ class DecoderNames:
 
     Attention is given either as separate ``q``/``k``/``v`` or as one fused ``qkv``; the MLP as
     ``gate`` + ``up`` (gated), a fused ``gate_up`` (gate first), or a plain ``fc_in``.
-    ``q_norm``/``k_norm``: per-head RMSNorms over head_dim after projection (Qwen3).
     ``attn_post_norm``/``mlp_post_norm``: norms on the attention and MLP outputs before their
     residual adds (Gemma 2/3's post_attention/post_feedforward norms); ``None`` elsewhere.
+    ``q_norm``/``k_norm``: norms over head_dim after projection, of the arch's norm kind (Qwen3's
+    RMSNorm; Phi-2's LayerNorm shared by all heads; StableLM's one LayerNorm per head, stored as
+    ``<name>.norms.{h}``). Present only when the state dict has them.
+    ``mlp_norm``: ``None``, or absent from the state dict, for a parallel block whose MLP reads
+    the attention norm's output (Phi-2, StableLM with ``use_parallel_residual``).
     """
 
     embed: str
     layer: str
     attn_norm: str
-    mlp_norm: str
     o: str
     mlp_out: str
     final_norm: str
+    mlp_norm: str | None = None
     lm_head: str = "lm_head"
     position_embed: str | None = None
     q: str | None = None
@@ -88,6 +92,10 @@ class DecoderArch:
     scale_embeddings: bool = False  # Gemma: token embeddings times sqrt(hidden) (LM head not)
     # which layers the sliding window applies to (None: all of them); Gemma 2/3 alternate
     sliding_layers: Callable[[Any], tuple[bool, ...] | None] = lambda config: None
+    # x + attn(attn_norm(x)) + mlp(mlp_norm(x)) instead of two residual steps (GPT-NeoX, Phi-2)
+    parallel_residual: Callable[[Any], bool] = lambda config: False
+    # a packed qkv whose rows are [heads, 3, head_dim] (GPT-NeoX), reordered to [q | k | v]
+    qkv_per_head: bool = False
     kind: str = "decoder"
     builder: str = "native"
 
@@ -130,6 +138,7 @@ class DecoderDims:
     attn_softcap: float = 0.0  # Gemma 2: scores -> tanh(scores / cap) * cap before the mask
     final_softcap: float = 0.0  # Gemma 2: the same on the logits
     rope_scaling_local: float = 1.0  # attention_scaling of the sliding layers' own RoPE table
+    parallel_residual: bool = False  # see DecoderArch.parallel_residual
 
     def window(self, layer: int) -> int | None:
         """The attention window of ``layer``, or None for full attention."""
@@ -190,6 +199,7 @@ def read_dims(arch: DecoderArch, config: Any, inv_freq: np.ndarray | None,
         final_softcap=float(getattr(config, "final_logit_softcapping", None) or 0.0),
         rope_scaling_local=rope_scaling_local,
         clip_qkv=float(clip) if (clip := getattr(config, "clip_qkv", None)) is not None else None,
+        parallel_residual=bool(arch.parallel_residual(config)),
     )
 
 
@@ -229,7 +239,7 @@ def rotary_parameters(model: Any, layer_type: str = "full_attention"
 
 @dataclass
 class Norm:
-    weight: np.ndarray
+    weight: np.ndarray  # [dim], or [heads, head_dim] for a norm with its own weights per head
     bias: np.ndarray | None = None
 
 
@@ -242,10 +252,12 @@ class LayerWeights:
     mlp_in: Linear  # gate and up side by side (gated MLP), or the plain first projection
     mlp_out: Linear
     gated: bool
-    q_norm: Norm | None = None  # per-head RMSNorm over head_dim, before rotary (Qwen3)
+    q_norm: Norm | None = None  # norm over head_dim, before rotary (Qwen3, Phi-2, StableLM)
     k_norm: Norm | None = None
     attn_post_norm: Norm | None = None  # on the attention output, before the residual add
     mlp_post_norm: Norm | None = None  # on the MLP output, before the residual add
+    # parallel block whose MLP reads the attention norm's output: mlp_norm is attn_norm
+    shared_norm: bool = False
 
 
 @dataclass
@@ -278,11 +290,24 @@ def weights_from_state(arch: DecoderArch, dims: DecoderDims, state: Mapping[str,
     def optional_norm(prefix: str, name: str | None) -> Norm | None:
         return norm(prefix + name) if name else None
 
+    def head_norm(prefix: str) -> Norm | None:
+        """A q/k norm if the model has one: shared by all heads, or one per head, stacked."""
+        if f"{prefix}.weight" in state:
+            return norm(prefix)
+        if f"{prefix}.norms.0.weight" not in state:
+            return None
+        heads = [norm(f"{prefix}.norms.{h}") for h in range(_count(state, f"{prefix}.norms."))]
+        biases = [x.bias for x in heads if x.bias is not None]
+        return Norm(np.stack([x.weight for x in heads]),
+                    np.stack(biases) if len(biases) == len(heads) else None)
+
     layers = []
     for i in range(dims.num_layers):
         p = n.layer.format(i=i)
         if n.qkv:
             qkv = state_linear(state, p + n.qkv, t)
+            if arch.qkv_per_head:
+                qkv = _per_head_to_split(qkv, dims.num_heads)
         else:
             assert n.q and n.k and n.v
             qkv = concat_linear([state_linear(state, p + x, t) for x in (n.q, n.k, n.v)])
@@ -296,14 +321,24 @@ def weights_from_state(arch: DecoderArch, dims: DecoderDims, state: Mapping[str,
                                     state_linear(state, p + n.up, t)])
             gated = True
         r = dims.residual_multiplier
+        attn_norm = norm(p + n.attn_norm)
+        shared = dims.parallel_residual and (
+            n.mlp_norm is None or f"{p}{n.mlp_norm}.weight" not in state)
+        if n.mlp_norm is None and not shared:
+            raise UnsupportedError(f"{arch.name}: a sequential block needs names.mlp_norm",
+                                   fix="name the norm before the MLP in the description")
         layers.append(LayerWeights(
-            norm(p + n.attn_norm), qkv, _scaled(state_linear(state, p + n.o, t), r),
-            norm(p + n.mlp_norm), mlp_in, _scaled(state_linear(state, p + n.mlp_out, t), r),
-            gated,
-            q_norm=optional_norm(p, n.q_norm), k_norm=optional_norm(p, n.k_norm),
+            attn_norm, qkv, _scaled(state_linear(state, p + n.o, t), r),
+            attn_norm if shared else norm(p + str(n.mlp_norm)), mlp_in,
+            _scaled(state_linear(state, p + n.mlp_out, t), r), gated,
+            q_norm=head_norm(p + n.q_norm) if n.q_norm else None,
+            k_norm=head_norm(p + n.k_norm) if n.k_norm else None,
             attn_post_norm=optional_norm(p, n.attn_post_norm),
-            mlp_post_norm=optional_norm(p, n.mlp_post_norm)))
-    head = n.lm_head if f"{n.lm_head}.weight" in state else n.embed.removesuffix(".weight")
+            mlp_post_norm=optional_norm(p, n.mlp_post_norm),
+            shared_norm=shared))
+    # transformers 5 renamed some heads to lm_head (GPT-NeoX's embed_out); absent: tied
+    head = next((x for x in (n.lm_head, "lm_head") if f"{x}.weight" in state),
+                n.embed.removesuffix(".weight"))
     return DecoderWeights(
         embed=to_numpy(state[n.embed]) * np.float32(dims.embedding_multiplier),
         position_embed=(to_numpy(state[n.position_embed])[arch.position_offset:]
@@ -314,6 +349,26 @@ def weights_from_state(arch: DecoderArch, dims: DecoderDims, state: Mapping[str,
         inv_freq=inv_freq,
         inv_freq_local=inv_freq_local,
     )
+
+
+def _count(state: Mapping[str, Any], prefix: str) -> int:
+    """How many ``prefix{h}.weight`` entries the state dict has (h = 0, 1, ...)."""
+    h = 0
+    while f"{prefix}{h}.weight" in state:
+        h += 1
+    return h
+
+
+def _per_head_to_split(qkv: Linear, heads: int) -> Linear:
+    """GPT-NeoX packs q, k and v per head (output channels [heads, 3, head_dim]); llmopt's
+    graph splits [q | k | v], so reorder the columns once, at load."""
+    rows, cols = qkv.weight.shape
+    dim = cols // (3 * heads)
+    weight = qkv.weight.reshape(rows, heads, 3, dim).transpose(0, 2, 1, 3).reshape(rows, cols)
+    bias = None
+    if qkv.bias is not None:
+        bias = qkv.bias.reshape(heads, 3, dim).transpose(1, 0, 2).reshape(cols)
+    return Linear(np.ascontiguousarray(weight), bias)
 
 
 def _scaled(lin: Linear, factor: float) -> Linear:
@@ -344,14 +399,18 @@ def weights_from_onnx(tensors: Mapping[str, np.ndarray], num_layers: int) -> Dec
         p = f"{WEIGHT_PREFIX}.layers.{i}."
         gated = f"{p}mlp.gate_up_proj.weight" in tensors
         q_norm, k_norm = (get(f"{p}attn.{x}_norm.weight") for x in "qk")
+        attn_norm = norm(p + "attn_norm")
+        shared = f"{p}mlp_norm.weight" not in tensors  # parallel block, one norm
         layers.append(LayerWeights(
-            norm(p + "attn_norm"), linear(p + "attn.qkv_proj"), linear(p + "attn.o_proj"),
-            norm(p + "mlp_norm"), linear(p + ("mlp.gate_up_proj" if gated else "mlp.fc_in")),
+            attn_norm, linear(p + "attn.qkv_proj"), linear(p + "attn.o_proj"),
+            attn_norm if shared else norm(p + "mlp_norm"),
+            linear(p + ("mlp.gate_up_proj" if gated else "mlp.fc_in")),
             linear(p + "mlp.fc_out"), gated,
-            q_norm=None if q_norm is None else Norm(q_norm),
-            k_norm=None if k_norm is None else Norm(k_norm),
+            q_norm=None if q_norm is None else Norm(q_norm, get(f"{p}attn.q_norm.bias")),
+            k_norm=None if k_norm is None else Norm(k_norm, get(f"{p}attn.k_norm.bias")),
             attn_post_norm=optional_norm(p + "attn_post_norm"),
-            mlp_post_norm=optional_norm(p + "mlp_post_norm")))
+            mlp_post_norm=optional_norm(p + "mlp_post_norm"),
+            shared_norm=shared))
     return DecoderWeights(
         embed=need(f"{WEIGHT_PREFIX}.embed.weight"),
         position_embed=get(f"{WEIGHT_PREFIX}.position_embed.weight"),

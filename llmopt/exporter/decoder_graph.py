@@ -22,6 +22,9 @@ Gemma's: norms on the attention and MLP outputs before each residual add
 scores (``GroupQueryAttention``'s and ``Attention``'s ``softcap`` when fused) and of the logits,
 a sliding window on some layers only (one mask per distinct window), and a second RoPE table
 for the sliding layers (``model.rotary_local.inv_freq``).
+q/k norms may be LayerNorms (Phi-2), also with their own weights per head (StableLM;
+``[heads, head_dim]`` weights). Parallel blocks (``DecoderDims.parallel_residual``: GPT-NeoX,
+Phi-2, StableLM) add attention and MLP to the same residual, see :func:`build_decoder`.
 """
 
 from __future__ import annotations
@@ -55,6 +58,21 @@ QKNorm = Callable[[str, str], tuple[str, str]]  # (q, k) -> normalized (q, k), [
 
 def build_decoder(dims: DecoderDims, weights: DecoderWeights, norm_kind: str, dtype: Any,
                   fusions: frozenset[str] = frozenset()) -> onnx.ModelProto:
+    r"""The decoder graph. A layer, sequential (the default)::
+
+        x ─┬ attn_norm ─ attention ─ Add ─┬ mlp_norm ─ mlp ─ Add ─▶ (next layer's attn_norm)
+           └──────────────────────────────┴────────────────────┘
+
+    or parallel (``dims.parallel_residual``; GPT-NeoX, Phi-2, StableLM), one residual step::
+
+        x ─┬ attn_norm ─ attention ─────────┐
+           ├ mlp_norm ── mlp ───────────────┴ Add(parallel_residual) ─ Add ─▶ (next attn_norm)
+           └────────────────────────────────────────────────────────────┘
+
+    where a block without its own mlp_norm (``layer.shared_norm``: Phi-2) feeds attn_norm's
+    output to the MLP. Fused, each residual Add + the norm after it is one SkipLayerNorm op;
+    a parallel block has one such Add a layer instead of two.
+    """
     d = dims
     dt = np.dtype(dtype)
     b = GraphBuilder()
@@ -154,10 +172,29 @@ def build_decoder(dims: DecoderDims, weights: DecoderWeights, norm_kind: str, dt
                 for flat, weights_, heads, name in ((q, q_norm, d.num_heads, "q_norm"),
                                                     (k, k_norm, d.num_kv_heads, "k_norm")):
                     per_head = b.op("Reshape", flat, b.const([0, 0, heads, d.head_dim]))
-                    normed = norm(per_head, weights_, f"{p}attn.{name}")
+                    normed = (own_norm_per_head(per_head, weights_, f"{p}attn.{name}")
+                              if weights_.weight.ndim == 2
+                              else norm(per_head, weights_, f"{p}attn.{name}"))
                     out.append(b.op("Reshape", normed, b.const([0, 0, heads * d.head_dim])))
                 return out[0], out[1]
             return apply
+
+        def own_norm_per_head(x4: str, weights_: Norm, name: str) -> str:
+            """A norm with its own weights per head ([heads, head_dim], StableLM): each head
+            normalized with unit weights, then scaled (and shifted) by its own."""
+            unit = b.const(np.ones(d.head_dim), dt)
+            with b.scope(name.rsplit(".", 1)[-1]):
+                if norm_kind == "layer":
+                    y = b.op("LayerNormalization", x4, unit, b.const(np.zeros(d.head_dim), dt),
+                             axis=-1, epsilon=d.eps)
+                elif "norm" in fusions:
+                    y = b.op("RMSNormalization", x4, unit, axis=-1, epsilon=d.eps)
+                else:
+                    y = rms_norm(b, x4, unit, d.eps, dt)
+                y = b.op("Mul", y, w(f"{name}.weight", weights_.weight))
+                if weights_.bias is not None:
+                    y = b.op("Add", y, w(f"{name}.bias", weights_.bias))
+            return str(y)
 
         h = norm(x, weights.layers[0].attn_norm, f"{P}.layers.0.attn_norm")
         for i, layer in enumerate(weights.layers):
@@ -179,7 +216,10 @@ def build_decoder(dims: DecoderDims, weights: DecoderWeights, norm_kind: str, dt
                 attn = linear(attn, layer.o, p + "attn.o_proj")
                 if layer.attn_post_norm is not None:
                     attn = norm(attn, layer.attn_post_norm, p + "attn_post_norm")
-                h, x = skip_norm(x, attn, layer.mlp_norm, p + "mlp_norm")
+                if not d.parallel_residual:
+                    h, x = skip_norm(x, attn, layer.mlp_norm, p + "mlp_norm")
+                elif not layer.shared_norm:
+                    h = norm(x, layer.mlp_norm, p + "mlp_norm")
                 with b.scope("mlp"):
                     y = linear(h, layer.mlp_in, p + ("mlp.gate_up_proj" if layer.gated
                                                      else "mlp.fc_in"))
@@ -192,6 +232,8 @@ def build_decoder(dims: DecoderDims, weights: DecoderWeights, norm_kind: str, dt
                     y = linear(y, layer.mlp_out, p + "mlp.fc_out")
                 if layer.mlp_post_norm is not None:
                     y = norm(y, layer.mlp_post_norm, p + "mlp_post_norm")
+                if d.parallel_residual:
+                    y = b.op("Add", attn, y, name="parallel_residual")
                 if i + 1 < len(weights.layers):
                     h, x = skip_norm(x, y, weights.layers[i + 1].attn_norm,
                                      f"{P}.layers.{i + 1}.attn_norm")

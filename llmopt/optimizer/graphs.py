@@ -51,6 +51,8 @@ def fusion_report(proto: Any, fusions: frozenset[str], notes: dict[str, str],
         fired = {op: counts[op] for op in FUSED_OPS[fusion] if counts[op]}
         report[fusion] = {"fired": True, "ops": fired} if fired else {
             "fired": False, "reason": notes.get(fusion, default_reason)}
+        if fired and fusion in notes:  # fired, but not everywhere it would elsewhere
+            report[fusion]["note"] = notes[fusion]
     return report
 
 
@@ -74,6 +76,9 @@ def _reemit_decoder(package: Package, tensors: dict[str, np.ndarray], fusions: f
         notes["rotary"] = "not applicable: learned absolute positions"
     if arch.norm == "layer" and "norm" in fusions:
         notes["norm"] = "not applicable: LayerNormalization is already one op"
+    if "skip_norm" in fusions and dims.parallel_residual:
+        notes["skip_norm"] = ("parallel attention + MLP: one residual Add + norm a layer to "
+                              "fuse; attention and MLP outputs are summed by a plain Add")
     if "activation" in fusions and not dims.activation.startswith("gelu"):
         notes["activation"] = (f"not applicable: {dims.activation} (ONNX Runtime fuses "
                                "Sigmoid*Mul itself)")

@@ -236,14 +236,75 @@ def test_unsupported_models_are_refused_before_any_weight_is_read(
 
 
 def test_builder_native_names_the_traced_fix(tmp_path: Path) -> None:
-    source = _unreadable_weights(tmp_path / "neox", {
-        "model_type": "gpt_neox", "vocab_size": 64, "hidden_size": 32,
-        "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64})
+    source = _unreadable_weights(tmp_path / "bloom", {
+        "model_type": "bloom", "vocab_size": 64, "hidden_size": 32, "n_layer": 1, "n_head": 2})
     with pytest.raises(llmopt.UnsupportedError, match="no native builder") as info:
         export(source, tmp_path / "package", ExportOptions(builder="native"))
     assert "--builder traced" in str(info.value)
     for arch in ("llama", "gpt2", "phi3", "qwen2", "mistral", "bert"):
         assert arch in str(info.value)
+
+
+# --- options of the parallel-residual families that their tiny models in CONFIGS leave off ----
+
+VARIANTS = {  # name -> (arch, config attributes, parallel residual, norm shared by attn and MLP)
+    "phi qk_layernorm": ("phi", {"qk_layernorm": True}, True, True),
+}
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_parallel_family_variants_export_validate_and_fuse(variant: str, tmp_path: Path) -> None:
+    """Each option changes the graph (parallel residual, shared norm, q/k LayerNorms) and
+    survives optimize's round trip through the package's initializers and saved config."""
+    import onnx
+
+    arch, options, parallel, shared = VARIANTS[variant]
+    if arch == "stablelm" and options.get("qk_layernorm") and not traced.transformers_traceable():
+        pytest.skip("transformers 4.57 cannot build StableLM with qk_layernorm (its _init_weights "
+                    "zeroes the bias of a bias-free LayerNorm)")
+    source = tiny_decoders.build(arch, tmp_path / "source", **options)
+    package = export(source, tmp_path / "package", ExportOptions(generation_tokens=8))
+    assert package.manifest["validation"]["passed"], package.manifest["validation"]
+    graph = onnx.load(str(package.model_path)).graph
+    weights = {t.name: tuple(t.dims) for t in graph.initializer}
+    adds = [n.name for n in graph.node if n.name.endswith("/parallel_residual")]
+    assert len(adds) == (2 if parallel else 0)
+    assert ("model.layers.0.mlp_norm.weight" in weights) == (not shared)
+    if options.get("qk_layernorm"):
+        per_head = (4, 16) if arch == "stablelm" else (16,)  # StableLM: own weights per head
+        assert weights["model.layers.1.attn.q_norm.weight"] == per_head
+        assert weights["model.layers.1.attn.k_norm.weight"] == (
+            (2, 16) if arch == "stablelm" else (16,))
+        if arch == "phi":
+            assert weights["model.layers.1.attn.q_norm.bias"] == (16,)
+
+    optimized = llmopt.optimize(package, tmp_path / "optimized",
+                                llmopt.OptimizeOptions(generation_tokens=8))
+    assert optimized.manifest["validation"]["passed"], optimized.manifest["validation"]
+    fusions = optimized.manifest["steps"][-1]["fusions"]
+    assert fusions["attention"]["ops"] == {"RotaryEmbedding": 4, "GroupQueryAttention": 2}
+    # one residual Add + norm a layer in a parallel block, two in a sequential one
+    assert fusions["skip_norm"]["ops"] == {"SkipLayerNormalization": 2 if parallel else 4}
+    assert ("note" in fusions["skip_norm"]) == parallel
+
+
+def test_gpt_neox_packed_qkv_is_reordered_to_q_k_v() -> None:
+    """GPT-NeoX's query_key_value output is [heads, 3, head_dim]; after the reorder at load,
+    splitting it [q | k | v] gives exactly what transformers' view + chunk gives."""
+    from llmopt.exporter.decoder import _per_head_to_split
+    from llmopt.exporter.ops import Linear
+
+    heads, dim, hidden = 4, 8, 32
+    rng = np.random.default_rng(0)
+    weight = rng.normal(size=(3 * heads * dim, hidden)).astype(np.float32)  # torch [out, in]
+    bias = rng.normal(size=3 * heads * dim).astype(np.float32)
+    x = rng.normal(size=(5, hidden)).astype(np.float32)
+    packed = (x @ weight.T + bias).reshape(5, heads, 3 * dim)
+    want = [packed[..., i * dim:(i + 1) * dim].reshape(5, heads * dim) for i in range(3)]
+    lin = _per_head_to_split(Linear(weight.T, bias), heads)
+    got = np.split(x @ lin.weight + lin.bias, 3, axis=-1)
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
 
 
 TRACEABLE = pytest.mark.skipif(not traced.transformers_traceable(),

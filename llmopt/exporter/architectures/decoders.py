@@ -276,3 +276,28 @@ register(DecoderArch(
     notes="Gemma 2: pre and post norms, attention and logit soft-capping, alternating "
           "sliding-window and global layers",
 ))
+
+
+register(DecoderArch(
+    name="phi",
+    model_types=("phi",),
+    names=DecoderNames(
+        embed="model.embed_tokens.weight",
+        layer="model.layers.{i}.",
+        attn_norm="input_layernorm",  # no mlp_norm: the MLP reads this norm's output too
+        q="self_attn.q_proj",
+        k="self_attn.k_proj",
+        v="self_attn.v_proj",
+        o="self_attn.dense",
+        fc_in="mlp.fc1",
+        mlp_out="mlp.fc2",
+        final_norm="model.final_layernorm",
+        q_norm="self_attn.q_layernorm",  # present when qk_layernorm is on
+        k_norm="self_attn.k_layernorm",
+    ),
+    norm="layer",
+    positions="rotary",
+    eps_attr="layer_norm_eps",
+    parallel_residual=lambda config: True,
+    notes="Phi-1/1.5/2: attention and MLP in parallel from one LayerNorm, partial rotary",
+))
