@@ -63,13 +63,25 @@ CONFIGS = {
 }
 
 
+LONGROPE_SWITCH = 16  # original_max_position_embeddings of the LongRoPE variant
+# variants of registered architectures, built like CONFIGS: Phi-3.5/Phi-4-mini 128k's LongRoPE
+# (with partial rotary, as Phi-4-mini) switching at 16 tokens, so short prompts, long prompts
+# and decode steps crossing the switch all run in the tests
+VARIANTS = {
+    "phi3-longrope": (T.Phi3ForCausalLM, lambda v: T.Phi3Config(
+        vocab_size=v, partial_rotary_factor=0.75, original_max_position_embeddings=LONGROPE_SWITCH,
+        rope_scaling={"type": "longrope", "short_factor": [1.0, 1.1, 1.3, 1.7, 2.0, 2.5],
+                      "long_factor": [3.0, 5.0, 8.0, 13.0, 21.0, 34.0]}, **_COMMON)),
+}
+
+
 def build(arch: str, directory: str | os.PathLike[str], seed: int = 0,
           safe_serialization: bool = True, **options: Any) -> Path:
     """Save a tiny random ``arch`` model and its tokenizer into ``directory``; ``options`` set
     config attributes on top of ``CONFIGS[arch]`` (variants such as ``qk_layernorm=True``)."""
     directory = Path(directory)
     tokenizer = decoder_tokenizer(directory)
-    model_class, make_config = CONFIGS[arch]
+    model_class, make_config = {**CONFIGS, **VARIANTS}[arch]
     config = make_config(len(tokenizer))
     for name, value in options.items():
         setattr(config, name, value)

@@ -24,6 +24,7 @@ from llmopt.exporter.ops import Initializers, Linear, concat_linear, state_linea
 
 TASKS = ("text-generation",)
 WEIGHT_PREFIX = "model"  # initializer names: model.layers.{i}.attn.qkv_proj.weight, ...
+LONGROPE = ("longrope", "su")  # "su": Phi-3's first name for LongRoPE
 
 
 @dataclass(frozen=True)
@@ -146,6 +147,21 @@ class DecoderDims:
             return None
         return self.sliding_window
     clip_qkv: float | None = None  # q, k and v clamped to [-c, c] after projection (OLMo)
+    # LongRoPE: the long inverse frequencies replace the short ones when max(position_ids) + 1
+    # exceeds this (the pretraining context, original_max_position_embeddings); None elsewhere
+    long_rope_after: int | None = None
+
+
+def longrope_switch(config: Any) -> int | None:
+    """LongRoPE's switch point as transformers decides it (``max(position_ids) + 1`` above it
+    selects the long factors), or None when the config's RoPE is not LongRoPE."""
+    rope = getattr(config, "rope_scaling", None) or getattr(config, "rope_parameters", None)
+    if not isinstance(rope, dict) or rope.get("rope_type", rope.get("type")) not in LONGROPE:
+        return None
+    original = (rope.get("original_max_position_embeddings")
+                or getattr(config, "original_max_position_embeddings", None)
+                or config.max_position_embeddings)
+    return int(original)
 
 
 def read_dims(arch: DecoderArch, config: Any, inv_freq: np.ndarray | None,
@@ -200,6 +216,7 @@ def read_dims(arch: DecoderArch, config: Any, inv_freq: np.ndarray | None,
         rope_scaling_local=rope_scaling_local,
         clip_qkv=float(clip) if (clip := getattr(config, "clip_qkv", None)) is not None else None,
         parallel_residual=bool(arch.parallel_residual(config)),
+        long_rope_after=longrope_switch(config) if inv_freq is not None else None,
     )
 
 
@@ -224,13 +241,33 @@ def rotary_parameters(model: Any, layer_type: str = "full_attention"
             scaling = getattr(module, "attention_scaling", 1.0)
         if inv_freq is None:
             continue
-        if str(rope_type) in ("dynamic", "longrope"):
+        if str(rope_type) == "dynamic":
             raise UnsupportedError(
                 f"RoPE scaling {rope_type!r} changes with sequence length and is not exported yet",
                 fix="export a variant with static RoPE (e.g. the 4k-context model)",
             )
+        if str(rope_type) in LONGROPE:  # the short factors' table; see longrope_inv_freq
+            inv_freq = getattr(module, "original_inv_freq", inv_freq)
         return inv_freq.detach().float().cpu().numpy(), float(scaling)
     return None, 1.0
+
+
+def longrope_inv_freq(model: Any) -> np.ndarray | None:
+    """LongRoPE's long-factor inverse frequencies, from transformers' own LongRoPE init at a
+    length past the switch point; None when the model's RoPE is not LongRoPE."""
+    for module in model.modules():
+        if getattr(module, "inv_freq", None) is None or \
+                str(getattr(module, "rope_type", "")) not in LONGROPE:
+            continue
+        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+        config = getattr(module, "config", model.config)
+        switch = longrope_switch(config)
+        if switch is None:
+            return None
+        long_inv_freq, _ = ROPE_INIT_FUNCTIONS["longrope"](config, None, seq_len=switch + 1)
+        return np.asarray(long_inv_freq.detach().float().cpu().numpy())
+    return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -269,11 +306,13 @@ class DecoderWeights:
     lm_head: Linear  # [hidden, vocab]
     inv_freq: np.ndarray | None
     inv_freq_local: np.ndarray | None = None  # the sliding layers' own RoPE table (Gemma 3)
+    long_inv_freq: np.ndarray | None = None  # LongRoPE's long factors (inv_freq: the short ones)
 
 
 def weights_from_state(arch: DecoderArch, dims: DecoderDims, state: Mapping[str, Any],
                        inv_freq: np.ndarray | None,
-                       inv_freq_local: np.ndarray | None = None) -> DecoderWeights:
+                       inv_freq_local: np.ndarray | None = None,
+                       long_inv_freq: np.ndarray | None = None) -> DecoderWeights:
     """Normalize a transformers state dict through the architecture's names."""
     n, t = arch.names, arch.transposed_linear
 
@@ -348,6 +387,7 @@ def weights_from_state(arch: DecoderArch, dims: DecoderDims, state: Mapping[str,
         lm_head=_scaled(state_linear(state, head, transposed=False), 1.0 / dims.logits_scaling),
         inv_freq=inv_freq,
         inv_freq_local=inv_freq_local,
+        long_inv_freq=long_inv_freq,
     )
 
 
@@ -419,6 +459,7 @@ def weights_from_onnx(tensors: Mapping[str, np.ndarray], num_layers: int) -> Dec
         lm_head=linear(f"{WEIGHT_PREFIX}.lm_head"),
         inv_freq=get(f"{WEIGHT_PREFIX}.rotary.inv_freq"),
         inv_freq_local=get(f"{WEIGHT_PREFIX}.rotary_local.inv_freq"),
+        long_inv_freq=get(f"{WEIGHT_PREFIX}.rotary.long_inv_freq"),
     )
 
 
@@ -430,7 +471,8 @@ def emit(arch: DecoderArch, model: Any, dtype: Any) -> tuple[onnx.ModelProto, di
     local_freq, local_scaling = (rotary_parameters(model, "sliding_attention")
                                  if arch.positions == "rotary" else (None, 1.0))
     dims = read_dims(arch, model.config, inv_freq, scaling, local_scaling)
-    weights = weights_from_state(arch, dims, model.state_dict(), inv_freq, local_freq)
+    long_freq = longrope_inv_freq(model) if dims.long_rope_after is not None else None
+    weights = weights_from_state(arch, dims, model.state_dict(), inv_freq, local_freq, long_freq)
     proto = build_decoder(dims, weights, arch.norm, dtype)
     layout = {
         "num_layers": dims.num_layers,
@@ -449,4 +491,6 @@ def emit(arch: DecoderArch, model: Any, dtype: Any) -> tuple[onnx.ModelProto, di
     }
     if local_freq is not None:
         layout["rope_local_attention_scaling"] = dims.rope_scaling_local
+    if long_freq is not None:
+        layout["rope_long_after"] = dims.long_rope_after
     return proto, layout

@@ -147,8 +147,11 @@ def build_decoder(dims: DecoderDims, weights: DecoderWeights, norm_kind: str, dt
         tables: dict[bool, tuple[str | None, str | None]] = {False: (None, None)}
         if weights.inv_freq is not None:
             with b.scope("rotary"):
+                long = None
+                if weights.long_inv_freq is not None and d.long_rope_after is not None:
+                    long = (weights.long_inv_freq, d.long_rope_after)
                 tables[False] = rotary_tables(b, position_ids, weights.inv_freq, d.rope_scaling,
-                                              dt, doubled="attention" not in fusions)
+                                              dt, doubled="attention" not in fusions, long=long)
         tables[True] = tables[False]
         if weights.inv_freq_local is not None:  # the sliding layers' own table (Gemma 3)
             with b.scope("rotary_local"):
@@ -304,14 +307,27 @@ def softcap(b: GraphBuilder, x: str, cap: float) -> str:
 
 def rotary_tables(b: GraphBuilder, position_ids: str, inv_freq: np.ndarray, scaling: float,
                   dt: np.dtype, doubled: bool,
-                  name: str = f"{WEIGHT_PREFIX}.rotary.inv_freq") -> tuple[str, str]:
+                  name: str = f"{WEIGHT_PREFIX}.rotary.inv_freq",
+                  long: tuple[np.ndarray, int] | None = None) -> tuple[str, str]:
     """cos/sin from positions, in float32 as transformers computes them.
 
     ``doubled``: [B,1,S,rot] for the primitive form (both halves); else [B,S,rot/2] for
-    ``RotaryEmbedding``.
+    ``RotaryEmbedding`` (both forms take these computed tables). ``long``: LongRoPE's
+    long-factor frequencies and its switch point, chosen per call as transformers does::
+
+        position_ids ─ReduceMax─Greater(switch - 1)─┐
+            inv_freq (short), long_inv_freq ───────Where─▶ this call's inv_freq
     """
+    inv = b.weight(name, inv_freq.astype(F32))
+    if long is not None:
+        long_inv_freq, switch = long
+        with b.scope("longrope"):  # max(position_ids) + 1 > switch, over the whole batch
+            use_long = b.op("Greater", b.op("ReduceMax", position_ids, keepdims=0),
+                            b.const(switch - 1))
+            inv = b.op("Where", use_long, b.weight(f"{WEIGHT_PREFIX}.rotary.long_inv_freq",
+                                                   long_inv_freq.astype(F32)), inv)
     pos = b.op("Unsqueeze", b.op("Cast", position_ids, to=onnx.TensorProto.FLOAT), b.const([-1]))
-    freqs = b.op("Mul", pos, b.weight(name, inv_freq.astype(F32)))
+    freqs = b.op("Mul", pos, inv)
     if doubled:
         freqs = b.op("Concat", freqs, freqs, axis=-1)
     cos, sin = b.op("Cos", freqs), b.op("Sin", freqs)

@@ -88,7 +88,7 @@ def choose(config: Any, task: str, builder: str = "auto") -> Architecture:
                 fix="use --builder traced (or auto) to trace the PyTorch model instead",
             )
         if native.kind == "decoder":
-            traced.check_rope(config)
+            traced.check_rope(config, native=True)
         for check in getattr(native, "extra_checks", ()):  # the description's own refusals
             check(config)
         return find(model_type, task)

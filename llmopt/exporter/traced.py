@@ -42,7 +42,8 @@ ENCODER_TASKS = ("feature-extraction", "text-classification")
 RECURRENT = ("mamba", "mamba2", "rwkv", "jamba", "falcon_mamba", "falcon_h1", "zamba", "zamba2",
              "recurrent_gemma", "xlstm", "bamba", "granitemoehybrid", "lfm2", "lfm2_moe",
              "qwen3_next", "nemotron_h", "minimax", "plamo2", "olmo3_hybrid")
-DYNAMIC_ROPE = ("dynamic", "longrope")
+DYNAMIC_ROPE = ("dynamic", "longrope", "su")
+NATIVE_DYNAMIC_ROPE = ("dynamic",)  # the native builder emits LongRoPE's two tables
 MIN_TRANSFORMERS = "5.0"
 # the example shapes the trace runs on: neither 0 nor 1, so no dimension is taken for constant
 _BATCH, _SEQUENCE, _PAST = 2, 3, 4
@@ -133,16 +134,19 @@ def check_config(config: Any, task: str) -> None:
         )
 
 
-def check_rope(config: Any) -> None:
-    """Refuse RoPE scalings that change with sequence length (no builder exports them yet)."""
+def check_rope(config: Any, native: bool = False) -> None:
+    """Refuse RoPE scalings that change with sequence length: the trace fixes one choice. The
+    native builder emits LongRoPE's two tables and chooses per call; neither exports dynamic."""
     rope = getattr(config, "rope_scaling", None) or getattr(config, "rope_parameters", None)
     rope_type = str(rope.get("rope_type", rope.get("type", "default"))) \
         if isinstance(rope, dict) else "default"
-    if rope_type in DYNAMIC_ROPE:
+    if rope_type in (NATIVE_DYNAMIC_ROPE if native else DYNAMIC_ROPE):
+        how = "is not exported yet" if native else "cannot be traced into one graph"
         raise UnsupportedError(
-            f"RoPE scaling {rope_type!r} changes with sequence length and cannot be traced into "
-            "one graph",
-            fix="export a variant with static RoPE (e.g. the 4k-context model)",
+            f"RoPE scaling {rope_type!r} changes with sequence length and {how}",
+            fix=("export with --builder native (its LongRoPE families: phi3), or a variant with "
+                 "static RoPE" if rope_type != "dynamic" else
+                 "export a variant with static RoPE (e.g. the 4k-context model)"),
         )
 
 

@@ -193,13 +193,36 @@ def _torch_greedy(model: Any, prompt: list[int], max_new_tokens: int, eos: list[
 
     ids = torch.tensor([prompt])
     with torch.no_grad():
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                             max_new_tokens=max_new_tokens, eos_token_id=eos or None,
-                             pad_token_id=eos[0] if eos else 0)
-    tokens = [int(t) for t in out[0, len(prompt):]]
+        if _longrope(model.config):
+            tokens = _uncached_greedy(model, prompt, max_new_tokens)
+        else:
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                 max_new_tokens=max_new_tokens, eos_token_id=eos or None,
+                                 pad_token_id=eos[0] if eos else 0)
+            tokens = [int(t) for t in out[0, len(prompt):]]
     for i, token in enumerate(tokens):
         if token in eos:
             return tokens[: i + 1]
+    return tokens
+
+
+def _longrope(config: Any) -> bool:
+    rope = getattr(config, "rope_scaling", None) or getattr(config, "rope_parameters", None)
+    return isinstance(rope, dict) and rope.get("rope_type", rope.get("type")) in ("longrope", "su")
+
+
+def _uncached_greedy(model: Any, prompt: list[int], max_new_tokens: int) -> list[int]:
+    """Greedy tokens from whole-sequence forwards, no cache. LongRoPE's reference: its cache
+    made with the short factors is dropped on the first step past the switch point, which
+    equals this; transformers 5's generate() gives these tokens, 4.57's does not (it re-runs
+    that step with the one-token cache_position, so its earlier rows attend ahead)."""
+    import torch
+
+    sequence, tokens = list(prompt), []
+    for _ in range(max_new_tokens):
+        logits = model(torch.tensor([sequence]), use_cache=False).logits
+        tokens.append(int(logits[0, -1].argmax()))
+        sequence.append(tokens[-1])
     return tokens
 
 

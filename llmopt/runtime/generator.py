@@ -190,6 +190,7 @@ class Generator:
                               started, sink(row))
                   for row, (t, p) in enumerate(zip(prompts, params, strict=True))]
         ids, mask = left_pad(prompts, self.pad_token_id)
+        history = ids  # every token so far, for a LongRoPE re-prefill (kv.DecoderModel.reprefills)
         positions = position_ids(mask)
         forward: Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
         if self.shared_kv:  # room for the prompt and the longest answer
@@ -210,8 +211,11 @@ class Generator:
             if all(state.done for state in states):
                 break
             ids = next_ids[:, None]
+            history = np.concatenate([history, ids], axis=1)
             positions = positions[:, -1:] + 1
             mask = np.concatenate([mask, np.ones((batch, 1), np.int64)], axis=1)
+            if self.model.reprefills(mask.shape[1]):  # the cache restarts from position 0
+                ids, positions = history, position_ids(mask)
         return [state.result() for state in states]
 
     # -- ONNX Runtime calls ----------------------------------------------------------------------
@@ -228,6 +232,8 @@ class Generator:
 
         def forward(ids: np.ndarray, mask: np.ndarray, positions: np.ndarray) -> np.ndarray:
             nonlocal past
+            if ids.shape[1] == mask.shape[1]:  # the whole sequence: a prefill on an empty cache
+                past = self._empty_past(batch)
             logits, past = self._forward(ids, mask, positions, past)
             return logits
 

@@ -21,6 +21,7 @@ class DecoderModel:
         self.head_dim = int(kv_cache["head_dim"])
         self.max_positions = int(kv_cache.get("max_positions") or 0)
         self.kv_dtype = np.dtype(kv_cache.get("dtype", "float32"))
+        self.rope_long_after = kv_cache.get("rope_long_after")  # LongRoPE's switch point
         self.past_names = [
             name
             for i in range(self.num_layers)
@@ -39,6 +40,15 @@ class DecoderModel:
     def empty_past(self, batch: int) -> list[np.ndarray]:
         shape = (batch, self.num_kv_heads, 0, self.head_dim)
         return [np.zeros(shape, self.kv_dtype) for _ in self.past_names]
+
+    def reprefills(self, total: int) -> bool:
+        """Whether a decode step that grows the sequence to ``total`` tokens must run the whole
+        sequence again on an empty cache: LongRoPE's first step past its switch point, where the
+        cached keys were rotated with the short factors. transformers' generate drops its cache
+        on exactly that step (``Phi3ForCausalLM.prepare_inputs_for_generation``); later steps
+        reuse the long-factor cache."""
+        after = self.rope_long_after
+        return after is not None and total - 1 == int(after)
 
     def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray,
                 position_ids: np.ndarray, past: list[np.ndarray]
@@ -74,6 +84,7 @@ def greedy(model: DecoderModel, prompts: Sequence[Sequence[int]], max_new_tokens
            eos_ids: Sequence[int] = (), pad_id: int = 0) -> list[list[int]]:
     """Greedy decoding with the KV cache; each row stops after its first EOS token."""
     ids, mask = left_pad(prompts, pad_id)
+    history = ids
     positions = position_ids(mask)
     past = model.empty_past(len(prompts))
     outputs: list[list[int]] = [[] for _ in prompts]
@@ -89,6 +100,9 @@ def greedy(model: DecoderModel, prompts: Sequence[Sequence[int]], max_new_tokens
         if done.all():
             break
         ids = next_ids[:, None].astype(np.int64)
+        history = np.concatenate([history, ids], axis=1)
         positions = positions[:, -1:] + 1
         mask = np.concatenate([mask, np.ones((len(prompts), 1), np.int64)], axis=1)
+        if model.reprefills(mask.shape[1]):
+            ids, positions, past = history, position_ids(mask), model.empty_past(len(prompts))
     return outputs

@@ -214,12 +214,10 @@ def _unreadable_weights(directory: Path, config: dict) -> Path:
       "is_encoder_decoder": True}, "encoder-decoder"),
     ({"model_type": "mamba", "vocab_size": 64, "hidden_size": 32, "num_hidden_layers": 1},
      "recurrent state"),
-    ({"model_type": "phi3", "vocab_size": 64, "hidden_size": 32, "num_hidden_layers": 1,
-      "num_attention_heads": 2, "original_max_position_embeddings": 64,
-      "max_position_embeddings": 256, "rope_scaling": {"type": "longrope",
-                                                       "short_factor": [1.0] * 8,
-                                                       "long_factor": [2.0] * 8}},
-     "longrope"),
+    ({"model_type": "llama", "vocab_size": 64, "hidden_size": 32, "num_hidden_layers": 1,
+      "num_attention_heads": 2, "max_position_embeddings": 256,
+      "rope_scaling": {"type": "dynamic", "factor": 2.0}},
+     "dynamic"),
     ({"model_type": "opt", "vocab_size": 64, "hidden_size": 32, "num_hidden_layers": 1,
       "num_attention_heads": 2, "ffn_dim": 64, "do_layer_norm_before": False,
       "word_embed_proj_dim": 16}, "opt-350m"),
@@ -232,6 +230,20 @@ def test_unsupported_models_are_refused_before_any_weight_is_read(
     with pytest.raises(llmopt.UnsupportedError, match=expected) as info:
         export(source, tmp_path / "package")
     assert info.value.fix
+    assert not (tmp_path / "package").exists()
+
+
+def test_longrope_is_refused_by_the_traced_builder_with_the_native_fix(tmp_path: Path) -> None:
+    """The trace would fix one of LongRoPE's two tables; the native builder emits both."""
+    source = _unreadable_weights(tmp_path / "model", {
+        "model_type": "phi3", "vocab_size": 64, "hidden_size": 32, "num_hidden_layers": 1,
+        "num_attention_heads": 2, "original_max_position_embeddings": 64,
+        "max_position_embeddings": 256, "rope_scaling": {"type": "longrope",
+                                                         "short_factor": [1.0] * 8,
+                                                         "long_factor": [2.0] * 8}})
+    with pytest.raises(llmopt.UnsupportedError, match="longrope") as info:
+        export(source, tmp_path / "package", ExportOptions(builder="traced"))
+    assert "--builder native" in str(info.value.fix)
     assert not (tmp_path / "package").exists()
 
 
@@ -477,3 +489,58 @@ def test_gemma2_float16_fused_graph_builds_and_runs_on_cpu(tmp_path: Path) -> No
     assert sum(a.name == "softcap" for n in attention for a in n.attribute) == 2
     assert np.abs(got - want).max() < 2e-2 * np.abs(want).max()
     assert (got.argmax(-1) == want.argmax(-1)).mean() > 0.9
+
+
+def _torch_longrope_greedy(source: Path, ids: list[int], n: int) -> list[int]:
+    """transformers' tokens: generate() under transformers 5; under 4.57, whose generate()
+    re-runs the step that crosses the switch with a one-token cache_position (so earlier rows
+    attend ahead), whole-sequence forwards without a cache, which 5's generate() equals."""
+    model = AutoModelForCausalLM.from_pretrained(source, attn_implementation="eager").eval()
+    prompt = torch.tensor([ids])
+    with torch.no_grad():
+        uncached, sequence = [], list(ids)
+        for _ in range(n):
+            uncached.append(int(model(torch.tensor([sequence])).logits[0, -1].argmax()))
+            sequence.append(uncached[-1])
+        if traced.transformers_traceable():  # transformers >= 5
+            out = model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
+                                 max_new_tokens=n, min_new_tokens=n, pad_token_id=0)
+            assert [int(t) for t in out[0, len(ids):]] == uncached
+    return uncached
+
+
+def test_phi3_longrope_chooses_its_table_per_call_like_transformers(tmp_path: Path) -> None:
+    """Phi-3.5/Phi-4-mini 128k's LongRoPE: short factors up to the switch point, long ones past
+    it, in the exported and the fused graph; generation crossing the switch (where transformers
+    recomputes its cache) and starting past it gives transformers' tokens."""
+    switch = tiny_decoders.LONGROPE_SWITCH
+    source = tiny_decoders.build("phi3-longrope", tmp_path / "source")
+    package = export(source, tmp_path / "package", ExportOptions(generation_tokens=8))
+    assert package.manifest["validation"]["passed"], package.manifest["validation"]
+    assert package.manifest["kv_cache"]["rope_long_after"] == switch
+    graph = onnx.load(str(package.path / "model.onnx")).graph
+    tables = {t.name: onnx.numpy_helper.to_array(t) for t in graph.initializer}
+    short, long = tables["model.rotary.inv_freq"], tables["model.rotary.long_inv_freq"]
+    assert short.shape == long.shape == (6,) and not np.allclose(short, long)
+    assert "/model/rotary/longrope/Where" in {n.name for n in graph.node}
+
+    below = [5 + (7 * i) % 200 for i in range(6)]  # decodes across the switch
+    above = [9 + (11 * i) % 200 for i in range(switch + 4)]  # long from the prompt on
+    expected = {len(p): _torch_longrope_greedy(source, p, 20) for p in (below, above)}
+    optimized = llmopt.optimize(package, tmp_path / "optimized",
+                                llmopt.OptimizeOptions(generation_tokens=8))
+    assert optimized.manifest["validation"]["passed"]
+    assert optimized.manifest["kv_cache"]["rope_long_after"] == switch
+    fused = {n.op_type for n in onnx.load(str(optimized.path / "model.onnx")).graph.node}
+    assert {"RotaryEmbedding", "GroupQueryAttention", "Where"} <= fused
+    for pkg in (package, optimized):
+        generator = llmopt.load(pkg.path)
+        for prompt in (below, above):
+            result = generator.generate(prompt, max_new_tokens=20, ignore_eos=True)
+            assert result.token_ids == expected[len(prompt)], (pkg.path.name, len(prompt))
+
+    quantized = llmopt.quantize(optimized, tmp_path / "int4",
+                                llmopt.QuantizeOptions.int4().with_(evaluate=False))
+    assert quantized.manifest["steps"][-1]["quantized_matmuls"] > 0
+    assert len(llmopt.load(quantized.path).generate(below, max_new_tokens=20,
+                                                    ignore_eos=True).token_ids) == 20

@@ -88,7 +88,8 @@ register(DecoderArch(
     norm="rms",
     positions="rotary",
     sliding_window=_window,
-    notes="partial rotary supported; LongRoPE (128k variants) not yet",
+    notes="Phi-3/3.5/4-mini: partial rotary; LongRoPE (the 128k variants) with both tables in "
+          "the graph, chosen per call",
 ))
 
 register(DecoderArch(
