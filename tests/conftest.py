@@ -138,3 +138,35 @@ def smollm2_torch(smollm2_gguf: Path) -> Any:
 def minilm_dir() -> Path:
     """all-MiniLM-L6-v2 as a Hugging Face model directory (BERT)."""
     return _fetch_or_skip("all-minilm-l6-v2")
+
+
+# tiny GGUF files (tests/tiny_gguf.py) by name: (architecture, type of every matrix, overrides)
+TINY_GGUF = {
+    "Q4_0": ("llama", "Q4_0", None),
+    "Q4_K": ("llama", "Q4_K", None),
+    "Q8_0": ("llama", "Q8_0", None),
+    "F16": ("llama", "F16", None),
+    # llama.cpp's Q4_K_M keeps some tensors in a wider type (Q6_K there, Q8_0 here)
+    "Q4_K_M": ("llama", "Q4_K", {"attn_v": "Q8_0", "ffn_down": "Q8_0"}),
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """``tiny_gguf(name) -> (gguf file, fp32 package exported from it)``, each written and
+    exported once per session (see TINY_GGUF)."""
+    import llmopt
+    from tests import tiny_gguf as builder
+
+    made: dict[str, tuple[Path, Path]] = {}
+
+    def make(name: str) -> tuple[Path, Path]:
+        if name not in made:
+            arch, qtype, overrides = TINY_GGUF[name]
+            directory = tmp_path_factory.mktemp(f"gguf-{name}")
+            path = builder.build(arch, directory / f"tiny-{arch}.{name}.gguf", qtype,
+                                 overrides=overrides)
+            made[name] = (path, llmopt.export(path, directory / "fp32").path)
+        return made[name]
+
+    return make

@@ -19,7 +19,7 @@ def add_parser(subparsers: Any) -> None:
                    "calibrated); int4: weight-only MatMulNBits")
     p.add_argument("--block-size", type=int, default=32, help="int4/int8 block size")
     p.add_argument("--algorithm", default="auto",
-                   help="int4: auto (gguf for a package exported from a Q4_0/Q4_1 GGUF file, "
+                   help="int4: auto (gguf for a package exported from a Q4_0/Q4_1/Q4_K GGUF file, "
                    "else hqq), gguf (reuse the source's 4-bit blocks exactly), hqq, gptq, mse "
                    "(clipping search), rtn")
     p.add_argument("--symmetric", action=argparse.BooleanOptionalAction, default=None)

@@ -93,8 +93,8 @@ class QuantizeOptions:
         """Weight-only int4 (MatMulNBits), int8 compute (accuracy level 4), asymmetric blocks
         of 32; the LM head in 8 bits and the embeddings in float unless asked (measured).
 
-        ``algorithm="auto"`` reuses a Q4_0/Q4_1 GGUF source's own blocks exactly when the
-        package came from one (``"gguf"``, no second rounding), and is HQQ otherwise.
+        ``algorithm="auto"`` reuses a Q4_0/Q4_1/Q4_K GGUF source's own blocks exactly when
+        the package came from one (``"gguf"``, no second rounding), and is HQQ otherwise.
         ``"rtn"`` and ``"mse"`` (clipping search) need no float zero points at all."""
         return cls(method="int4", block_size=block_size, algorithm=algorithm,
                    symmetric=symmetric, lm_head_bits=lm_head_bits)

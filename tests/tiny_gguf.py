@@ -1,0 +1,206 @@
+"""Tiny GGUF files written locally (no network, no llama.cpp): a random transformers model saved
+the way llama.cpp's converter saves it, its weights in one GGUF quantization type.
+
+Metadata comes from transformers' own GGUF key table read backwards, tensor names from its
+GGUF-to-transformers name map, so what transformers reads back is the model written (after the
+quantization rounding). ``gguf.quants`` has numpy quantizers for Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/BF16;
+:func:`quantize_q4_k` adds Q4_K (llama.cpp's super-blocks of 256: eight 32-weight sub-blocks with
+6-bit scales and mins).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+QK_K = 256
+# transformers model_type -> llama.cpp architecture name, where they differ
+GGUF_ARCH = {"gemma3_text": "gemma3", "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe"}
+# architecture -> (model class, config kwargs); hidden sizes are multiples of 256 so every
+# matrix holds whole Q4_K super-blocks
+_COMMON = {"hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 2,
+           "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 128,
+           "vocab_size": 96}
+MODELS: dict[str, tuple[str, str, dict[str, Any]]] = {
+    "llama": ("LlamaForCausalLM", "LlamaConfig", _COMMON),
+    "qwen2": ("Qwen2ForCausalLM", "Qwen2Config", _COMMON),
+}
+
+
+def build(arch: str, path: str | os.PathLike[str], qtype: str, seed: int = 0,
+          overrides: dict[str, str] | None = None) -> Path:
+    """Write a tiny random ``arch`` model to the GGUF file ``path``, every matrix in ``qtype``
+    except the tensors named in ``overrides`` (``{"attn_v": "Q8_0"}``, as llama.cpp's Q4_K_M
+    mixes in Q6_K); norms and biases stay F32, as llama.cpp keeps them."""
+    import torch
+    import transformers
+
+    model_name, config_name, kwargs = MODELS[arch]
+    config = getattr(transformers, config_name)(tie_word_embeddings=True, bos_token_id=1,
+                                                eos_token_id=2, **kwargs)
+    torch.manual_seed(seed)
+    model = getattr(transformers, model_name)(config)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() > 1:
+                param.normal_(0.0, 0.2)
+            else:
+                param.uniform_(0.5, 1.5)
+    return write(model, path, qtype, overrides)
+
+
+def write(model: Any, path: str | os.PathLike[str], qtype: str,
+          overrides: dict[str, str] | None = None,
+          tokenizer_from: str | os.PathLike[str] | None = None) -> Path:
+    """``model`` (a transformers causal LM of an architecture transformers reads from GGUF)
+    as the GGUF file ``path``, with the tokenizer of the GGUF file ``tokenizer_from`` or, by
+    default, a byte-level BPE over ASCII characters (enough for the evaluation text)."""
+    import gguf
+    from transformers.integrations.ggml import GGUF_CONFIG_MAPPING
+    from transformers.modeling_gguf_pytorch_utils import TensorProcessor, get_gguf_hf_weights_map
+
+    config = model.config
+    model_type = str(config.model_type)
+    arch = GGUF_ARCH.get(model_type, model_type)
+    path = Path(path)
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_name(f"tiny-{model_type}")
+    mapping = GGUF_CONFIG_MAPPING[model_type if model_type in GGUF_CONFIG_MAPPING else arch]
+    for key, attribute in mapping.items():
+        value = getattr(config, attribute, None) if attribute else None
+        if value is None or isinstance(value, list | dict):
+            continue
+        name = f"{arch}.{key}"
+        if isinstance(value, bool):
+            writer.add_bool(name, value)
+        elif isinstance(value, int):
+            writer.add_uint32(name, value)
+        elif isinstance(value, float):
+            writer.add_float32(name, value)
+    if tokenizer_from is not None:
+        _copy_tokenizer(writer, Path(tokenizer_from))
+    else:
+        _add_tokenizer(writer, int(config.vocab_size))
+        writer.add_bos_token_id(int(config.bos_token_id))
+        writer.add_eos_token_id(int(config.eos_token_id))
+    names = {hf: name for name, hf in
+             get_gguf_hf_weights_map(model, TensorProcessor()).items()}
+    state = model.state_dict()
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    for hf_name, tensor in state.items():
+        if hf_name not in names or (names[hf_name] == "output.weight" and tied):
+            continue  # a tied LM head: llama.cpp writes token_embd only
+        values = tensor.detach().float().numpy()
+        name = names[hf_name]
+        values = _as_llama_cpp(arch, name, values, config)
+        short = name.split(".")[-2]
+        kind = gguf.GGMLQuantizationType[(overrides or {}).get(short, qtype)]
+        data, raw = encode(values, kind) if values.ndim == 2 else (values, None)
+        writer.add_tensor(name, data, raw_dtype=raw)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def _add_tokenizer(writer: Any, vocab_size: int) -> None:
+    """GPT-2-style byte-level BPE: ``<unk> <s> </s>``, space and newline (as GPT-2 spells
+    them), ``th``, printable ASCII (as many as fit); unused ids padded."""
+    ascii_ = [chr(c) for c in range(ord("!"), ord("~") + 1)]
+    tokens = ["<unk>", "<s>", "</s>", "\u0120", "\u010a", "th", *ascii_][:vocab_size]
+    tokens += [f"<extra_{i}>" for i in range(vocab_size - len(tokens))]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list(tokens)
+    writer.add_token_types([3, 3, 3] + [1] * (vocab_size - 3))
+    writer.add_token_merges(["t h"])  # one merge: transformers needs merges or scores
+    writer.add_unk_token_id(0)
+
+
+def _copy_tokenizer(writer: Any, source: Path) -> None:
+    """The ``tokenizer.*`` fields of another GGUF file (a real model's vocabulary)."""
+    import gguf
+
+    for field in gguf.GGUFReader(source).fields.values():
+        if not field.name.startswith("tokenizer."):
+            continue
+        kind = field.types[0]
+        sub = field.types[-1] if kind == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(field.name, field.contents(), kind, sub_type=sub)
+
+
+def _as_llama_cpp(arch: str, name: str, values: np.ndarray, config: Any) -> np.ndarray:
+    """What llama.cpp's converter does to a tensor, the inverse of transformers' GGUF
+    ``TensorProcessor`` for ``arch``."""
+    if arch == "llama" and name.endswith(("attn_q.weight", "attn_k.weight")):
+        heads = config.num_attention_heads if "attn_q" in name else config.num_key_value_heads
+        return permute(values, heads)
+    if arch in ("gemma2", "gemma3", "nemotron") and name.endswith("norm.weight"):
+        return values + 1
+    if arch == "gpt2" and name.endswith(("attn_qkv.weight", "ffn_down.weight", "ffn_up.weight",
+                                         "attn_output.weight")):
+        return values.T
+    if arch == "bloom" and "attn_qkv" in name:  # per-head [q, k, v] -> all q, all k, all v
+        heads = config.n_head
+        return values.reshape(heads, 3, -1, *values.shape[1:]).swapaxes(0, 1).reshape(
+            values.shape)
+    return values
+
+
+def permute(weights: np.ndarray, heads: int) -> np.ndarray:
+    """llama.cpp's q/k row order for Llama (its converter's ``permute``)."""
+    rows = weights.shape[0]
+    return (weights.reshape(heads, 2, rows // heads // 2, *weights.shape[1:])
+            .swapaxes(1, 2).reshape(weights.shape))
+
+
+def encode(values: np.ndarray, kind: Any) -> tuple[np.ndarray, Any]:
+    """A [rows, cols] float matrix as (data, raw_dtype) for ``GGUFWriter.add_tensor``."""
+    import gguf
+
+    values = np.ascontiguousarray(values, dtype=np.float32)
+    if kind == gguf.GGMLQuantizationType.F32:
+        return values, None
+    if kind == gguf.GGMLQuantizationType.F16:
+        return values.astype(np.float16), None
+    if kind == gguf.GGMLQuantizationType.Q4_K:
+        return quantize_q4_k(values), kind
+    return gguf.quants.quantize(values, kind), kind
+
+
+def quantize_q4_k(values: np.ndarray) -> np.ndarray:
+    """Q4_K blocks of a [rows, cols] matrix (cols a multiple of 256): per 32-weight sub-block
+    ``w ~ d * sc * q - dmin * m`` with 6-bit ``sc``/``m`` and fp16 ``d``/``dmin`` per 256.
+    Plain min/max ranges (llama.cpp also searches them; the layout is what matters here)."""
+    rows, cols = values.shape
+    if cols % QK_K:
+        raise ValueError(f"Q4_K needs rows of whole {QK_K}-weight super-blocks, not {cols}")
+    w = values.reshape(-1, 8, 32)  # [super-blocks, sub-blocks, weights]
+    lo = np.minimum(w.min(axis=-1), 0.0)
+    hi = np.maximum(w.max(axis=-1), 0.0)
+    scale = (hi - lo) / 15.0
+    mins = -lo
+    d = (scale.max(axis=-1) / 63.0).astype(np.float16)
+    dmin = (mins.max(axis=-1) / 63.0).astype(np.float16)
+    d32, dmin32 = d.astype(np.float32)[:, None], dmin.astype(np.float32)[:, None]
+    sc = np.clip(np.round(np.divide(scale, d32, out=np.zeros_like(scale), where=d32 > 0)),
+                 0, 63).astype(np.uint8)
+    m = np.clip(np.round(np.divide(mins, dmin32, out=np.zeros_like(mins), where=dmin32 > 0)),
+                0, 63).astype(np.uint8)
+    step = (d32 * sc)[..., None]
+    offset = (dmin32 * m)[..., None]
+    q = np.clip(np.round(np.divide(w + offset, step, out=np.zeros_like(w), where=step > 0)),
+                0, 15).astype(np.uint8)
+    scales = np.concatenate([
+        (sc[:, :4] & 0x3F) | ((sc[:, 4:] >> 4) << 6),
+        (m[:, :4] & 0x3F) | ((m[:, 4:] >> 4) << 6),
+        (sc[:, 4:] & 0x0F) | ((m[:, 4:] & 0x0F) << 4),
+    ], axis=-1).astype(np.uint8)
+    pairs = q.reshape(-1, 4, 2, 32)  # sub-blocks 2i (low nibbles) and 2i+1 (high nibbles)
+    qs = (pairs[:, :, 0] | (pairs[:, :, 1] << 4)).reshape(-1, 128).astype(np.uint8)
+    blocks = np.concatenate([d.reshape(-1, 1).view(np.uint8), dmin.reshape(-1, 1).view(np.uint8),
+                             scales, qs], axis=-1)
+    return blocks.reshape(rows, -1)
