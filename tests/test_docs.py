@@ -196,6 +196,8 @@ MESSAGES = (
     "is not supported; supported: ",
     "is not a GGUF file (it does not start with the GGUF magic bytes)",
     "could not read GGUF file",
+    "cannot read {arch!r} models ",
+    "dequantize for transformers: ",
     "strict providers (--strict-providers) to allow the fallback",
     "was requested but onnxruntime could not load it",
     "is not installed in this onnxruntime build",
