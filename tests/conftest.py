@@ -145,9 +145,10 @@ TINY_GGUF = {
     "Q4_0": ("llama", "Q4_0", None),
     "Q4_K": ("llama", "Q4_K", None),
     "Q8_0": ("llama", "Q8_0", None),
+    "Q5_K": ("llama", "Q5_K", None),
     "F16": ("llama", "F16", None),
-    # llama.cpp's Q4_K_M keeps some tensors in a wider type (Q6_K there, Q8_0 here)
-    "Q4_K_M": ("llama", "Q4_K", {"attn_v": "Q8_0", "ffn_down": "Q8_0"}),
+    # like llama.cpp's Q4_K_M: attn_v and ffn_down in Q6_K, the rest Q4_K
+    "Q4_K_M": ("llama", "Q4_K", {"attn_v": "Q6_K", "ffn_down": "Q6_K"}),
 }
 
 

@@ -4,8 +4,9 @@ the way llama.cpp's converter saves it, its weights in one GGUF quantization typ
 Metadata comes from transformers' own GGUF key table read backwards, tensor names from its
 GGUF-to-transformers name map, so what transformers reads back is the model written (after the
 quantization rounding). ``gguf.quants`` has numpy quantizers for Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/BF16;
-:func:`quantize_q4_k` adds Q4_K (llama.cpp's super-blocks of 256: eight 32-weight sub-blocks with
-6-bit scales and mins).
+this module adds the K-quants llama.cpp's Q4_K_M files use (super-blocks of 256): Q4_K and Q5_K
+(eight 32-weight sub-blocks with 6-bit scales and mins) and Q6_K (sixteen 16-weight sub-blocks
+with int8 scales).
 """
 
 from __future__ import annotations
@@ -166,8 +167,9 @@ def encode(values: np.ndarray, kind: Any) -> tuple[np.ndarray, Any]:
         return values, None
     if kind == gguf.GGMLQuantizationType.F16:
         return values.astype(np.float16), None
-    if kind == gguf.GGMLQuantizationType.Q4_K:
-        return quantize_q4_k(values), kind
+    encoders = {"Q4_K": quantize_q4_k, "Q5_K": quantize_q5_k, "Q6_K": quantize_q6_k}
+    if kind.name in encoders:
+        return encoders[kind.name](values), kind
     return gguf.quants.quantize(values, kind), kind
 
 
@@ -175,13 +177,33 @@ def quantize_q4_k(values: np.ndarray) -> np.ndarray:
     """Q4_K blocks of a [rows, cols] matrix (cols a multiple of 256): per 32-weight sub-block
     ``w ~ d * sc * q - dmin * m`` with 6-bit ``sc``/``m`` and fp16 ``d``/``dmin`` per 256.
     Plain min/max ranges (llama.cpp also searches them; the layout is what matters here)."""
-    rows, cols = values.shape
+    head, q = _k_quant(values, 15)
+    pairs = q.reshape(-1, 4, 2, 32)  # sub-blocks 2i (low nibbles) and 2i+1 (high nibbles)
+    qs = (pairs[:, :, 0] | (pairs[:, :, 1] << 4)).reshape(-1, 128).astype(np.uint8)
+    return np.concatenate([head, qs], axis=-1).reshape(values.shape[0], -1)
+
+
+def quantize_q5_k(values: np.ndarray) -> np.ndarray:
+    """Q5_K: Q4_K's layout with a fifth bit per weight (``qh``: bit j of byte l is weight l
+    of sub-block j) between the scales and the low nibbles."""
+    head, q = _k_quant(values, 31)
+    low = (q & 0x0F).reshape(-1, 4, 2, 32)
+    qs = (low[:, :, 0] | (low[:, :, 1] << 4)).reshape(-1, 128).astype(np.uint8)
+    bits = (q >> 4).reshape(-1, 8, 32).astype(np.uint16) << np.arange(8, dtype=np.uint16)[:, None]
+    qh = bits.sum(axis=1).astype(np.uint8)
+    return np.concatenate([head, qh, qs], axis=-1).reshape(values.shape[0], -1)
+
+
+def _k_quant(values: np.ndarray, top: int) -> tuple[np.ndarray, np.ndarray]:
+    """The shared part of Q4_K/Q5_K: per super-block the 16-byte head (fp16 ``d``, ``dmin``,
+    12 bytes of 6-bit scales and mins) and the codes [super-blocks, 8, 32] in 0..top."""
+    cols = values.shape[1]
     if cols % QK_K:
-        raise ValueError(f"Q4_K needs rows of whole {QK_K}-weight super-blocks, not {cols}")
+        raise ValueError(f"K-quants need rows of whole {QK_K}-weight super-blocks, not {cols}")
     w = values.reshape(-1, 8, 32)  # [super-blocks, sub-blocks, weights]
     lo = np.minimum(w.min(axis=-1), 0.0)
     hi = np.maximum(w.max(axis=-1), 0.0)
-    scale = (hi - lo) / 15.0
+    scale = (hi - lo) / top
     mins = -lo
     d = (scale.max(axis=-1) / 63.0).astype(np.float16)
     dmin = (mins.max(axis=-1) / 63.0).astype(np.float16)
@@ -193,14 +215,37 @@ def quantize_q4_k(values: np.ndarray) -> np.ndarray:
     step = (d32 * sc)[..., None]
     offset = (dmin32 * m)[..., None]
     q = np.clip(np.round(np.divide(w + offset, step, out=np.zeros_like(w), where=step > 0)),
-                0, 15).astype(np.uint8)
+                0, top).astype(np.uint8)
     scales = np.concatenate([
         (sc[:, :4] & 0x3F) | ((sc[:, 4:] >> 4) << 6),
         (m[:, :4] & 0x3F) | ((m[:, 4:] >> 4) << 6),
         (sc[:, 4:] & 0x0F) | ((m[:, 4:] & 0x0F) << 4),
     ], axis=-1).astype(np.uint8)
-    pairs = q.reshape(-1, 4, 2, 32)  # sub-blocks 2i (low nibbles) and 2i+1 (high nibbles)
-    qs = (pairs[:, :, 0] | (pairs[:, :, 1] << 4)).reshape(-1, 128).astype(np.uint8)
-    blocks = np.concatenate([d.reshape(-1, 1).view(np.uint8), dmin.reshape(-1, 1).view(np.uint8),
-                             scales, qs], axis=-1)
-    return blocks.reshape(rows, -1)
+    head = np.concatenate([d.reshape(-1, 1).view(np.uint8), dmin.reshape(-1, 1).view(np.uint8),
+                           scales], axis=-1)
+    return head, q
+
+
+def quantize_q6_k(values: np.ndarray) -> np.ndarray:
+    """Q6_K: per 16-weight sub-block ``w ~ d * sc * (q - 32)``, int8 ``sc``, fp16 ``d`` per
+    256, 6-bit ``q``: low nibbles in ``ql`` (128 bytes), high 2 bits in ``qh`` (64 bytes),
+    per half of 128 weights as gguf-py's ``Q6_K.dequantize_blocks`` reads them."""
+    rows, cols = values.shape
+    if cols % QK_K:
+        raise ValueError(f"Q6_K needs rows of whole {QK_K}-weight super-blocks, not {cols}")
+    w = values.reshape(-1, 16, 16)
+    scale = np.abs(w).max(axis=-1) / 31.0
+    d = (scale.max(axis=-1) / 127.0).astype(np.float16)
+    d32 = d.astype(np.float32)[:, None]
+    sc = np.clip(np.round(np.divide(scale, d32, out=np.zeros_like(scale), where=d32 > 0)),
+                 -128, 127).astype(np.int8)
+    step = (d32 * sc)[..., None]
+    q = (np.clip(np.round(np.divide(w, step, out=np.zeros_like(w), where=step > 0)), -32, 31)
+         + 32).astype(np.uint8).reshape(-1, 256)
+    low = (q & 0x0F).reshape(-1, 2, 2, 64)
+    ql = (low[:, :, 0] | (low[:, :, 1] << 4)).reshape(-1, 128)
+    high = (q >> 4).reshape(-1, 2, 4, 32).astype(np.uint16) << (2 * np.arange(
+        4, dtype=np.uint16))[:, None]
+    qh = high.sum(axis=2).astype(np.uint8).reshape(-1, 64)
+    return np.concatenate([ql, qh, sc.view(np.uint8), d.reshape(-1, 1).view(np.uint8)],
+                          axis=-1).astype(np.uint8).reshape(rows, -1)

@@ -15,7 +15,7 @@ from llmopt.exporter import sources
 from llmopt.package import Package
 
 
-@pytest.mark.parametrize("name", ["Q4_0", "Q4_K", "Q8_0", "F16"])
+@pytest.mark.parametrize("name", ["Q4_0", "Q4_K", "Q4_K_M", "Q5_K", "Q8_0", "F16"])
 def test_gguf_type_exports_and_validates(tiny_gguf: Any, name: str) -> None:
     path, package = tiny_gguf(name)
     manifest = Package.open(package).manifest
@@ -39,6 +39,23 @@ def test_gguf_weights_are_the_dequantized_blocks(tiny_gguf: Any) -> None:
     down = gguf.quants.dequantize(tensors["blk.1.ffn_down.weight"].data,
                                   gguf.GGMLQuantizationType.Q4_K)
     np.testing.assert_allclose(weights["model.layers.1.mlp.fc_out.weight"], down.T, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["Q4_K", "Q5_K", "Q6_K"])
+def test_k_quant_encoders_write_what_gguf_reads(kind: str) -> None:
+    """tests/tiny_gguf.py's K-quant encoders: gguf-py decodes them to within one step of the
+    whole range (a wrong layout scrambles weights by the range itself)."""
+    import gguf
+
+    from tests import tiny_gguf
+
+    values = np.random.default_rng(0).normal(0.0, 0.2, (4, 512)).astype(np.float32)
+    raw, qtype = tiny_gguf.encode(values, gguf.GGMLQuantizationType[kind])
+    back = gguf.quants.dequantize(raw, qtype)
+    levels = {"Q4_K": 15, "Q5_K": 31, "Q6_K": 63}[kind]
+    assert back.shape == values.shape
+    step = float(values.max() - values.min()) / levels
+    assert np.max(np.abs(back - values)) <= step
 
 
 def _unreadable_model(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -103,7 +103,7 @@ def test_int4_reuses_the_blocks_and_computes_the_fp32_package(tiny_gguf: Any, na
 
 
 def test_wider_types_beside_q4_k_are_requantized(tiny_gguf: Any, tmp_path: Path) -> None:
-    """A Q4_K_M-like file: q/k/gate/up/o reused, v and down (Q8_0 here) requantized to 4 bits
+    """A Q4_K_M-like file: q/k/gate/up/o reused, v and down (Q6_K) requantized to 4 bits
     from the package's float weights, and the int4 package still follows the fp32 one."""
     _, fp32 = tiny_gguf("Q4_K_M")
     options = QuantizeOptions.int4().with_(accuracy_level=1, evaluate=False)
@@ -112,9 +112,9 @@ def test_wider_types_beside_q4_k_are_requantized(tiny_gguf: Any, tmp_path: Path)
     for i in range(LAYERS):
         layer = f"model.layers.{i}"
         assert step["reused"][f"{layer}.attn.qkv_proj.weight"] == "Q4_K"
-        assert step["requantized"][f"{layer}.attn.qkv_proj.weight"] == "attn_v Q8_0"
+        assert step["requantized"][f"{layer}.attn.qkv_proj.weight"] == "attn_v Q6_K"
         assert f"{layer}.mlp.fc_out.weight" not in step["reused"]
-        assert step["requantized"][f"{layer}.mlp.fc_out.weight"] == "ffn_down Q8_0"
+        assert step["requantized"][f"{layer}.mlp.fc_out.weight"] == "ffn_down Q6_K"
     window = np.random.default_rng(0).integers(3, 90, (1, 24))
     got, want = _logits(tmp_path / "int4", window), _logits(fp32, window)
     assert np.mean(got.argmax(-1) == want.argmax(-1)) >= 0.75
