@@ -393,6 +393,9 @@ def _trace(module: Any, args: tuple[Any, ...], input_names: list[str], output_na
     import onnx
     import torch
 
+    # torch.onnx.export restores the wrapper's training mode when it is done, and a new
+    # wrapper is in training mode: that would leave the model's dropout on for validation
+    module.eval()
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # TracerWarnings: validation is the real check
         path = Path(tmp) / "model.onnx"

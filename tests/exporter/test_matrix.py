@@ -176,15 +176,42 @@ if __name__ == "__main__":  # python -m tests.exporter.test_matrix [--write]
         print(supported_table())
 
 
-@pytest.mark.parametrize("model_type", tiny_families.MISTRACED)
-def test_a_trace_that_computes_something_else_fails_validation(model_type: str,
-                                                                tmp_path: Path) -> None:
-    """These families bake shapes into a TorchScript trace; validation must catch it, name the
+def test_a_trace_that_computes_something_else_fails_validation(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A forward that turns a shape into a Python number traces with the example's number baked
+    in (what some modelling code does): validation, on several shapes, must catch it, name the
     differences and mark the package failed, never hand it on."""
-    source = tiny_families.build_encoder(model_type, tmp_path / "source")
+    from transformers import AlbertModel
+
+    source = tiny_families.build_encoder("albert", tmp_path / "source")
     if not traced.transformers_traceable():
         pytest.skip("transformers 4.x: the traced builder refuses before tracing (tested above)")
+    forward = AlbertModel.forward
+
+    def baking_forward(self: Any, *args: Any, **kwargs: Any) -> Any:
+        out = forward(self, *args, **kwargs)
+        length = float(out.last_hidden_state.shape[1])  # a Python number: traced as a constant
+        out.last_hidden_state = out.last_hidden_state * (length / 5)
+        return out
+
+    monkeypatch.setattr(AlbertModel, "forward", baking_forward)
     with pytest.raises(llmopt.ValidationError, match="max abs diff"):
         export(source, tmp_path / "package")
     manifest = json.loads((tmp_path / "package" / "llmopt.json").read_text())
     assert manifest["builder"] == "traced" and manifest["validation"]["passed"] is False
+    assert not all(c["passed"] for c in manifest["validation"]["cases"])
+
+
+def test_tracing_leaves_the_model_in_eval_mode(tmp_path: Path) -> None:
+    """torch.onnx.export restores its wrapper module's training mode, and a new wrapper is in
+    training mode: unless the trace sets it to eval, the model it wraps is validated with its
+    dropout on (DeBERTa-v2, MPNet and ELECTRA, dropout 0.1, failed validation that way)."""
+    from transformers import AutoModel
+
+    if not traced.transformers_traceable():
+        pytest.skip("transformers 4.x: the traced builder refuses before tracing")
+    source = tiny_families.build_encoder("electra", tmp_path / "source")
+    model = AutoModel.from_pretrained(source, attn_implementation="eager").eval()
+    assert model.config.hidden_dropout_prob > 0
+    traced.TracedArch("electra", "encoder").emit(model, "float32")
+    assert not any(module.training for module in model.modules())
