@@ -67,7 +67,6 @@ ENCODERS: dict[str, tuple[dict[str, Any], Callable[[Path], Any]]] = {
                     "position_buckets": 16, "pos_att_type": ["p2c", "c2p"]},
                    tiny_tokenizers.bert_tokenizer),
     "mpnet": (_BERT, lambda d: tiny_tokenizers.bert_tokenizer(d, token_types=False)),
-    "electra": ({**_BERT, "embedding_size": 16}, tiny_tokenizers.bert_tokenizer),
 }
 
 

@@ -65,6 +65,7 @@ WORD_EMBED = "embeddings.word_embeddings.weight"
 POSITION_EMBED = "embeddings.position_embeddings.weight"
 TOKEN_TYPE_EMBED = "embeddings.token_type_embeddings.weight"
 EMBED_NORM = "embeddings.LayerNorm"
+EMBED_PROJECT = "embeddings_project"
 LAYER = "encoder.layer.{i}."
 QKV = "attention.qkv"
 ATTN_OUT = "attention.output.dense"
@@ -81,6 +82,8 @@ class EncoderNames:
     """Where each weight lives in the base model's state dict. ``{i}`` is the layer index.
 
     Every layer is post-norm: ``x = norm(x + attn(x))``, then ``x = norm(x + mlp(x))``.
+    ``embed_project``: a Linear from the embedding size to the hidden size after the embedding
+    norm (ELECTRA, where the two differ; absent from the state dict where they do not).
     """
 
     word_embed: str
@@ -96,6 +99,7 @@ class EncoderNames:
     fc_out: str
     mlp_norm: str
     token_type_embed: str | None = None
+    embed_project: str | None = None
 
 
 @dataclass(frozen=True)
@@ -108,7 +112,7 @@ class ClassifierHead:
 
     dense: str
     out: str
-    activation: str  # "tanh" | "relu"
+    activation: str  # "tanh" | "relu" | "gelu"
 
 
 @dataclass(frozen=True)
@@ -219,6 +223,7 @@ class EncoderWeights:
     embed_norm: Norm
     layers: list[EncoderLayerWeights]
     head: tuple[Linear, Linear] | None  # (dense, out) of a classification head
+    embed_project: Linear | None = None  # [E, H] after the embedding norm, where E != H
 
 
 def weights_from_state(arch: EncoderArch, dims: EncoderDims, state: Mapping[str, Any],
@@ -248,8 +253,10 @@ def weights_from_state(arch: EncoderArch, dims: EncoderDims, state: Mapping[str,
             fc_out=_linear(state, p + n.fc_out, False),
             mlp_norm=norm(p + n.mlp_norm),
         ))
+    project = (_linear(state, n.embed_project, False)
+               if n.embed_project and f"{n.embed_project}.weight" in state else None)
     return EncoderWeights(_array(state[f"{n.word_embed}.weight"]), positions, types,
-                          norm(n.embed_norm), layers, head)
+                          norm(n.embed_norm), layers, head, project)
 
 
 def weights_from_onnx(tensors: Mapping[str, np.ndarray], num_layers: int) -> EncoderWeights:
@@ -269,8 +276,9 @@ def weights_from_onnx(tensors: Mapping[str, np.ndarray], num_layers: int) -> Enc
                                           norm(p + ATTN_NORM), linear(p + FC_IN),
                                           linear(p + FC_OUT), norm(p + MLP_NORM)))
     head = (linear(HEAD_DENSE), linear(HEAD_OUT)) if f"{HEAD_OUT}.weight" in tensors else None
+    project = linear(EMBED_PROJECT) if f"{EMBED_PROJECT}.weight" in tensors else None
     return EncoderWeights(need(WORD_EMBED), need(POSITION_EMBED), get(TOKEN_TYPE_EMBED),
-                          norm(EMBED_NORM), layers, head)
+                          norm(EMBED_NORM), layers, head, project)
 
 
 def _qkv_weights(state: Mapping[str, Any], prefix: str, n: EncoderNames,
@@ -346,6 +354,8 @@ def build_encoder(arch: EncoderArch, dims: EncoderDims, weights: EncoderWeights,
                                             token_type_ids=token_type_ids, dt=dt)
         x = add_norm(tokens, positions, None, weights.embed_norm, name=EMBED_NORM,
                      scope="embed_norm")
+        if weights.embed_project is not None:  # [B,S,E] -> [B,S,H]
+            x = linear(x, weights.embed_project, EMBED_PROJECT, "embed_project")
         with b.scope("attn_mask"):
             mask = (_attention_mask(b, attention_mask) if "attention" in fusions
                     else _attention_bias(b, attention_mask))
@@ -378,7 +388,10 @@ def build_encoder(arch: EncoderArch, dims: EncoderDims, weights: EncoderWeights,
         with b.scope("classifier"):
             first = b.op("Gather", x, b.const(0), axis=1)  # [B,H]: the [CLS] / <s> token
             y = linear(first, dense, HEAD_DENSE, "dense")
-            y = b.op("Tanh" if arch.head.activation == "tanh" else "Relu", y)
+            if arch.head.activation == "gelu":
+                y = _activation(b, y, "gelu", dt)
+            else:
+                y = b.op("Tanh" if arch.head.activation == "tanh" else "Relu", y)
             x = linear(y, out, HEAD_OUT, "out")
     if dt != np.dtype(F32):
         b.op("Cast", x, to=onnx.TensorProto.FLOAT, output_names=[output], name="output")

@@ -35,6 +35,8 @@ TINY: dict[str, tuple[dict[str, Any], Callable[[Path], Any]]] = {
     "bert": ({**_BERT_SHAPE, "hidden_act": "gelu"}, tiny_tokenizers.bert_tokenizer),
     "roberta": ({**_ROBERTA_SHAPE, "hidden_act": "gelu_new"}, tiny_tokenizers.roberta_tokenizer),
     "xlm-roberta": (_ROBERTA_SHAPE, tiny_tokenizers.roberta_tokenizer),
+    # embeddings of 16 projected to the hidden 32 after their norm
+    "electra": ({**_BERT_SHAPE, "embedding_size": 16}, tiny_tokenizers.bert_tokenizer),
     "camembert": (_ROBERTA_SHAPE, tiny_tokenizers.roberta_tokenizer),
     "distilbert": (
         {"dim": 32, "n_layers": 2, "n_heads": 4, "hidden_dim": 64, "max_position_embeddings": 64,
@@ -119,9 +121,9 @@ def test_export_validates_against_pytorch(exported: dict, model_type: str, task:
     assert manifest["task"] == task
     assert manifest["architecture"] == registry.find(model_type, task).name
     inputs = [i["name"] for i in manifest["signature"]["inputs"]]
-    types = ["token_type_ids"] if model_type == "bert" else []  # RoBERTa folds its one type in
-    assert inputs == ["input_ids", "attention_mask", *types]
-    if model_type == "bert":
+    token_types = model_type in ("bert", "electra")  # RoBERTa folds its one type in
+    assert inputs == ["input_ids", "attention_mask", *(["token_type_ids"] if token_types else [])]
+    if token_types:
         assert "batch 2, sentence pairs, right padding" in cases
     (out,) = manifest["signature"]["outputs"]
     assert out["name"] == output
@@ -205,6 +207,23 @@ def test_validation_fails_for_a_graph_of_other_weights(tmp_path: Path) -> None:
                            1e-4, 0)
     assert not report["passed"]
     assert all(not c["passed"] for c in report["cases"])
+
+
+@pytest.mark.parametrize("embedding_size", [16, 32])
+def test_electra_projects_its_embeddings_only_where_sizes_differ(tmp_path: Path,
+                                                                 embedding_size: int) -> None:
+    """ELECTRA's embeddings (size E) are normalized, then projected to the hidden size H where
+    E != H; where E == H the model has no projection and neither has the graph."""
+    source = build("electra", "text-classification", tmp_path / "source",
+                   embedding_size=embedding_size)
+    package = export(source, tmp_path / "package", ExportOptions(task="text-classification"))
+    assert package.manifest["validation"]["passed"], package.manifest["validation"]
+    weights = {t.name: list(t.dims) for t in onnx.load(str(package.model_path)).graph.initializer}
+    assert weights["embeddings.word_embeddings.weight"][1] == embedding_size
+    if embedding_size == 32:
+        assert "embeddings_project.weight" not in weights
+    else:
+        assert weights["embeddings_project.weight"] == [16, 32]
 
 
 def test_roberta_position_ids_follow_padding_idx(tmp_path: Path) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from llmopt.exporter.encoder import ClassifierHead, EncoderArch, EncoderNames
 from llmopt.exporter.registry import register
 
@@ -59,4 +61,13 @@ register(EncoderArch(
     head=ClassifierHead(dense="pre_classifier", out="classifier", activation="relu"),
     eps_attr=None,  # DistilBERT's LayerNorms use a fixed eps of 1e-12
     act_attr="activation",
+))
+
+register(EncoderArch(
+    name="electra",
+    model_types=("electra",),
+    names=replace(_BERT_LAYER, embed_project="embeddings_project"),
+    head=ClassifierHead(dense="classifier.dense", out="classifier.out_proj", activation="gelu"),
+    notes="ELECTRA discriminators: BERT with a projection from the embedding size (smaller "
+    "in the small models) to the hidden size after the embedding norm",
 ))
