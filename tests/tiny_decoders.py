@@ -20,6 +20,8 @@ _COMMON = {
     "max_position_embeddings": 256,
 }
 
+_MHA = {k: v for k, v in _COMMON.items() if k != "num_key_value_heads"}
+
 # architecture -> (model class, config); every registered decoder must appear here
 CONFIGS = {
     "llama": (T.LlamaForCausalLM, lambda v: T.LlamaConfig(vocab_size=v, **_COMMON)),
@@ -57,6 +59,8 @@ CONFIGS = {
                                         layer_types=["sliding_attention", "full_attention"],
                                         query_pre_attn_scalar=32, attn_logit_softcapping=5.0,
                                         final_logit_softcapping=8.0, **_COMMON)),
+    "gpt_neox": (T.GPTNeoXForCausalLM,
+                 lambda v: T.GPTNeoXConfig(vocab_size=v, rotary_pct=0.25, **_MHA)),
     "gpt2": (T.GPT2LMHeadModel,
              lambda v: T.GPT2Config(vocab_size=v, n_embd=64, n_layer=2, n_head=4,
                                     n_positions=256)),

@@ -261,6 +261,7 @@ def test_builder_native_names_the_traced_fix(tmp_path: Path) -> None:
 
 VARIANTS = {  # name -> (arch, config attributes, parallel residual, norm shared by attn and MLP)
     "phi qk_layernorm": ("phi", {"qk_layernorm": True}, True, True),
+    "gpt_neox sequential": ("gpt_neox", {"use_parallel_residual": False}, False, False),
 }
 
 

@@ -302,3 +302,27 @@ register(DecoderArch(
     parallel_residual=lambda config: True,
     notes="Phi-1/1.5/2: attention and MLP in parallel from one LayerNorm, partial rotary",
 ))
+
+register(DecoderArch(
+    name="gpt_neox",
+    model_types=("gpt_neox",),
+    names=DecoderNames(
+        embed="gpt_neox.embed_in.weight",
+        layer="gpt_neox.layers.{i}.",
+        attn_norm="input_layernorm",
+        mlp_norm="post_attention_layernorm",
+        qkv="attention.query_key_value",
+        o="attention.dense",
+        fc_in="mlp.dense_h_to_4h",
+        mlp_out="mlp.dense_4h_to_h",
+        final_norm="gpt_neox.final_layer_norm",
+        lm_head="embed_out",  # transformers 5 calls it lm_head
+    ),
+    norm="layer",
+    positions="rotary",
+    eps_attr="layer_norm_eps",
+    qkv_per_head=True,
+    parallel_residual=lambda config: bool(getattr(config, "use_parallel_residual", True)),
+    notes="GPT-NeoX / Pythia: packed per-head qkv, parallel or sequential residual, partial "
+          "rotary (rotary_pct)",
+))
