@@ -61,6 +61,13 @@ CONFIGS = {
                                         final_logit_softcapping=8.0, **_COMMON)),
     "gpt_neox": (T.GPTNeoXForCausalLM,
                  lambda v: T.GPTNeoXConfig(vocab_size=v, rotary_pct=0.25, **_MHA)),
+    # plus q/k norms, the sliding layers' own RoPE base, linear scaling on the global layers
+    "gemma3_text": (T.Gemma3ForCausalLM,
+                    lambda v: T.Gemma3TextConfig(
+                        vocab_size=v, head_dim=16, sliding_window=4,
+                        layer_types=["sliding_attention", "full_attention"],
+                        query_pre_attn_scalar=32, rope_local_base_freq=100.0,
+                        rope_scaling={"rope_type": "linear", "factor": 4.0}, **_COMMON)),
     "gpt2": (T.GPT2LMHeadModel,
              lambda v: T.GPT2Config(vocab_size=v, n_embd=64, n_layer=2, n_head=4,
                                     n_positions=256)),

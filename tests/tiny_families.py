@@ -24,8 +24,6 @@ _GPT = {"n_embd": 64, "n_layer": 2, "n_head": 4, "n_positions": 256}
 
 # model type -> (model class, config class, config kwargs)
 DECODERS: dict[str, tuple[str, str, dict[str, Any]]] = {
-    "gemma3_text": ("Gemma3ForCausalLM", "Gemma3TextConfig",
-                    {**_C, "head_dim": 16, "sliding_window": 8}),
     "falcon": ("FalconForCausalLM", "FalconConfig",
                {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
                 "new_decoder_architecture": True, "num_kv_heads": 2}),

@@ -462,6 +462,8 @@ def _gemma_prefill(arch: str, tmp_path: Path, dtype: type = np.float32,
     ("gemma2", {"final_softcap": 0.0}),
     ("gemma2", {"sliding_layers": ()}),  # the window on every layer
     ("gemma2", {"sliding_window": None}),  # on none
+    ("gemma3_text", {"sliding_layers": ()}),
+    ("gemma3_text", "local rope"),  # the global layers' RoPE table on the sliding ones too
 ])
 def test_each_gemma_feature_is_exercised_by_its_tiny_model(tmp_path: Path, arch: str,
                                                            change: dict | str) -> None:

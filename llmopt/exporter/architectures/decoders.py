@@ -326,3 +326,20 @@ register(DecoderArch(
     notes="GPT-NeoX / Pythia: packed per-head qkv, parallel or sequential residual, partial "
           "rotary (rotary_pct)",
 ))
+
+
+register(DecoderArch(
+    name="gemma3_text",
+    model_types=("gemma3_text",),
+    norm="rms",
+    positions="rotary",
+    norm_offset=1.0,
+    scale_embeddings=True,
+    names=replace(_GEMMA2_LAYER, q_norm="self_attn.q_norm", k_norm="self_attn.k_norm"),
+    act_attr="hidden_activation",
+    sliding_window=_window,
+    sliding_layers=_sliding_layers,
+    extra_checks=(_causal,),
+    notes="Gemma 3 text: Gemma 2's blocks plus per-head q/k norms and a RoPE table of its own "
+          "for the sliding layers",
+))
