@@ -11,6 +11,7 @@ with int8 scales).
 
 from __future__ import annotations
 
+import inspect
 import os
 from pathlib import Path
 from typing import Any
@@ -87,8 +88,11 @@ def write(model: Any, path: str | os.PathLike[str], qtype: str,
         _add_tokenizer(writer, int(config.vocab_size))
         writer.add_bos_token_id(int(config.bos_token_id))
         writer.add_eos_token_id(int(config.eos_token_id))
-    names = {hf: name for name, hf in
-             get_gguf_hf_weights_map(model, TensorProcessor()).items()}
+    # transformers 5 passes its tensor processor; 4.57 takes the model alone
+    takes_processor = "processor" in inspect.signature(get_gguf_hf_weights_map).parameters
+    names = {hf: name for name, hf in (get_gguf_hf_weights_map(model, TensorProcessor())
+                                       if takes_processor else
+                                       get_gguf_hf_weights_map(model)).items()}
     state = model.state_dict()
     tied = bool(getattr(config, "tie_word_embeddings", False))
     for hf_name, tensor in state.items():
