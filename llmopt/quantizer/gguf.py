@@ -16,7 +16,8 @@ path; llmopt moves them into a small correction beside the symmetric kernel
 (``w = d * q``) that the model ties to its LM head becomes an exact 8-bit LM head. All keep the
 very codes llama.cpp uses, so the package computes what the dequantized float package computes
 (checked weight by weight before anything is written). Layer weights in any other type (the
-Q6_K/Q5_K halves of a Q4_K_M file, F16, ...) are requantized from the package's float weight.
+Q6_K/Q5_K halves of a Q4_K_M file, F16, ...), or that the builder changed (a folded scale),
+are requantized from the package's float weight and listed in the step's ``requantized``.
 """
 
 from __future__ import annotations
@@ -78,8 +79,7 @@ def quantize_from_gguf(parent: Package, out_dir: Any, accuracy_level: int = 4,
             weight = onnx.numpy_helper.to_array(weights[node.input[1]])
             head = _lm_head_blocks(tensors.get("output.weight") or
                                    tensors.get("token_embd.weight")) if lm_head_bits == 8 else None
-            if head is not None:
-                _check_exact(head, weight, node.input[1])
+            if head is not None and _reproduces(head, weight, node.input[1]):
                 replaced[node.input[1]] = (tensors.get("output.weight") or
                                            tensors["token_embd.weight"]).tensor_type.name
             else:
@@ -161,11 +161,12 @@ def _weight_blocks(target: tuple[int, str, tuple[str, ...]], tensors: dict[str, 
                 blocks = blockwise.Blocks(blocks.codes[order], blocks.scales[order],
                                           None if blocks.zeros is None else blocks.zeros[order],
                                           4)
-            _check_exact(blocks, columns, f"{name} ({gguf_name})")
+        if kind in REUSED and _reproduces(blocks, columns, f"{name} ({gguf_name})"):
             reused.append(kind)
         else:
             blocks = blockwise.quantize(columns, bits=4, block=BLOCK, method="mse")
-            redone.append(f"{gguf_name} {kind}")
+            redone.append(f"{gguf_name} {kind}" + (" (not the package's weight)"
+                                                   if kind in REUSED else ""))
         parts.append(blocks)
         column += rows
     if column != weight.shape[1]:
@@ -306,8 +307,10 @@ def _unpermute_rows(rows: int, heads: int) -> np.ndarray:
     return index.reshape(heads, rows // heads // 2, 2).swapaxes(2, 1).reshape(rows)
 
 
-def _check_exact(blocks: blockwise.Blocks, weight: np.ndarray, name: str) -> None:
-    """The blocks must reproduce the package's float weight ([K, N]) to float rounding."""
+def _reproduces(blocks: blockwise.Blocks, weight: np.ndarray, name: str) -> bool:
+    """Whether the blocks reproduce the package's float weight ([K, N]) to float rounding.
+    A weight the builder changed (a scale folded in) is not an error: the caller requantizes
+    it; a shape that differs means another file."""
     values = blocks.dequantize()
     if values.shape != weight.shape:
         raise UnsupportedError(f"GGUF blocks for {name} have shape {values.shape}, the package "
@@ -315,5 +318,7 @@ def _check_exact(blocks: blockwise.Blocks, weight: np.ndarray, name: str) -> Non
     diff = float(np.max(np.abs(values - weight)))
     scale = float(np.max(np.abs(weight))) or 1.0
     if diff > 1e-3 * scale:
-        raise UnsupportedError(f"GGUF blocks do not reproduce {name} (max diff {diff:.3g})",
-                               fix="export the package from this GGUF file, then quantize")
+        log.warning("GGUF blocks do not reproduce %s (max diff %.3g): requantizing it", name,
+                    diff)
+        return False
+    return True

@@ -120,6 +120,29 @@ def test_wider_types_beside_q4_k_are_requantized(tiny_gguf: Any, tmp_path: Path)
     assert np.mean(got.argmax(-1) == want.argmax(-1)) >= 0.75
 
 
+def test_a_weight_the_package_changed_is_requantized(tiny_gguf: Any, tmp_path: Path) -> None:
+    """A weight that no longer equals the file's blocks (a builder folding a scale into it)
+    is requantized from the package, not replaced by the file's codes, nor an error."""
+    import shutil
+
+    import onnx
+
+    _, fp32 = tiny_gguf("Q4_0")
+    changed = tmp_path / "changed"
+    shutil.copytree(fp32, changed)
+    proto = onnx.load(str(Package.open(changed).model_path))
+    name = "model.layers.1.attn.o_proj.weight"
+    for tensor in proto.graph.initializer:
+        if tensor.name == name:
+            tensor.CopyFrom(onnx.numpy_helper.from_array(
+                onnx.numpy_helper.to_array(tensor) * np.float32(0.5), name))
+    onnx.save(proto, str(Package.open(changed).model_path))
+    options = QuantizeOptions.int4().with_(evaluate=False)
+    step = quantize(changed, tmp_path / "int4", options).manifest["steps"][-1]
+    assert step["requantized"] == {name: "attn_output Q4_0 (not the package's weight)"}
+    assert name not in step["reused"] and len(step["reused"]) == len(LAYER_WEIGHTS) * LAYERS
+
+
 def test_types_without_4_bit_blocks_are_requantized(tiny_gguf: Any, tmp_path: Path) -> None:
     """A Q8_0 file has no 4-bit blocks: auto requantizes its float weights like any source,
     and asking for the GGUF blocks says so."""
