@@ -63,7 +63,6 @@ ENCODERS: dict[str, tuple[dict[str, Any], Callable[[Path], Any]]] = {
     "deberta-v2": ({**_BERT, "type_vocab_size": 2, "relative_attention": True,
                     "position_buckets": 16, "pos_att_type": ["p2c", "c2p"]},
                    tiny_tokenizers.bert_tokenizer),
-    "mpnet": (_BERT, lambda d: tiny_tokenizers.bert_tokenizer(d, token_types=False)),
 }
 
 

@@ -66,6 +66,7 @@ POSITION_EMBED = "embeddings.position_embeddings.weight"
 TOKEN_TYPE_EMBED = "embeddings.token_type_embeddings.weight"
 EMBED_NORM = "embeddings.LayerNorm"
 EMBED_PROJECT = "embeddings_project"
+RELATIVE_BIAS = "encoder.relative_attention_bias.by_distance"
 LAYER = "encoder.layer.{i}."
 QKV = "attention.qkv"
 ATTN_OUT = "attention.output.dense"
@@ -133,6 +134,9 @@ class EncoderArch:
     tasks: tuple[str, ...] = TASKS
     notes: str = ""
     extra_checks: tuple[Callable[[Any], None], ...] = field(default=())
+    # a bias on every layer's attention scores that depends on key - query only (MPNet):
+    # (base model, longest sequence L) -> [2L-1, heads], row r for key - query = r - (L-1)
+    relative_bias: Callable[[Any, int], np.ndarray] | None = None
     kind: str = "encoder"
     builder: str = "native"
 
@@ -224,6 +228,7 @@ class EncoderWeights:
     layers: list[EncoderLayerWeights]
     head: tuple[Linear, Linear] | None  # (dense, out) of a classification head
     embed_project: Linear | None = None  # [E, H] after the embedding norm, where E != H
+    relative_bias: np.ndarray | None = None  # [2L-1, heads]: see EncoderArch.relative_bias
 
 
 def weights_from_state(arch: EncoderArch, dims: EncoderDims, state: Mapping[str, Any],
@@ -278,7 +283,7 @@ def weights_from_onnx(tensors: Mapping[str, np.ndarray], num_layers: int) -> Enc
     head = (linear(HEAD_DENSE), linear(HEAD_OUT)) if f"{HEAD_OUT}.weight" in tensors else None
     project = linear(EMBED_PROJECT) if f"{EMBED_PROJECT}.weight" in tensors else None
     return EncoderWeights(need(WORD_EMBED), need(POSITION_EMBED), get(TOKEN_TYPE_EMBED),
-                          norm(EMBED_NORM), layers, head, project)
+                          norm(EMBED_NORM), layers, head, project, get(RELATIVE_BIAS))
 
 
 def _qkv_weights(state: Mapping[str, Any], prefix: str, n: EncoderNames,
@@ -359,6 +364,11 @@ def build_encoder(arch: EncoderArch, dims: EncoderDims, weights: EncoderWeights,
         with b.scope("attn_mask"):
             mask = (_attention_mask(b, attention_mask) if "attention" in fusions
                     else _attention_bias(b, attention_mask))
+            if weights.relative_bias is not None:  # one [B,h,S,S] bias for every layer
+                table = w(RELATIVE_BIAS, weights.relative_bias)
+                mask = _with_relative_bias(b, mask, table, attention_mask,
+                                           weights.relative_bias.shape[0], fused="attention"
+                                           in fusions, dt=dt)
         for i, layer in enumerate(weights.layers):
             p = LAYER.format(i=i)
             with b.scope(f"layers.{i}"):
@@ -452,6 +462,30 @@ def _attention_mask(b: GraphBuilder, attention_mask: str) -> str:
     same = b.op("Equal", b.op("Unsqueeze", index, b.const([1])),
                 b.op("Unsqueeze", index, b.const([0])))  # [S,S]
     return b.op("Or", keep, same)
+
+
+def _with_relative_bias(b: GraphBuilder, mask: str, table: str, attention_mask: str,
+                        rows: int, *, fused: bool, dt: np.dtype) -> str:
+    r"""The padding mask with a relative position bias looked up by key - query.
+
+    ::
+
+        Range(S) ─Sub(key - query)[S,S] + (L-1) ─Gather(table[2L-1,h])[S,S,h]
+                 ─Transpose[h,S,S] ─Unsqueeze[1,h,S,S] = rel
+        primitive: bias[B,1,1,S] + Cast32(rel)              ─▶ [B,h,S,S] float32
+        fused:     Where(mask[B,1,S,S], rel, dtype min)    ─▶ [B,h,S,S] in the graph's dtype
+    """
+    seq = b.op("Squeeze", b.op("Shape", attention_mask, start=1, end=2), b.const([0]))
+    index = b.op("Range", b.const(0), seq, b.const(1))
+    distance = b.op("Sub", b.op("Unsqueeze", index, b.const([0])),
+                    b.op("Unsqueeze", index, b.const([1])))  # [S,S]: key - query
+    rel = b.op("Gather", table, b.op("Add", distance, b.const((rows - 1) // 2)))
+    rel = b.op("Unsqueeze", b.op("Transpose", rel, perm=[2, 0, 1]), b.const([0]))
+    if fused:
+        return b.op("Where", mask, rel, b.const(float(np.finfo(dt).min), dt))
+    if dt != np.dtype(F32):
+        rel = b.op("Cast", rel, to=onnx.TensorProto.FLOAT)
+    return b.op("Add", mask, rel)
 
 
 def _attention(b: GraphBuilder, qkv: str, bias: str, d: EncoderDims, dt: np.dtype) -> str:
@@ -572,7 +606,11 @@ def emit(arch: EncoderArch, model: Any, dtype: Any) -> tuple[onnx.ModelProto, di
     type_vocab = 0 if types is None else state[f"{types}.weight"].shape[0]
     dims = read_dims(arch, model.config, arch.token_types == "input" and type_vocab > 1)
     head = classifier_weights(arch, model)
-    proto = build_encoder(arch, dims, weights_from_state(arch, dims, state, head), dtype)
+    weights = weights_from_state(arch, dims, state, head)
+    if arch.relative_bias is not None:
+        weights.relative_bias = arch.relative_bias(model.base_model,
+                                                   max_sequence_length(arch, dims))
+    proto = build_encoder(arch, dims, weights, dtype)
     inputs = ["input_ids", "attention_mask"] + (["token_type_ids"] if dims.type_input else [])
     layout = {
         "inputs": inputs,

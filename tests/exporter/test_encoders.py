@@ -15,6 +15,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, AutoTokenizer
 
+import llmopt
 from llmopt.errors import UnsupportedError
 from llmopt.exporter import ExportOptions, export, registry
 from llmopt.exporter.encoder import EncoderArch, pooling
@@ -37,6 +38,8 @@ TINY: dict[str, tuple[dict[str, Any], Callable[[Path], Any]]] = {
     "xlm-roberta": (_ROBERTA_SHAPE, tiny_tokenizers.roberta_tokenizer),
     # embeddings of 16 projected to the hidden 32 after their norm
     "electra": ({**_BERT_SHAPE, "embedding_size": 16}, tiny_tokenizers.bert_tokenizer),
+    # a relative position bias shared by the layers; positions after padding id 1, as RoBERTa
+    "mpnet": (_BERT_SHAPE, lambda d: tiny_tokenizers.bert_tokenizer(d, token_types=False)),
     "camembert": (_ROBERTA_SHAPE, tiny_tokenizers.roberta_tokenizer),
     "distilbert": (
         {"dim": 32, "n_layers": 2, "n_heads": 4, "hidden_dim": 64, "max_position_embeddings": 64,
@@ -177,6 +180,7 @@ def test_onnx_matches_pytorch_on_a_padded_batch(exported: dict, model_type: str,
     ("bert", "feature-extraction"),
     ("roberta", "text-classification"),
     ("distilbert", "feature-extraction"),
+    ("mpnet", "feature-extraction"),
 ])
 def test_float16_export_passes_with_its_tolerance(tmp_path: Path, model_type: str,
                                                   task: str) -> None:
@@ -224,6 +228,27 @@ def test_electra_projects_its_embeddings_only_where_sizes_differ(tmp_path: Path,
         assert "embeddings_project.weight" not in weights
     else:
         assert weights["embeddings_project.weight"] == [16, 32]
+
+
+def test_mpnet_relative_position_bias_is_in_the_graph(tmp_path: Path) -> None:
+    """MPNet's relative position bias is looked up by key - query distance in the graph, also in
+    the fused form; a graph without it fails validation."""
+    source = build("mpnet", "text-classification", tmp_path / "source")
+    model = torch_model(source, "text-classification")
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    arch = registry.find("mpnet", "text-classification")
+    assert isinstance(arch, EncoderArch)
+    for variant, passes in ((arch, True), (replace(arch, relative_bias=None), False)):
+        proto, layout = variant.emit(model, "float32")
+        path = tmp_path / f"{passes}.onnx"
+        onnx.save(proto, str(path))
+        report = validate_encoder(model, cpu_session(path), layout, tokenizer, 1e-4, 0)
+        assert report["passed"] is passes, report
+    package = export(source, tmp_path / "package", ExportOptions(task="text-classification"))
+    fused = llmopt.optimize(package, tmp_path / "fused")
+    assert fused.manifest["validation"]["passed"], fused.manifest["validation"]
+    ops = {n.op_type for n in onnx.load(str(fused.model_path)).graph.node}
+    assert {"Attention", "SkipLayerNormalization"} <= ops
 
 
 def test_roberta_position_ids_follow_padding_idx(tmp_path: Path) -> None:

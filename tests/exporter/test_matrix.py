@@ -23,7 +23,8 @@ from llmopt.exporter import ExportOptions, export, registry, traced
 from llmopt.quantizer import QuantizeOptions
 from tests import tiny_decoders, tiny_families
 
-NATIVE_ENCODERS = ("bert", "roberta", "xlm-roberta", "camembert", "distilbert", "electra")
+NATIVE_ENCODERS = ("bert", "roberta", "xlm-roberta", "camembert", "distilbert", "electra",
+                   "mpnet")
 DECODERS = sorted({*tiny_decoders.CONFIGS, *tiny_families.DECODERS})
 ENCODERS = sorted({*NATIVE_ENCODERS, *tiny_families.ENCODERS})
 MATRIX = [*DECODERS, *ENCODERS]
@@ -210,8 +211,8 @@ def test_tracing_leaves_the_model_in_eval_mode(tmp_path: Path) -> None:
 
     if not traced.transformers_traceable():
         pytest.skip("transformers 4.x: the traced builder refuses before tracing")
-    source = tiny_families.build_encoder("mpnet", tmp_path / "source")
+    source = tiny_families.build_encoder("deberta-v2", tmp_path / "source")
     model = AutoModel.from_pretrained(source, attn_implementation="eager").eval()
     assert model.config.hidden_dropout_prob > 0
-    traced.TracedArch("mpnet", "encoder").emit(model, "float32")
+    traced.TracedArch("deberta-v2", "encoder").emit(model, "float32")
     assert not any(module.training for module in model.modules())

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import Any
 
+import numpy as np
+
+from llmopt.errors import UnsupportedError
 from llmopt.exporter.encoder import ClassifierHead, EncoderArch, EncoderNames
 from llmopt.exporter.registry import register
 
@@ -70,4 +74,51 @@ register(EncoderArch(
     head=ClassifierHead(dense="classifier.dense", out="classifier.out_proj", activation="gelu"),
     notes="ELECTRA discriminators: BERT with a projection from the embedding size (smaller "
     "in the small models) to the hidden size after the embedding norm",
+))
+
+
+def _mpnet_relative_bias(model: Any, length: int) -> np.ndarray:
+    """MPNet's shared relative position bias by key - query distance, bucketed by the model's
+    own function (T5-style log buckets, as its encoder calls it), so the graph only looks it up."""
+    import torch
+
+    encoder = model.encoder
+    buckets = encoder.relative_position_bucket(torch.arange(-(length - 1), length))
+    with torch.no_grad():
+        return encoder.relative_attention_bias.weight[buckets].float().numpy()
+
+
+def _mpnet_padding(config: Any) -> None:
+    pad = getattr(config, "pad_token_id", None)
+    if pad not in (None, 1):
+        raise UnsupportedError(
+            f"MPNet counts positions after padding id 1 whatever the config says, and this "
+            f"config's pad_token_id is {pad}",
+            fix="export an MPNet whose pad_token_id is 1 (every released one)",
+        )
+
+
+register(EncoderArch(
+    name="mpnet",
+    model_types=("mpnet",),
+    names=EncoderNames(
+        word_embed="embeddings.word_embeddings",
+        position_embed="embeddings.position_embeddings",
+        embed_norm="embeddings.LayerNorm",
+        layer="encoder.layer.{i}.",
+        q="attention.attn.q",
+        k="attention.attn.k",
+        v="attention.attn.v",
+        o="attention.attn.o",
+        attn_norm="attention.LayerNorm",
+        fc_in="intermediate.dense",
+        fc_out="output.dense",
+        mlp_norm="output.LayerNorm",
+    ),
+    head=ClassifierHead(dense="classifier.dense", out="classifier.out_proj", activation="tanh"),
+    positions="padded",
+    extra_checks=(_mpnet_padding,),
+    relative_bias=_mpnet_relative_bias,
+    notes="MPNet (all-mpnet-base-v2 and other sentence-transformers MPNet models): BERT layers "
+    "with a relative position bias shared by every layer",
 ))
