@@ -40,6 +40,11 @@ class DecoderNames:
     ``<name>.norms.{h}``). Present only when the state dict has them.
     ``mlp_norm``: ``None``, or absent from the state dict, for a parallel block whose MLP reads
     the attention norm's output (Phi-2, StableLM with ``use_parallel_residual``).
+    ``router``/``experts``: a mixture-of-experts MLP (Mixtral): the router linear
+    [experts, hidden] and the prefix of the experts' stacked ``gate_up_proj`` [E, 2*inter,
+    hidden] (gate first) and ``down_proj`` [E, hidden, inter], transformers 5's layout. A layer
+    with experts and no dense MLP gives no ``gate``/``up``/``gate_up``/``fc_in`` and
+    ``mlp_out=""``.
     """
 
     embed: str
@@ -63,6 +68,8 @@ class DecoderNames:
     k_norm: str | None = None
     attn_post_norm: str | None = None
     mlp_post_norm: str | None = None
+    router: str | None = None
+    experts: str | None = None
 
 
 @dataclass(frozen=True)
@@ -99,6 +106,9 @@ class DecoderArch:
     qkv_per_head: bool = False
     kind: str = "decoder"
     builder: str = "native"
+    # rewrites an older transformers' state dict into the names ``names`` gives (Mixtral under
+    # transformers 4: one module per expert, stacked here); None: the state dict is used as is
+    state_upgrade: Callable[[Mapping[str, Any]], Mapping[str, Any]] | None = None
 
     def emit(self, model: Any, dtype: Any) -> tuple[onnx.ModelProto, dict[str, Any]]:
         return emit(self, model, dtype)
@@ -140,6 +150,10 @@ class DecoderDims:
     final_softcap: float = 0.0  # Gemma 2: the same on the logits
     rope_scaling_local: float = 1.0  # attention_scaling of the sliding layers' own RoPE table
     parallel_residual: bool = False  # see DecoderArch.parallel_residual
+    # mixture of experts: 0 experts for a dense MLP
+    num_experts: int = 0
+    experts_per_token: int = 0
+    normalize_top_k: bool = True  # renormalize the top-k routing weights to sum to 1
 
     def window(self, layer: int) -> int | None:
         """The attention window of ``layer``, or None for full attention."""
@@ -217,7 +231,18 @@ def read_dims(arch: DecoderArch, config: Any, inv_freq: np.ndarray | None,
         clip_qkv=float(clip) if (clip := getattr(config, "clip_qkv", None)) is not None else None,
         parallel_residual=bool(arch.parallel_residual(config)),
         long_rope_after=longrope_switch(config) if inv_freq is not None else None,
+        **_expert_dims(arch, config),
     )
+
+
+def _expert_dims(arch: DecoderArch, config: Any) -> dict[str, Any]:
+    """Experts, experts per token, renormalization: Mixtral's ``num_local_experts`` or Qwen's
+    ``num_experts``; ``norm_topk_prob`` where the config has it (Mixtral always renormalizes)."""
+    if arch.names.router is None:
+        return {}
+    experts = getattr(config, "num_local_experts", None) or getattr(config, "num_experts", 0)
+    return {"num_experts": int(experts or 0), "experts_per_token": int(config.num_experts_per_tok),
+            "normalize_top_k": bool(getattr(config, "norm_topk_prob", True))}
 
 
 def rotary_parameters(model: Any, layer_type: str = "full_attention"
@@ -281,13 +306,22 @@ class Norm:
 
 
 @dataclass
+class MoeWeights:
+    """A mixture-of-experts MLP: each expert a gated MLP, ``down(act(gate(x)) * up(x))``."""
+
+    router: Linear  # [hidden, experts]
+    gate_up: np.ndarray  # [experts, hidden, 2 * inter]: gate then up, each expert's MatMul weight
+    down: np.ndarray  # [experts, inter, hidden]
+
+
+@dataclass
 class LayerWeights:
     attn_norm: Norm
     qkv: Linear  # q, k and v projections side by side
     o: Linear
     mlp_norm: Norm
-    mlp_in: Linear  # gate and up side by side (gated MLP), or the plain first projection
-    mlp_out: Linear
+    mlp_in: Linear | None  # gate and up side by side (gated MLP), or the plain first projection
+    mlp_out: Linear | None  # both None: the layer's MLP is its experts only (Mixtral)
     gated: bool
     q_norm: Norm | None = None  # norm over head_dim, before rotary (Qwen3, Phi-2, StableLM)
     k_norm: Norm | None = None
@@ -295,6 +329,7 @@ class LayerWeights:
     mlp_post_norm: Norm | None = None  # on the MLP output, before the residual add
     # parallel block whose MLP reads the attention norm's output: mlp_norm is attn_norm
     shared_norm: bool = False
+    moe: MoeWeights | None = None
 
 
 @dataclass
@@ -350,16 +385,19 @@ def weights_from_state(arch: DecoderArch, dims: DecoderDims, state: Mapping[str,
         else:
             assert n.q and n.k and n.v
             qkv = concat_linear([state_linear(state, p + x, t) for x in (n.q, n.k, n.v)])
+        mlp_in: Linear | None = None
+        mlp_out: Linear | None = None
+        gated = True
+        r = dims.residual_multiplier
         if n.fc_in:
             mlp_in, gated = state_linear(state, p + n.fc_in, t), False
         elif n.gate_up:
-            mlp_in, gated = state_linear(state, p + n.gate_up, t), True
-        else:
-            assert n.gate and n.up
+            mlp_in = state_linear(state, p + n.gate_up, t)
+        elif n.gate and n.up:
             mlp_in = concat_linear([state_linear(state, p + n.gate, t),
                                     state_linear(state, p + n.up, t)])
-            gated = True
-        r = dims.residual_multiplier
+        if mlp_in is not None:
+            mlp_out = _scaled(state_linear(state, p + n.mlp_out, t), r)
         attn_norm = norm(p + n.attn_norm)
         shared = dims.parallel_residual and (
             n.mlp_norm is None or f"{p}{n.mlp_norm}.weight" not in state)
@@ -368,13 +406,13 @@ def weights_from_state(arch: DecoderArch, dims: DecoderDims, state: Mapping[str,
                                    fix="name the norm before the MLP in the description")
         layers.append(LayerWeights(
             attn_norm, qkv, _scaled(state_linear(state, p + n.o, t), r),
-            attn_norm if shared else norm(p + str(n.mlp_norm)), mlp_in,
-            _scaled(state_linear(state, p + n.mlp_out, t), r), gated,
+            attn_norm if shared else norm(p + str(n.mlp_norm)), mlp_in, mlp_out, gated,
             q_norm=head_norm(p + n.q_norm) if n.q_norm else None,
             k_norm=head_norm(p + n.k_norm) if n.k_norm else None,
             attn_post_norm=optional_norm(p, n.attn_post_norm),
             mlp_post_norm=optional_norm(p, n.mlp_post_norm),
-            shared_norm=shared))
+            shared_norm=shared,
+            moe=_experts_from_state(state, p, n, r)))
     # transformers 5 renamed some heads to lm_head (GPT-NeoX's embed_out); absent: tied
     head = next((x for x in (n.lm_head, "lm_head") if f"{x}.weight" in state),
                 n.embed.removesuffix(".weight"))
@@ -411,6 +449,43 @@ def _per_head_to_split(qkv: Linear, heads: int) -> Linear:
     return Linear(np.ascontiguousarray(weight), bias)
 
 
+def _experts_from_state(state: Mapping[str, Any], p: str, n: DecoderNames,
+                        factor: float) -> MoeWeights | None:
+    """The router and the stacked experts, turned to [in, out] per expert for MatMul."""
+    if n.router is None or n.experts is None:
+        return None
+    gate_up = to_numpy(state[f"{p}{n.experts}.gate_up_proj"]).transpose(0, 2, 1)
+    down = to_numpy(state[f"{p}{n.experts}.down_proj"]).transpose(0, 2, 1)
+    down = np.ascontiguousarray(down * np.float32(factor))
+    return MoeWeights(state_linear(state, p + n.router, transposed=False),
+                      np.ascontiguousarray(gate_up), down)
+
+
+def stack_experts(state: Mapping[str, Any], old: str, new: str, gate: str, up: str,
+                  down: str) -> dict[str, Any]:
+    """A transformers-4 state dict with one module per expert (``{old}.experts.{e}.{gate}``...)
+    rewritten into transformers 5's stacked layout under ``new`` (``{new}.experts.gate_up_proj``
+    [E, 2*inter, hidden], ``{new}.experts.down_proj`` [E, hidden, inter], ``{new}.gate``)."""
+    out: dict[str, Any] = {}
+    experts: dict[str, dict[int, dict[str, np.ndarray]]] = {}
+    for key, value in state.items():
+        prefix, sep, rest = key.partition(f"{old}.")
+        if not sep:
+            out[key] = value
+            continue
+        if not rest.startswith("experts."):
+            out[f"{prefix}{new}.{rest}"] = value
+            continue
+        index, part = rest.removeprefix("experts.").split(".", 1)
+        experts.setdefault(prefix, {}).setdefault(int(index), {})[part] = to_numpy(value)
+    for prefix, by_index in experts.items():
+        ordered = [by_index[e] for e in sorted(by_index)]
+        out[f"{prefix}{new}.experts.gate_up_proj"] = np.stack(
+            [np.concatenate([x[f"{gate}.weight"], x[f"{up}.weight"]]) for x in ordered])
+        out[f"{prefix}{new}.experts.down_proj"] = np.stack([x[f"{down}.weight"] for x in ordered])
+    return out
+
+
 def _scaled(lin: Linear, factor: float) -> Linear:
     """``lin`` times a constant: (xW + b) * f = x(fW) + fb. Folding Granite's multipliers into
     the weights keeps the graph (and every fusion) the same as Llama's; the multiplied weights
@@ -438,19 +513,21 @@ def weights_from_onnx(tensors: Mapping[str, np.ndarray], num_layers: int) -> Dec
     for i in range(num_layers):
         p = f"{WEIGHT_PREFIX}.layers.{i}."
         gated = f"{p}mlp.gate_up_proj.weight" in tensors
+        dense = gated or f"{p}mlp.fc_in.weight" in tensors
         q_norm, k_norm = (get(f"{p}attn.{x}_norm.weight") for x in "qk")
         attn_norm = norm(p + "attn_norm")
         shared = f"{p}mlp_norm.weight" not in tensors  # parallel block, one norm
         layers.append(LayerWeights(
             attn_norm, linear(p + "attn.qkv_proj"), linear(p + "attn.o_proj"),
             attn_norm if shared else norm(p + "mlp_norm"),
-            linear(p + ("mlp.gate_up_proj" if gated else "mlp.fc_in")),
-            linear(p + "mlp.fc_out"), gated,
+            linear(p + ("mlp.gate_up_proj" if gated else "mlp.fc_in")) if dense else None,
+            linear(p + "mlp.fc_out") if dense else None, gated,
             q_norm=None if q_norm is None else Norm(q_norm, get(f"{p}attn.q_norm.bias")),
             k_norm=None if k_norm is None else Norm(k_norm, get(f"{p}attn.k_norm.bias")),
             attn_post_norm=optional_norm(p + "attn_post_norm"),
             mlp_post_norm=optional_norm(p + "mlp_post_norm"),
-            shared_norm=shared))
+            shared_norm=shared,
+            moe=_experts_from_onnx(found, p)))
     return DecoderWeights(
         embed=need(f"{WEIGHT_PREFIX}.embed.weight"),
         position_embed=get(f"{WEIGHT_PREFIX}.position_embed.weight"),
@@ -463,6 +540,27 @@ def weights_from_onnx(tensors: Mapping[str, np.ndarray], num_layers: int) -> Dec
     )
 
 
+def _experts_from_onnx(found: Initializers, p: str) -> MoeWeights | None:
+    """The experts in either graph form: one MatMul weight per expert (export,
+    ``moe.experts.{e}.gate_up_proj.weight``) or stacked for ONNX Runtime's ``MoE`` op
+    (optimize, ``moe.fc1.weight`` [E, 2*inter, hidden] with gate and up interleaved)."""
+    router = found.get(f"{p}moe.router.weight")
+    if router is None:
+        return None
+    fc1 = found.get(f"{p}moe.fc1.weight")
+    if fc1 is not None:
+        gate_up = np.concatenate([fc1[:, 0::2], fc1[:, 1::2]], axis=1).transpose(0, 2, 1)
+        down = found.need(f"{p}moe.fc2.weight").transpose(0, 2, 1)
+    else:
+        count = router.shape[1]
+        gate_up = np.stack([found.need(f"{p}moe.experts.{e}.gate_up_proj.weight")
+                            for e in range(count)])
+        down = np.stack([found.need(f"{p}moe.experts.{e}.down_proj.weight")
+                         for e in range(count)])
+    return MoeWeights(Linear(router, None), np.ascontiguousarray(gate_up),
+                      np.ascontiguousarray(down))
+
+
 def emit(arch: DecoderArch, model: Any, dtype: Any) -> tuple[onnx.ModelProto, dict[str, Any]]:
     """The ONNX graph of ``model`` and the KV-cache layout for the manifest."""
     from llmopt.exporter.decoder_graph import build_decoder
@@ -472,7 +570,10 @@ def emit(arch: DecoderArch, model: Any, dtype: Any) -> tuple[onnx.ModelProto, di
                                  if arch.positions == "rotary" else (None, 1.0))
     dims = read_dims(arch, model.config, inv_freq, scaling, local_scaling)
     long_freq = longrope_inv_freq(model) if dims.long_rope_after is not None else None
-    weights = weights_from_state(arch, dims, model.state_dict(), inv_freq, local_freq, long_freq)
+    state = model.state_dict()
+    if arch.state_upgrade is not None:
+        state = arch.state_upgrade(state)
+    weights = weights_from_state(arch, dims, state, inv_freq, local_freq, long_freq)
     proto = build_decoder(dims, weights, arch.norm, dtype)
     layout = {
         "num_layers": dims.num_layers,

@@ -6,7 +6,8 @@ Levels (presets), each a superset of the one before:
 - 1: ONNX Runtime's basic offline optimizations (constant folding, redundant-node and shape
   cleanup), saved into the graph.
 - 2: llmopt's fusions, re-emitting the graph from the package's own weights: residual+norm,
-  norm, rotary + attention (with the KV cache and grouped-query heads), GELU.
+  norm, rotary + attention (with the KV cache and grouped-query heads), GELU, and ONNX
+  Runtime's MoE op for mixture-of-experts MLPs.
 - 3: level 2 in float16 (for GPUs; norms, softmax and logits stay float32).
 
 A package made by the traced builder has no weights under llmopt's names to re-emit from: its
@@ -32,7 +33,7 @@ __all__ = ["FUSIONS", "OptimizeOptions", "optimize"]
 
 log = logging.getLogger("llmopt.optimize")
 LEVELS = (0, 1, 2, 3)
-FUSIONS = ("norm", "skip_norm", "attention", "activation")
+FUSIONS = ("norm", "skip_norm", "attention", "activation", "moe")
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ FUSED_OPS = {
     "skip_norm": ("SkipSimplifiedLayerNormalization", "SkipLayerNormalization"),
     "attention": ("Attention", "RotaryEmbedding", "MultiHeadAttention", "GroupQueryAttention"),
     "activation": ("FastGelu", "Gelu", "BiasGelu", "QuickGelu"),
+    "moe": ("MoE", "QMoE"),
 }
 
 
@@ -38,6 +39,8 @@ def reemit(package: Package, fusions: frozenset[str], dtype: str) -> tuple[Any, 
         from llmopt.exporter.encoder import reemit_encoder
 
         proto, notes = reemit_encoder(package, tensors, fusions, dtype)
+    if not any(name.endswith(".moe.router.weight") for name in tensors):
+        notes.setdefault("moe", "not applicable: no mixture-of-experts layers")
     return proto, {"fusions": fusion_report(proto, fusions, notes, "no matching pattern")}
 
 
@@ -82,6 +85,10 @@ def _reemit_decoder(package: Package, tensors: dict[str, np.ndarray], fusions: f
     if "activation" in fusions and not dims.activation.startswith("gelu"):
         notes["activation"] = (f"not applicable: {dims.activation} (ONNX Runtime fuses "
                                "Sigmoid*Mul itself)")
+    if dims.num_experts and dims.activation != "silu":
+        notes["moe"] = f"ONNX Runtime's MoE takes SwiGLU experts, not {dims.activation}"
+    elif dims.num_experts and not dims.normalize_top_k:
+        notes["moe"] = "not fused: unnormalized top-k routing (ONNX Runtime 1.31 disagrees)"
     return build_decoder(dims, weights, arch.norm, np.dtype(dtype), fusions), notes
 
 

@@ -5,17 +5,25 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import replace
+from itertools import pairwise
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from onnx import numpy_helper
 from transformers import AutoModelForCausalLM
 
 import llmopt
 from llmopt.exporter import ExportOptions, export, registry, traced
+from llmopt.exporter.decoder import read_dims, stack_experts, weights_from_onnx
+from llmopt.exporter.decoder_graph import FUSIONS, build_decoder, op_histogram
+from llmopt.package import Package
+from llmopt.quantizer import QuantizeOptions
 from llmopt.runtime.kv import left_pad, position_ids
 from tests import tiny_decoders
 
@@ -547,3 +555,115 @@ def test_phi3_longrope_chooses_its_table_per_call_like_transformers(tmp_path: Pa
     assert quantized.manifest["steps"][-1]["quantized_matmuls"] > 0
     assert len(llmopt.load(quantized.path).generate(below, max_new_tokens=20,
                                                     ignore_eos=True).token_ids) == 20
+
+
+def _run_padded(proto: Any, kv: dict, steps: int = 2) -> np.ndarray:
+    """Logits of a left-padded batch of three: a prefill, then ``steps`` one-token decodes."""
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(3)
+    ids, mask = left_pad([list(rng.integers(10, 100, size=n)) for n in (9, 3, 6)])
+    full_ids = np.concatenate([ids, rng.integers(10, 100, size=(3, steps))], axis=1)
+    full_mask = np.concatenate([mask, np.ones((3, steps), np.int64)], axis=1)
+    empty = np.zeros((3, kv["num_kv_heads"], 0, kv["head_dim"]), np.float32)
+    past = {f"past_key_values.{i}.{k}": empty for i in range(2) for k in ("key", "value")}
+    outputs = [o.name for o in session.get_outputs()]
+    got = []
+    bounds = [0, ids.shape[1], *range(ids.shape[1] + 1, full_ids.shape[1] + 1)]
+    for start, stop in pairwise(bounds):
+        result = dict(zip(outputs, session.run(None, {
+            "input_ids": full_ids[:, start:stop], "attention_mask": full_mask[:, :stop],
+            "position_ids": position_ids(full_mask)[:, start:stop],
+            "logits_to_keep": np.array(0, np.int64), **past}), strict=True))
+        got.append(result["logits"])
+        past = {f"past_key_values.{i}.{k}": result[f"present.{i}.{k}"]
+                for i in range(2) for k in ("key", "value")}
+    return np.concatenate(got, axis=1)[full_mask.astype(bool)]
+
+
+def _mixtral_forms(exported: dict) -> tuple[Any, Any, Any, Any]:
+    """The exported Mixtral's dims, its weights read back, and a graph builder for them."""
+    from transformers import AutoConfig
+
+    source, package_dir = exported["mixtral"]
+    proto = onnx.load(str(package_dir / "model.onnx"))
+    tensors = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
+    weights = weights_from_onnx(tensors, 2)
+    dims = read_dims(registry.find("mixtral", "text-generation"),  # type: ignore[arg-type]
+                     AutoConfig.from_pretrained(source), weights.inv_freq)
+    kv = json.loads((package_dir / "llmopt.json").read_text())["kv_cache"]
+
+    def build(fusions: frozenset[str], dims_: Any = dims, weights_: Any = weights) -> Any:
+        return build_decoder(dims_, weights_, "rms", np.float32, fusions)
+    return dims, weights, kv, build
+
+
+def test_mixtral_moe_op_equals_the_primitive_experts_on_a_padded_batch(exported: dict) -> None:
+    """optimize's fused form (ONNX Runtime's MoE, gate/up interleaved) computes what the
+    exported per-expert graph computes, and its weights read back unchanged."""
+    dims, weights, kv, build = _mixtral_forms(exported)
+    assert (dims.num_experts, dims.experts_per_token, dims.normalize_top_k) == (4, 2, True)
+    primitive, fused = build(frozenset()), build(frozenset(FUSIONS))
+    ops = op_histogram(primitive), op_histogram(fused)
+    assert ops[0]["NonZero"] == 2 * 4 and "MoE" not in ops[0]  # one block per expert
+    assert ops[1]["MoE"] == 2 and "NonZero" not in ops[1]
+    np.testing.assert_allclose(_run_padded(fused, kv), _run_padded(primitive, kv),
+                               atol=1e-4, rtol=1e-4)
+    again = weights_from_onnx({t.name: numpy_helper.to_array(t)
+                               for t in fused.graph.initializer}, 2)
+    for old, new in zip(weights.layers, again.layers, strict=True):
+        assert old.moe is not None and new.moe is not None and new.mlp_in is None
+        np.testing.assert_array_equal(new.moe.gate_up, old.moe.gate_up)
+        np.testing.assert_array_equal(new.moe.down, old.moe.down)
+        np.testing.assert_array_equal(new.moe.router.weight, old.moe.router.weight)
+
+
+def test_unnormalized_top_k_keeps_the_primitive_experts(exported: dict) -> None:
+    """Qwen-MoE's ``norm_topk_prob=False`` keeps the softmax weights as they are, which changes
+    the logits; ONNX Runtime's MoE disagrees on it, so the fused graph keeps the primitive
+    experts (and still agrees with the export form)."""
+    dims, _, kv, build = _mixtral_forms(exported)
+    raw = replace(dims, normalize_top_k=False)
+    fused_graph = build(frozenset(FUSIONS), raw)
+    assert "MoE" not in op_histogram(fused_graph)
+    primitive = _run_padded(build(frozenset(), raw), kv, 1)
+    np.testing.assert_allclose(_run_padded(fused_graph, kv, 1), primitive, atol=1e-4, rtol=1e-4)
+    assert np.abs(primitive - _run_padded(build(frozenset()), kv, 1)).max() > 1e-2
+
+
+def test_transformers_4_experts_are_stacked_gate_first() -> None:
+    rng = np.random.default_rng(0)
+    state = {"m.0.block_sparse_moe.gate.weight": rng.normal(size=(2, 4)),
+             "m.0.norm.weight": np.ones(4)}
+    for e in range(2):
+        for part, shape in (("w1", (3, 4)), ("w3", (3, 4)), ("w2", (4, 3))):
+            state[f"m.0.block_sparse_moe.experts.{e}.{part}.weight"] = rng.normal(size=shape)
+    out = stack_experts(state, "block_sparse_moe", "mlp", gate="w1", up="w3", down="w2")
+    assert set(out) == {"m.0.mlp.gate.weight", "m.0.norm.weight",
+                        "m.0.mlp.experts.gate_up_proj", "m.0.mlp.experts.down_proj"}
+    assert out["m.0.mlp.experts.gate_up_proj"].shape == (2, 6, 4)
+    np.testing.assert_allclose(out["m.0.mlp.experts.gate_up_proj"][1, :3],
+                               state["m.0.block_sparse_moe.experts.1.w1.weight"])
+    np.testing.assert_allclose(out["m.0.mlp.experts.gate_up_proj"][1, 3:],
+                               state["m.0.block_sparse_moe.experts.1.w3.weight"])
+    np.testing.assert_allclose(out["m.0.mlp.experts.down_proj"][0],
+                               state["m.0.block_sparse_moe.experts.0.w2.weight"])
+
+
+def test_int4_keeps_the_router_and_the_moe_experts_float(exported: dict, tmp_path: Path) -> None:
+    _, package_dir = exported["mixtral"]
+    optimized = llmopt.optimize(Package.open(package_dir), tmp_path / "optimized")
+    quantized = llmopt.quantize(optimized, tmp_path / "int4",
+                                QuantizeOptions.int4().with_(evaluate=False))
+    step = quantized.manifest["steps"][-1]
+    assert sum("router" in name for name in step["kept_float"]) == 2
+    graph = onnx.load(str(quantized.model_path)).graph
+    types = {t.name: t.data_type for t in graph.initializer}
+    ops = [n.op_type for n in graph.node]
+    # qkv and o in each layer, and the LM head (8 bits by default)
+    assert ops.count("MatMulNBits") == 2 * 2 + 1
+    routers = [n for n in graph.node
+               if n.op_type == "MatMul" and n.input[1].endswith("moe.router.weight")]
+    experts = [n for n in graph.node if n.op_type == "MoE"]
+    assert len(routers) == 2 and len(experts) == 2
+    assert all(types[n.input[1]] == onnx.TensorProto.FLOAT for n in routers)
+    assert all(types[n.input[i]] == onnx.TensorProto.FLOAT for n in experts for i in (2, 4))

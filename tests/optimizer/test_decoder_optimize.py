@@ -60,6 +60,11 @@ def test_level2_fuses_and_still_matches(packages: dict[str, Path], arch: str,
         # rotary families fuse a GELU MLP too (StarCoder2); silu is left to ONNX Runtime
         act = json.loads((packages[arch] / "config.json").read_text())["hidden_act"]
         assert fusions["activation"]["fired"] == act.startswith("gelu"), (act, fusions)
+    if arch == "mixtral":  # each layer's router and experts: one ONNX Runtime MoE op
+        assert fusions["moe"] == {"fired": True, "ops": {"MoE": 2}}
+        assert "NonZero" not in ops
+    else:
+        assert not fusions["moe"]["fired"] and "not applicable" in fusions["moe"]["reason"]
 
 
 def test_selected_fusions_only(packages: dict[str, Path], tmp_path: Path) -> None:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
 
 from llmopt.errors import UnsupportedError
-from llmopt.exporter.decoder import DecoderArch, DecoderNames
+from llmopt.exporter.decoder import DecoderArch, DecoderNames, stack_experts
 from llmopt.exporter.registry import register
 
 _LLAMA_LAYER = DecoderNames(
@@ -342,4 +343,23 @@ register(DecoderArch(
     extra_checks=(_causal,),
     notes="Gemma 3 text: Gemma 2's blocks plus per-head q/k norms and a RoPE table of its own "
           "for the sliding layers",
+))
+
+
+
+def _mixtral_4x(state: Mapping[str, Any]) -> Mapping[str, Any]:
+    """transformers 4's Mixtral: ``block_sparse_moe.experts.{e}.w1/w3/w2`` (gate, up, down)."""
+    return stack_experts(state, "block_sparse_moe", "mlp", gate="w1", up="w3", down="w2")
+
+
+register(DecoderArch(
+    name="mixtral",
+    model_types=("mixtral",),
+    names=replace(_LLAMA_LAYER, gate=None, up=None, mlp_out="", router="mlp.gate",
+                  experts="mlp.experts"),
+    norm="rms",
+    positions="rotary",
+    sliding_window=_window,
+    state_upgrade=_mixtral_4x,
+    notes="Mixtral: top-k routed SwiGLU experts (ONNX Runtime's MoE op once optimized)",
 ))
