@@ -71,6 +71,10 @@ CONFIGS = {
     "mixtral": (T.MixtralForCausalLM,
                 lambda v: T.MixtralConfig(vocab_size=v, num_local_experts=4,
                                           num_experts_per_tok=2, **_COMMON)),
+    # sequential with qkv biases here; the parallel and qk_layernorm variants in test_decoders
+    "stablelm": (T.StableLmForCausalLM,
+                 lambda v: T.StableLmConfig(vocab_size=v, partial_rotary_factor=0.25,
+                                            use_qkv_bias=True, **_COMMON)),
     "gpt2": (T.GPT2LMHeadModel,
              lambda v: T.GPT2Config(vocab_size=v, n_embd=64, n_layer=2, n_head=4,
                                     n_positions=256)),

@@ -363,3 +363,16 @@ register(DecoderArch(
     state_upgrade=_mixtral_4x,
     notes="Mixtral: top-k routed SwiGLU experts (ONNX Runtime's MoE op once optimized)",
 ))
+
+
+register(DecoderArch(
+    name="stablelm",
+    model_types=("stablelm",),
+    names=replace(_LLAMA_LAYER, q_norm="self_attn.q_layernorm", k_norm="self_attn.k_layernorm"),
+    norm="layer",
+    positions="rotary",
+    eps_attr="layer_norm_eps",
+    parallel_residual=lambda config: bool(getattr(config, "use_parallel_residual", False)),
+    notes="StableLM (2): LayerNorm, partial rotary, optional qkv biases, parallel residual "
+          "(one norm) and qk_layernorm (one LayerNorm per head)",
+))
