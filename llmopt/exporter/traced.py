@@ -14,6 +14,8 @@ The tracer is TorchScript's (``torch.onnx.export(dynamo=False)``): it takes seco
 extra package and follows transformers' mask and cache code as traced shape arithmetic. A
 module around the model turns flat cache tensors into a ``DynamicCache`` (full layers, so a
 sliding-window model keeps every position, as native graphs do, and masks the rest) and back.
+Attention traces as one fused node per layer (:mod:`llmopt.exporter.traced_attention`) and the
+shape arithmetic left static by the config is folded (:mod:`llmopt.exporter.traced_shapes`).
 Whether a model can be traced is decided from its config, before any weight is loaded
 (:func:`check_config`); whether the trace computes what the model computes is decided by
 validation, as for every export.
@@ -279,6 +281,9 @@ def probe_cache(model: Any) -> tuple[int, int, int]:
 def _emit_decoder(model: Any) -> tuple[Any, dict[str, Any]]:
     import torch
 
+    from llmopt.exporter.traced_attention import fused_attention_for
+    from llmopt.exporter.traced_shapes import fold_shapes
+
     prepare(model)
     layers, kv_heads, head_dim = probe_cache(model)
     names = ["input_ids", "attention_mask", "position_ids", "logits_to_keep"]
@@ -300,8 +305,15 @@ def _emit_decoder(model: Any) -> tuple[Any, dict[str, Any]]:
         **{name: {0: "batch", 2: "past_sequence"} for name in past_names},
         **{name: {0: "batch", 2: "total_sequence"} for name in present_names},
     }
-    proto = _trace(_decoder_module(model), (ids, mask, positions, torch.tensor(0), *past),
-                   [*names, *past_names], ["logits", *present_names], axes)
+    module, example = _decoder_module(model), (ids, mask, positions, torch.tensor(0), *past)
+    with torch.no_grad():
+        vocab_out = int(module(*example)[0].shape[-1])
+    with fused_attention_for(model):
+        proto = _trace(module, example, [*names, *past_names], ["logits", *present_names], axes)
+    _declare_outputs(proto, {"logits": ["batch", "logits_sequence", vocab_out],
+                             **{name: ["batch", kv_heads, "total_sequence", head_dim]
+                                for name in present_names}})
+    fold_shapes(proto)
     _keep_inputs(proto, {"position_ids": (7, ["batch", "sequence"]),
                          "logits_to_keep": (7, [])})
     _order_inputs(proto, [*names[:3], *past_names, "logits_to_keep"])  # the native order
@@ -450,6 +462,22 @@ def _keep_inputs(proto: Any, wanted: dict[str, tuple[int, list[Any]]]) -> None:
     for name, (elem, shape) in wanted.items():
         if name not in present:
             proto.graph.input.append(helper.make_tensor_value_info(name, elem, shape))
+
+
+def _declare_outputs(proto: Any, shapes: dict[str, list[Any]]) -> None:
+    """Write the contract's output shapes into the graph: shape inference does not see through
+    the fused attention node, and the runtime reads the vocabulary from ``logits``."""
+    for output in proto.graph.output:
+        if output.name not in shapes:
+            continue
+        dims = output.type.tensor_type.shape.dim
+        del dims[:]
+        for value in shapes[output.name]:
+            dim = dims.add()
+            if isinstance(value, str):
+                dim.dim_param = value
+            else:
+                dim.dim_value = int(value)
 
 
 def _order_inputs(proto: Any, order: list[str]) -> None:

@@ -350,6 +350,35 @@ def test_native_and_traced_builders_agree_on_the_same_model(tmp_path: Path) -> N
     tokens = [llmopt.load(p.path).generate(prompt, max_new_tokens=12, ignore_eos=True).token_ids
               for p in (native, traced)]
     assert tokens[0] == tokens[1]
+    # lean: one fused attention node per layer, no eager softmax, no shape arithmetic left for
+    # the static head count and head_dim (llama's grouped kv heads included)
+    ops = _op_counts(traced.model_path)
+    layers = int(traced.kv_cache["num_layers"])
+    assert ops["MultiHeadAttention"] == layers, ops
+    assert ops["Softmax"] == 0, ops
+    assert ops["Shape"] <= 2 * layers, ops
+
+
+def _op_counts(path: Path) -> dict[str, int]:
+    import collections
+
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+    return collections.Counter(node.op_type for node in proto.graph.node)
+
+
+@TRACEABLE
+def test_traced_attention_the_fused_node_cannot_express_stays_eager(tmp_path: Path) -> None:
+    """Gemma 2 soft-caps its attention logits: MultiHeadAttention has no such option, so its
+    layers keep the model's own eager attention, and the export still validates."""
+    from tests import tiny_families
+
+    source = tiny_families.build_decoder("gemma2", tmp_path / "source")
+    package = export(source, tmp_path / "package", ExportOptions(generation_tokens=4))
+    assert package.manifest["validation"]["passed"]
+    ops = _op_counts(package.model_path)
+    assert ops["MultiHeadAttention"] == 0 and ops["Softmax"] > 0, ops
 
 
 def test_task_the_architecture_lacks_is_refused(tmp_path: Path) -> None:
