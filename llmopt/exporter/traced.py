@@ -307,7 +307,7 @@ def _emit_decoder(model: Any) -> tuple[Any, dict[str, Any]]:
     }
     module, example = _decoder_module(model), (ids, mask, positions, torch.tensor(0), *past)
     with torch.no_grad():
-        vocab_out = int(module(*example)[0].shape[-1])
+        vocab_out = int(module.eval()(*example)[0].shape[-1])
     with fused_attention_for(model):
         proto = _trace(module, example, [*names, *past_names], ["logits", *present_names], axes)
     _declare_outputs(proto, {"logits": ["batch", "logits_sequence", vocab_out],

@@ -372,10 +372,9 @@ def _op_counts(path: Path, scope: str = "") -> dict[str, int]:
 def test_traced_attention_the_fused_node_cannot_express_stays_eager(tmp_path: Path) -> None:
     """Gemma 2 soft-caps its attention logits: MultiHeadAttention has no such option, so its
     layers keep the model's own eager attention, and the export still validates."""
-    from tests import tiny_families
-
-    source = tiny_families.build_decoder("gemma2", tmp_path / "source")
-    package = export(source, tmp_path / "package", ExportOptions(generation_tokens=4))
+    source = tiny_decoders.build("gemma2", tmp_path / "source")
+    package = export(source, tmp_path / "package",
+                     ExportOptions(builder="traced", generation_tokens=4))
     assert package.manifest["validation"]["passed"]
     ops = _op_counts(package.model_path)
     assert ops["MultiHeadAttention"] == 0 and ops["Softmax"] > 0, ops
