@@ -75,6 +75,8 @@ CONFIGS = {
     "stablelm": (T.StableLmForCausalLM,
                  lambda v: T.StableLmConfig(vocab_size=v, partial_rotary_factor=0.25,
                                             use_qkv_bias=True, **_COMMON)),
+    # no pre-norms; q/k norms over heads * head_dim (64), not head_dim (16)
+    "olmo2": (T.Olmo2ForCausalLM, lambda v: T.Olmo2Config(vocab_size=v, **_COMMON)),
     "gpt2": (T.GPT2LMHeadModel,
              lambda v: T.GPT2Config(vocab_size=v, n_embd=64, n_layer=2, n_head=4,
                                     n_positions=256)),

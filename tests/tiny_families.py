@@ -27,7 +27,6 @@ DECODERS: dict[str, tuple[str, str, dict[str, Any]]] = {
     "falcon": ("FalconForCausalLM", "FalconConfig",
                {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
                 "new_decoder_architecture": True, "num_kv_heads": 2}),
-    "olmo2": ("Olmo2ForCausalLM", "Olmo2Config", _C),
     "qwen2_moe": ("Qwen2MoeForCausalLM", "Qwen2MoeConfig",
                   {**_C, "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
                    "shared_expert_intermediate_size": 64}),

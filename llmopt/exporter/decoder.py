@@ -45,6 +45,8 @@ class DecoderNames:
     hidden] (gate first) and ``down_proj`` [E, hidden, inter], transformers 5's layout. A layer
     with experts and no dense MLP gives no ``gate``/``up``/``gate_up``/``fc_in`` and
     ``mlp_out=""``.
+    A q/k norm whose weight spans the whole projection (OLMo 2: heads * head_dim) normalizes
+    it at once instead of per head.
     """
 
     embed: str
@@ -104,6 +106,7 @@ class DecoderArch:
     parallel_residual: Callable[[Any], bool] = lambda config: False
     # a packed qkv whose rows are [heads, 3, head_dim] (GPT-NeoX), reordered to [q | k | v]
     qkv_per_head: bool = False
+    pre_norms: bool = True  # False: no norm before attention or the MLP (OLMo 2's blocks)
     kind: str = "decoder"
     builder: str = "native"
     # rewrites an older transformers' state dict into the names ``names`` gives (Mixtral under
@@ -316,10 +319,10 @@ class MoeWeights:
 
 @dataclass
 class LayerWeights:
-    attn_norm: Norm
+    attn_norm: Norm | None  # None: the block has no pre-norms (OLMo 2)
     qkv: Linear  # q, k and v projections side by side
     o: Linear
-    mlp_norm: Norm
+    mlp_norm: Norm | None
     mlp_in: Linear | None  # gate and up side by side (gated MLP), or the plain first projection
     mlp_out: Linear | None  # both None: the layer's MLP is its experts only (Mixtral)
     gated: bool
@@ -398,15 +401,16 @@ def weights_from_state(arch: DecoderArch, dims: DecoderDims, state: Mapping[str,
                                     state_linear(state, p + n.up, t)])
         if mlp_in is not None:
             mlp_out = _scaled(state_linear(state, p + n.mlp_out, t), r)
-        attn_norm = norm(p + n.attn_norm)
-        shared = dims.parallel_residual and (
+        attn_norm = norm(p + n.attn_norm) if arch.pre_norms else None
+        shared = arch.pre_norms and dims.parallel_residual and (
             n.mlp_norm is None or f"{p}{n.mlp_norm}.weight" not in state)
-        if n.mlp_norm is None and not shared:
+        if n.mlp_norm is None and not shared and arch.pre_norms:
             raise UnsupportedError(f"{arch.name}: a sequential block needs names.mlp_norm",
                                    fix="name the norm before the MLP in the description")
         layers.append(LayerWeights(
             attn_norm, qkv, _scaled(state_linear(state, p + n.o, t), r),
-            attn_norm if shared else norm(p + str(n.mlp_norm)), mlp_in, mlp_out, gated,
+            attn_norm if shared or not arch.pre_norms else norm(p + str(n.mlp_norm)),
+            mlp_in, mlp_out, gated,
             q_norm=head_norm(p + n.q_norm) if n.q_norm else None,
             k_norm=head_norm(p + n.k_norm) if n.k_norm else None,
             attn_post_norm=optional_norm(p, n.attn_post_norm),
@@ -515,8 +519,8 @@ def weights_from_onnx(tensors: Mapping[str, np.ndarray], num_layers: int) -> Dec
         gated = f"{p}mlp.gate_up_proj.weight" in tensors
         dense = gated or f"{p}mlp.fc_in.weight" in tensors
         q_norm, k_norm = (get(f"{p}attn.{x}_norm.weight") for x in "qk")
-        attn_norm = norm(p + "attn_norm")
-        shared = f"{p}mlp_norm.weight" not in tensors  # parallel block, one norm
+        attn_norm = optional_norm(p + "attn_norm")  # None: no pre-norms (OLMo 2)
+        shared = f"{p}mlp_norm.weight" not in tensors  # parallel block, one norm (or none)
         layers.append(LayerWeights(
             attn_norm, linear(p + "attn.qkv_proj"), linear(p + "attn.o_proj"),
             attn_norm if shared else norm(p + "mlp_norm"),

@@ -109,7 +109,9 @@ def build_decoder(dims: DecoderDims, weights: DecoderWeights, norm_kind: str, dt
                 y = b.op("Add", y, w(f"{name}.bias", lin.bias))
         return y
 
-    def norm(x: str, weights_: Norm, name: str) -> str:
+    def norm(x: str, weights_: Norm | None, name: str) -> str:
+        if weights_ is None:  # a block without this norm (OLMo 2's missing pre-norms)
+            return x
         weight = w(f"{name}.weight", weights_.weight)
         with b.scope(name.rsplit(".", 1)[-1]):
             if norm_kind == "layer":
@@ -120,9 +122,10 @@ def build_decoder(dims: DecoderDims, weights: DecoderWeights, norm_kind: str, dt
                 return b.op("RMSNormalization", x, weight, axis=-1, epsilon=d.eps)
             return rms_norm(b, x, weight, d.eps, dt)
 
-    def skip_norm(x: str, residual: str, weights_: Norm, name: str) -> tuple[str, str]:
+    def skip_norm(x: str, residual: str, weights_: Norm | None,
+                  name: str) -> tuple[str, str]:
         """(norm(x + residual), x + residual): one op when fused."""
-        if "skip_norm" not in fusions:
+        if "skip_norm" not in fusions or weights_ is None:
             total = b.op("Add", x, residual, name=f"{name.rsplit('.', 1)[-1]}_residual")
             return norm(total, weights_, name), total
         weight = w(f"{name}.weight", weights_.weight)
@@ -179,6 +182,9 @@ def build_decoder(dims: DecoderDims, weights: DecoderWeights, norm_kind: str, dt
                 out = []
                 for flat, weights_, heads, name in ((q, q_norm, d.num_heads, "q_norm"),
                                                     (k, k_norm, d.num_kv_heads, "k_norm")):
+                    if weights_.weight.ndim == 1 and weights_.weight.shape[0] != d.head_dim:
+                        out.append(norm(flat, weights_, f"{p}attn.{name}"))  # OLMo 2: all of H*D
+                        continue
                     per_head = b.op("Reshape", flat, b.const([0, 0, heads, d.head_dim]))
                     normed = (own_norm_per_head(per_head, weights_, f"{p}attn.{name}")
                               if weights_.weight.ndim == 2

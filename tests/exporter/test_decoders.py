@@ -700,3 +700,20 @@ def test_int4_keeps_the_router_and_the_moe_experts_float(exported: dict, tmp_pat
     assert len(routers) == 2 and len(experts) == 2
     assert all(types[n.input[1]] == onnx.TensorProto.FLOAT for n in routers)
     assert all(types[n.input[i]] == onnx.TensorProto.FLOAT for n in experts for i in (2, 4))
+
+
+def test_olmo2_has_no_pre_norms_and_whole_width_qk_norms(tmp_path: Path) -> None:
+    """OLMo 2 normalizes block outputs only, and q/k over all heads at once: the package holds
+    post-norms and [heads * head_dim] q/k norms, no pre-norms, and validates against PyTorch."""
+    import onnx
+
+    source = tiny_decoders.build("olmo2", tmp_path / "source")
+    package = export(source, tmp_path / "package", ExportOptions(generation_tokens=4))
+    assert package.manifest["validation"]["passed"]
+    model = onnx.load(str(package.path / "model.onnx"))
+    shapes = {t.name: tuple(t.dims) for t in model.graph.initializer}
+    assert shapes["model.layers.0.attn.q_norm.weight"] == (4 * 16,)
+    assert shapes["model.layers.0.attn.k_norm.weight"] == (2 * 16,)
+    assert "model.layers.1.attn_post_norm.weight" in shapes
+    assert "model.layers.1.mlp_post_norm.weight" in shapes
+    assert not [n for n in shapes if n.endswith(("attn_norm.weight", "mlp_norm.weight"))]

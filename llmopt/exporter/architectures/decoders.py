@@ -376,3 +376,18 @@ register(DecoderArch(
     notes="StableLM (2): LayerNorm, partial rotary, optional qkv biases, parallel residual "
           "(one norm) and qk_layernorm (one LayerNorm per head)",
 ))
+
+
+register(DecoderArch(
+    name="olmo2",
+    model_types=("olmo2",),
+    names=replace(_LLAMA_LAYER,  # attn_norm and mlp_norm are unused: no pre-norms
+                  attn_post_norm="post_attention_layernorm",
+                  mlp_post_norm="post_feedforward_layernorm",
+                  q_norm="self_attn.q_norm", k_norm="self_attn.k_norm"),
+    norm="rms",
+    positions="rotary",
+    pre_norms=False,
+    notes="OLMo 2: norms on the attention and MLP outputs only; q/k RMSNorm over the whole "
+          "projection, before rotary",
+))
