@@ -38,8 +38,11 @@ def test_level2_fuses_and_still_matches(packages: dict[str, Path], arch: str,
                                         tmp_path: Path) -> None:
     result = optimize(packages[arch], tmp_path / "o2")
     step = result.manifest["steps"][-1]
-    # two-layer models: the graph-wide inputs (mask, rotary, cache lengths) weigh more here
-    assert step["stage"] == "optimize" and step["nodes_after"] < step["nodes_before"] * 0.6
+    # two-layer models: the graph-wide inputs (mask, rotary, cache lengths) weigh more here;
+    # learned positions leave no rotary to fuse (OPT's relu MLP no GELU either)
+    desc = next(a for a in registry.supported() if a.name == arch)
+    limit = 0.7 if getattr(desc, "positions", "rotary") == "learned" else 0.6
+    assert step["stage"] == "optimize" and step["nodes_after"] < step["nodes_before"] * limit
     assert result.manifest["validation"]["passed"]
     assert all(g["match"] for g in result.manifest["validation"]["generation"])
     ops = _ops(result.path)
@@ -48,18 +51,17 @@ def test_level2_fuses_and_still_matches(packages: dict[str, Path], arch: str,
     assert {"SkipSimplifiedLayerNormalization", "SkipLayerNormalization"} & ops
     fusions = step["fusions"]
     assert fusions["attention"]["fired"] and fusions["skip_norm"]["fired"]
-    if arch == "gpt2":
+    config = json.loads((packages[arch] / "config.json").read_text())
+    act = str(config.get(getattr(desc, "act_attr", "hidden_act")))
+    # a GELU MLP fuses (tanh forms to FastGelu); silu and relu are left to ONNX Runtime
+    assert fusions["activation"]["fired"] == act.startswith("gelu"), (act, fusions)
+    if act in ("gelu_new", "gelu_pytorch_tanh", "gelu_fast"):
+        assert fusions["activation"]["ops"] == {"FastGelu": 2}
+    if getattr(desc, "positions", "rotary") == "learned":  # GPT-2, OPT, GPT-BigCode
         assert "RotaryEmbedding" not in ops
-        assert fusions["activation"]["ops"] == {"FastGelu": 2}
         assert not fusions["norm"]["fired"] and "not applicable" in fusions["norm"]["reason"]
-    elif arch.startswith("gemma"):  # GeGLU: rotary and a fused tanh GELU
-        assert "RotaryEmbedding" in ops
-        assert fusions["activation"]["ops"] == {"FastGelu": 2}
     else:
         assert "RotaryEmbedding" in ops
-        # rotary families fuse a GELU MLP too (StarCoder2); silu is left to ONNX Runtime
-        act = json.loads((packages[arch] / "config.json").read_text())["hidden_act"]
-        assert fusions["activation"]["fired"] == act.startswith("gelu"), (act, fusions)
     if arch == "mixtral":  # each layer's router and experts: one ONNX Runtime MoE op
         assert fusions["moe"] == {"fired": True, "ops": {"MoE": 2}}
         assert "NonZero" not in ops
