@@ -68,6 +68,11 @@ CONFIGS = {
                         layer_types=["sliding_attention", "full_attention"],
                         query_pre_attn_scalar=32, rope_local_base_freq=100.0,
                         rope_scaling={"rope_type": "linear", "factor": 4.0}, **_COMMON)),
+    # norm_topk_prob as in Qwen3-30B-A3B (the config class defaults it off)
+    "qwen3_moe": (T.Qwen3MoeForCausalLM,
+                  lambda v: T.Qwen3MoeConfig(vocab_size=v, head_dim=16, num_experts=4,
+                                             num_experts_per_tok=2, moe_intermediate_size=32,
+                                             norm_topk_prob=True, **_COMMON)),
     "mixtral": (T.MixtralForCausalLM,
                 lambda v: T.MixtralConfig(vocab_size=v, num_local_experts=4,
                                           num_experts_per_tok=2, **_COMMON)),

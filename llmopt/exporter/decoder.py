@@ -477,10 +477,10 @@ def stack_experts(state: Mapping[str, Any], old: str, new: str, gate: str, up: s
         if not sep:
             out[key] = value
             continue
-        if not rest.startswith("experts."):
+        index, _, part = rest.removeprefix("experts.").partition(".")
+        if not rest.startswith("experts.") or not index.isdigit():  # not one expert's weight
             out[f"{prefix}{new}.{rest}"] = value
             continue
-        index, part = rest.removeprefix("experts.").split(".", 1)
         experts.setdefault(prefix, {}).setdefault(int(index), {})[part] = to_numpy(value)
     for prefix, by_index in experts.items():
         ordered = [by_index[e] for e in sorted(by_index)]

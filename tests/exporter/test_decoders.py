@@ -717,3 +717,20 @@ def test_olmo2_has_no_pre_norms_and_whole_width_qk_norms(tmp_path: Path) -> None
     assert "model.layers.1.attn_post_norm.weight" in shapes
     assert "model.layers.1.mlp_post_norm.weight" in shapes
     assert not [n for n in shapes if n.endswith(("attn_norm.weight", "mlp_norm.weight"))]
+
+
+def test_qwen_moe_upgrade_stacks_per_expert_weights_and_keeps_stacked_ones() -> None:
+    """Qwen MoE keeps the same module name across versions (``mlp``): transformers 4's
+    per-expert weights are stacked, transformers 5's stacked ones pass through untouched."""
+    per_expert = {f"l.mlp.experts.{e}.{part}.weight": np.full((2, 2), e, np.float32)
+                  for e in range(3) for part in ("gate_proj", "up_proj", "down_proj")}
+    stacked = stack_experts({**per_expert, "l.mlp.gate.weight": np.ones((3, 2))}, "mlp", "mlp",
+                            gate="gate_proj", up="up_proj", down="down_proj")
+    assert set(stacked) == {"l.mlp.gate.weight", "l.mlp.experts.gate_up_proj",
+                            "l.mlp.experts.down_proj"}
+    assert stacked["l.mlp.experts.gate_up_proj"].shape == (3, 4, 2)
+    assert stacked["l.mlp.experts.down_proj"][2].min() == 2
+    again = stack_experts(stacked, "mlp", "mlp", gate="gate_proj", up="up_proj",
+                          down="down_proj")
+    assert set(again) == set(stacked)
+    assert again["l.mlp.experts.gate_up_proj"] is stacked["l.mlp.experts.gate_up_proj"]

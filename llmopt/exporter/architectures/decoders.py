@@ -391,3 +391,30 @@ register(DecoderArch(
     notes="OLMo 2: norms on the attention and MLP outputs only; q/k RMSNorm over the whole "
           "projection, before rotary",
 ))
+
+
+def _qwen_moe_4x(state: Mapping[str, Any]) -> Mapping[str, Any]:
+    """transformers 4's Qwen MoE: ``mlp.experts.{e}.gate_proj/up_proj/down_proj``."""
+    return stack_experts(state, "mlp", "mlp", gate="gate_proj", up="up_proj", down="down_proj")
+
+
+def _every_layer_sparse(config: Any) -> None:
+    if getattr(config, "mlp_only_layers", None) or getattr(config, "decoder_sparse_step", 1) != 1:
+        raise UnsupportedError(
+            "Qwen MoE with dense layers (mlp_only_layers, decoder_sparse_step) has no native "
+            "builder", fix="export it with --builder traced")
+
+
+register(DecoderArch(
+    name="qwen3_moe",
+    model_types=("qwen3_moe",),
+    names=replace(_LLAMA_LAYER, q_norm="self_attn.q_norm", k_norm="self_attn.k_norm", gate=None,
+                  up=None, mlp_out="", router="mlp.gate", experts="mlp.experts"),
+    norm="rms",
+    positions="rotary",
+    sliding_window=_window,
+    state_upgrade=_qwen_moe_4x,
+    extra_checks=(_every_layer_sparse,),
+    notes="Qwen3 MoE: Qwen3's attention, top-k routed SwiGLU experts (MoE op once optimized "
+          "when norm_topk_prob is set)",
+))
