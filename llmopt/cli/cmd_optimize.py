@@ -16,7 +16,7 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--level", type=int, default=2, help="0, 1, 2 (default) or 3")
     p.add_argument("--fusion", action="append", dest="fusions", metavar="NAME",
                    help="only this fusion (repeatable): norm, skip_norm, attention, activation, "
-                   "moe")
+                   "moe (ONNX Runtime's MoE op; not in any level: slower on CPU)")
     p.add_argument("--fp16", action=argparse.BooleanOptionalAction, default=None,
                    help="convert to float16 (default: only at level 3)")
     p.add_argument("--no-validate", dest="validate", action="store_false")

@@ -6,8 +6,7 @@ Levels (presets), each a superset of the one before:
 - 1: ONNX Runtime's basic offline optimizations (constant folding, redundant-node and shape
   cleanup), saved into the graph.
 - 2: llmopt's fusions, re-emitting the graph from the package's own weights: residual+norm,
-  norm, rotary + attention (with the KV cache and grouped-query heads), GELU, and ONNX
-  Runtime's MoE op for mixture-of-experts MLPs.
+  norm, rotary + attention (with the KV cache and grouped-query heads), GELU.
 - 3: level 2 in float16 (for GPUs; norms, softmax and logits stay float32).
 
 A package made by the traced builder has no weights under llmopt's names to re-emit from: its
@@ -15,7 +14,9 @@ level 2 is ONNX Runtime's extended graph fusions (layer norms, residual + norm, 
 saved offline, and reported per fusion like the native ones.
 
 ``fusions`` picks individual fusions instead of all of the level's; a requested fusion that
-does not apply to the model (rotary on GPT-2) is reported, not silently dropped.
+does not apply to the model (rotary on GPT-2) is reported, not silently dropped. ``moe``
+(ONNX Runtime's MoE op for mixture-of-experts MLPs) is opt-in: on CPU it measured slower than
+the exported per-expert graph (bench/results/moe_cpu.md), so no level turns it on by itself.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ __all__ = ["FUSIONS", "OptimizeOptions", "optimize"]
 log = logging.getLogger("llmopt.optimize")
 LEVELS = (0, 1, 2, 3)
 FUSIONS = ("norm", "skip_norm", "attention", "activation", "moe")
+OPT_IN = frozenset({"moe"})  # only where asked for by name (slower on CPU: see above)
 
 
 @dataclass(frozen=True)
@@ -77,7 +79,7 @@ class OptimizeOptions:
     def selected_fusions(self) -> frozenset[str]:
         if self.fusions is not None:
             return frozenset(self.fusions)
-        return frozenset(FUSIONS) if self.level >= 2 else frozenset()
+        return frozenset(FUSIONS) - OPT_IN if self.level >= 2 else frozenset()
 
 
 def optimize(package: str | os.PathLike[str] | Package, out_dir: str | os.PathLike[str],

@@ -682,9 +682,29 @@ def test_transformers_4_experts_are_stacked_gate_first() -> None:
                                state["m.0.block_sparse_moe.experts.0.w2.weight"])
 
 
-def test_int4_keeps_the_router_and_the_moe_experts_float(exported: dict, tmp_path: Path) -> None:
+def test_int4_quantizes_the_per_expert_graph_and_keeps_the_routers_float(
+        exported: dict, tmp_path: Path) -> None:
+    """optimize's default keeps the per-expert MatMuls (the MoE op is opt-in), so int4 reaches
+    the experts, which hold most of an MoE model's weights; the routers stay float."""
     _, package_dir = exported["mixtral"]
     optimized = llmopt.optimize(Package.open(package_dir), tmp_path / "optimized")
+    quantized = llmopt.quantize(optimized, tmp_path / "int4",
+                                QuantizeOptions.int4().with_(evaluate=False))
+    assert sum("router" in n for n in quantized.manifest["steps"][-1]["kept_float"]) == 2
+    graph = onnx.load(str(quantized.model_path)).graph
+    float_matmuls = [n.input[1] for n in graph.node  # weights, not zero-point corrections
+                     if n.op_type == "MatMul" and n.input[1].endswith(".weight")]
+    assert sorted(float_matmuls) == sorted(f"model.layers.{i}.moe.router.weight"
+                                           for i in range(2))
+    # qkv and o per layer, gate_up and down per expert (4) per layer, the LM head
+    assert [n.op_type for n in graph.node].count("MatMulNBits") == 2 * 2 + 2 * 4 * 2 + 1
+
+
+def test_int4_keeps_the_router_and_the_moe_op_experts_float(exported: dict,
+                                                           tmp_path: Path) -> None:
+    _, package_dir = exported["mixtral"]
+    optimized = llmopt.optimize(Package.open(package_dir), tmp_path / "optimized",
+                                llmopt.OptimizeOptions(fusions=FUSIONS))
     quantized = llmopt.quantize(optimized, tmp_path / "int4",
                                 QuantizeOptions.int4().with_(evaluate=False))
     step = quantized.manifest["steps"][-1]
