@@ -157,16 +157,16 @@ class DecoderDims:
     num_experts: int = 0
     experts_per_token: int = 0
     normalize_top_k: bool = True  # renormalize the top-k routing weights to sum to 1
+    clip_qkv: float | None = None  # q, k and v clamped to [-c, c] after projection (OLMo)
+    # LongRoPE: the long inverse frequencies replace the short ones when max(position_ids) + 1
+    # exceeds this (the pretraining context, original_max_position_embeddings); None elsewhere
+    long_rope_after: int | None = None
 
     def window(self, layer: int) -> int | None:
         """The attention window of ``layer``, or None for full attention."""
         if self.sliding_layers and not self.sliding_layers[layer]:
             return None
         return self.sliding_window
-    clip_qkv: float | None = None  # q, k and v clamped to [-c, c] after projection (OLMo)
-    # LongRoPE: the long inverse frequencies replace the short ones when max(position_ids) + 1
-    # exceeds this (the pretraining context, original_max_position_embeddings); None elsewhere
-    long_rope_after: int | None = None
 
 
 def longrope_switch(config: Any) -> int | None:
