@@ -124,6 +124,16 @@ def save_random(model_class: Any, config: Any, tokenizer: Any, directory: Path,
                 seed: int) -> Any:
     """A seeded random ``model_class(config)`` saved in ``directory``, with weights larger than
     the default init so every layer matters."""
+    model = random_model(model_class, config, seed)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(directory)
+    return model
+
+
+def random_model(model_class: Any, config: Any, seed: int) -> Any:
+    """A seeded random ``model_class(config)`` with weights larger than the default init
+    (matrices N(0, 0.2), vectors U(0.5, 1.5)), so every layer matters."""
     torch.manual_seed(seed)
     model = model_class(config)
     with torch.no_grad():
@@ -132,7 +142,4 @@ def save_random(model_class: Any, config: Any, tokenizer: Any, directory: Path,
                 param.normal_(0.0, 0.2)
             else:
                 param.uniform_(0.5, 1.5)
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.save_pretrained(directory)
     return model

@@ -37,20 +37,14 @@ def build(arch: str, path: str | os.PathLike[str], qtype: str, seed: int = 0,
     """Write a tiny random ``arch`` model to the GGUF file ``path``, every matrix in ``qtype``
     except the tensors named in ``overrides`` (``{"attn_v": "Q8_0"}``, as llama.cpp's Q4_K_M
     mixes in Q6_K); norms and biases stay F32, as llama.cpp keeps them."""
-    import torch
     import transformers
+
+    from tests import tiny_decoders
 
     model_name, config_name, kwargs = MODELS[arch]
     config = getattr(transformers, config_name)(tie_word_embeddings=True, bos_token_id=1,
                                                 eos_token_id=2, **kwargs)
-    torch.manual_seed(seed)
-    model = getattr(transformers, model_name)(config)
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.dim() > 1:
-                param.normal_(0.0, 0.2)
-            else:
-                param.uniform_(0.5, 1.5)
+    model = tiny_decoders.random_model(getattr(transformers, model_name), config, seed)
     return write(model, path, qtype, overrides)
 
 

@@ -84,20 +84,7 @@ def test_onnx_matches_pytorch_on_a_padded_batch_of_three(exported: dict, arch: s
         want = model(input_ids=torch.from_numpy(full_ids),
                      attention_mask=torch.from_numpy(full_mask),
                      position_ids=torch.from_numpy(position_ids(full_mask))).logits.numpy()
-    empty = np.zeros((3, kv["num_kv_heads"], 0, kv["head_dim"]), np.float32)
-    past = {f"past_key_values.{i}.{k}": empty for i in range(2) for k in ("key", "value")}
-    outputs = [o.name for o in session.get_outputs()]
-    got = []
-    for start, stop in ((0, ids.shape[1]), (ids.shape[1], ids.shape[1] + 1),
-                        (ids.shape[1] + 1, ids.shape[1] + 2)):
-        result = dict(zip(outputs, session.run(None, {
-            "input_ids": full_ids[:, start:stop], "attention_mask": full_mask[:, :stop],
-            "position_ids": position_ids(full_mask)[:, start:stop],
-            "logits_to_keep": np.array(0, np.int64), **past}), strict=True))
-        got.append(result["logits"])
-        past = {f"past_key_values.{i}.{k}": result[f"present.{i}.{k}"]
-                for i in range(2) for k in ("key", "value")}
-    got_logits = np.concatenate(got, axis=1)
+    got_logits = _prefill_then_decode(session, kv, full_ids, full_mask, ids.shape[1])
     valid = full_mask.astype(bool)
     np.testing.assert_allclose(got_logits[valid], want[valid], atol=1e-4, rtol=1e-4)
 
@@ -597,12 +584,20 @@ def _run_padded(proto: Any, kv: dict, steps: int = 2) -> np.ndarray:
     ids, mask = left_pad([list(rng.integers(10, 100, size=n)) for n in (9, 3, 6)])
     full_ids = np.concatenate([ids, rng.integers(10, 100, size=(3, steps))], axis=1)
     full_mask = np.concatenate([mask, np.ones((3, steps), np.int64)], axis=1)
-    empty = np.zeros((3, kv["num_kv_heads"], 0, kv["head_dim"]), np.float32)
+    got = _prefill_then_decode(session, kv, full_ids, full_mask, ids.shape[1])
+    return got[full_mask.astype(bool)]
+
+
+def _prefill_then_decode(session: Any, kv: dict, full_ids: np.ndarray, full_mask: np.ndarray,
+                         prompt: int) -> np.ndarray:
+    """Logits [B, T, V] of a 2-layer package run as generation runs it: the first ``prompt``
+    columns in one call, then one token a call on the cache it returned."""
+    batch = full_ids.shape[0]
+    empty = np.zeros((batch, kv["num_kv_heads"], 0, kv["head_dim"]), np.float32)
     past = {f"past_key_values.{i}.{k}": empty for i in range(2) for k in ("key", "value")}
     outputs = [o.name for o in session.get_outputs()]
     got = []
-    bounds = [0, ids.shape[1], *range(ids.shape[1] + 1, full_ids.shape[1] + 1)]
-    for start, stop in pairwise(bounds):
+    for start, stop in pairwise([0, *range(prompt, full_ids.shape[1] + 1)]):
         result = dict(zip(outputs, session.run(None, {
             "input_ids": full_ids[:, start:stop], "attention_mask": full_mask[:, :stop],
             "position_ids": position_ids(full_mask)[:, start:stop],
@@ -610,7 +605,7 @@ def _run_padded(proto: Any, kv: dict, steps: int = 2) -> np.ndarray:
         got.append(result["logits"])
         past = {f"past_key_values.{i}.{k}": result[f"present.{i}.{k}"]
                 for i in range(2) for k in ("key", "value")}
-    return np.concatenate(got, axis=1)[full_mask.astype(bool)]
+    return np.concatenate(got, axis=1)
 
 
 def _mixtral_forms(exported: dict) -> tuple[Any, Any, Any, Any]:
