@@ -191,11 +191,24 @@ def correction(x: str, symmetric: str, y: str, base: str, scales: np.ndarray,
             helper.make_node("Concat", [f"{base}/lead_shape", inits[0].name], [shape],
                              name=f"{base}/BlockShape", axis=0),
         ]
+    nodes.append(helper.make_node("Reshape", [x, shape], [f"{base}/blocks"],
+                                  name=f"{base}/Blocks"))
+    if any_rank:
+        # ONNX Runtime's ReduceSum returns an empty input unreduced ([0, nblocks, block]),
+        # and a routed expert often gets no rows: sum by a MatMul with ones instead
+        inits.append(numpy_helper.from_array(np.ones((block, 1), np.float32),
+                                             f"{base}.block_ones"))
+        nodes += [
+            helper.make_node("MatMul", [f"{base}/blocks", inits[-1].name],
+                             [f"{base}/block_sums_1"], name=f"{base}/BlockSums"),
+            helper.make_node("Squeeze", [f"{base}/block_sums_1", inits[1].name],
+                             [f"{base}/block_sums"], name=f"{base}/SqueezeSums"),
+        ]
+    else:
+        nodes.append(helper.make_node("ReduceSum", [f"{base}/blocks", inits[1].name],
+                                      [f"{base}/block_sums"], name=f"{base}/BlockSums",
+                                      keepdims=0))
     nodes += [
-        helper.make_node("Reshape", [x, shape], [f"{base}/blocks"],
-                         name=f"{base}/Blocks"),
-        helper.make_node("ReduceSum", [f"{base}/blocks", inits[1].name], [f"{base}/block_sums"],
-                         name=f"{base}/BlockSums", keepdims=0),
         helper.make_node("MatMul", [f"{base}/block_sums", inits[2].name],
                          [f"{base}/correction"], name=f"{base}/ZeroPointCorrection"),
         helper.make_node("Add", [symmetric, f"{base}/correction"], [y],
@@ -206,7 +219,9 @@ def correction(x: str, symmetric: str, y: str, base: str, scales: np.ndarray,
 
 def correct_float_zero_points(proto: Any, any_rank: bool = False) -> int:
     """Rewrite every MatMulNBits with float zero points (HQQ, GPTQ, GGUF Q4_1) into the
-    symmetric kernel plus :func:`correction`; returns how many were rewritten."""
+    symmetric kernel plus :func:`correction`; returns how many were rewritten. ``any_rank``
+    for every node (traced graphs); native graphs need it only for their routed experts, which
+    multiply the [tokens, K] rows routed to them (``model.layers.{i}.moe.experts.*``)."""
     from onnx import TensorProto, numpy_helper
 
     inits = {t.name: t for t in proto.graph.initializer}
@@ -233,7 +248,8 @@ def correct_float_zero_points(proto: Any, any_rank: bool = False) -> int:
         nodes.append(node)
         more_nodes, more_inits = correction(node.input[0], symmetric, y, base,
                                             scales.reshape(n, nblocks),
-                                            zeros.reshape(n, nblocks), bits, block, any_rank)
+                                            zeros.reshape(n, nblocks), bits, block,
+                                            any_rank or ".moe.experts." in node.input[1])
         nodes += more_nodes
         added += more_inits
         rewritten += 1

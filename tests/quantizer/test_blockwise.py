@@ -101,3 +101,28 @@ def test_mse_search_beats_round_to_nearest() -> None:
 def test_block_must_divide_the_input_size() -> None:
     with pytest.raises(ValueError, match="does not divide"):
         blockwise.quantize(_weight(48, 8), block=32)
+
+
+@pytest.mark.parametrize("rows", [5, 0])
+def test_the_any_rank_correction_takes_rows_and_no_rows(rows: int) -> None:
+    """A routed expert multiplies the [tokens, K] rows routed to it, often none: the correction
+    must give [rows, N] for both (ONNX Runtime's ReduceSum leaves an empty input unreduced)."""
+    k, n = 64, 24
+    codes = RNG.integers(0, 16, (n, k // 32, 32)).astype(np.uint8)
+    scales = RNG.uniform(0.01, 0.05, (n, k // 32)).astype(np.float32)
+    zeros = RNG.uniform(0, 15, (n, k // 32)).astype(np.float32)
+    w = blockwise.Blocks(codes, scales, zeros, bits=4).dequantize()
+    nodes, inits = blockwise.correction("x", "sym", "y", "w", scales, zeros, 4, 32,
+                                        any_rank=True)
+    sym = helper.make_tensor_value_info("sym", TensorProto.FLOAT, [None, n])
+    x_info = helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, k])
+    y_info = helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, n])
+    model = helper.make_model(helper.make_graph(nodes, "g", [x_info, sym], [y_info], inits),
+                              ir_version=10, opset_imports=[helper.make_opsetid("", 18)])
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    x = RNG.standard_normal((rows, k)).astype(np.float32)
+    middle = codes.astype(np.float32).transpose(1, 2, 0).reshape(k, n) - 8
+    symmetric = x @ (middle * np.repeat(scales.T, 32, axis=0))
+    (got,) = session.run(None, {"x": x, "sym": symmetric.astype(np.float32)})
+    assert got.shape == (rows, n)
+    np.testing.assert_allclose(got, x @ w, rtol=1e-4, atol=1e-4)
