@@ -25,6 +25,20 @@ _LLAMA_LAYER = DecoderNames(
     final_norm="model.norm",
 )
 
+# GPT-2 and GPT-BigCode name their weights alike (GPT-2's are Conv1D, [in, out])
+_GPT2_LAYER = DecoderNames(
+    embed="transformer.wte.weight",
+    position_embed="transformer.wpe.weight",
+    layer="transformer.h.{i}.",
+    attn_norm="ln_1",
+    mlp_norm="ln_2",
+    qkv="attn.c_attn",
+    o="attn.c_proj",
+    fc_in="mlp.c_fc",
+    mlp_out="mlp.c_proj",
+    final_norm="transformer.ln_f",
+)
+
 
 def _window(config: Any) -> int | None:
     """The sliding attention window, where the config turns one on."""
@@ -96,18 +110,7 @@ register(DecoderArch(
 register(DecoderArch(
     name="gpt2",
     model_types=("gpt2",),
-    names=DecoderNames(
-        embed="transformer.wte.weight",
-        position_embed="transformer.wpe.weight",
-        layer="transformer.h.{i}.",
-        attn_norm="ln_1",
-        mlp_norm="ln_2",
-        qkv="attn.c_attn",
-        o="attn.c_proj",
-        fc_in="mlp.c_fc",
-        mlp_out="mlp.c_proj",
-        final_norm="transformer.ln_f",
-    ),
+    names=_GPT2_LAYER,
     norm="layer",
     positions="learned",
     eps_attr="layer_norm_epsilon",
@@ -176,18 +179,7 @@ def _bigcode_multi_query(config: Any) -> None:
 register(DecoderArch(
     name="gpt_bigcode",
     model_types=("gpt_bigcode",),
-    names=DecoderNames(
-        embed="transformer.wte.weight",
-        position_embed="transformer.wpe.weight",
-        layer="transformer.h.{i}.",
-        attn_norm="ln_1",
-        mlp_norm="ln_2",
-        qkv="attn.c_attn",
-        o="attn.c_proj",
-        fc_in="mlp.c_fc",
-        mlp_out="mlp.c_proj",
-        final_norm="transformer.ln_f",
-    ),
+    names=_GPT2_LAYER,
     norm="layer",
     positions="learned",
     eps_attr="layer_norm_epsilon",
