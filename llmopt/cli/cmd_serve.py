@@ -15,9 +15,10 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]")
 
 def add_parser(subparsers: Any) -> None:
     p = subparsers.add_parser(
-        "serve", help="serve a model repository over gRPC (llmopt API + KServe v2)",
-        description="Serve every package in a model repository over gRPC: llmopt's API and the "
-        "KServe v2 / Triton protocol, with health, reflection and Prometheus metrics. Runs "
+        "serve", help="serve a model repository over gRPC and HTTP (llmopt, KServe v2, OpenAI)",
+        description="Serve every package in a model repository over gRPC (llmopt's API and the "
+        "KServe v2 / Triton protocol) and HTTP (OpenAI-compatible routes and KServe v2 REST), "
+        "with health, reflection and Prometheus metrics. Runs "
         "until SIGTERM or SIGINT, then drains in-flight requests.")
     p.add_argument("--model-repository", required=True, type=Path, metavar="DIR",
                    help="folder holding one package directory per model")
@@ -27,6 +28,10 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--metrics-port", type=int, default=8002,
                    help="Prometheus /metrics HTTP port (default 8002; 0: any)")
     p.add_argument("--no-metrics", action="store_true", help="serve no metrics endpoint")
+    p.add_argument("--http-port", type=int, default=8000,
+                   help="HTTP port on the same host: OpenAI-compatible /v1 routes and KServe v2 "
+                   "REST (default 8000; 0 picks a free one)")
+    p.add_argument("--no-http", action="store_true", help="serve gRPC only")
     auth = p.add_mutually_exclusive_group()
     auth.add_argument("--token-file", type=Path, help="bearer tokens, one per line")
     auth.add_argument("--token-env", metavar="VAR",
@@ -59,7 +64,8 @@ def run(args: argparse.Namespace) -> int:
     config = ServerConfig(tokens=tokens, tls=tls, max_message_bytes=args.max_message_bytes,
                           max_workers=args.workers, grace_s=args.grace,
                           metrics_port=None if args.no_metrics else args.metrics_port,
-                          metrics_host=args.host)
+                          metrics_host=args.host,
+                          http_port=None if args.no_http else args.http_port)
     if args.host not in LOOPBACK and (tls is None or not tokens):
         print(f"llmopt serve: warning: binding {args.host} without "
               f"{'TLS' if tls is None else 'tokens'}; anyone who can reach it can use it",
@@ -74,6 +80,9 @@ def _announce(server: Any) -> None:
         scheme = "mutual TLS"
     auth = "bearer token" if server.config.tokens else "none"
     print(f"llmopt serve: listening on {server.address} ({scheme}, auth: {auth})", flush=True)
+    if server.http_url is not None:
+        print(f"llmopt serve: http on {server.http_url} (OpenAI /v1, KServe v2 REST)",
+              flush=True)
     if server.metrics_port is not None:
         print(f"llmopt serve: metrics on http://{server.config.metrics_host}:"
               f"{server.metrics_port}/metrics", flush=True)

@@ -1,5 +1,6 @@
 """Decoding parameters and next-token selection (greedy, temperature, top-k, top-p,
-repetition penalty), with transformers' semantics, in numpy."""
+repetition penalty with transformers' semantics; presence and frequency penalties with
+OpenAI's), in numpy."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import numpy as np
 from llmopt.errors import InvalidInputError
 
 MAX_NEW_TOKENS_LIMIT = 1_000_000
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit on top_logprobs
 
 
 @dataclass(frozen=True)
@@ -30,6 +32,9 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     eos_token_ids: tuple[int, ...] | None = None
     ignore_eos: bool = False
+    presence_penalty: float = 0.0   # OpenAI's: subtracted once from each generated token
+    frequency_penalty: float = 0.0  # OpenAI's: subtracted per occurrence in the generation
+    logprobs: int | None = None     # record each chosen token's logprob and this many top ones
 
     def __post_init__(self) -> None:
         _check(isinstance(self.max_new_tokens, int)
@@ -51,6 +56,14 @@ class SamplingParams:
                f"seed must be a non-negative integer, not {self.seed!r}", "e.g. seed=0")
         _check(all(isinstance(s, str) and s for s in self.stop),
                "stop strings must be non-empty strings", 'e.g. stop=("\\n\\n",)')
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            _check(_finite(value) and -2.0 <= value <= 2.0,
+                   f"{name} must be between -2 and 2, not {value!r}", f"use 0 to disable {name}")
+        _check(self.logprobs is None or (isinstance(self.logprobs, int)
+                                         and 0 <= self.logprobs <= MAX_TOP_LOGPROBS),
+               f"logprobs must be an integer from 0 to {MAX_TOP_LOGPROBS}, not {self.logprobs!r}",
+               "use None for no logprobs, 0 for the chosen token's only")
 
     @property
     def greedy(self) -> bool:
@@ -75,11 +88,28 @@ def apply_repetition_penalty(logits: np.ndarray, seen: Sequence[int], penalty: f
     logits[index] = np.where(values < 0, values * penalty, values / penalty)
 
 
+def apply_openai_penalties(logits: np.ndarray, generated: Sequence[int], presence: float,
+                           frequency: float) -> None:
+    """OpenAI's rule, in place: ``logit -= presence * [count > 0] + frequency * count`` over
+    the tokens generated so far (the prompt is not counted, as in OpenAI's and vLLM's)."""
+    if (presence == 0.0 and frequency == 0.0) or not len(generated):
+        return
+    tokens, counts = np.unique(np.asarray(generated, dtype=np.int64), return_counts=True)
+    logits[tokens] -= presence + frequency * counts
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits.astype(np.float64) - np.max(logits)
+    return shifted - np.log(np.exp(shifted).sum())
+
+
 def next_token(logits: np.ndarray, params: SamplingParams, seen: Sequence[int],
-               rng: np.random.Generator | None) -> int:
-    """Pick the next token from one row of logits ``[vocab]``."""
+               rng: np.random.Generator | None, generated: Sequence[int] = ()) -> int:
+    """Pick the next token from one row of logits ``[vocab]``; ``seen`` is prompt and
+    generation (repetition penalty), ``generated`` the generation alone (OpenAI penalties)."""
     logits = logits.astype(np.float64, copy=True)
     apply_repetition_penalty(logits, seen, params.repetition_penalty)
+    apply_openai_penalties(logits, generated, params.presence_penalty, params.frequency_penalty)
     if params.greedy or rng is None:
         return int(np.argmax(logits))
     logits /= params.temperature

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from llmopt.runtime.detokenize import Streamer
-from llmopt.runtime.sampling import SamplingParams, next_token
+from llmopt.runtime.sampling import SamplingParams, log_softmax, next_token
 
 FINISH_REASONS = ("eos", "stop", "length", "context", "cancelled", "deadline")
 
@@ -31,12 +31,23 @@ class GenerationStats:
         return asdict(self)
 
 
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A generated token's log-probability under the raw logits (before penalties, temperature
+    or any mask), and the ``top`` most likely tokens of that step as ``(id, logprob)``."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
 @dataclass
 class GenerationResult:
     text: str
     token_ids: list[int]
     finish_reason: str  # one of FINISH_REASONS
     stats: GenerationStats = field(default_factory=GenerationStats)
+    logprobs: list[TokenLogprob] | None = None  # one per token_ids entry, when asked for
 
 
 class DecodeState:
@@ -53,6 +64,7 @@ class DecodeState:
         self.streamer = Streamer(tokenizer, params.stop)
         self.limit = min(params.max_new_tokens, context_length - len(self.prompt))
         self.generated: list[int] = []
+        self.logprobs: list[TokenLogprob] | None = None if params.logprobs is None else []
         self.finish_reason: str | None = None
         self.on_delta = on_delta
         self.started = time.perf_counter() if started is None else started
@@ -69,11 +81,14 @@ class DecodeState:
         now = time.perf_counter()
         if self.first_token_at is None:
             self.first_token_at = now
-        token = next_token(logits, self.params, self.prompt + self.generated, self.rng)
+        token = next_token(logits, self.params, self.prompt + self.generated, self.rng,
+                           self.generated)
         if token in self.eos:
             self._finish("eos")
             return token
         self.generated.append(token)
+        if self.logprobs is not None:
+            self.logprobs.append(_logprob(logits, token, self.params.logprobs or 0))
         delta = self.streamer.push(token)
         if delta and self.on_delta:
             self.on_delta(delta)
@@ -108,4 +123,15 @@ class DecodeState:
             decode_tokens_per_s=(n - 1) / (ended - first) if n > 1 and ended > first else 0.0,
         )
         return GenerationResult(self.streamer.emitted, list(self.generated),
-                                self.finish_reason or "length", stats)
+                                self.finish_reason or "length", stats,
+                                None if self.logprobs is None else list(self.logprobs))
+
+
+def _logprob(logits: np.ndarray, token: int, top: int) -> TokenLogprob:
+    logprobs = log_softmax(logits)
+    best: tuple[tuple[int, float], ...] = ()
+    if top:
+        order = np.argpartition(-logprobs, top - 1)[:top]
+        order = order[np.argsort(-logprobs[order], kind="stable")]
+        best = tuple((int(i), float(logprobs[i])) for i in order)
+    return TokenLogprob(token, float(logprobs[token]), best)

@@ -1,6 +1,8 @@
-"""The gRPC server: ``create_server`` builds and binds it, ``serve`` runs it until a signal.
+"""The server: ``create_server`` builds and binds it, ``serve`` runs it until a signal.
 
-One process serves both protocols over one model repository, with grpc.health.v1 (overall,
+One process serves gRPC (llmopt's API and KServe v2) and, with ``http_port`` set, HTTP
+(OpenAI-compatible routes and KServe v2 REST, see :mod:`llmopt.server.http`) over one model
+repository, with grpc.health.v1 (overall,
 per service and per model), server reflection, Prometheus metrics, optional bearer tokens and
 (mutual) TLS. Shutdown drains: health turns NOT_SERVING, new calls are refused, in-flight ones
 get ``grace_s`` to finish, then the engines close.
@@ -25,6 +27,8 @@ from llmopt import _proto
 from llmopt.errors import InvalidInputError
 from llmopt.server.auth import BearerTokenInterceptor
 from llmopt.server.config import ServerConfig
+from llmopt.server.http import HttpServer, build_app
+from llmopt.server.http_context import HttpContext
 from llmopt.server.kserve import KServeService
 from llmopt.server.llmopt_api import LlmoptService
 from llmopt.server.metrics import Metrics
@@ -52,6 +56,7 @@ class Server:
         self.health = health_servicer
         self.config = config
         self.metrics_port: int | None = None
+        self.http: HttpServer | None = None
         self.draining = False
         self._stopped = threading.Event()
         self._lock = threading.Lock()
@@ -61,11 +66,28 @@ class Server:
     def address(self) -> str:
         return f"{self.host}:{self.port}"
 
+    @property
+    def http_port(self) -> int | None:
+        return None if self.http is None else self.http.port
+
+    @property
+    def http_url(self) -> str | None:
+        """``http(s)://host:port`` of the HTTP door, or None without one."""
+        if self.http is None:
+            return None
+        return f"{'https' if self.config.tls else 'http'}://{self.host}:{self.http.port}"
+
     def start(self) -> Server:
         if self.config.metrics_port is not None:  # first: a port in use fails before serving
             self.metrics_port = self.metrics.serve_http(self.config.metrics_host,
                                                         self.config.metrics_port)
         self.grpc_server.start()
+        if self.http is not None:
+            try:
+                self.http.start()
+            except BaseException:
+                self.grpc_server.stop(0)
+                raise
         return self
 
     def stop(self, grace: float | None = None) -> None:
@@ -87,6 +109,8 @@ class Server:
         # themselves: so wait for the work, then stop at once.
         while self.metrics.running > 0 and time.monotonic() < self._deadline:
             time.sleep(0.02)
+        if self.http is not None:
+            self.http.stop()
         self.grpc_server.stop(0).wait()
         self.repository.close(0)
         self.metrics.close()
@@ -143,12 +167,11 @@ def create_server(repository: str | Path, address: str = "127.0.0.1:0",
                  ("grpc.so_reuseport", 0)],  # never share a port with another process
         maximum_concurrent_rpcs=2 * config.max_workers + SPARE_THREADS,
     )
+    kserve = KServeService(repo, metrics, draining, config.max_message_bytes)
     server.add_generic_rpc_handlers([
         service_handler(_proto.LLMOPT_SERVICE, LlmoptService(repo, metrics), metrics,
                         draining, limit),
-        service_handler(_proto.KSERVE_SERVICE,
-                        KServeService(repo, metrics, draining, config.max_message_bytes),
-                        metrics, draining, limit),
+        service_handler(_proto.KSERVE_SERVICE, kserve, metrics, draining, limit),
     ])
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in ("", *SERVICES):
@@ -172,6 +195,18 @@ def create_server(repository: str | Path, address: str = "127.0.0.1:0",
                                 fix="pick a free port (or 0), and a host of this machine")
     holder.append(Server(server, port, repository=repo, metrics=metrics,
                          health_servicer=health_servicer, config=config, host=host))
+    if config.http_port is not None:
+        # the same repository, metrics, call limit, tokens and TLS as the gRPC door
+        context = HttpContext(repo, metrics, futures.ThreadPoolExecutor(
+            max_workers=config.max_workers, thread_name_prefix="llmopt-http"), draining,
+            config.max_message_bytes, kserve)
+        try:
+            holder[0].http = HttpServer(build_app(context, config.tokens, limit), host,
+                                        config.http_port, config.tls)
+        except BaseException:
+            server.stop(0)
+            repo.close(0)
+            raise
     return holder[0], port
 
 

@@ -128,6 +128,7 @@ class ServerConfig:
     metrics_port: int | None = None       # Prometheus /metrics over HTTP; 0 picks a free port
     metrics_host: str = "127.0.0.1"
     grace_s: float = 30.0                 # in-flight requests get this long on shutdown
+    http_port: int | None = None          # OpenAI + KServe REST on the gRPC host; 0: free port
     model_defaults: ModelConfig = field(default_factory=ModelConfig)
 
     def __post_init__(self) -> None:
@@ -135,6 +136,9 @@ class ServerConfig:
             raise InvalidInputError(
                 f"max_message_bytes must be from 1024 to {2**31 - 1}, not {self.max_message_bytes}",
                 fix="e.g. --max-message-bytes 67108864 (64 MiB)")
+        if self.http_port is not None and not 0 <= self.http_port <= 65535:
+            raise InvalidInputError(f"http_port must be 0 to 65535, not {self.http_port}",
+                                    fix="e.g. --http-port 8000 (0: a free port)")
         if self.max_workers < 1:
             raise InvalidInputError("max_workers must be >= 1", fix="e.g. 64")
         if any(not t or any(c.isspace() for c in t) for t in self.tokens):

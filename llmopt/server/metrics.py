@@ -73,10 +73,11 @@ class Metrics:
             self._running -= 1
         self.inflight.dec()
 
-    def rpc(self, method: str, model: str, code: grpc.StatusCode, seconds: float) -> None:
-        """Count and time one finished call."""
+    def rpc(self, method: str, model: str, code: grpc.StatusCode | str, seconds: float) -> None:
+        """Count and time one finished call; ``code`` is a gRPC status or an HTTP status
+        (HTTP routes are named like ``chat.completions``, ``v2.infer``)."""
         label = self.label(model)
-        self.requests.labels(method, label, code.name).inc()
+        self.requests.labels(method, label, code if isinstance(code, str) else code.name).inc()
         self.latency.labels(method, label).observe(seconds)
 
     def generation(self, model: str, result: GenerationResult) -> None:

@@ -52,13 +52,34 @@ def repository(packages: dict[str, Path], tmp_path_factory: pytest.TempPathFacto
 
 @pytest.fixture(scope="session")
 def server(repository: Path) -> Iterator[Any]:
-    """One shared server over the whole tiny repository, with metrics."""
+    """One shared server over the whole tiny repository, with metrics and the HTTP door."""
     from llmopt.server import ServerConfig, create_server
 
-    srv, _ = create_server(repository, "127.0.0.1:0", ServerConfig(metrics_port=0))
+    srv, _ = create_server(repository, "127.0.0.1:0", ServerConfig(metrics_port=0, http_port=0))
     srv.start()
     yield srv
     srv.stop(0)
+
+
+@pytest.fixture(scope="session")
+def generator(packages: dict[str, Path]) -> Any:
+    """The tiny decoder in-process: what every door's answers are compared with."""
+    import llmopt
+    from llmopt.runtime.generator import Generator
+
+    runner = llmopt.load(packages[DECODER])
+    assert isinstance(runner, Generator)
+    return runner
+
+
+@pytest.fixture(scope="session")
+def embedder(packages: dict[str, Path]) -> Any:
+    import llmopt
+    from llmopt.runtime.embedder import Embedder
+
+    runner = llmopt.load(packages[ENCODER])
+    assert isinstance(runner, Embedder)
+    return runner
 
 
 @pytest.fixture

@@ -18,20 +18,6 @@ from tests.server.conftest import CLASSIFIER, DECODER, ENCODER
 PROMPTS = ["the quick brown fox", "hello world , how are you ?", "one two three"]
 
 
-@pytest.fixture(scope="module")
-def generator(packages: dict[str, Path]) -> Generator:
-    runner = llmopt.load(packages[DECODER])
-    assert isinstance(runner, Generator)
-    return runner
-
-
-@pytest.fixture(scope="module")
-def embedder(packages: dict[str, Path]) -> Embedder:
-    runner = llmopt.load(packages[ENCODER])
-    assert isinstance(runner, Embedder)
-    return runner
-
-
 @pytest.mark.parametrize("prompt", PROMPTS)
 def test_streamed_generation_equals_in_process(client: Any, generator: Generator,
                                                prompt: str) -> None:

@@ -1,0 +1,158 @@
+"""The OpenAI-compatible routes through the real ``openai`` SDK against a real server."""
+
+from __future__ import annotations
+
+import base64
+import importlib.util
+from typing import Any
+
+import numpy as np
+import openai
+import pytest
+
+from llmopt.runtime.sampling import SamplingParams
+from tests.server.conftest import CLASSIFIER, DECODER, ENCODER
+
+MESSAGES = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello there"}]
+HAS_CONSTRAINTS = importlib.util.find_spec("llmopt.runtime.constraints") is not None
+
+
+@pytest.fixture
+def oai(server: Any) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.http_url + "/v1", api_key="unused", max_retries=0,
+                         timeout=60)
+
+
+def test_chat_greedy_equals_in_process(oai: openai.OpenAI, generator: Any) -> None:
+    expected = generator.chat(MESSAGES, SamplingParams(max_new_tokens=12))
+    reply = oai.chat.completions.create(model=DECODER, messages=MESSAGES,  # type: ignore[arg-type]
+                                        temperature=0, max_tokens=12)
+    choice = reply.choices[0]
+    assert choice.message.role == "assistant"
+    assert choice.message.content == expected.text
+    assert reply.usage is not None
+    assert reply.usage.prompt_tokens == expected.stats.prompt_tokens
+    assert reply.usage.completion_tokens == len(expected.token_ids)
+    assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
+    assert choice.finish_reason in ("stop", "length")
+    assert reply.object == "chat.completion" and reply.model == DECODER
+
+
+def test_streamed_deltas_concatenate_to_the_whole_answer(oai: openai.OpenAI) -> None:
+    whole = oai.chat.completions.create(model=DECODER, messages=MESSAGES,  # type: ignore[arg-type]
+                                        temperature=0, max_completion_tokens=16)
+    stream = oai.chat.completions.create(model=DECODER, messages=MESSAGES,  # type: ignore[arg-type]
+                                         temperature=0, max_completion_tokens=16, stream=True,
+                                         stream_options={"include_usage": True})
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content
+    assert chunks[0].choices[0].delta.role == "assistant"
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices]
+    assert finishes[-1] == whole.choices[0].finish_reason and not any(finishes[:-1])
+    usage = chunks[-1].usage
+    assert chunks[-1].choices == [] and usage is not None
+    assert usage.completion_tokens == whole.usage.completion_tokens  # type: ignore[union-attr]
+    assert all(c.usage is None for c in chunks[:-1])
+
+
+def test_completions_route_and_n_choices(oai: openai.OpenAI, generator: Any) -> None:
+    expected = generator.generate("the quick brown fox", max_new_tokens=10)
+    reply = oai.completions.create(model=DECODER, prompt="the quick brown fox", temperature=0,
+                                   max_tokens=10)
+    assert reply.choices[0].text == expected.text
+    sampled = oai.completions.create(model=DECODER, prompt=["one two", "three four"], n=2,
+                                     max_tokens=8, temperature=1.0, seed=5)
+    assert [c.index for c in sampled.choices] == [0, 1, 2, 3]
+    again = oai.completions.create(model=DECODER, prompt=["one two", "three four"], n=2,
+                                   max_tokens=8, temperature=1.0, seed=5)
+    assert [c.text for c in again.choices] == [c.text for c in sampled.choices]  # seeded
+
+
+def test_streamed_completion(oai: openai.OpenAI) -> None:
+    whole = oai.completions.create(model=DECODER, prompt="hello world", temperature=0,
+                                   max_tokens=12)
+    parts = [c.choices[0].text for c in oai.completions.create(
+        model=DECODER, prompt="hello world", temperature=0, max_tokens=12, stream=True)
+        if c.choices]
+    assert "".join(parts) == whole.choices[0].text
+
+
+def test_logprobs_match_the_raw_logits(oai: openai.OpenAI, generator: Any) -> None:
+    reply = oai.chat.completions.create(model=DECODER, messages=MESSAGES,  # type: ignore[arg-type]
+                                        temperature=0, max_tokens=6, logprobs=True,
+                                        top_logprobs=3)
+    content = reply.choices[0].logprobs.content  # type: ignore[union-attr]
+    assert content is not None and len(content) == reply.usage.completion_tokens  # type: ignore
+    for entry in content:
+        assert len(entry.top_logprobs) == 3
+        best = entry.top_logprobs[0]
+        assert entry.token == best.token and entry.logprob == pytest.approx(best.logprob)  # greedy
+        assert sorted((t.logprob for t in entry.top_logprobs), reverse=True) == [
+            t.logprob for t in entry.top_logprobs]
+    # the first token's logprob, recomputed in-process from the prompt's logits
+    ids = generator.encode(MESSAGES, chat=True)
+    direct = generator.generate(ids, SamplingParams(max_new_tokens=1, logprobs=0,
+                                                    ignore_eos=True))
+    assert direct.logprobs is not None
+    assert content[0].logprob == pytest.approx(direct.logprobs[0].logprob, abs=1e-5)
+
+
+def test_penalties_change_greedy_output(oai: openai.OpenAI) -> None:
+    def text(**extra: Any) -> str:
+        reply = oai.completions.create(model=DECODER, prompt="one two", temperature=0,
+                                       max_tokens=24, **extra)
+        return reply.choices[0].text
+
+    plain = text()
+    assert text(frequency_penalty=2.0) != plain or text(presence_penalty=2.0) != plain
+
+
+def test_embeddings_float_and_base64_equal_in_process(oai: openai.OpenAI, embedder: Any) -> None:
+    texts = ["a first sentence", "and another one"]
+    expected = embedder.embed(texts)
+    floats = oai.embeddings.create(model=ENCODER, input=texts, encoding_format="float")
+    got = np.array([d.embedding for d in floats.data], dtype=np.float32)
+    cosine = (got * expected).sum(-1) / np.linalg.norm(got, axis=-1) / np.linalg.norm(
+        expected, axis=-1)
+    assert np.allclose(cosine, 1.0, atol=1e-5)
+    raw = oai.embeddings.with_raw_response.create(model=ENCODER, input=texts,
+                                                  encoding_format="base64").http_response.json()
+    decoded = np.stack([np.frombuffer(base64.b64decode(d["embedding"]), "<f4")
+                        for d in raw["data"]])
+    assert np.array_equal(decoded, got)
+    assert floats.usage.prompt_tokens > 0
+
+
+def test_models_list_and_get(oai: openai.OpenAI) -> None:
+    names = {m.id for m in oai.models.list()}
+    assert names == {DECODER, ENCODER, CLASSIFIER}
+    assert oai.models.retrieve(ENCODER).id == ENCODER
+    with pytest.raises(openai.NotFoundError):
+        oai.models.retrieve("no-such-model")
+
+
+@pytest.mark.skipif(not HAS_CONSTRAINTS, reason="response_format needs llmopt's structured "
+                    "output (llmopt.runtime.constraints), not on this branch")
+def test_json_schema_responses_parse_and_validate(oai: openai.OpenAI) -> None:
+    import json
+
+    import jsonschema
+
+    schema = {"type": "object", "properties": {"name": {"type": "string"},
+                                               "age": {"type": "integer"}},
+              "required": ["name", "age"], "additionalProperties": False}
+    for index in range(10):
+        reply = oai.chat.completions.create(
+            model=DECODER, messages=[{"role": "user", "content": f"person number {index}"}],
+            max_tokens=64, temperature=0,
+            response_format={"type": "json_schema",
+                             "json_schema": {"name": "person", "schema": schema}})
+        jsonschema.validate(json.loads(reply.choices[0].message.content or ""), schema)
+
+
+@pytest.mark.skipif(HAS_CONSTRAINTS, reason="structured output is installed")
+def test_response_format_without_structured_output_is_refused(oai: openai.OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError, match="structured output"):
+        oai.chat.completions.create(model=DECODER, messages=MESSAGES,  # type: ignore[arg-type]
+                                    response_format={"type": "json_object"})
