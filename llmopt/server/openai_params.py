@@ -35,7 +35,8 @@ class ParamError(InvalidInputError):
     """A request field is missing, of the wrong type or out of range; ``param`` names it."""
 
     def __init__(self, param: str, message: str, *, fix: str | None = None) -> None:
-        super().__init__(message, fix=fix)
+        super().__init__(message, fix=fix or f"correct {param} as the message says (OpenAI's "
+                         "API reference has the field; docs/http.md what llmopt supports)")
         self.param = param
 
 
