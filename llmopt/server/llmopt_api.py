@@ -47,11 +47,16 @@ class Generation:
             complete = True
         finally:
             if not complete:  # the consumer stopped early: the call ended
-                self.request.cancel()  # frees the slot at the next step
-                self._record(self.request.result(timeout=60))
+                self.close()
 
     def cancel(self) -> None:
         self.request.cancel()
+
+    def close(self) -> None:
+        """Cancel the request if it still runs (its slot frees at the next step) and record
+        how it ended; blocks until it has."""
+        self.request.cancel()
+        self._record(self.request.result(timeout=60))
 
     def _record(self, result: GenerationResult) -> None:
         if not self._recorded:

@@ -116,7 +116,7 @@ async def _generate(request: Request, ctx: HttpContext, model: Decoder,
         results = await ctx.blocking(lambda: [g.result() for g in generations])
     finally:
         watcher.cancel()
-        _cancel(generations)  # no-op when finished; frees the slots when this call failed
+        _release(ctx, generations)
     return JSONResponse(reply.whole(results))
 
 
@@ -136,6 +136,14 @@ def _submit(ctx: HttpContext, model: Decoder, spec: GenerateRequest) -> list[Gen
 def _cancel(generations: list[Generation]) -> None:
     for generation in generations:
         generation.cancel()
+
+
+def _release(ctx: HttpContext, generations: list[Generation]) -> None:
+    """Cancel what still runs (the client left, or the call failed) and record each ending in
+    the metrics, off the event loop; a no-op for requests already finished and recorded."""
+    _cancel(generations)
+    for generation in generations:
+        ctx.pool.submit(generation.close)
 
 
 async def _on_disconnect(request: Request, generations: list[Generation]) -> None:
@@ -167,7 +175,7 @@ async def _events(request: Request, ctx: HttpContext, generations: list[Generati
         error = as_llmopt(exc, "stream")
         yield _sse(openai_body(error, getattr(error, "param", None)))
     finally:
-        _cancel(generations)
+        _release(ctx, generations)
 
 
 def _sse(data: dict[str, Any]) -> str:
