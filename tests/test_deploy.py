@@ -42,6 +42,7 @@ KINDS = {
 PROBES = ("startupProbe", "readinessProbe", "livenessProbe")
 # grpc.health.v1 names the server answers for (besides each model's name): see server/app.py
 HEALTH_SERVICES = ("", _proto.LLMOPT_SERVICE, _proto.KSERVE_SERVICE)
+HTTP_HEALTH_PATHS = ("/v2/health/live", "/v2/health/ready")
 KSERVE_MODEL_DIR = Path("/mnt/models")  # where KServe's storage initializer puts storageUri
 KSERVE_CONTAINER = "kserve-container"
 DEFAULT_GRACE_S = 30  # a pod's terminationGracePeriodSeconds when nothing sets it
@@ -160,15 +161,34 @@ def serving_problems(c: Doc, grpc_port: int | None, model_dir: Path,
         if probe is None:
             yield f"no {name}"
             continue
+        if isinstance(probe.get("httpGet"), dict):
+            yield from http_probe_problems(name, probe["httpGet"], c, args)
+            continue
         action = probe.get("grpc")
         if not isinstance(action, dict):
-            yield f"{name} is not a gRPC health probe"
+            yield f"{name} is neither a gRPC health probe nor an HTTP GET of /v2/health"
             continue
         if action.get("port") != args.port:
             yield f"{name} checks port {action.get('port')}, llmopt serves on {args.port}"
         if action.get("service", "") not in HEALTH_SERVICES:
             yield f"{name} asks for health service {action.get('service')!r}, which is none " \
                   f"of {HEALTH_SERVICES}"
+
+
+def http_probe_problems(name: str, action: Doc, c: Doc, args: Any) -> Iterator[str]:
+    """An HTTP probe must GET the KServe v2 health route of the port llmopt serves HTTP on."""
+    if args.no_http:
+        yield f"{name} is an HTTP probe, but --no-http turns HTTP off"
+        return
+    port = action.get("port")
+    if isinstance(port, str):
+        port = {p.get("name"): p.get("containerPort") for p in c.get("ports", [])}.get(port)
+    if port != args.http_port:
+        yield f"{name} checks port {action.get('port')}, llmopt serves HTTP on {args.http_port}"
+    if action.get("path") not in HTTP_HEALTH_PATHS:
+        yield f"{name} GETs {action.get('path')!r}, none of {HTTP_HEALTH_PATHS}"
+    if action.get("scheme", "HTTP") != "HTTP" or args.tls_cert:
+        yield f"{name}: HTTP probes here are plaintext; with TLS use gRPC probes or HTTPS"
 
 
 def metrics_port(c: Doc) -> int | None:
@@ -267,6 +287,12 @@ def kubernetes_problems(deployment: Doc, service: Doc) -> list[str]:
         targets.append(number)
     if ports.get("grpc") not in targets:
         problems.append("the Service does not expose the gRPC port")
+    if args is not None and not args.no_http:
+        if ports.get("http") != args.http_port:
+            problems.append(f"container port 'http' is {ports.get('http')}, llmopt serves HTTP "
+                            f"on {args.http_port}")
+        elif args.http_port not in targets:
+            problems.append("the Service does not expose the HTTP port")
     return problems
 
 
@@ -316,7 +342,7 @@ def dockerfile_problems(text: str, grpc_ports: set[int], metrics_ports: set[int]
                             "not /models")
         if args.host in LOOPBACK:
             problems.append("CMD binds loopback: `docker run -p` could not reach it")
-        grpc_ports = grpc_ports | {args.port}
+        grpc_ports = grpc_ports | {args.port} | (set() if args.no_http else {args.http_port})
         metrics_ports = metrics_ports | {args.metrics_port}
     exposed = {int(p.split("/")[0]) for word, rest in runtime_stage if word == "EXPOSE"
                for p in rest.split()}
@@ -466,7 +492,9 @@ SCHEMA_BREAKS: list[tuple[str, str, Callable[[Doc], None]]] = [
     (IS, "a name starting with a digit", setv("metadata.name", "1smollm2")),
     (IS, "a storage scheme KServe does not download",
      setv("spec.predictor.model.storageUri", "ftp://host/models/")),
-    (DEP, "a gRPC probe naming its port", setv(f"{DEP_C}.livenessProbe.grpc.port", "grpc")),
+    (DEP, "an HTTP probe without a port", delete(f"{DEP_C}.livenessProbe.httpGet.port")),
+    (DEP, "an HTTP probe path without its slash",
+     setv(f"{DEP_C}.readinessProbe.httpGet.path", "v2/health/ready")),
     (DEP, "a port name longer than 15", setv(f"{DEP_C}.ports.1.name", "prometheus-metrics")),
     (DEP, "a number among the args", setv(f"{DEP_C}.args.2", 8001)),
     (DEP, "a volume mount without mountPath", delete(f"{DEP_C}.volumeMounts.0.mountPath")),
@@ -519,7 +547,12 @@ CONSISTENCY_BREAKS: list[tuple[str, str, Callable[[Doc], None]]] = [
     (DEP, "command replacing the entrypoint",
      add(DEP_C, "command", ["python", "-m", "llmopt.cli.main"])),
     (SVC, "a selector that matches no pod", setv("spec.selector", {"app": "other"})),
-    (SVC, "a target port the container lacks", setv("spec.ports.0.targetPort", "http")),
+    (SVC, "a target port the container lacks", setv("spec.ports.0.targetPort", "web")),
+    (SVC, "no HTTP port", delete("spec.ports.2")),
+    (DEP, "an HTTP probe on the gRPC port", setv(f"{DEP_C}.readinessProbe.httpGet.port", 8001)),
+    (DEP, "an HTTP probe of a route llmopt lacks",
+     setv(f"{DEP_C}.livenessProbe.httpGet.path", "/healthz")),
+    (DEP, "HTTP probes with HTTP off", setv(f"{DEP_C}.args.5", "--no-http")),
 ]
 
 
@@ -538,7 +571,8 @@ DOCKERFILE_BREAKS = [
     ("shell-form ENTRYPOINT", 'ENTRYPOINT ["llmopt", "serve"]', "ENTRYPOINT llmopt serve"),
     ("another stop signal", "STOPSIGNAL SIGTERM", "STOPSIGNAL SIGKILL"),
     ("root", "USER 10001:10001", "USER root"),
-    ("no metrics port exposed", "EXPOSE 8001 8002", "EXPOSE 8001"),
+    ("no metrics port exposed", "EXPOSE 8000 8001 8002", "EXPOSE 8000 8001"),
+    ("no HTTP port exposed", "EXPOSE 8000 8001 8002", "EXPOSE 8001 8002"),
     ("an unknown flag in CMD", '"--grace", "25"', '"--drain", "25"'),
     ("an abbreviated flag in CMD", '"--grace", "25"', '"--gr", "25"'),
 ]
