@@ -19,14 +19,15 @@ from llmopt.runtime.sampling import MAX_TOP_LOGPROBS, SamplingParams
 MAX_STOP = 4  # OpenAI's limit on stop sequences
 MAX_COMPLETION_LOGPROBS = 5  # the legacy completions route's limit
 INERT = frozenset({"user", "metadata", "store", "service_tier", "parallel_tool_calls"})
+EXTENSIONS = frozenset({"ignore_eos"})  # not OpenAI's; vLLM's name, for benchmarks
 CHAT_FIELDS = frozenset({
     "model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "n",
     "stream", "stream_options", "stop", "seed", "presence_penalty", "frequency_penalty",
-    "logprobs", "top_logprobs", "response_format", "tools", "tool_choice"}) | INERT
+    "logprobs", "top_logprobs", "response_format", "tools", "tool_choice"}) | INERT | EXTENSIONS
 COMPLETION_FIELDS = frozenset({
     "model", "prompt", "max_tokens", "temperature", "top_p", "n", "stream", "stream_options",
     "stop", "seed", "presence_penalty", "frequency_penalty", "logprobs", "echo", "best_of",
-    "suffix"}) | INERT
+    "suffix"}) | INERT | EXTENSIONS
 EMBEDDING_FIELDS = frozenset({"model", "input", "encoding_format", "dimensions"}) | INERT
 ROLES = ("system", "developer", "user", "assistant", "tool")
 
@@ -169,6 +170,7 @@ def _generate(body: dict[str, Any], prompts: tuple[Prompt, ...], *, chat: bool, 
         "seed": _opt_seed(body),
         "stop": _stop(body.get("stop")),
         "logprobs": top_logprobs,
+        "ignore_eos": _opt_bool(body, "ignore_eos") or False,
     }
     if values["top_p"] == 0.0:
         raise ParamError("top_p", "top_p must be above 0", fix="use 1 to disable, or e.g. 0.9")

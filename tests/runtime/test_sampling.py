@@ -12,7 +12,12 @@ from transformers.generation.logits_process import (
 )
 
 import llmopt
-from llmopt.runtime.sampling import SamplingParams, apply_repetition_penalty, next_token
+from llmopt.runtime.sampling import (
+    SamplingParams,
+    apply_openai_penalties,
+    apply_repetition_penalty,
+    next_token,
+)
 
 
 @pytest.mark.parametrize("kwargs, word", [
@@ -72,3 +77,35 @@ def test_greedy_is_argmax_and_seeded_sampling_is_reproducible() -> None:
     assert a == b
     many = {next_token(logits, params, [], np.random.default_rng(s)) for s in range(30)}
     assert len(many) > 3  # sampling actually varies across seeds
+
+
+def test_presence_and_frequency_penalties_follow_openai() -> None:
+    logits = np.array([1.0, 3.0, 2.0, 0.0])
+    generated = [1, 1, 2]
+    expected = logits - np.array([0.0, 0.5 + 2 * 0.25, 0.5 + 0.25, 0.0])
+    shifted = logits.copy()
+    apply_openai_penalties(shifted, generated, presence=0.5, frequency=0.25)
+    np.testing.assert_allclose(shifted, expected)
+    params = SamplingParams(presence_penalty=2.0, frequency_penalty=0.5)
+    assert next_token(logits, params, [], None) == 1  # nothing generated: no penalty
+    assert next_token(logits, params, generated, None, generated) == 0  # 1 and 2 pushed down
+    with pytest.raises(llmopt.InvalidInputError, match="presence_penalty"):
+        SamplingParams(presence_penalty=2.5)
+
+
+def test_logprobs_come_from_the_raw_logits() -> None:
+    from llmopt.runtime.sequence import DecodeState
+
+    logits = np.array([0.0, 4.0, 1.0, 2.0])
+    state = DecodeState([3], SamplingParams(logprobs=2, repetition_penalty=5.0,
+                                            frequency_penalty=2.0, ignore_eos=True),
+                        None, [], 64)
+    state.step(logits)
+    (entry,) = state.logprobs or []
+    raw = logits - np.log(np.exp(logits).sum())
+    assert entry.token_id == 1 and entry.logprob == pytest.approx(raw[1])
+    assert [t for t, _ in entry.top] == [1, 3]
+    assert [v for _, v in entry.top] == pytest.approx([raw[1], raw[3]])
+    assert state.result().logprobs == [entry]
+    with pytest.raises(llmopt.InvalidInputError, match="logprobs"):
+        SamplingParams(logprobs=21)
