@@ -162,3 +162,35 @@ def test_tokens_from_a_file_or_the_environment(tmp_path: Path,
         read_tokens(env="LLMOPT_TOKENS")
     with pytest.raises(llmopt.InvalidInputError, match="whitespace"):
         ServerConfig(tokens=("two words",))
+
+
+def test_http_door_takes_the_same_tls_and_tokens(start_server: Any, decoder_repository: Path,
+                                                 pki: dict[str, Path]) -> None:
+    import json
+    import ssl
+    import urllib.error
+    import urllib.request
+
+    tls = TLSConfig(pki["server.pem"], pki["server.key"], pki["ca.pem"])
+    srv = start_server(decoder_repository, ServerConfig(tls=tls, tokens=(TOKEN,), http_port=0))
+    assert srv.http_url.startswith("https://")
+
+    def get(path: str, token: str | None, cert: str | None) -> int:
+        context = ssl.create_default_context(cafile=str(pki["ca.pem"]))
+        if cert is not None:
+            context.load_cert_chain(pki[f"{cert}.pem"], pki[f"{cert}.key"])
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        request = urllib.request.Request(srv.http_url + path, headers=headers)
+        try:
+            with urllib.request.urlopen(request, context=context, timeout=10) as response:
+                assert json.loads(response.read())
+                return int(response.status)
+        except urllib.error.HTTPError as exc:
+            return exc.code
+
+    assert get("/v1/models", TOKEN, "client") == 200
+    assert get("/v1/models", "wrong", "client") == 401
+    assert get("/v2/health/ready", None, "client") == 200
+    for stranger in (None, "stranger"):  # mutual TLS: no or an untrusted client certificate
+        with pytest.raises((ssl.SSLError, urllib.error.URLError, ConnectionError)):
+            get("/v2/health/live", None, stranger)
