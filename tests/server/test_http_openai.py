@@ -156,3 +156,22 @@ def test_response_format_without_structured_output_is_refused(oai: openai.OpenAI
     with pytest.raises(openai.BadRequestError, match="structured output"):
         oai.chat.completions.create(model=DECODER, messages=MESSAGES,  # type: ignore[arg-type]
                                     response_format={"type": "json_object"})
+
+
+@pytest.mark.real_model
+def test_smollm2_chat_over_http_equals_in_process(smollm2_package: Any, tmp_path: Any) -> None:
+    import llmopt
+    from llmopt.server import ServerConfig, create_server
+
+    question = [{"role": "user", "content": "What is the capital of France?"}]
+    expected = llmopt.load(smollm2_package, ["cpu"]).chat(question, max_new_tokens=24)
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    (repo / "smollm2").symlink_to(smollm2_package, target_is_directory=True)
+    srv, _ = create_server(repo, "127.0.0.1:0", ServerConfig(http_port=0))
+    with srv:
+        client = openai.OpenAI(base_url=srv.http_url + "/v1", api_key="unused", max_retries=0)
+        reply = client.chat.completions.create(model="smollm2", messages=question,  # type: ignore
+                                               temperature=0, max_tokens=24)
+    assert reply.choices[0].message.content == expected.text
+    assert "Paris" in expected.text
