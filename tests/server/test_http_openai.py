@@ -11,7 +11,7 @@ import openai
 import pytest
 
 from llmopt.runtime.sampling import SamplingParams
-from tests.server.conftest import CLASSIFIER, DECODER, ENCODER
+from tests.server.conftest import CLASSIFIER, DECODER, ENCODER, sample
 
 MESSAGES = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello there"}]
 HAS_CONSTRAINTS = importlib.util.find_spec("llmopt.runtime.constraints") is not None
@@ -36,6 +36,17 @@ def test_chat_greedy_equals_in_process(oai: openai.OpenAI, generator: Any) -> No
     assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
     assert choice.finish_reason in ("stop", "length")
     assert reply.object == "chat.completion" and reply.model == DECODER
+
+
+def test_routes_are_counted_in_the_shared_metrics(oai: openai.OpenAI, server: Any) -> None:
+    labels = {"method": "models.list", "model": "", "code": "200"}
+    before = sample(server, "llmopt_requests_total", labels)
+    oai.models.list()
+    assert sample(server, "llmopt_requests_total", labels) == before + 1
+    with pytest.raises(openai.NotFoundError):
+        oai.chat.completions.create(model="nope", messages=MESSAGES)  # type: ignore[arg-type]
+    assert sample(server, "llmopt_requests_total", {"method": "chat.completions",
+                                                     "model": "_unknown", "code": "404"}) >= 1
 
 
 def test_streamed_deltas_concatenate_to_the_whole_answer(oai: openai.OpenAI) -> None:
