@@ -4,8 +4,9 @@
 
 Starts one `llmopt serve` process (gRPC and HTTP on free ports) over a one-model repository
 (SmolLM2-135M-Instruct, as bench/serve_concurrency.py finds or exports it), then runs
-interleaved rounds of: --streams llmopt.Client streams over gRPC for --duration seconds, then
---streams `openai` SDK streams over HTTP (stream=True, include_usage) for as long. Every request
+interleaved rounds of: --streams llmopt.Client streams over gRPC for --duration seconds, and
+--streams `openai` SDK streams over HTTP (stream=True, include_usage) for as long, the first
+door alternating from round to round. Every request
 is a chat prompt with a fixed number of new tokens (EOS ignored: `ignore_eos`, an extension the
 HTTP door shares with vLLM). Aggregate tokens/s = generated tokens / wall time. Writes
 bench/results/http.{json,md}. Not a test: nothing here asserts a speed.
@@ -157,7 +158,8 @@ def main() -> int:
         for make in doors.values():
             measure(make, args.streams, 3.0)  # warm-up: sessions, threads, connections
         for round_ in range(args.rounds):
-            for door, make in doors.items():
+            order = list(doors.items())  # alternate which door goes first, against drift
+            for door, make in order if round_ % 2 == 0 else order[::-1]:
                 run = {"door": door, "round": round_,
                        **measure(make, args.streams, args.duration),
                        "load_average_1m": os.getloadavg()[0]}
@@ -201,7 +203,8 @@ def markdown(report: dict) -> str:
         f"Command: `{report['command']}`", "",
         f"{report['model']}; chat prompts, {report['new_tokens_per_request']} new tokens per "
         f"request (EOS ignored); {report['rounds']} interleaved rounds of "
-        f"{report['duration_s']:.0f} s per door, one server process; the median round counts. "
+        f"{report['duration_s']:.0f} s per door (which goes first alternates), one server process; "
+        "the median round counts. "
         f"{report['machine']['cpus']} CPUs; load average before "
         f"{report['machine']['load_average_before'][0]:.1f}, after "
         f"{report['machine']['load_average_after'][0]:.1f} (the machine is shared: other "

@@ -37,7 +37,6 @@ from llmopt.server.rpc import as_llmopt
 
 FINISH = {"eos": "stop", "stop": "stop", "length": "length", "context": "length",
           "cancelled": "stop"}
-_END = object()
 
 
 async def chat_completions(request: Request, ctx: HttpContext) -> Response:
@@ -162,9 +161,9 @@ async def _events(request: Request, ctx: HttpContext, generations: list[Generati
     try:
         yield _sse(reply.first_chunk())
         for index, generation in enumerate(generations):
-            deltas = iter(generation.request)
-            while (delta := await ctx.blocking(next, deltas, _END)) is not _END:
-                yield _sse(reply.delta_chunk(index, str(delta)))
+            deltas, waiting = iter(generation.request), generation.request.events.qsize
+            while (text := await ctx.blocking(_take_text, deltas, waiting)) is not None:
+                yield _sse(reply.delta_chunk(index, text))
             result = await ctx.blocking(generation.result)
             results.append(result)
             yield _sse(reply.final_chunk(index, result))
@@ -176,6 +175,21 @@ async def _events(request: Request, ctx: HttpContext, generations: list[Generati
         yield _sse(openai_body(error, getattr(error, "param", None)))
     finally:
         _release(ctx, generations)
+
+
+def _take_text(deltas: Iterator[str], waiting: Callable[[], int]) -> str | None:
+    """The next delta joined with every delta already waiting, None at the end: when the
+    client falls behind the engine, it gets fewer, longer chunks instead of a growing lag."""
+    first = next(deltas, None)
+    if first is None:
+        return None
+    parts = [first]
+    while waiting():  # items are queued, so next() does not block (this is the one reader)
+        item = next(deltas, None)
+        if item is None:
+            break
+        parts.append(item)
+    return "".join(parts)
 
 
 def _sse(data: dict[str, Any]) -> str:
