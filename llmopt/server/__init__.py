@@ -1,4 +1,5 @@
-"""Serve a model repository over gRPC: llmopt's own API and the KServe v2 / Triton protocol.
+"""Serve a model repository over gRPC (llmopt's own API and the KServe v2 / Triton protocol)
+and, with ``ServerConfig(http_port=...)``, HTTP (OpenAI-compatible routes, KServe v2 REST).
 
     from llmopt.server import create_server, ServerConfig
     server, port = create_server("models/", "127.0.0.1:0", ServerConfig())
