@@ -108,8 +108,8 @@ def test_a_disconnecting_client_frees_its_slot(one_slot: Any, stream: bool) -> N
         assert response.status == 200 and response.readline().startswith(b"data: ")
     connection.close()
     freed_at = time.monotonic()
-    assert _wait(lambda: model.batch_size() == 0, 2)
-    assert time.monotonic() - freed_at < 1.0  # 250 tokens at 20 ms a step would take 5 s
+    assert _wait(lambda: model.batch_size() == 0, 3)
+    assert time.monotonic() - freed_at < 2.5  # 250 tokens at 20 ms a step would take 5 s
     assert _wait(lambda: sample(one_slot, "llmopt_generations_total",
                                 {"model": DECODER, "finish_reason": "cancelled"}) == 1)
     generated = sample(one_slot, "llmopt_generated_tokens_total", {"model": DECODER})
