@@ -2,10 +2,13 @@
 
 One background thread owns the ONNX Runtime session. New requests are prefilled together, then
 merged into the running batch by left-padding the shorter KV caches (masked positions), so every
-decode step is one forward pass for all live requests. Finished, cancelled or expired requests
-leave at the next step boundary and their rows (and any all-padding cache columns) are dropped
-at once. A bounded queue and a KV-cache memory budget bound the work; beyond the queue,
-``submit`` fails fast with :class:`~llmopt.errors.BusyError`.
+decode step is one forward pass for all live requests. A prompt longer than
+``EngineConfig.prefill_chunk`` is prefilled one chunk per engine step, between decode steps of
+the running batch (:mod:`llmopt.runtime.prefill`), so it delays running streams by at most one
+chunk's compute per token, and giving up on it stops it within one chunk. Finished, cancelled
+or expired requests leave at the next step boundary and their rows (and any all-padding cache
+columns) are dropped at once. A bounded queue and a KV-cache memory budget bound the work;
+beyond the queue, ``submit`` fails fast with :class:`~llmopt.errors.BusyError`.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,27 +27,47 @@ import numpy as np
 
 from llmopt.errors import BusyError, InvalidInputError
 from llmopt.runtime.generator import Generator, InPlaceCache, Prompt
-from llmopt.runtime.kv import left_pad, position_ids
+from llmopt.runtime.prefill import Prefill, StepRecord
 from llmopt.runtime.sampling import SamplingParams
 from llmopt.runtime.sequence import DecodeState, GenerationResult
 
 log = logging.getLogger("llmopt.engine")
 _END = object()
+DEFAULT_PREFILL_CHUNK = 256
 
 
 @dataclass(frozen=True)
 class EngineConfig:
-    """Limits of one model's engine."""
+    """Limits of one model's engine.
+
+    ``prefill_chunk``: most prompt positions one engine step prefills (``None`` or 0: a whole
+    prompt group in one pass). ``max_prompt_tokens``: longest prompt a request may send
+    (``None``: up to the model's context).
+    """
 
     max_batch_size: int = 8
     max_queue: int = 64
     kv_budget_bytes: int | None = None  # None: no limit beyond max_batch_size
     max_prefill_batch: int = 4
+    prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK
+    max_prompt_tokens: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("max_batch_size", "max_queue", "max_prefill_batch"):
             if getattr(self, name) < 1:
                 raise InvalidInputError(f"{name} must be >= 1", fix=f"set {name} to 1 or more")
+        if self.prefill_chunk is not None and self.prefill_chunk < 0:
+            raise InvalidInputError(f"prefill_chunk must be >= 0, not {self.prefill_chunk}",
+                                    fix="e.g. 256 tokens per step; 0 turns chunking off")
+        if self.max_prompt_tokens is not None and self.max_prompt_tokens < 1:
+            raise InvalidInputError(
+                f"max_prompt_tokens must be >= 1, not {self.max_prompt_tokens}",
+                fix="set a token count, or leave it out for the model's context")
+
+    @property
+    def chunk(self) -> int | None:
+        """The prefill chunk, ``None`` when chunking is off."""
+        return self.prefill_chunk or None
 
 
 class Request:
@@ -94,6 +117,7 @@ class Engine:
         self.kv_bytes_per_token = model.num_layers * per_layer
         self._waiting: deque[Request] = deque()
         self._running: list[Request] = []
+        self._prefill: Prefill[Request] | None = None  # the joining group, while its chunks run
         self._lock = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -105,6 +129,8 @@ class Engine:
         # shared_buffer packages: the batch's cache in place between joins and leaves
         self._cache: InPlaceCache | None = None
         self.steps = 0
+        # called on the engine thread after every forward pass (tests, tracing); keep it quick
+        self.on_step: Callable[[StepRecord], None] | None = None
 
     # -- public ------------------------------------------------------------------------------
 
@@ -120,6 +146,13 @@ class Engine:
         params = params or SamplingParams()
         tokens = self.generator.encode(prompt, chat=chat)
         self.generator.check_context(tokens)
+        limit = self.config.max_prompt_tokens
+        if limit is not None and len(tokens) > limit:
+            raise InvalidInputError(
+                f"the prompt has {len(tokens)} tokens; this engine takes at most {limit} "
+                "(max_prompt_tokens)",
+                fix=f"shorten the prompt to {limit} tokens, or raise max_prompt_tokens "
+                "(llmopt serve --max-prompt-tokens, or llmopt-serve.yaml)")
         state = DecodeState(tokens, params, self.generator.tokenizer,
                             self.generator.eos_token_ids, self.generator.context_length)
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -152,45 +185,64 @@ class Engine:
         deadline = None if grace is None else time.monotonic() + grace
         while self._thread and self._thread.is_alive():
             if deadline is not None and time.monotonic() > deadline:
-                for request in list(self._running) + list(self._waiting):
+                for request in list(self._running) + list(self._waiting) + self._prefilling:
                     request.cancel()
             self._thread.join(0.05)
         self._thread = None
 
     # -- the loop ----------------------------------------------------------------------------
 
+    @property
+    def _prefilling(self) -> list[Request]:
+        return list(self._prefill.members) if self._prefill is not None else []
+
     def _loop(self) -> None:
+        """One engine step: at most one prefill chunk, then one decode step of the batch."""
         while True:
             with self._lock:
-                while not self._waiting and not self._running and not self._stopping:
+                while (not self._waiting and not self._running and self._prefill is None
+                       and not self._stopping):
                     self._lock.wait()
-                if self._stopping and not self._waiting and not self._running:
+                if (self._stopping and not self._waiting and not self._running
+                        and self._prefill is None):
                     return
-                admitted = self._take_admissible()
+                if self._prefill is None:
+                    admitted = self._take_admissible()
+                    if admitted:
+                        self._prefill = self._start_prefill(admitted)
             try:
-                if admitted:
-                    self._prefill(admitted)
+                if self._prefill is not None:
+                    self._prefill_step(self._prefill)
                 if self._running:
                     self._decode()
             except Exception:  # a broken step must not hang its clients
                 log.exception("engine step failed; failing the requests in it")
-                for request in admitted + self._running:
+                for request in self._prefilling + self._running:
                     request.state.cancel("error")
                     request._close()
+                self._prefill = None
                 self._running = []
                 self._reset_batch()
 
     def _take_admissible(self) -> list[Request]:
+        """The next prefill group: waiting requests in order, within the batch, the KV budget
+        and (with chunking) one chunk padded to the longest, or one longer prompt alone."""
         taken: list[Request] = []
         free = self.config.max_batch_size - len(self._running)
         width = self._mask.shape[1]
+        chunk = self.config.chunk
+        longest = 0
         while self._waiting and len(taken) < min(free, self.config.max_prefill_batch):
             request = self._waiting[0]
-            if request.cancelled.is_set() or self._expired(request):
+            reason = self._abandoned(request)
+            if reason is not None:
                 self._waiting.popleft()
-                request.state.cancel("cancelled" if request.cancelled.is_set() else "deadline")
+                request.state.cancel(reason)
                 request._close()
                 continue
+            longest = max(longest, len(request.state.prompt))
+            if chunk is not None and taken and (len(taken) + 1) * longest > chunk:
+                break  # a longer prompt starts its own (chunked) group next
             rows = len(self._running) + len(taken) + 1
             need = max(width, len(request.state.prompt)) + 1
             budget = self.config.kv_budget_bytes
@@ -203,25 +255,54 @@ class Engine:
     def _expired(self, request: Request) -> bool:
         return request.deadline is not None and time.monotonic() > request.deadline
 
-    def _prefill(self, requests: list[Request]) -> None:
-        gen = self.generator
-        prompts = [r.state.prompt for r in requests]
-        ids, mask = left_pad(prompts, gen.pad_token_id)
-        positions = position_ids(mask)
+    def _abandoned(self, request: Request) -> str | None:
+        """Why to stop ``request`` now, if at all. A deadline wins over a cancel: a server
+        cancels a call whose deadline passed, and that is still a deadline."""
+        if self._expired(request):
+            return "deadline"
+        return "cancelled" if request.cancelled.is_set() else None
+
+    def _start_prefill(self, requests: list[Request]) -> Prefill[Request]:
         now = time.perf_counter()
         for request in requests:
             request.state.prefill_started = now
-        logits, present = gen._forward(ids, mask, positions, gen._empty_past(len(requests)))
-        last = np.array([r.state.step(logits[i, -1]) for i, r in enumerate(requests)], np.int64)
-        self._merge(requests, mask, positions[:, -1], last, present)
+        return Prefill(self.generator, requests, [r.state.prompt for r in requests],
+                       self.config.chunk)
+
+    def _prefill_step(self, prefill: Prefill[Request]) -> None:
+        """The group's next chunk; after its last, its rows join the running batch. Rows given
+        up on before a chunk end there, and a group with none left stops."""
+        for request in prefill.members:
+            reason = self._abandoned(request)
+            if reason is not None:
+                request.state.cancel(reason)
+        if all(r.state.done for r in prefill.members):
+            for request in prefill.members:
+                request._close()
+            self._prefill = None
+            return
+        tokens = prefill.step()
+        self._record("prefill", prefill.members, tokens)
+        if not prefill.finished:
+            return
+        self._prefill = None
+        requests, logits = prefill.members, prefill.logits
+        assert logits is not None
+        last = np.array([r.state.step(logits[i, -1]) if not r.state.done else 0
+                         for i, r in enumerate(requests)], np.int64)
+        self._merge(requests, prefill.mask, prefill.positions[:, -1], last, prefill.past)
         self._retire()
+
+    def _record(self, kind: str, requests: list[Request], tokens: int) -> None:
+        if self.on_step is not None:
+            self.on_step(StepRecord(kind, tuple(r.id for r in requests), tokens,
+                                    time.monotonic()))
 
     def _decode(self) -> None:
         for request in self._running:
-            if request.cancelled.is_set():
-                request.state.cancel("cancelled")
-            elif self._expired(request):
-                request.state.cancel("deadline")
+            reason = self._abandoned(request)
+            if reason is not None:
+                request.state.cancel(reason)
         self._retire()
         if not self._running:
             return
@@ -243,6 +324,7 @@ class Engine:
             logits, self._past = self.generator._forward(
                 self._last[:, None], self._mask, self._positions[:, None], self._past)
         self.steps += 1
+        self._record("decode", self._running, batch)
         self._last = np.array([r.state.step(logits[i, -1]) for i, r in enumerate(self._running)],
                               np.int64)
         self._retire()
