@@ -41,11 +41,18 @@ def add_parser(subparsers: Any) -> None:
                    help="concurrent RPCs; more get RESOURCE_EXHAUSTED (default 64)")
     p.add_argument("--grace", type=float, default=30.0,
                    help="seconds in-flight requests get on shutdown (default 30)")
+    p.add_argument("--prefill-chunk", type=int, metavar="TOKENS",
+                   help="decoders: prompt tokens prefilled per engine step, between decode "
+                   "steps of running streams (default 256; 0: whole prompts at once); "
+                   "llmopt-serve.yaml overrides it per model")
+    p.add_argument("--max-prompt-tokens", type=int, metavar="TOKENS",
+                   help="decoders: refuse longer prompts with INVALID_ARGUMENT (default: the "
+                   "model's context); llmopt-serve.yaml overrides it per model")
 
 
 def run(args: argparse.Namespace) -> int:
     from llmopt.errors import InvalidInputError
-    from llmopt.server import ServerConfig, TLSConfig, read_tokens, serve
+    from llmopt.server import ModelConfig, ServerConfig, TLSConfig, read_tokens, serve
 
     tls = None
     if args.tls_cert or args.tls_key or args.tls_client_ca:
@@ -56,10 +63,14 @@ def run(args: argparse.Namespace) -> int:
     tokens: tuple[str, ...] = ()
     if args.token_file or args.token_env:
         tokens = read_tokens(file=args.token_file, env=args.token_env)
+    model_options = {name: value for name, value in (
+        ("prefill_chunk", args.prefill_chunk), ("max_prompt_tokens", args.max_prompt_tokens))
+        if value is not None}
     config = ServerConfig(tokens=tokens, tls=tls, max_message_bytes=args.max_message_bytes,
                           max_workers=args.workers, grace_s=args.grace,
                           metrics_port=None if args.no_metrics else args.metrics_port,
-                          metrics_host=args.host)
+                          metrics_host=args.host,
+                          model_defaults=ModelConfig().merged(model_options, "serve options"))
     if args.host not in LOOPBACK and (tls is None or not tokens):
         print(f"llmopt serve: warning: binding {args.host} without "
               f"{'TLS' if tls is None else 'tokens'}; anyone who can reach it can use it",

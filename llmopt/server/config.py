@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from llmopt.errors import InvalidInputError, PackageError
+from llmopt.runtime.engine import DEFAULT_PREFILL_CHUNK
 
 MODEL_CONFIG_NAME = "llmopt-serve.yaml"
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
@@ -31,6 +32,8 @@ class ModelConfig:
     max_queue: int = 64          # requests waiting to run; more get RESOURCE_EXHAUSTED
     kv_budget_bytes: int | None = None  # decoders: KV-cache budget of the running batch
     max_prefill_batch: int = 4   # decoders: prompts prefilled together
+    prefill_chunk: int = DEFAULT_PREFILL_CHUNK  # decoders: prompt tokens per engine step; 0: off
+    max_prompt_tokens: int | None = None  # decoders: longest prompt; None: the model's context
     max_concurrency: int = 2     # encoders: session runs at once
     warmup: bool = True          # run one tiny request at load, before reporting READY
 
@@ -40,6 +43,15 @@ class ModelConfig:
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise InvalidInputError(f"{name} must be an integer >= 1, not {value!r}",
                                         fix=f"set {name} to 1 or more")
+        chunk = self.prefill_chunk
+        if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 0:
+            raise InvalidInputError(f"prefill_chunk must be an integer >= 0, not {chunk!r}",
+                                    fix="e.g. prefill_chunk: 256 (0 turns chunking off)")
+        limit = self.max_prompt_tokens
+        if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool)
+                                  or limit < 1):
+            raise InvalidInputError(f"max_prompt_tokens must be a positive integer, not "
+                                    f"{limit!r}", fix="leave it out for the model's context")
         budget = self.kv_budget_bytes
         if budget is not None and (not isinstance(budget, int) or budget < 1):
             raise InvalidInputError(f"kv_budget_bytes must be a positive integer, not {budget!r}",

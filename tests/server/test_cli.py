@@ -111,6 +111,8 @@ def test_generate_through_the_server(server: Any, packages: dict[str, Path],
     (["--tls-cert", "cert.pem"], "needs both --tls-cert and --tls-key"),
     (["--token-env", "LLMOPT_TEST_UNSET_TOKENS"], "unset or empty"),
     (["--port", "99999"], "cannot bind"),
+    (["--prefill-chunk", "-1"], "prefill_chunk must be an integer >= 0"),
+    (["--max-prompt-tokens", "0"], "max_prompt_tokens must be a positive integer"),
 ])
 def test_serve_refuses_bad_options(packages: dict[str, Path], tmp_path: Path,
                                    capsys: pytest.CaptureFixture[str], args: list[str],
