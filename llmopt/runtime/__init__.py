@@ -9,6 +9,7 @@ from typing import Any
 from llmopt.package import Package
 from llmopt.runtime.embedder import Embedder
 from llmopt.runtime.generator import Generator, TextStream
+from llmopt.runtime.memory import decoder_provider_options
 from llmopt.runtime.providers import CPUOptions, CUDAOptions, ShapeRange, TensorRTOptions
 from llmopt.runtime.sampling import SamplingParams
 from llmopt.runtime.sequence import GenerationResult, GenerationStats
@@ -38,8 +39,12 @@ def load(package: str | os.PathLike[str] | Package,
 
     ``strict=True`` raises :class:`~llmopt.errors.ProviderError` instead of falling back to a
     later provider; ``runner.session_info`` says which provider holds the session and why.
+    Decoders run on CPU without ONNX Runtime's memory arena unless CPU options are given
+    (:mod:`llmopt.runtime.memory`).
     """
     pkg = package if isinstance(package, Package) else Package.open(package)
+    if pkg.is_decoder:
+        provider_options = decoder_provider_options(provider_options)
     source = pkg.manifest.get("source") or {}
     fingerprint = f"{source.get('sha256')}:{pkg.manifest.get('steps')}"
     session, info = create_session(pkg.model_path, providers, provider_options, strict,

@@ -27,6 +27,7 @@ import numpy as np
 
 from llmopt.errors import BusyError, InvalidInputError
 from llmopt.runtime.generator import Generator, InPlaceCache, Prompt
+from llmopt.runtime.memory import TRIM_AFTER_TOKENS, trim_heap
 from llmopt.runtime.prefill import Prefill, StepRecord
 from llmopt.runtime.sampling import SamplingParams
 from llmopt.runtime.sequence import DecodeState, GenerationResult
@@ -129,6 +130,7 @@ class Engine:
         # shared_buffer packages: the batch's cache in place between joins and leaves
         self._cache: InPlaceCache | None = None
         self.steps = 0
+        self._prefilled_since_trim = 0
         # called on the engine thread after every forward pass (tests, tracing); keep it quick
         self.on_step: Callable[[StepRecord], None] | None = None
 
@@ -223,6 +225,10 @@ class Engine:
                 self._prefill = None
                 self._running = []
                 self._reset_batch()
+            if (not self._running and self._prefill is None
+                    and self._prefilled_since_trim >= TRIM_AFTER_TOKENS):
+                trim_heap()  # the long prompts' cache and activations go back to the OS
+                self._prefilled_since_trim = 0
 
     def _take_admissible(self) -> list[Request]:
         """The next prefill group: waiting requests in order, within the batch, the KV budget
@@ -282,6 +288,7 @@ class Engine:
             self._prefill = None
             return
         tokens = prefill.step()
+        self._prefilled_since_trim += tokens
         self._record("prefill", prefill.members, tokens)
         if not prefill.finished:
             return
