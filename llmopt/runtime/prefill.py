@@ -40,7 +40,9 @@ class Prefill(Generic[Member]):
     """The prefill of one group of left-padded prompts (``members``: whatever the caller tracks
     per row, e.g. the engine's requests), ``chunk`` padded columns per :meth:`step` (``None``:
     all at once). The engine forms groups that fit one chunk, or one longer prompt alone, so no
-    step runs more than ``chunk`` positions.
+    step runs more than ``chunk`` positions, and only batch-1 groups run a chunk on top of a
+    cache (the fused graph's GroupQueryAttention takes several new tokens on a cache at batch 1
+    only; README "Limits").
     """
 
     def __init__(self, generator: Generator, members: list[Member], prompts: list[list[int]],
