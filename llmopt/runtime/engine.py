@@ -4,11 +4,11 @@ One background thread owns the ONNX Runtime session. New requests are prefilled 
 merged into the running batch by left-padding the shorter KV caches (masked positions), so every
 decode step is one forward pass for all live requests. A prompt longer than
 ``EngineConfig.prefill_chunk`` is prefilled one chunk per engine step, between decode steps of
-the running batch (:mod:`llmopt.runtime.prefill`), so it delays running streams by at most one
-chunk's compute per token, and giving up on it stops it within one chunk. Finished, cancelled
-or expired requests leave at the next step boundary and their rows (and any all-padding cache
-columns) are dropped at once. A bounded queue and a KV-cache memory budget bound the work;
-beyond the queue, ``submit`` fails fast with :class:`~llmopt.errors.BusyError`.
+the running batch (:mod:`llmopt.runtime.prefill`), so at most one chunk of prompt tokens runs
+between two tokens of a running stream, and giving up on it stops it within one chunk.
+Finished, cancelled or expired requests leave at the next step boundary and their rows (and any
+all-padding cache columns) are dropped at once. A bounded queue and a KV-cache memory budget
+bound the work; beyond the queue, ``submit`` fails fast with :class:`~llmopt.errors.BusyError`.
 """
 
 from __future__ import annotations
