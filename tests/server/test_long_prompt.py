@@ -25,14 +25,15 @@ CONFIG = f"prefill_chunk: {CHUNK}\nmax_prompt_tokens: 200\nwarmup: false\n"
 
 @pytest.fixture
 def chunked(start_server: Any, packages: dict[str, Path], tmp_path: Path) -> Any:
-    """A server whose decoder prefills 16 tokens a step, 20 ms a forward pass (so a 0.3 s
-    deadline passes in the middle of the long prompt), recording every step and request."""
+    """A server whose decoder prefills 16 tokens a step, 50 ms at least a forward pass (so the
+    long prompt's 12 chunks and the stream's steps between them take over 1.2 s, and a 0.5 s
+    deadline surely passes in the middle), recording every step and request."""
     from llmopt.server import ServerConfig
 
     repo = make_repository(tmp_path / "repo", packages, [DECODER], {DECODER: CONFIG})
     srv = start_server(repo, ServerConfig(metrics_port=0))
     model = srv.repository.get(DECODER)
-    slow_steps(model, 0.02)
+    slow_steps(model, 0.05)
     srv.records, srv.requests = [], []
     model.engine.on_step = srv.records.append
     submit = model.engine.submit
@@ -51,7 +52,7 @@ def test_long_prompt_with_short_deadline_stalls_a_stream_by_at_most_one_chunk(
         stream = client.stream(DECODER, "hello", max_new_tokens=40, ignore_eos=True)
         next(stream)  # it is generating
         with pytest.raises(DeadlineExceededError):
-            client.generate(DECODER, LONG, max_new_tokens=5, timeout=0.3)
+            client.generate(DECODER, LONG, max_new_tokens=5, timeout=0.5)
         list(stream)
         assert stream.result.stats.generated_tokens == 40
 
