@@ -20,10 +20,9 @@ from llmopt.errors import InvalidInputError
 from llmopt.runtime.kv import DecoderModel, left_pad, position_ids
 from llmopt.runtime.sampling import SamplingParams
 from llmopt.runtime.sequence import DecodeState, GenerationResult
-from llmopt.runtime.session import SessionInfo
+from llmopt.runtime.session import GPU_PROVIDERS, SessionInfo
 
 Prompt = str | Sequence[dict[str, str]] | Sequence[int]
-GPU_PROVIDERS = ("cuda", "tensorrt")
 
 
 class TextStream:
@@ -62,7 +61,9 @@ class Generator:
         self.eos_token_ids = tuple(int(e) for e in generation.get("eos_token_ids") or ())
         self.pad_token_id = int(generation.get("pad_token_id") or 0)
         self.context_length = int(generation.get("context_length") or self.model.max_positions)
-        self.device = "cuda" if info.active and info.active[0] in GPU_PROVIDERS else "cpu"
+        on_gpu = bool(info.active) and info.active[0] in GPU_PROVIDERS
+        self.device = "cuda" if on_gpu else "cpu"
+        self.device_id = info.device_id if on_gpu else 0  # every KV binding and allocation
         self.shared_kv = bool(package.kv_cache.get("shared_buffer"))
 
     @property
@@ -223,7 +224,7 @@ class Generator:
     def _empty_past(self, batch: int) -> list[Any]:
         import onnxruntime as ort
 
-        return [ort.OrtValue.ortvalue_from_numpy(a, self.device, 0)
+        return [ort.OrtValue.ortvalue_from_numpy(a, self.device, self.device_id)
                 for a in self.model.empty_past(batch)]
 
     def _copying(self, batch: int) -> Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]:
@@ -251,7 +252,7 @@ class Generator:
                 binding.bind_ortvalue_input(name, value)
         binding.bind_output("logits", "cpu")
         for name in self.model.present_names:
-            binding.bind_output(name, self.device)
+            binding.bind_output(name, self.device, self.device_id)
         self.session.run_with_iobinding(binding)
         outputs = binding.get_outputs()
         return outputs[0].numpy(), list(outputs[1:])
@@ -278,12 +279,13 @@ class InPlaceCache:
         for i, (past, present) in enumerate(zip(model.past_names, model.present_names,
                                                 strict=True)):
             if initial is None:
-                buffer = ort.OrtValue.ortvalue_from_shape_and_type(shape, model.kv_dtype,
-                                                                   generator.device, 0)
+                buffer = ort.OrtValue.ortvalue_from_shape_and_type(
+                    shape, model.kv_dtype, generator.device, generator.device_id)
             else:
                 array = np.zeros(shape, model.kv_dtype)
                 array[:, :, :initial[i].shape[2]] = initial[i]
-                buffer = ort.OrtValue.ortvalue_from_numpy(array, generator.device, 0)
+                buffer = ort.OrtValue.ortvalue_from_numpy(array, generator.device,
+                                                          generator.device_id)
             self.binding.bind_ortvalue_input(past, buffer)
             self.binding.bind_ortvalue_output(present, buffer)
             self.buffers.append(buffer)
