@@ -10,6 +10,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from llmopt.cli._providers import add_provider_args, provider_options
+
 LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]")
 
 
@@ -41,11 +43,12 @@ def add_parser(subparsers: Any) -> None:
                    help="concurrent RPCs; more get RESOURCE_EXHAUSTED (default 64)")
     p.add_argument("--grace", type=float, default=30.0,
                    help="seconds in-flight requests get on shutdown (default 30)")
+    add_provider_args(p)  # every model's defaults; a package's llmopt-serve.yaml overrides them
 
 
 def run(args: argparse.Namespace) -> int:
     from llmopt.errors import InvalidInputError
-    from llmopt.server import ServerConfig, TLSConfig, read_tokens, serve
+    from llmopt.server import ModelConfig, ServerConfig, TLSConfig, read_tokens, serve
 
     tls = None
     if args.tls_cert or args.tls_key or args.tls_client_ca:
@@ -59,7 +62,11 @@ def run(args: argparse.Namespace) -> int:
     config = ServerConfig(tokens=tokens, tls=tls, max_message_bytes=args.max_message_bytes,
                           max_workers=args.workers, grace_s=args.grace,
                           metrics_port=None if args.no_metrics else args.metrics_port,
-                          metrics_host=args.host)
+                          metrics_host=args.host,
+                          model_defaults=ModelConfig(
+                              providers=tuple(args.providers or ("cpu",)),
+                              provider_options=provider_options(args),
+                              strict_providers=args.strict_providers))
     if args.host not in LOOPBACK and (tls is None or not tokens):
         print(f"llmopt serve: warning: binding {args.host} without "
               f"{'TLS' if tls is None else 'tokens'}; anyone who can reach it can use it",

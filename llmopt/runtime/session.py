@@ -107,7 +107,7 @@ def create_session(model_path: str | Path, providers: Sequence[ProviderSpec] | N
     ort_providers: list[tuple[str, dict[str, str]]] = []
     for short, opts in resolved:
         opts.apply(session_options)
-        ort_providers.append((P.ORT_NAMES[short], _provider_dict(
+        ort_providers.append((P.ORT_NAMES[short], provider_dict(
             opts, signature, model_fingerprint, context_length)))
     try:
         with _captured_stderr() as captured:
@@ -221,7 +221,8 @@ def _options(short: str, value: Any) -> P.ProviderOptions:
     if isinstance(value, cls):
         return value
     if isinstance(value, Mapping):
-        unknown = set(value) - set(cls.__dataclass_fields__)
+        accepted = set(cls.__dataclass_fields__) | ({"precision"} if short == "tensorrt" else set())
+        unknown = set(value) - accepted
         if unknown:
             raise ProviderError(
                 f"unknown {short} option(s): {', '.join(sorted(unknown))}",
@@ -231,13 +232,17 @@ def _options(short: str, value: Any) -> P.ProviderOptions:
         if short == "tensorrt" and "shape_ranges" in fields:
             fields["shape_ranges"] = {k: v if isinstance(v, P.ShapeRange) else P.ShapeRange(*v)
                                       for k, v in fields["shape_ranges"].items()}
+        if short == "tensorrt" and "precision" in fields:  # "fp16" for fp16=True, ...
+            return P.TensorRTOptions.with_precision(fields.pop("precision"), **fields)
         return cls(**fields)
     raise ProviderError(f"options for {short} must be {cls.__name__} or a dict, "
                         f"not {type(value).__name__}", fix=f"pass {cls.__name__}(...)")
 
 
-def _provider_dict(opts: Any, signature: dict[str, Any] | None, fingerprint: str,
-                   context_length: int | None) -> dict[str, str]:
+def provider_dict(opts: Any, signature: dict[str, Any] | None, fingerprint: str,
+                  context_length: int | None) -> dict[str, str]:
+    """What ONNX Runtime is given for one provider; for TensorRT with a cache, the keyed cache
+    folder is created first."""
     if isinstance(opts, P.TensorRTOptions):
         profile = P.tensorrt_profile(signature or {}, opts.shape_ranges, context_length)
         if not opts.cache_dir:
