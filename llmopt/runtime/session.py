@@ -137,7 +137,7 @@ def create_session(model_path: str | Path, providers: Sequence[ProviderSpec] | N
                                 "strict providers (--strict-providers) to allow the fallback")
         log.warning("provider fallback: %s", info.reason)
     elif primary in GPU_PROVIDERS:
-        _check_placement(info, strict)
+        check_placement(info, strict)
     return session, info
 
 
@@ -158,7 +158,7 @@ def preload_gpu_libraries() -> None:
         log.debug("onnxruntime.preload_dlls failed: %s", exc)
 
 
-def _check_placement(info: SessionInfo, strict: bool) -> None:
+def check_placement(info: SessionInfo, strict: bool) -> None:
     """Report the compute nodes ONNX Runtime placed on CPU under a GPU provider."""
     on_cpu = info.placement.compute_ops_on("cpu")
     if not on_cpu:
