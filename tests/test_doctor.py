@@ -36,6 +36,16 @@ def test_gpu_mode_without_a_cuda_build_fails_with_the_install(
     assert "onnxruntime-gpu[cuda,cudnn]" in report.failures()[0].detail
 
 
+def test_cli_exits_1_naming_the_failed_check(monkeypatch: pytest.MonkeyPatch,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    from llmopt.cli.main import main
+
+    monkeypatch.setattr(P, "available", lambda: ["cpu"])
+    assert main(["doctor", "--gpu"]) == 1
+    err = capsys.readouterr().err
+    assert "FAILED versions and providers" in err and "no CUDA provider" in err
+
+
 @pytest.mark.gpu
 def test_doctor_gpu_passes_on_a_gpu_machine() -> None:
     done = subprocess.run([sys.executable, "-m", "llmopt.cli.main", "doctor", "--gpu"],
