@@ -33,6 +33,7 @@ class ModelConfig:
     max_prefill_batch: int = 4   # decoders: prompts prefilled together
     max_concurrency: int = 2     # encoders: session runs at once
     warmup: bool = True          # run one tiny request at load, before reporting READY
+    request_timeout_s: float | None = None  # when the client sets no deadline; None: no limit
 
     def __post_init__(self) -> None:
         for name in ("max_batch_size", "max_queue", "max_prefill_batch", "max_concurrency"):
@@ -44,6 +45,12 @@ class ModelConfig:
         if budget is not None and (not isinstance(budget, int) or budget < 1):
             raise InvalidInputError(f"kv_budget_bytes must be a positive integer, not {budget!r}",
                                     fix="set it in bytes, or leave it out for no budget")
+        timeout = self.request_timeout_s
+        if timeout is not None and (isinstance(timeout, bool) or not isinstance(
+                timeout, (int, float)) or not 0 < timeout < float("inf")):
+            raise InvalidInputError(
+                f"request_timeout_s must be a positive number of seconds, not {timeout!r}",
+                fix="e.g. request_timeout_s: 30, or leave it out to let requests wait")
         if not self.providers or not all(isinstance(p, str) for p in self.providers):
             raise InvalidInputError(f"providers must be a list of names, not {self.providers!r}",
                                     fix="e.g. providers: [cuda, cpu]")

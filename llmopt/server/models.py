@@ -19,6 +19,7 @@ from llmopt.runtime.engine import Engine, EngineConfig, Request
 from llmopt.runtime.generator import Generator, Prompt
 from llmopt.runtime.sampling import SamplingParams
 from llmopt.server.config import ModelConfig
+from llmopt.server.deadline import finite
 from llmopt.server.status import DeadlineExceededError, RequestTooLargeError
 
 
@@ -226,7 +227,7 @@ class Encoder(ServedModel):
                                 fix="retry later, or raise max_queue / max_concurrency")
             self._waiting += 1
         try:
-            acquired = self._slots.acquire(timeout=timeout)
+            acquired = self._slots.acquire(timeout=finite(timeout))
         finally:
             with self._lock:
                 self._waiting -= 1
