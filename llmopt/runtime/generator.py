@@ -23,6 +23,7 @@ from llmopt.runtime.sequence import DecodeState, GenerationResult
 from llmopt.runtime.session import GPU_PROVIDERS, SessionInfo
 
 Prompt = str | Sequence[dict[str, str]] | Sequence[int]
+CHAT_ROLES = ("system", "user", "assistant", "tool")  # what chat templates render
 
 
 class TextStream:
@@ -89,7 +90,7 @@ class Generator:
         if all(isinstance(m, dict) for m in items):
             return self._render_chat(items)  # type: ignore[arg-type]
         if all(isinstance(t, int | np.integer) for t in items):
-            vocab = int(str(self.package.manifest["signature"]["outputs"][0]["shape"][-1]))
+            vocab = self.vocab_size
             ids = [int(t) for t in items]  # type: ignore[call-overload]
             bad = [t for t in ids if not 0 <= t < vocab]
             if bad:
@@ -100,6 +101,11 @@ class Generator:
                                 "({'role': ..., 'content': ...}), or a list of token ids",
                                 fix="pass one of those")
 
+    @property
+    def vocab_size(self) -> int:
+        """Rows of the logits: token ids (prompt, eos) must lie below it."""
+        return int(str(self.package.manifest["signature"]["outputs"][0]["shape"][-1]))
+
     def _render_chat(self, messages: list[dict[str, str]]) -> list[int]:
         if not getattr(self.tokenizer, "chat_template", None):
             raise InvalidInputError("this package's tokenizer has no chat template",
@@ -109,6 +115,9 @@ class Generator:
                     message.get("content"), str):
                 raise InvalidInputError("each chat message needs string 'role' and 'content'",
                                         fix='e.g. {"role": "user", "content": "Hello"}')
+            if message["role"] not in CHAT_ROLES:
+                raise InvalidInputError(f"unknown chat role {message['role'][:50]!r}",
+                                        fix=f"use one of {', '.join(CHAT_ROLES)}")
         text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
                                                   tokenize=False)
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -132,6 +141,7 @@ class Generator:
                chat: bool = False, **overrides: Any) -> TextStream:
         """Like :meth:`generate`, but an iterator of text deltas."""
         params = _params(params, overrides)
+        self.check_params(params)
         started = time.perf_counter()
         tokens = self.encode(prompt, chat=chat)
         self.check_context(tokens)
@@ -158,6 +168,7 @@ class Generator:
         if not prompts:
             raise InvalidInputError("no prompts given", fix="pass at least one prompt")
         params = _params(params, overrides)
+        self.check_params(params)
         started = time.perf_counter()
         tokens = [self.encode(p, chat=chat) for p in prompts]
         for t in tokens:
@@ -168,6 +179,10 @@ class Generator:
                 next(run)
             except StopIteration as done:
                 return list(done.value)
+
+    def check_params(self, params: SamplingParams) -> None:
+        """Refuse options this model cannot honour (ids or top_k beyond its vocabulary)."""
+        params.check_vocabulary(self.vocab_size)
 
     def check_context(self, tokens: list[int]) -> None:
         if len(tokens) >= self.context_length:

@@ -52,6 +52,16 @@ class SamplingParams:
         _check(all(isinstance(s, str) and s for s in self.stop),
                "stop strings must be non-empty strings", 'e.g. stop=("\\n\\n",)')
 
+    def check_vocabulary(self, vocab_size: int) -> None:
+        """Refuse token ids and a ``top_k`` that a model of ``vocab_size`` tokens cannot have
+        (an eos id it never emits would silently never stop generation)."""
+        bad = [t for t in self.eos_token_ids or () if not 0 <= t < vocab_size]
+        _check(not bad, f"eos_token_ids {bad[:5]} are outside the vocabulary (0..{vocab_size - 1})",
+               "pass ids from this model's tokenizer, or leave eos_token_ids unset")
+        _check(self.top_k <= vocab_size,
+               f"top_k {self.top_k} is beyond the vocabulary of {vocab_size} tokens",
+               f"use 0 to disable, or at most {vocab_size}")
+
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0

@@ -70,6 +70,7 @@ class Decoder(ServedModel):
 
     def submit(self, prompt: Prompt, params: SamplingParams, *, chat: bool = False,
                timeout: float | None = None) -> Request:
+        self.generator.check_params(params)
         return self.engine.submit(prompt, params, chat=chat, timeout=timeout)
 
     def tokenize(self, prompt: Prompt, chat: bool = False) -> tuple[list[int], list[str]]:
@@ -180,7 +181,7 @@ class Encoder(ServedModel):
                 raise InvalidInputError(
                     f"input {name} has shape {list(array.shape)}; every input must be "
                     f"[batch, sequence], non-empty, and all of one shape",
-                    fix=f"e.g. {list(ids.shape)}")
+                    fix=f"send every input as {_shape_example(ids.shape)}")
         batch, length = ids.shape
         if batch > self.config.max_batch_size:
             raise RequestTooLargeError(f"batch of {batch}; this model takes at most "
@@ -264,6 +265,13 @@ def load_model(name: str, directory: Path, config: ModelConfig) -> ServedModel:
             model.close(0)
             raise
     return model
+
+
+def _shape_example(shape: tuple[int, ...]) -> str:
+    """input_ids' own shape where it is a valid one, else a valid example."""
+    if len(shape) == 2 and 0 not in shape:
+        return str(list(shape))
+    return "[batch, sequence] with both >= 1, e.g. [1, 8]"
 
 
 def gather_bounds(model_path: Path, inputs: Sequence[str]) -> dict[str, int]:
