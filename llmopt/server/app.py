@@ -108,6 +108,8 @@ def create_server(repository: str | Path, address: str = "127.0.0.1:0",
     """Load every package of ``repository`` and bind ``address``; returns the server and the
     port it bound (``:0`` picks a free one). Call ``start()`` to serve."""
     config = config or ServerConfig()
+    if config.tls is not None:
+        config.tls.check()  # before loading models: a bad file fails at once, named
     host, port_text = address.rsplit(":", 1) if ":" in address else (address, "")
     if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
         raise InvalidInputError(f"cannot bind {address}: the port must be 0 to 65535",

@@ -108,6 +108,44 @@ class TLSConfig:
     key_file: Path
     client_ca_file: Path | None = None
 
+    def check(self) -> None:
+        """Refuse unreadable or non-PEM files, and a key that does not match the certificate,
+        naming the file: grpc would only fail at bind time, after every model has loaded, with
+        no word on which file is wrong."""
+        import ssl
+
+        files = [("certificate", self.cert_file), ("key", self.key_file)]
+        if self.client_ca_file is not None:
+            files.append(("client CA", self.client_ca_file))
+        for what, path in files:
+            try:
+                text = Path(path).read_bytes()
+            except OSError as exc:
+                raise InvalidInputError(f"cannot read the TLS {what} file {path}: {exc.strerror}",
+                                        fix="pass a readable PEM file") from None
+            if b"-----BEGIN " not in text:
+                raise InvalidInputError(f"the TLS {what} file {path} is not PEM",
+                                        fix="pass a PEM file (-----BEGIN ...-----); convert DER "
+                                        "with openssl x509 -inform der / openssl pkey")
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        try:
+            context.load_cert_chain(self.cert_file, self.key_file)
+        except ssl.SSLError as exc:
+            raise InvalidInputError(
+                f"the TLS key {self.key_file} does not load with the certificate "
+                f"{self.cert_file}: {exc.reason or exc}",
+                fix="pass the certificate chain and the unencrypted private key made with "
+                "it") from None
+        if self.client_ca_file is not None:
+            try:
+                context.load_verify_locations(cafile=str(self.client_ca_file))
+            except ssl.SSLError as exc:
+                raise InvalidInputError(
+                    f"the TLS client CA file {self.client_ca_file} holds no usable "
+                    f"certificate: {exc.reason or exc}",
+                    fix="pass the PEM certificate of the CA that signs client certificates"
+                ) from None
+
     def credentials(self) -> Any:
         import grpc
 
