@@ -230,9 +230,22 @@ def perf_analyzer(address: str, workers: int, duration: float) -> dict[str, Any]
             "command": shlex.join(command)}
 
 
-def rss_slope(samples: list[dict[str, Any]], after_s: float) -> float | None:
-    """Least-squares RSS slope in MB per minute over the samples after ``after_s``."""
-    points = [(s["t_s"], s["rss_mb"]) for s in samples if s["t_s"] >= after_s]
+def slopes_after_warmup(samples: list[dict[str, Any]], models: list[str]) -> dict[str, Any]:
+    """RSS slope per model over its phases after its first one (the warm-up: sessions and
+    arenas reach their working size), and over the whole run after the first phase."""
+    def after_first(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        first = rows[0]["phase"] if rows else ""
+        return [r for r in rows if r["phase"] != first]
+
+    slopes: dict[str, Any] = {m: rss_slope(after_first(
+        [s for s in samples if s["phase"].startswith(m + " ")])) for m in models}
+    slopes["whole run"] = rss_slope(after_first(samples[1:]))
+    return slopes
+
+
+def rss_slope(samples: list[dict[str, Any]]) -> float | None:
+    """Least-squares RSS slope of ``samples`` in MB per minute."""
+    points = [(s["t_s"], s["rss_mb"]) for s in samples]
     if len(points) < 3:
         return None
     t = np.array([p[0] for p in points]) / 60
@@ -284,13 +297,12 @@ def main() -> None:
         sampler.stop()
         proc.terminate()
         proc.wait(60)
-    first_end = phases[0]["seconds"] if phases else 0.0
     report = {
         "command": shlex.join([sys.executable, *sys.argv]),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.python_version()}",
         "duration_s": args.duration, "perf_analyzer": bool(os.environ.get("PERF_ANALYZER")),
         "phases": phases, "samples": sampler.samples,
-        "rss_slope_mb_per_min_after_warmup": rss_slope(sampler.samples, first_end),
+        "rss_slope_mb_per_min_after_warmup": slopes_after_warmup(sampler.samples, models),
         "start": sampler.samples[0], "end": sampler.samples[-1],
         "errors": sum(p["errors"] for p in phases),
     }
@@ -319,8 +331,9 @@ def markdown(report: dict[str, Any]) -> str:
     lines += [
         "", f"Errors in all: **{report['errors']}**.", "",
         f"Server RSS: {start['rss_mb']} MB at start, {end['rss_mb']} MB at the end, "
-        f"{max(rss)} MB at most ({len(rss)} samples); slope after the first phase (warm-up): "
-        f"{report['rss_slope_mb_per_min_after_warmup']} MB/min.",
+        f"{max(rss)} MB at most ({len(rss)} samples). Slope after warm-up (each model's "
+        "phases after its first one), MB/min: " + ", ".join(
+            f"{k} {v}" for k, v in report["rss_slope_mb_per_min_after_warmup"].items()) + ".",
         f"Threads: {start['threads']} at start, {end['threads']} at the end. "
         f"Open fds: {start['fds']} at start, {end['fds']} at the end.",
     ]
