@@ -10,6 +10,7 @@ import grpc
 
 from llmopt import _proto
 from llmopt.errors import InvalidInputError, LlmoptError
+from llmopt.runtime.constraints import ResponseFormat
 from llmopt.runtime.generator import Prompt
 from llmopt.runtime.sampling import SamplingParams
 from llmopt.runtime.sequence import GenerationResult
@@ -78,7 +79,20 @@ def sampling_params(options: Any) -> SamplingParams:
     if options.eos_token_ids:
         values["eos_token_ids"] = tuple(int(t) for t in options.eos_token_ids)
     values["ignore_eos"] = bool(options.ignore_eos)
+    if options.HasField("response_format"):
+        values["response_format"] = response_format(options.response_format)
     return SamplingParams(**values)
+
+
+def response_format(message: Any) -> ResponseFormat:
+    """The ResponseFormat of a request (compiled here: a bad one is INVALID_ARGUMENT)."""
+    which = message.WhichOneof("format")
+    if which is None:
+        raise InvalidInputError("response_format is set but names no format",
+                                fix="set json_object, json_schema, regex or lark")
+    if which == "json_object":
+        return ResponseFormat.json_object()
+    return ResponseFormat(which, getattr(message, which), strict=not message.lenient)
 
 
 def prompt_of(request: Any, field: str) -> tuple[Prompt, bool]:
