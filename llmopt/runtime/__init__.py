@@ -8,6 +8,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from llmopt.package import Package
+from llmopt.runtime.constraints import ResponseFormat
 from llmopt.runtime.embedder import Embedder
 from llmopt.runtime.generator import Generator, TextStream
 from llmopt.runtime.providers import CPUOptions, CUDAOptions, ShapeRange, TensorRTOptions
@@ -22,6 +23,7 @@ __all__ = [
     "GenerationResult",
     "GenerationStats",
     "Generator",
+    "ResponseFormat",
     "SamplingParams",
     "SessionInfo",
     "ShapeRange",
