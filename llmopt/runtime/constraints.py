@@ -94,7 +94,8 @@ class ResponseFormat:
             raise InvalidInputError(f"tools combine with a JSON answer format, not {answer.kind}",
                                     fix="drop the tools or use a json_schema response format")
         return cls("lark", tool_call_grammar(tools, tool_choice,
-                                             None if answer is None else answer.schema))
+                                             None if answer is None else answer.schema,
+                                             JSON_LAYOUT))
 
     @classmethod
     def from_openai(cls, response_format: Mapping[str, Any] | None, tools: Any = None,

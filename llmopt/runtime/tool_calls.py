@@ -22,8 +22,10 @@ TOOL_EXAMPLE = ('{"type": "function", "function": {"name": "get_weather", "param
 
 
 def tool_call_grammar(tools: Sequence[Mapping[str, Any]], tool_choice: Any,
-                      answer_schema: Mapping[str, Any] | None = None) -> str:
-    """A Lark grammar (llguidance's dialect) of a call of ``tools`` under ``tool_choice``."""
+                      answer_schema: Mapping[str, Any] | None = None,
+                      layout: Mapping[str, Any] | None = None) -> str:
+    """A Lark grammar (llguidance's dialect) of a call of ``tools`` under ``tool_choice``;
+    ``layout`` is the JSON compiler's options (``x-guidance``: whitespace, separators)."""
     if not isinstance(tools, Sequence) or isinstance(tools, str | bytes) or not tools:
         raise InvalidInputError("tools must be a non-empty list of tools",
                                 fix=f"e.g. [{TOOL_EXAMPLE}]")
@@ -48,12 +50,13 @@ def tool_call_grammar(tools: Sequence[Mapping[str, Any]], tool_choice: Any,
                                                         "arguments": dict(parameters)},
                        "required": ["name", "arguments"], "additionalProperties": False}
     chosen, required = _choose(calls, tool_choice)
-    call = {"anyOf": [calls[n] for n in chosen]} if len(chosen) > 1 else calls[chosen[0]]
-    rules = [f"call: %json {json.dumps(call)}"]
+    call = {"anyOf": [calls[n] for n in chosen]} if len(chosen) > 1 else dict(calls[chosen[0]])
+    options = {"x-guidance": dict(layout)} if layout else {}
+    rules = [f"call: %json {json.dumps({**call, **options})}"]
     if required:
         return "\n".join(["start: call", *rules])
     if answer_schema is not None:
-        rules.append(f"answer: %json {json.dumps(answer_schema)}")
+        rules.append(f"answer: %json {json.dumps({**answer_schema, **options})}")
     else:
         rules.append(r"answer: /[^{\s][\s\S]*/")
     return "\n".join(["start: call | answer", *rules])

@@ -183,6 +183,7 @@ def test_a_required_tool_call_names_a_tool_with_its_arguments(tokenizer: Any) ->
     assert follow(fmt, tokenizer, call).complete
     assert not allows(fmt, tokenizer, '{"name": "get_', "x")  # no tool named get_x...
     assert not allows(fmt, tokenizer, "", "H")  # a call, not text
+    assert not allows(fmt, tokenizer, "{", "\n")  # compact, like the JSON formats
     assert parse_tool_call(call) == {"name": "get_weather", "arguments": '{"city": "Paris"}'}
 
 

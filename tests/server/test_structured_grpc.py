@@ -18,6 +18,8 @@ from llmopt.cli.main import main
 from llmopt.errors import InvalidInputError
 from llmopt.runtime.constraints import ResponseFormat
 from llmopt.runtime.generator import Generator
+from llmopt.runtime.tool_calls import parse_tool_call
+from tests.runtime.test_constraints import TIME as TIME_TOOL
 from tests.runtime.test_structured import SCHEMA
 from tests.server.conftest import make_repository
 
@@ -44,6 +46,20 @@ def test_generate_with_a_schema_equals_in_process(served: Any, byte_level_decode
         assert len(digits.text) == 5 and digits.text.isdigit()
         cut = client.generate(MODEL, "hi", max_new_tokens=4, response_format=fmt)
         assert cut.finish_reason == "length"
+
+
+def test_a_required_tool_call_travels_as_its_grammar(served: Any) -> None:
+    tools = [{"type": "function", "function": {"name": "set_color", "parameters": {
+        "type": "object", "properties": {"color": {"enum": ["red", "blue"]}},
+        "required": ["color"], "additionalProperties": False}}}, TIME_TOOL]
+    fmt = ResponseFormat.from_openai(None, tools, "required")
+    with llmopt.Client(served.address, timeout=60) as client:
+        result = client.generate(MODEL, "paint it", max_new_tokens=60, response_format=fmt)
+    call = parse_tool_call(result.text)
+    assert call is not None and result.finish_reason == "eos", result.text
+    assert call["name"] in ("set_color", "get_time")
+    if call["name"] == "set_color":
+        assert json.loads(call["arguments"])["color"] in ("red", "blue")
 
 
 @pytest.mark.parametrize(("wire", "message"), [
