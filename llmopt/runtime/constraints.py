@@ -68,7 +68,13 @@ class ResponseFormat:
         if not isinstance(schema, Mapping):
             raise InvalidInputError(f"a JSON schema is an object, not {type(schema).__name__}",
                                     fix=f"e.g. {_EXAMPLE['json_schema']}")
-        return cls("json_schema", json.dumps(schema), strict)
+        try:
+            text = json.dumps(schema, allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            raise InvalidInputError(f"the JSON schema is not JSON: {exc}",
+                                    fix="use only dicts, lists, strings, numbers, booleans and "
+                                        "None in it") from None
+        return cls("json_schema", text, strict)
 
     @classmethod
     def regex(cls, pattern: str) -> ResponseFormat:

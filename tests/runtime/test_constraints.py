@@ -62,6 +62,7 @@ def test_constructors_keep_what_they_were_given() -> None:
     (lambda: ResponseFormat.json_schema({"type": "string", "format": "zip-code"}),
      "Unknown format"),
     (lambda: ResponseFormat.json_schema(["not", "a", "schema"]), "is an object"),  # type: ignore[arg-type]
+    (lambda: ResponseFormat.json_schema({"enum": [{1, 2}]}), "is not JSON"),
     (lambda: ResponseFormat.regex("[0-9"), "invalid regex"),
     (lambda: ResponseFormat.regex(""), "needs its pattern"),
     (lambda: ResponseFormat.lark("start: undefined_rule"), "invalid lark"),
