@@ -50,12 +50,18 @@ def test_the_matrix_is_broad() -> None:
     assert not set(tiny_decoders.CONFIGS) & set(tiny_families.DECODERS)
 
 
-def _torch_greedy(source: Path, ids: list[int], n: int) -> list[int]:
-    model = AutoModelForCausalLM.from_pretrained(source, attn_implementation="eager").eval()
+def torch_greedy(source: Path, ids: list[int], n: int, **load: Any) -> list[int]:
+    """transformers' greedy continuation of ``ids`` by the model in ``source`` (``load``:
+    more ``from_pretrained`` arguments, such as ``gguf_file``), EOS a token like any other
+    (as ``ignore_eos=True``: ``min_new_tokens`` would instead forbid it, a different argmax
+    wherever EOS leads)."""
+    model = AutoModelForCausalLM.from_pretrained(source, attn_implementation="eager",
+                                                 **load).eval()
+    model.generation_config.eos_token_id = None
     prompt = torch.tensor([ids])
     with torch.no_grad():
         out = model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
-                             max_new_tokens=n, min_new_tokens=n, pad_token_id=0)
+                             max_new_tokens=n, pad_token_id=0)
     return [int(t) for t in out[0, len(ids):]]
 
 
@@ -84,7 +90,7 @@ def test_decoder_pipeline(model_type: str, tmp_path: Path, record_property: Any)
     generator = llmopt.load(package.path)
     ids = list(AutoTokenizer.from_pretrained(source)(PROMPT)["input_ids"])
     result = generator.generate(ids, max_new_tokens=10, ignore_eos=True)
-    assert result.token_ids == _torch_greedy(source, ids, 10)
+    assert result.token_ids == torch_greedy(source, ids, 10)
 
     optimized = llmopt.optimize(package, tmp_path / "optimized",
                                 llmopt.OptimizeOptions(generation_tokens=8))

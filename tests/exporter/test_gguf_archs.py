@@ -1,0 +1,64 @@
+"""GGUF sources for every architecture that transformers reads from GGUF and llmopt exports
+(``tests/tiny_gguf.MODELS``): a tiny random model written as llama.cpp writes it -> ``export``
+-> validation passes -> the Generator's greedy tokens equal transformers' ``generate`` on the
+same GGUF file. Most in Q8_0 (breadth), a few in Q4_0 (the 4-bit blocks int4 reuses).
+
+Under transformers 4.57 every architecture it reads is exported where llmopt has a native
+builder; the traced ones are refused from the config (the traced builder needs transformers 5),
+and the architectures 4.57 cannot read from GGUF are skipped by name.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+import llmopt
+from llmopt.errors import UnsupportedError
+from llmopt.exporter import ExportOptions, traced
+from tests import tiny_gguf
+from tests.exporter.test_matrix import expected_builder, torch_greedy
+
+Q4_0 = frozenset({"qwen3", "gemma2"})  # the rest in Q8_0
+# architectures whose test takes ~20-30 s on two busy CPU cores (wide experts, six layers)
+SLOW = frozenset({"qwen2_moe", "gemma3_text"})
+PROMPT_IDS = [1, 25, 9, 30, 7, 11, 40, 22, 8, 50, 60, 13]
+
+
+def unreadable(arch: str) -> str | None:
+    """Why the installed transformers cannot read ``arch`` from GGUF, or None."""
+    import transformers
+    from transformers.integrations.ggml import GGUF_CONFIG_MAPPING
+
+    gguf_arch = tiny_gguf.GGUF_ARCH.get(arch, arch)
+    if arch in GGUF_CONFIG_MAPPING or gguf_arch in GGUF_CONFIG_MAPPING:
+        return None
+    return f"transformers {transformers.__version__} does not read {gguf_arch!r} GGUF files"
+
+
+@pytest.mark.parametrize("arch", [pytest.param(a, marks=pytest.mark.slow) if a in SLOW else a
+                                  for a in tiny_gguf.MODELS])
+def test_gguf_architecture_exports_and_generates_like_transformers(arch: str,
+                                                                   tmp_path: Path) -> None:
+    reason = unreadable(arch)
+    if reason:
+        pytest.skip(reason)
+    qtype = "Q4_0" if arch in Q4_0 else "Q8_0"
+    path = tiny_gguf.build(arch, tmp_path / f"tiny-{arch}.{qtype}.gguf", qtype)
+    builder = expected_builder(arch)
+    if builder == "traced" and not traced.transformers_traceable():
+        with pytest.raises(UnsupportedError, match="transformers >= 5"):
+            llmopt.export(path, tmp_path / "package")
+        assert not (tmp_path / "package").exists()
+        return
+    package = llmopt.export(path, tmp_path / "package", ExportOptions(generation_tokens=8))
+    manifest = package.manifest
+    assert manifest["source"]["kind"] == "gguf" and manifest["model_type"] == arch
+    assert manifest["builder"] == builder
+    assert manifest["validation"]["passed"], manifest["validation"]
+    assert all(g["match"] for g in manifest["validation"]["generation"])
+
+    result = llmopt.load(package.path).generate(PROMPT_IDS, max_new_tokens=10, ignore_eos=True)
+    assert result.token_ids == torch_greedy(tmp_path, PROMPT_IDS, 10, gguf_file=path.name)
+
