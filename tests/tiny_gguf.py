@@ -78,10 +78,14 @@ def model(arch: str, seed: int = 0) -> Any:
 
 def write(model: Any, path: str | os.PathLike[str], qtype: str,
           overrides: dict[str, str] | None = None,
-          tokenizer_from: str | os.PathLike[str] | None = None) -> Path:
+          tokenizer_from: str | os.PathLike[str] | None = None,
+          fields: dict[str, Any] | None = None,
+          extra_tensors: dict[str, np.ndarray] | None = None) -> Path:
     """``model`` (a transformers causal LM of an architecture transformers reads from GGUF)
     as the GGUF file ``path``, with the tokenizer of the GGUF file ``tokenizer_from`` or, by
-    default, a byte-level BPE over ASCII characters (enough for the evaluation text)."""
+    default, a byte-level BPE over ASCII characters (enough for the evaluation text).
+    ``fields`` adds or replaces ``{arch}.*`` keys and ``extra_tensors`` adds F32 tensors (what
+    other llama.cpp conversions store: RoPE factors, experts)."""
     import gguf
 
     config = model.config
@@ -90,9 +94,11 @@ def write(model: Any, path: str | os.PathLike[str], qtype: str,
     path = Path(path)
     writer = gguf.GGUFWriter(str(path), arch)
     writer.add_name(f"tiny-{model_type}")
-    for key, value in metadata(config).items():
+    for key, value in {**metadata(config), **(fields or {})}.items():
         name = f"{arch}.{key}"
-        if isinstance(value, bool):
+        if isinstance(value, str):
+            writer.add_string(name, value)
+        elif isinstance(value, bool):
             writer.add_bool(name, value)
         elif isinstance(value, int):
             writer.add_uint32(name, value)
@@ -115,10 +121,24 @@ def write(model: Any, path: str | os.PathLike[str], qtype: str,
         kind = gguf.GGMLQuantizationType[(overrides or {}).get(short, qtype)]
         data, raw = encode(values, kind) if values.ndim >= 2 else (values, None)
         writer.add_tensor(name, data, raw_dtype=raw)
+    for name, values in (extra_tensors or {}).items():
+        writer.add_tensor(name, np.ascontiguousarray(values, dtype=np.float32))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
+    return path
+
+
+def truncate_weights(path: Path) -> Path:
+    """Cut the GGUF file ``path`` inside its tensor data, its header intact: reading any
+    weight (or mapping the tensors, as ``gguf.GGUFReader`` does) now fails."""
+    import gguf
+
+    size = path.stat().st_size
+    data = sum(int(t.n_bytes) for t in gguf.GGUFReader(path).tensors)
+    with path.open("r+b") as handle:
+        handle.truncate(size - data + 1)
     return path
 
 
@@ -158,7 +178,8 @@ def metadata(config: Any) -> dict[str, Any]:
 def gguf_tensors(model: Any) -> list[tuple[str, np.ndarray]]:
     """``model``'s weights under their GGUF names, as transformers' GGUF name map pairs them;
     MoE experts as llama.cpp stacks them ([experts, rows, cols] per gate, up and down: the
-    gate and up halves of transformers' fused ``gate_up_proj`` apart)."""
+    gate and up halves of transformers 5's fused ``gate_up_proj`` apart, 4.x's modules one
+    per expert stacked)."""
     import inspect
 
     from transformers.modeling_gguf_pytorch_utils import (
@@ -176,7 +197,12 @@ def gguf_tensors(model: Any) -> list[tuple[str, np.ndarray]]:
     state = model.state_dict()
     tensors = []
     for key, hf_name in names.items():
-        values = state[hf_name].detach().float().numpy()
+        if hf_name in state:
+            values = state[hf_name].detach().float().numpy()
+        else:  # transformers 4.x: one module per expert, named without its index
+            experts = int(model.config.num_experts)
+            values = np.stack([state[hf_name.replace(".experts.", f".experts.{e}.")].detach()
+                               .float().numpy() for e in range(experts)])
         if key.endswith(("_gate_exps", "_up_exps")):  # halves of one fused gate_up_proj
             half = values.shape[1] // 2
             values = values[:, :half] if key.endswith("_gate_exps") else values[:, half:]
