@@ -55,6 +55,10 @@ MODELS: dict[str, tuple[str, str, dict[str, Any]]] = {
                    "norm_topk_prob": True}),
 }
 
+# architectures transformers 4.x's GGUF loader reads as another model than the file holds, so
+# llmopt refuses them from the header there: architecture -> the refusal's words
+NEEDS_TRANSFORMERS_5 = {"qwen3_moe": "renormalizes a qwen3moe token's top-k expert weights"}
+
 
 def build(arch: str, path: str | os.PathLike[str], qtype: str, seed: int = 0,
           overrides: dict[str, str] | None = None) -> Path:

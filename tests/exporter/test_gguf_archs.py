@@ -6,7 +6,7 @@ same GGUF file. Most in Q8_0 (breadth), a few in Q4_0 (the 4-bit blocks int4 reu
 Under transformers 4.57 every architecture it reads is exported where llmopt has a native
 builder; the traced ones are refused from the config (the traced builder needs transformers 5),
 the architectures 4.57 cannot read from GGUF are skipped by name, and those its GGUF loader
-reads as another model are refused from the header (``REFUSED_BY``).
+reads as another model are refused from the header (``tiny_gguf.NEEDS_TRANSFORMERS_5``).
 """
 
 from __future__ import annotations
@@ -26,9 +26,6 @@ Q4_0 = frozenset({"qwen3", "gemma2"})  # the rest in Q8_0
 # architectures whose test takes ~20-30 s on two busy CPU cores (wide experts, six layers)
 SLOW = frozenset({"qwen2_moe", "gemma3_text"})
 PROMPT_IDS = [1, 25, 9, 30, 7, 11, 40, 22, 8, 50, 60, 13]
-# architecture -> (transformers versions, refusal): where that GGUF loader builds another model
-# than the file holds, llmopt refuses from the header (llmopt.exporter.gguf_header)
-REFUSED_BY = {"qwen3_moe": ("4.", "renormalizes a qwen3moe token's top-k expert weights")}
 
 
 def unreadable(arch: str) -> str | None:
@@ -52,9 +49,8 @@ def test_gguf_architecture_exports_and_generates_like_transformers(arch: str,
     qtype = "Q4_0" if arch in Q4_0 else "Q8_0"
     path = tiny_gguf.build(arch, tmp_path / f"tiny-{arch}.{qtype}.gguf", qtype)
     builder = expected_builder(arch)
-    versions, refusal = REFUSED_BY.get(arch, ("-", ""))
-    if transformers.__version__.startswith(versions):
-        with pytest.raises(UnsupportedError, match=refusal):
+    if arch in tiny_gguf.NEEDS_TRANSFORMERS_5 and transformers.__version__.startswith("4."):
+        with pytest.raises(UnsupportedError, match=tiny_gguf.NEEDS_TRANSFORMERS_5[arch]):
             llmopt.export(path, tmp_path / "package")
         return
     if builder == "traced" and not traced.transformers_traceable():
