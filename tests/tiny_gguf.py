@@ -47,6 +47,8 @@ MODELS: dict[str, tuple[str, str, dict[str, Any]]] = {
     "falcon": ("FalconForCausalLM", "FalconConfig",
                {"hidden_size": 256, "num_hidden_layers": 2, "num_attention_heads": 4,
                 "vocab_size": 96, "multi_query": True, "new_decoder_architecture": False}),
+    # (1 + w) LayerNorms stored as llama.cpp's w + 1, half the head rotary (the default)
+    "nemotron": ("NemotronForCausalLM", "NemotronConfig", _COMMON),
     "qwen2_moe": ("Qwen2MoeForCausalLM", "Qwen2MoeConfig",
                   {**_COMMON, "num_hidden_layers": 1, "num_experts": 4,
                    "num_experts_per_tok": 2}),

@@ -32,7 +32,7 @@ MATRIX = [*DECODERS, *ENCODERS]
 PROMPT = "the quick brown fox jumps over the lazy dog and"
 # traced decoders whose attention goes through transformers' attention interface, so the trace
 # holds one MultiHeadAttention node per layer (the others keep their own eager attention code)
-TRACED_ATTENTION = frozenset({"codegen", "exaone4", "gptj", "qwen2_moe", "smollm3"})
+TRACED_ATTENTION = frozenset({"codegen", "exaone4", "gptj", "nemotron", "qwen2_moe", "smollm3"})
 
 
 def expected_builder(model_type: str) -> str:
