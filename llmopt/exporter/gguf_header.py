@@ -167,8 +167,9 @@ def _config_mapping(arch: str, model_type: str) -> dict[str, str | None] | None:
 def _refuse(header: GGUFHeader, what: str, fix: str) -> UnsupportedError:
     import transformers
 
-    return UnsupportedError(f"{header.path.name}: {what} (transformers "
-                            f"{transformers.__version__}'s GGUF loader)", fix=fix)
+    return UnsupportedError(f"{header.path.name}: transformers {transformers.__version__}'s "
+                            f"GGUF loader would build another model than the file holds: {what}",
+                            fix=fix)
 
 
 def _check_exportable(header: GGUFHeader, arch: str, model_type: str) -> None:
