@@ -148,6 +148,21 @@ def truncate_weights(path: Path) -> Path:
     return path
 
 
+def foreign(path: Path, arch: str) -> Path:
+    """A GGUF file of an architecture MODELS has no model for (one embedding, no weights to
+    read: its tensor data cut short)."""
+    import gguf
+
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_block_count(2)
+    writer.add_tensor("token_embd.weight", np.zeros((8, 32), np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return truncate_weights(path)
+
+
 def metadata(config: Any) -> dict[str, Any]:
     """The ``{arch}.*`` keys llama.cpp's converter writes for ``config``: those transformers
     reads back (its GGUF key table read backwards) and the shape keys it drops but llama.cpp
