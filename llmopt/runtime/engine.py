@@ -1,11 +1,15 @@
-"""Continuous batching: requests join the running batch at step boundaries and leave when done.
+"""Continuous batching: requests join a running batch at step boundaries and leave when done.
 
-One background thread owns the ONNX Runtime session. New requests are prefilled together, then
-merged into the running batch by left-padding the shorter KV caches (masked positions), so every
-decode step is one forward pass for all live requests. Finished, cancelled or expired requests
-leave at the next step boundary and their rows (and any all-padding cache columns) are dropped
-at once. A bounded queue and a KV-cache memory budget bound the work; beyond the queue,
-``submit`` fails fast with :class:`~llmopt.errors.BusyError`.
+One background thread owns the ONNX Runtime session. Each decode step runs every running batch
+(:mod:`llmopt.runtime.batch`) once. Batch-invariant mode (the default) never pads a row: new
+requests are prefilled with those of equal prompt length and join the running batch of exactly
+their length, or start their own, so a greedy answer is the same whatever else is running. The
+shared mode (``batch_invariant=False``) keeps one batch and left-pads the shorter KV caches
+(masked positions): one forward pass per step for all live requests, faster with many streams,
+but a row's logits then depend on the padding (docs/batch_invariance.md). Finished, cancelled
+or expired requests leave at the next step boundary and their rows (and any all-padding cache
+columns) are dropped at once. A bounded queue and a KV-cache memory budget bound the work;
+beyond the queue, ``submit`` fails fast with :class:`~llmopt.errors.BusyError`.
 """
 
 from __future__ import annotations
@@ -23,7 +27,8 @@ from typing import Any
 import numpy as np
 
 from llmopt.errors import BusyError, InvalidInputError
-from llmopt.runtime.generator import Generator, InPlaceCache, Prompt
+from llmopt.runtime.batch import RunningBatch, place, prefill_groups, rows_couple
+from llmopt.runtime.generator import Generator, Prompt
 from llmopt.runtime.kv import left_pad, position_ids
 from llmopt.runtime.sampling import SamplingParams
 from llmopt.runtime.sequence import DecodeState, GenerationResult
@@ -40,6 +45,8 @@ class EngineConfig:
     max_queue: int = 64
     kv_budget_bytes: int | None = None  # None: no limit beyond max_batch_size
     max_prefill_batch: int = 4
+    # rows never padded: same greedy tokens whatever else runs (False: one shared padded batch)
+    batch_invariant: bool = True
 
     def __post_init__(self) -> None:
         for name in ("max_batch_size", "max_queue", "max_prefill_batch"):
@@ -93,18 +100,13 @@ class Engine:
         per_layer = 2 * model.num_kv_heads * model.head_dim * itemsize
         self.kv_bytes_per_token = model.num_layers * per_layer
         self._waiting: deque[Request] = deque()
-        self._running: list[Request] = []
+        self._batches: list[RunningBatch] = []
+        self._rows_couple = rows_couple(generator)
         self._lock = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
-        # the running batch
-        self._mask = np.zeros((0, 0), np.int64)
-        self._positions = np.zeros((0,), np.int64)
-        self._last = np.zeros((0,), np.int64)
-        self._past: list[Any] = []
-        # shared_buffer packages: the batch's cache in place between joins and leaves
-        self._cache: InPlaceCache | None = None
-        self.steps = 0
+        self.steps = 0  # decode steps: every running batch advanced by one token
+        self.forward_passes = 0  # session runs, prefills included
 
     # -- public ------------------------------------------------------------------------------
 
@@ -142,7 +144,16 @@ class Engine:
 
     @property
     def batch_size(self) -> int:
-        return len(self._running)
+        """Rows running, in every running batch."""
+        return sum(len(b) for b in self._batches)
+
+    @property
+    def running_batches(self) -> int:
+        return len(self._batches)
+
+    @property
+    def _running(self) -> list[Request]:
+        return [r for b in self._batches for r in b.requests]
 
     def close(self, grace: float | None = None) -> None:
         """Stop taking requests; let running ones finish within ``grace`` seconds (then cancel)."""
@@ -177,13 +188,12 @@ class Engine:
                 for request in admitted + self._running:
                     request.state.cancel("error")
                     request._close()
-                self._running = []
-                self._reset_batch()
+                self._batches = []
 
     def _take_admissible(self) -> list[Request]:
         taken: list[Request] = []
         free = self.config.max_batch_size - len(self._running)
-        width = self._mask.shape[1]
+        width = max((b.width for b in self._batches), default=0)
         while self._waiting and len(taken) < min(free, self.config.max_prefill_batch):
             request = self._waiting[0]
             if request.cancelled.is_set() or self._expired(request):
@@ -204,6 +214,10 @@ class Engine:
         return request.deadline is not None and time.monotonic() > request.deadline
 
     def _prefill(self, requests: list[Request]) -> None:
+        for group in prefill_groups(requests, self.config.batch_invariant, self._rows_couple):
+            self._prefill_group(group)
+
+    def _prefill_group(self, requests: list[Request]) -> None:
         gen = self.generator
         prompts = [r.state.prompt for r in requests]
         ids, mask = left_pad(prompts, gen.pad_token_id)
@@ -212,8 +226,14 @@ class Engine:
         for request in requests:
             request.state.prefill_started = now
         logits, present = gen._forward(ids, mask, positions, gen._empty_past(len(requests)))
+        self.forward_passes += 1
         last = np.array([r.state.step(logits[i, -1]) for i, r in enumerate(requests)], np.int64)
-        self._merge(requests, mask, positions[:, -1], last, present)
+        batch = place(self._batches, mask.shape[1], self.config.batch_invariant,
+                      self._rows_couple)
+        if batch is None:
+            batch = RunningBatch(gen)
+            self._batches.append(batch)
+        batch.merge(requests, mask, positions[:, -1], last, present)
         self._retire()
 
     def _decode(self) -> None:
@@ -223,94 +243,18 @@ class Engine:
             elif self._expired(request):
                 request.state.cancel("deadline")
         self._retire()
-        if not self._running:
+        if not self._batches:
             return
-        batch = len(self._running)
-        self._mask = np.concatenate([self._mask, np.ones((batch, 1), np.int64)], axis=1)
-        self._positions = self._positions + 1
-        if self.generator.shared_kv:
-            total = self._mask.shape[1]
-            if self._cache is None or total > self._cache.capacity:
-                # room for every running request's remaining tokens: no regrowth until the
-                # batch changes
-                room = max(r.state.limit - len(r.state.generated) for r in self._running)
-                self._cache = InPlaceCache(self.generator, batch, total + room,
-                                           [_numpy(v) for v in self._cached(total - 1)])
-                self._past = []
-            logits = self._cache.forward(self._last[:, None], self._mask,
-                                         self._positions[:, None])
-        else:
-            logits, self._past = self.generator._forward(
-                self._last[:, None], self._mask, self._positions[:, None], self._past)
+        for batch in self._batches:
+            logits = batch.forward()
+            self.forward_passes += 1
+            batch.last = np.array([r.state.step(logits[i, -1])
+                                   for i, r in enumerate(batch.requests)], np.int64)
         self.steps += 1
-        self._last = np.array([r.state.step(logits[i, -1]) for i, r in enumerate(self._running)],
-                              np.int64)
         self._retire()
 
-    # -- batch bookkeeping -------------------------------------------------------------------
-
-    def _merge(self, requests: list[Request], mask: np.ndarray, positions: np.ndarray,
-               last: np.ndarray, present: list[Any]) -> None:
-        if not self._running:
-            self._running = list(requests)
-            self._mask, self._positions, self._last, self._past = mask, positions, last, present
-            self._cache = None
-            return
-        width = max(self._mask.shape[1], mask.shape[1])
-        old = [_numpy(v) for v in self._cached(self._mask.shape[1])]
-        self._cache = None
-        new = [_numpy(v) for v in present]
-        self._past = [np.concatenate([_left_pad(a, width, 2), _left_pad(b, width, 2)])
-                      for a, b in zip(old, new, strict=True)]
-        self._mask = np.concatenate([_left_pad(self._mask, width, 1), _left_pad(mask, width, 1)])
-        self._positions = np.concatenate([self._positions, positions])
-        self._last = np.concatenate([self._last, last])
-        self._running.extend(requests)
-
     def _retire(self) -> None:
-        """Drop finished rows and the cache columns that are padding in every remaining row."""
-        keep = [i for i, r in enumerate(self._running) if not r.state.done]
-        if len(keep) == len(self._running):
-            return
-        for request in self._running:
-            if request.state.done:
+        for batch in self._batches:
+            for request in batch.retire():
                 request._close()
-        if not keep:
-            self._running = []
-            self._reset_batch()
-            return
-        index = np.array(keep)
-        self._running = [self._running[i] for i in keep]
-        mask = self._mask[index]
-        start = int(np.argmax(mask.any(axis=0)))
-        self._mask = mask[:, start:]
-        self._positions = self._positions[index]
-        self._last = self._last[index]
-        self._past = [np.ascontiguousarray(_numpy(v)[index][:, :, start:])
-                      for v in self._cached(mask.shape[1])]
-        self._cache = None
-
-    def _reset_batch(self) -> None:
-        self._mask = np.zeros((0, 0), np.int64)
-        self._positions = np.zeros((0,), np.int64)
-        self._last = np.zeros((0,), np.int64)
-        self._past = []
-        self._cache = None
-
-    def _cached(self, length: int) -> list[Any]:
-        """The running batch's cache, ``length`` positions: from the in-place buffers when
-        there are, else the past-sized tensors."""
-        return self._cache.arrays(length) if self._cache is not None else self._past
-
-
-def _numpy(value: Any) -> np.ndarray:
-    return value if isinstance(value, np.ndarray) else value.numpy()
-
-
-def _left_pad(array: np.ndarray, width: int, axis: int) -> np.ndarray:
-    missing = width - array.shape[axis]
-    if missing <= 0:
-        return array
-    pad = [(0, 0)] * array.ndim
-    pad[axis] = (missing, 0)
-    return np.pad(array, pad)
+        self._batches = [b for b in self._batches if len(b)]
