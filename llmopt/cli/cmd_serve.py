@@ -52,6 +52,9 @@ def add_parser(subparsers: Any) -> None:
                    "waits as long as needed); a model's llmopt-serve.yaml may set its own "
                    "request_timeout_s")
     add_provider_args(p)  # every model's defaults; a package's llmopt-serve.yaml overrides them
+    p.add_argument("--no-batch-invariant", dest="batch_invariant", action="store_false",
+                   help="decoders: one shared left-padded batch (faster with many streams; "
+                   "greedy answers may then change with the load, docs/batch_invariance.md)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -75,7 +78,8 @@ def run(args: argparse.Namespace) -> int:
                               providers=tuple(args.providers or ("cpu",)),
                               provider_options=provider_options(args),
                               strict_providers=args.strict_providers,
-                              request_timeout_s=args.request_timeout))
+                              request_timeout_s=args.request_timeout,
+                              batch_invariant=args.batch_invariant))
     if args.host not in LOOPBACK and (tls is None or not tokens):
         print(f"llmopt serve: warning: binding {args.host} without "
               f"{'TLS' if tls is None else 'tokens'}; anyone who can reach it can use it",

@@ -31,6 +31,7 @@ class ModelConfig:
     max_queue: int = 64          # requests waiting to run; more get RESOURCE_EXHAUSTED
     kv_budget_bytes: int | None = None  # decoders: KV-cache budget of the running batch
     max_prefill_batch: int = 4   # decoders: prompts prefilled together
+    batch_invariant: bool = True  # decoders: rows never padded, greedy answers load-independent
     max_concurrency: int = 2     # encoders: session runs at once
     warmup: bool = True          # run one tiny request at load, before reporting READY
     request_timeout_s: float | None = None  # when the client sets no deadline; None: no limit
@@ -41,6 +42,10 @@ class ModelConfig:
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise InvalidInputError(f"{name} must be an integer >= 1, not {value!r}",
                                         fix=f"set {name} to 1 or more")
+        if not isinstance(self.batch_invariant, bool):
+            raise InvalidInputError(
+                f"batch_invariant must be true or false, not {self.batch_invariant!r}",
+                fix="batch_invariant: false trades identical greedy answers for throughput")
         budget = self.kv_budget_bytes
         if budget is not None and (not isinstance(budget, int) or budget < 1):
             raise InvalidInputError(f"kv_budget_bytes must be a positive integer, not {budget!r}",

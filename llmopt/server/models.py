@@ -62,6 +62,7 @@ class Decoder(ServedModel):
         self.engine = Engine(runner, EngineConfig(
             max_batch_size=config.max_batch_size, max_queue=config.max_queue,
             kv_budget_bytes=config.kv_budget_bytes, max_prefill_batch=config.max_prefill_batch,
+            batch_invariant=config.batch_invariant,
         )).start()
 
     @property
