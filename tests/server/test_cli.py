@@ -150,3 +150,14 @@ def test_metrics_bind_their_own_host(packages: dict[str, Path], tmp_path: Path,
         assert main(["serve", "--model-repository", str(repo), "--port", "0",
                      "--metrics-host", "127.0.0.2", "--metrics-port", str(port)]) == 1
     assert f"cannot serve metrics on 127.0.0.2:{port}" in capsys.readouterr().err
+
+@pytest.mark.parametrize(("flags", "invariant"), [([], True), (["--no-batch-invariant"], False)])
+def test_serve_batch_invariance_switch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                       flags: list[str], invariant: bool) -> None:
+    import llmopt.server
+
+    served: list[Any] = []
+    monkeypatch.setattr(llmopt.server, "serve",
+                        lambda repo, address, config, on_ready: served.append(config) or 0)
+    assert main(["serve", "--model-repository", str(tmp_path), *flags]) == 0
+    assert served[0].model_defaults.batch_invariant is invariant
