@@ -13,22 +13,29 @@ one scale for the whole batch) never share a batch at all.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any, Generic, Protocol, TypeVar
 
 import numpy as np
 
 from llmopt.runtime.generator import Generator, InPlaceCache
-
-if TYPE_CHECKING:
-    from llmopt.runtime.engine import Request
+from llmopt.runtime.sequence import DecodeState
 
 
-class RunningBatch:
+class Row(Protocol):
+    """What a batch needs of a request: its decoding state."""
+
+    state: DecodeState
+
+
+R = TypeVar("R", bound=Row)
+
+
+class RunningBatch(Generic[R]):
     """Rows decoding together; ``width`` is the number of cache positions (padding included)."""
 
     def __init__(self, generator: Generator) -> None:
         self.generator = generator
-        self.requests: list[Request] = []
+        self.requests: list[R] = []
         self.mask = np.zeros((0, 0), np.int64)
         self.positions = np.zeros((0,), np.int64)
         self.last = np.zeros((0,), np.int64)
@@ -48,7 +55,7 @@ class RunningBatch:
         """Whether some row's cache holds padding columns."""
         return bool(self.mask.size) and not bool(self.mask.all())
 
-    def merge(self, requests: list[Request], mask: np.ndarray, positions: np.ndarray,
+    def merge(self, requests: list[R], mask: np.ndarray, positions: np.ndarray,
               last: np.ndarray, present: list[Any]) -> None:
         """Add prefilled rows; the shorter side's caches are left-padded to the wider one."""
         if not self.requests:
@@ -86,7 +93,7 @@ class RunningBatch:
                                          self.positions[:, None], self.past)
         return logits
 
-    def retire(self) -> list[Request]:
+    def retire(self) -> list[R]:
         """Drop finished rows and the cache columns that are padding in every remaining row;
         returns the dropped requests (the caller closes them)."""
         keep = [i for i, r in enumerate(self.requests) if not r.state.done]
@@ -122,8 +129,7 @@ class RunningBatch:
         return self.cache.arrays(length) if self.cache is not None else self.past
 
 
-def prefill_groups(requests: list[Request], invariant: bool, rows_couple: bool
-                   ) -> list[list[Request]]:
+def prefill_groups(requests: list[R], invariant: bool, rows_couple: bool) -> list[list[R]]:
     """Requests that may be prefilled in one pass: all of them in the shared mode (left-padded);
     in batch-invariant mode those of equal prompt length only, or one by one when the package's
     rows couple."""
@@ -131,14 +137,14 @@ def prefill_groups(requests: list[Request], invariant: bool, rows_couple: bool
         return [requests] if requests else []
     if rows_couple:
         return [[r] for r in requests]
-    groups: dict[int, list[Request]] = {}
+    groups: dict[int, list[R]] = {}
     for request in requests:
         groups.setdefault(len(request.state.prompt), []).append(request)
     return list(groups.values())
 
 
-def place(batches: list[RunningBatch], width: int, invariant: bool, rows_couple: bool
-          ) -> RunningBatch | None:
+def place(batches: list[RunningBatch[R]], width: int, invariant: bool, rows_couple: bool
+          ) -> RunningBatch[R] | None:
     """The running batch that rows of ``width`` cache positions join, or None for a new one."""
     live = [b for b in batches if len(b)]
     if not invariant:

@@ -100,7 +100,7 @@ class Engine:
         per_layer = 2 * model.num_kv_heads * model.head_dim * itemsize
         self.kv_bytes_per_token = model.num_layers * per_layer
         self._waiting: deque[Request] = deque()
-        self._batches: list[RunningBatch] = []
+        self._batches: list[RunningBatch[Request]] = []
         self._rows_couple = rows_couple(generator)
         self._lock = threading.Condition()
         self._stopping = False
@@ -231,7 +231,7 @@ class Engine:
         batch = place(self._batches, mask.shape[1], self.config.batch_invariant,
                       self._rows_couple)
         if batch is None:
-            batch = RunningBatch(gen)
+            batch = RunningBatch[Request](gen)
             self._batches.append(batch)
         batch.merge(requests, mask, positions[:, -1], last, present)
         self._retire()
