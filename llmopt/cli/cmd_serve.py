@@ -10,6 +10,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from llmopt.cli._providers import add_provider_args, provider_options
+
 LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]")
 
 
@@ -26,6 +28,10 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--port", type=int, default=8001, help="gRPC port (default 8001; 0: any)")
     p.add_argument("--metrics-port", type=int, default=8002,
                    help="Prometheus /metrics HTTP port (default 8002; 0: any)")
+    p.add_argument("--metrics-host", metavar="HOST",
+                   help="address of the /metrics endpoint (default: --host); it is plain HTTP "
+                   "without auth even when TLS and tokens guard gRPC, so bind it where only "
+                   "your scraper reaches it")
     p.add_argument("--no-metrics", action="store_true", help="serve no metrics endpoint")
     auth = p.add_mutually_exclusive_group()
     auth.add_argument("--token-file", type=Path, help="bearer tokens, one per line")
@@ -41,6 +47,14 @@ def add_parser(subparsers: Any) -> None:
                    help="concurrent RPCs; more get RESOURCE_EXHAUSTED (default 64)")
     p.add_argument("--grace", type=float, default=30.0,
                    help="seconds in-flight requests get on shutdown (default 30)")
+    p.add_argument("--request-timeout", type=float, metavar="SECONDS",
+                   help="limit of a request whose client sets no deadline (default: none, it "
+                   "waits as long as needed); a model's llmopt-serve.yaml may set its own "
+                   "request_timeout_s")
+    add_provider_args(p)  # every model's defaults; a package's llmopt-serve.yaml overrides them
+    p.add_argument("--no-batch-invariant", dest="batch_invariant", action="store_false",
+                   help="decoders: one shared left-padded batch (faster with many streams; "
+                   "greedy answers may then change with the load, docs/batch_invariance.md)")
     p.add_argument("--prefill-chunk", type=int, metavar="TOKENS",
                    help="decoders: prompt tokens prefilled per engine step, between decode "
                    "steps of running streams (default 256; 0: whole prompts at once); "
@@ -69,8 +83,14 @@ def run(args: argparse.Namespace) -> int:
     config = ServerConfig(tokens=tokens, tls=tls, max_message_bytes=args.max_message_bytes,
                           max_workers=args.workers, grace_s=args.grace,
                           metrics_port=None if args.no_metrics else args.metrics_port,
-                          metrics_host=args.host,
-                          model_defaults=ModelConfig().merged(model_options, "serve options"))
+                          metrics_host=args.metrics_host or args.host,
+                          model_defaults=ModelConfig(
+                              providers=tuple(args.providers or ("cpu",)),
+                              provider_options=provider_options(args),
+                              strict_providers=args.strict_providers,
+                              request_timeout_s=args.request_timeout,
+                              batch_invariant=args.batch_invariant,
+                          ).merged(model_options, "serve options"))
     if args.host not in LOOPBACK and (tls is None or not tokens):
         print(f"llmopt serve: warning: binding {args.host} without "
               f"{'TLS' if tls is None else 'tokens'}; anyone who can reach it can use it",

@@ -61,6 +61,12 @@ class Prefill(Generic[Member]):
         return int(self.ids.shape[1])
 
     @property
+    def next_tokens(self) -> int:
+        """Positions the next :meth:`step` runs (padding included)."""
+        end = self.width if self.chunk is None else min(self.width, self.done + self.chunk)
+        return (end - self.done) * len(self.members)
+
+    @property
     def finished(self) -> bool:
         return self.done >= self.width
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from llmopt.errors import InvalidInputError
+from llmopt.runtime.constraints import ResponseFormat
 
 MAX_NEW_TOKENS_LIMIT = 1_000_000
 
@@ -19,6 +20,8 @@ class SamplingParams:
     """How to pick tokens and when to stop. ``temperature=0`` is greedy decoding.
 
     ``eos_token_ids=None`` uses the package's; ``stop`` strings end generation before them.
+    ``response_format`` constrains the output to a JSON schema, regex or grammar (a
+    :class:`~llmopt.runtime.constraints.ResponseFormat`, or OpenAI's ``response_format`` dict).
     """
 
     max_new_tokens: int = 128
@@ -30,8 +33,18 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     eos_token_ids: tuple[int, ...] | None = None
     ignore_eos: bool = False
+    response_format: ResponseFormat | None = None
 
     def __post_init__(self) -> None:
+        if isinstance(self.response_format, dict):  # OpenAI's shape, as a convenience
+            object.__setattr__(self, "response_format",
+                               ResponseFormat.from_openai(self.response_format))
+        _check(self.response_format is None or isinstance(self.response_format, ResponseFormat),
+               f"response_format must be a ResponseFormat, not {self.response_format!r}",
+               "e.g. response_format=ResponseFormat.json_object()")
+        _check(not (self.ignore_eos and self.response_format is not None),
+               "ignore_eos cannot combine with response_format: a complete output ends with "
+               "end-of-sequence", "drop ignore_eos")
         _check(isinstance(self.max_new_tokens, int)
                and 1 <= self.max_new_tokens <= MAX_NEW_TOKENS_LIMIT,
                f"max_new_tokens must be an integer from 1 to {MAX_NEW_TOKENS_LIMIT}, "
@@ -51,6 +64,16 @@ class SamplingParams:
                f"seed must be a non-negative integer, not {self.seed!r}", "e.g. seed=0")
         _check(all(isinstance(s, str) and s for s in self.stop),
                "stop strings must be non-empty strings", 'e.g. stop=("\\n\\n",)')
+
+    def check_vocabulary(self, vocab_size: int) -> None:
+        """Refuse token ids and a ``top_k`` that a model of ``vocab_size`` tokens cannot have
+        (an eos id it never emits would silently never stop generation)."""
+        bad = [t for t in self.eos_token_ids or () if not 0 <= t < vocab_size]
+        _check(not bad, f"eos_token_ids {bad[:5]} are outside the vocabulary (0..{vocab_size - 1})",
+               "pass ids from this model's tokenizer, or leave eos_token_ids unset")
+        _check(self.top_k <= vocab_size,
+               f"top_k {self.top_k} is beyond the vocabulary of {vocab_size} tokens",
+               f"use 0 to disable, or at most {vocab_size}")
 
     @property
     def greedy(self) -> bool:
@@ -76,9 +99,12 @@ def apply_repetition_penalty(logits: np.ndarray, seen: Sequence[int], penalty: f
 
 
 def next_token(logits: np.ndarray, params: SamplingParams, seen: Sequence[int],
-               rng: np.random.Generator | None) -> int:
-    """Pick the next token from one row of logits ``[vocab]``."""
+               rng: np.random.Generator | None, allowed: np.ndarray | None = None) -> int:
+    """Pick the next token from one row of logits ``[vocab]``, among ``allowed`` (a bool mask
+    from a response format's grammar) where given."""
     logits = logits.astype(np.float64, copy=True)
+    if allowed is not None:
+        logits[~allowed] = -np.inf
     apply_repetition_penalty(logits, seen, params.repetition_penalty)
     if params.greedy or rng is None:
         return int(np.argmax(logits))

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from llmopt.runtime.constraints import TokenConstraint
 from llmopt.runtime.detokenize import Streamer
 from llmopt.runtime.sampling import SamplingParams, next_token
 
@@ -51,6 +52,9 @@ class DecodeState:
         self.eos = set() if params.ignore_eos else set(eos)
         self.rng = None if params.greedy else np.random.default_rng(params.seed)
         self.streamer = Streamer(tokenizer, params.stop)
+        # built here, in the submitting thread: a grammar that fails fails its own request
+        self.constraint = None if params.response_format is None else TokenConstraint(
+            params.response_format, tokenizer, sorted(self.eos))
         self.limit = min(params.max_new_tokens, context_length - len(self.prompt))
         self.generated: list[int] = []
         self.finish_reason: str | None = None
@@ -69,16 +73,21 @@ class DecodeState:
         now = time.perf_counter()
         if self.first_token_at is None:
             self.first_token_at = now
-        token = next_token(logits, self.params, self.prompt + self.generated, self.rng)
+        allowed = None if self.constraint is None else self.constraint.allowed(logits.shape[-1])
+        token = next_token(logits, self.params, self.prompt + self.generated, self.rng, allowed)
         if token in self.eos:
             self._finish("eos")
             return token
         self.generated.append(token)
+        if self.constraint is not None:
+            self.constraint.consume(token)
         delta = self.streamer.push(token)
         if delta and self.on_delta:
             self.on_delta(delta)
         if self.streamer.stopped:
             self._finish("stop")
+        elif self.constraint is not None and self.constraint.complete:
+            self._finish("eos")  # the grammar allows nothing but end-of-sequence: skip that step
         elif len(self.generated) >= self.limit:
             self._finish("length" if self.limit == self.params.max_new_tokens else "context")
         return token

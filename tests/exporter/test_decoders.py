@@ -507,6 +507,16 @@ def test_each_gemma_feature_is_exercised_by_its_tiny_model(tmp_path: Path, arch:
     assert np.abs(got - want).max() > 1e-2
 
 
+def test_gemma3_with_every_layer_sliding_exports(tmp_path: Path) -> None:
+    """A Gemma 3 shorter than its pattern of layer types (every layer sliding: a tiny model, or
+    a GGUF file, which keeps the default pattern of six): transformers 5 builds the sliding
+    RoPE table only, and the graph uses it on every layer (it failed to load before)."""
+    source = tiny_decoders.build("gemma3_text", tmp_path / "source",
+                                 layer_types=["sliding_attention"] * 2)
+    package = export(source, tmp_path / "package", ExportOptions(generation_tokens=8))
+    assert package.manifest["validation"]["passed"], package.manifest["validation"]
+
+
 def test_gemma2_float16_fused_graph_builds_and_runs_on_cpu(tmp_path: Path) -> None:
     """optimize level 3's form (float16, every fusion): soft-capping moves into opset-23
     Attention's ``softcap``, and the graph still computes Gemma 2 on CPU."""

@@ -18,9 +18,6 @@ from llmopt.runtime.engine import Engine, EngineConfig, Request
 from llmopt.runtime.generator import Generator
 from llmopt.runtime.prefill import StepRecord
 from llmopt.runtime.sampling import SamplingParams
-from tests.runtime import test_engine
-
-generator = test_engine.generator  # the exported and the optimized (GroupQueryAttention) tiny llama
 
 CHUNK = 16
 LONG = "the quick brown fox jumps over the lazy dog . " * 18  # 180 tokens of a 256 context

@@ -16,9 +16,7 @@ from llmopt.runtime.engine import Engine, EngineConfig
 from llmopt.runtime.generator import Generator
 from llmopt.runtime.providers import CPUOptions
 from llmopt.runtime.sampling import SamplingParams
-from tests.runtime import test_engine
 
-generator = test_engine.generator  # the exported and the optimized tiny llama
 SHORT = SamplingParams(max_new_tokens=4, ignore_eos=True)
 MARGIN_MB = 100  # idle RSS after a long prompt, above the warm level at most
 
