@@ -6,6 +6,7 @@ families they cannot cover refused from the config."""
 from __future__ import annotations
 
 import itertools
+import json
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ import llmopt
 from llmopt.exporter import ExportOptions, export, traced_compat
 from tests import tiny_decoders, tiny_families
 from tests.exporter.test_decoders import _unreadable_weights
+from tests.test_docs import _errors as schema_errors
 
 TRANSFORMERS_4 = int(transformers.__version__.split(".", 1)[0]) < 5
 ONLY_4 = pytest.mark.skipif(not TRANSFORMERS_4,
@@ -118,7 +120,13 @@ def test_moe_export_validates_for_routings_the_example_never_took(tmp_path: Path
         monkeypatch.setattr(traced_compat, "every_expert", lambda model: nullcontext())
         with pytest.raises(llmopt.ValidationError) as info:
             export(source, tmp_path / "frozen", ExportOptions(generation_tokens=4))
-        assert not info.value.report["passed"]
+        report = info.value.report
+        assert not report["passed"]
+        # the frozen graph raises on shapes the example lacked: recorded, not a traceback
+        failed = [case for case in report["cases"] if "error" in case]
+        assert failed and "failed to run" in str(info.value)
+        manifest = json.loads((tmp_path / "frozen" / "llmopt.json").read_text())
+        assert not schema_errors(manifest)
 
 
 def test_moe_family_the_shim_cannot_cover_is_refused_from_the_config(tmp_path: Path) -> None:
