@@ -59,7 +59,8 @@ MODELS: dict[str, tuple[str, str, dict[str, Any]]] = {
 
 # architectures transformers 4.x's GGUF loader reads as another model than the file holds, so
 # llmopt refuses them from the header there: architecture -> the refusal's words
-NEEDS_TRANSFORMERS_5 = {"qwen3_moe": "renormalizes a qwen3moe token's top-k expert weights"}
+NEEDS_TRANSFORMERS_5 = {"qwen3_moe": "renormalizes a qwen3moe token's top-k expert weights",
+                        "qwen2_moe": "splits a qwen2moe file's stacked experts as 60 experts"}
 
 
 def build(arch: str, path: str | os.PathLike[str], qtype: str, seed: int = 0,

@@ -299,6 +299,10 @@ def _check_dropped_shapes(header: GGUFHeader, arch: str, model_type: str) -> Non
     if model_type == "qwen3_moe" and getattr(config, "norm_topk_prob", True) is False:
         wrong.append("llama.cpp renormalizes a qwen3moe token's top-k expert weights, "
                      "transformers would not (norm_topk_prob=False)")
+    experts = header.get("expert_count")
+    if model_type == "qwen2_moe" and experts not in (None, 60) and _transformers_major() < 5:
+        wrong.append(f"transformers 4.x splits a qwen2moe file's stacked experts as 60 experts "
+                     f"whatever expert_count says ({experts}; transformers >= 5 reads it)")
     if wrong:
         raise _refuse(header, "; ".join(wrong), fix="export the model's Hugging Face "
                       "checkpoint (its config.json states these) instead of the GGUF file")
@@ -351,3 +355,9 @@ def _same(file: Any, built: Any) -> bool:
         return abs(float(file) - float(built)) <= 1e-6 * max(1.0, abs(float(built)))
     except (TypeError, ValueError):
         return bool(file == built)
+
+
+def _transformers_major() -> int:
+    import transformers
+
+    return int(transformers.__version__.split(".", 1)[0])

@@ -3,10 +3,9 @@
 -> validation passes -> the Generator's greedy tokens equal transformers' ``generate`` on the
 same GGUF file. Most in Q8_0 (breadth), a few in Q4_0 (the 4-bit blocks int4 reuses).
 
-Under transformers 4.57 every architecture it reads is exported where llmopt has a native
-builder; the traced ones are refused from the config (the traced builder needs transformers 5),
-the architectures 4.57 cannot read from GGUF are skipped by name, and those its GGUF loader
-reads as another model are refused from the header (``tiny_gguf.NEEDS_TRANSFORMERS_5``).
+Under transformers 4.57 every architecture it reads is exported (natively or traced); the
+architectures 4.57 cannot read from GGUF are skipped by name, and those its GGUF loader reads
+as another model are refused from the header (``tiny_gguf.NEEDS_TRANSFORMERS_5``).
 """
 
 from __future__ import annotations
@@ -18,7 +17,7 @@ import transformers
 
 import llmopt
 from llmopt.errors import UnsupportedError
-from llmopt.exporter import ExportOptions, traced
+from llmopt.exporter import ExportOptions
 from tests import tiny_gguf
 from tests.exporter.test_matrix import expected_builder, torch_greedy
 
@@ -52,11 +51,6 @@ def test_gguf_architecture_exports_and_generates_like_transformers(arch: str,
     if arch in tiny_gguf.NEEDS_TRANSFORMERS_5 and transformers.__version__.startswith("4."):
         with pytest.raises(UnsupportedError, match=tiny_gguf.NEEDS_TRANSFORMERS_5[arch]):
             llmopt.export(path, tmp_path / "package")
-        return
-    if builder == "traced" and not traced.transformers_traceable():
-        with pytest.raises(UnsupportedError, match="transformers >= 5"):
-            llmopt.export(path, tmp_path / "package")
-        assert not (tmp_path / "package").exists()
         return
     package = llmopt.export(path, tmp_path / "package", ExportOptions(generation_tokens=8))
     manifest = package.manifest
