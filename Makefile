@@ -15,7 +15,7 @@ PYTEST_ARGS  ?=
 INSTALLED       := $(VENV)/.llmopt-installed
 INSTALLED_TF457 := $(VENV_TF457)/.llmopt-installed
 
-.PHONY: install install-tf457 lock models lint test demo proto bench clean
+.PHONY: install install-tf457 lock models lint test demo proto bench gpu-check clean
 
 install: $(INSTALLED)
 
@@ -62,6 +62,11 @@ proto: install
 bench: install
 	$(LLMOPT) bench bench/configs/smollm2_cpu.yaml --prepare --skip-missing \
 		--out bench/results/smollm2_cpu
+
+# The GPU self-test (llmopt doctor --gpu): on a machine with an NVIDIA GPU and onnxruntime-gpu,
+# cuda (and tensorrt where installed) against CPU, offline, in minutes; fails with the reasons.
+gpu-check: install
+	$(LLMOPT) doctor --gpu
 
 clean:
 	rm -rf llmopt-demo .pytest_cache .mypy_cache .ruff_cache

@@ -52,9 +52,9 @@ def ensure_package(package: Path | None, work_dir: Path) -> Path:
     return out
 
 
-def start_server(repo: Path) -> tuple[subprocess.Popen[str], str]:
+def start_server(repo: Path, *extra: str) -> tuple[subprocess.Popen[str], str]:
     command = [sys.executable, "-m", "llmopt.cli.main", "serve", "--model-repository",
-               str(repo), "--port", "0", "--no-metrics"]
+               str(repo), "--port", "0", "--no-metrics", *extra]
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
     assert proc.stdout is not None
@@ -121,6 +121,8 @@ def main() -> int:
     p.add_argument("--streams", type=int, default=8)
     p.add_argument("--duration", type=float, default=30.0, help="seconds per measurement")
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--no-batch-invariant", action="store_true",
+                   help="serve with one shared padded batch (how the README's 4.1x was measured)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--out", type=Path, default=RESULTS / "serve_concurrency")
     args = p.parse_args()
@@ -129,7 +131,8 @@ def main() -> int:
     repo = Path(tempfile.mkdtemp(prefix="llmopt-serve-bench-"))
     (repo / MODEL).symlink_to(package.resolve(), target_is_directory=True)
     load_before = os.getloadavg()
-    proc, address = start_server(repo)
+    proc, address = start_server(repo, *(["--no-batch-invariant"] if args.no_batch_invariant
+                                         else []))
     runs: list[dict[str, float]] = []
     try:
         measure(address, args.streams, 5.0, 8)  # warm-up: sessions, threads, channels

@@ -32,6 +32,7 @@ __all__ = [
     "PackageError",
     "ProviderError",
     "QuantizeOptions",
+    "ResponseFormat",
     "SamplingParams",
     "ShapeRange",
     "SourceError",
@@ -51,12 +52,14 @@ if TYPE_CHECKING:
     from llmopt.optimizer import OptimizeOptions, optimize
     from llmopt.quantizer import QuantizeOptions, quantize
     from llmopt.runtime import load
+    from llmopt.runtime.constraints import ResponseFormat
     from llmopt.runtime.providers import CPUOptions, CUDAOptions, ShapeRange, TensorRTOptions
     from llmopt.runtime.sampling import SamplingParams
 
 _LAZY = {
     "load": ("llmopt.runtime", "load"),
     "SamplingParams": ("llmopt.runtime.sampling", "SamplingParams"),
+    "ResponseFormat": ("llmopt.runtime.constraints", "ResponseFormat"),
     "CPUOptions": ("llmopt.runtime.providers", "CPUOptions"),
     "CUDAOptions": ("llmopt.runtime.providers", "CUDAOptions"),
     "TensorRTOptions": ("llmopt.runtime.providers", "TensorRTOptions"),

@@ -115,6 +115,8 @@ def _validation_lines(validation: dict[str, Any] | None) -> list[str]:
         main = {k: v for k, v in diffs.items() if not k.startswith("present.")}
         presents = [v for k, v in diffs.items() if k.startswith("present.")]
         parts = [f"{k} {v:.2e}" for k, v in main.items()]
+        if "error" in case:
+            parts.append(f"failed to run: {case['error']}")
         if presents:
             parts.append(f"presents <= {max(presents):.2e}")
         mark = "ok" if case["passed"] else "FAIL"

@@ -171,3 +171,16 @@ def tiny_gguf(tmp_path_factory: pytest.TempPathFactory) -> Any:
         return made[name]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def byte_level_decoder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny llama exported with a byte-level BPE tokenizer (every byte is a token), the
+    tokenizer kind grammar-constrained decoding reads (tests/tiny_tokenizers.py)."""
+    from llmopt.exporter import export
+    from tests import tiny_decoders, tiny_tokenizers
+
+    root = tmp_path_factory.mktemp("byte-level-decoder")
+    source = tiny_decoders.build("llama", root / "source",
+                                 make_tokenizer=tiny_tokenizers.byte_level_tokenizer)
+    return export(source, root / "package").path

@@ -196,6 +196,8 @@ MESSAGES = (
     "is not supported; supported: ",
     "is not a GGUF file (it does not start with the GGUF magic bytes)",
     "could not read GGUF file",
+    "has an unreadable GGUF header",
+    "GGUF loader would build another model than the file holds",
     "cannot read {arch!r} models ",
     "dequantize for transformers: ",
     "strict providers (--strict-providers) to allow the fallback",

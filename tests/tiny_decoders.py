@@ -101,11 +101,13 @@ VARIANTS = {
 
 
 def build(arch: str, directory: str | os.PathLike[str], seed: int = 0,
-          safe_serialization: bool = True, **options: Any) -> Path:
-    """Save a tiny random ``arch`` model and its tokenizer into ``directory``; ``options`` set
-    config attributes on top of ``CONFIGS[arch]`` (variants such as ``qk_layernorm=True``)."""
+          safe_serialization: bool = True, make_tokenizer: Any = decoder_tokenizer,
+          **options: Any) -> Path:
+    """Save a tiny random ``arch`` model and its tokenizer (``make_tokenizer(directory)``, a
+    builder of tests/tiny_tokenizers.py) into ``directory``; ``options`` set config attributes
+    on top of ``CONFIGS[arch]`` (variants such as ``qk_layernorm=True``)."""
     directory = Path(directory)
-    tokenizer = decoder_tokenizer(directory)
+    tokenizer = make_tokenizer(directory)
     model_class, make_config = {**CONFIGS, **VARIANTS}[arch]
     config = make_config(len(tokenizer))
     for name, value in options.items():

@@ -39,6 +39,7 @@ DECODERS: dict[str, tuple[str, str, dict[str, Any]]] = {
     "mpt": ("MptForCausalLM", "MptConfig",
             {"d_model": 64, "n_layers": 2, "n_heads": 4, "max_seq_len": 256}),
     "smollm3": ("SmolLM3ForCausalLM", "SmolLM3Config", _C),
+    "nemotron": ("NemotronForCausalLM", "NemotronConfig", _C),
     "exaone4": ("Exaone4ForCausalLM", "Exaone4Config", _C),
 }
 

@@ -11,7 +11,6 @@ with int8 scales).
 
 from __future__ import annotations
 
-import inspect
 import os
 from pathlib import Path
 from typing import Any
@@ -21,15 +20,47 @@ import numpy as np
 QK_K = 256
 # transformers model_type -> llama.cpp architecture name, where they differ
 GGUF_ARCH = {"gemma3_text": "gemma3", "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe"}
-# architecture -> (model class, config kwargs); hidden sizes are multiples of 256 so every
-# matrix holds whole Q4_K super-blocks
+# architecture -> (model class, config class, config kwargs): every architecture that both
+# transformers reads from GGUF and llmopt exports. Hidden sizes are multiples of 256 so every
+# matrix holds whole Q4_K super-blocks. Attributes transformers' GGUF loader does not read
+# (its GGUF_CONFIG_MAPPING drops them) keep the config class's default, or the model read back
+# would differ from the one written: Qwen3's head_dim 128, the MoE expert widths, Gemma's
+# query_pre_attn_scalar, StableLM's rotary fraction, Falcon's original (multi-query) layout.
 _COMMON = {"hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 2,
            "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 128,
            "vocab_size": 96}
+_GEMMA = {**_COMMON, "head_dim": 64, "sliding_window": 8}
 MODELS: dict[str, tuple[str, str, dict[str, Any]]] = {
     "llama": ("LlamaForCausalLM", "LlamaConfig", _COMMON),
     "qwen2": ("Qwen2ForCausalLM", "Qwen2Config", _COMMON),
+    "qwen3": ("Qwen3ForCausalLM", "Qwen3Config", {**_COMMON, "head_dim": 128}),
+    "phi3": ("Phi3ForCausalLM", "Phi3Config", {**_COMMON, "pad_token_id": 0}),
+    "stablelm": ("StableLmForCausalLM", "StableLmConfig", {**_COMMON, "use_qkv_bias": True}),
+    "starcoder2": ("Starcoder2ForCausalLM", "Starcoder2Config", _COMMON),
+    "gemma2": ("Gemma2ForCausalLM", "Gemma2Config", _GEMMA),
+    # six layers: the default pattern (five sliding, one global) holds both kinds
+    "gemma3_text": ("Gemma3ForCausalLM", "Gemma3TextConfig", {**_GEMMA, "num_hidden_layers": 6}),
+    "bloom": ("BloomForCausalLM", "BloomConfig",
+              {"hidden_size": 256, "n_layer": 2, "n_head": 4, "vocab_size": 96}),
+    "gpt2": ("GPT2LMHeadModel", "GPT2Config",
+             {"n_embd": 256, "n_layer": 2, "n_head": 4, "vocab_size": 96}),
+    "falcon": ("FalconForCausalLM", "FalconConfig",
+               {"hidden_size": 256, "num_hidden_layers": 2, "num_attention_heads": 4,
+                "vocab_size": 96, "multi_query": True, "new_decoder_architecture": False}),
+    # (1 + w) LayerNorms stored as llama.cpp's w + 1, half the head rotary (the default)
+    "nemotron": ("NemotronForCausalLM", "NemotronConfig", _COMMON),
+    "qwen2_moe": ("Qwen2MoeForCausalLM", "Qwen2MoeConfig",
+                  {**_COMMON, "num_hidden_layers": 1, "num_experts": 4,
+                   "num_experts_per_tok": 2}),
+    "qwen3_moe": ("Qwen3MoeForCausalLM", "Qwen3MoeConfig",
+                  {**_COMMON, "head_dim": 64, "num_experts": 4, "num_experts_per_tok": 2,
+                   "norm_topk_prob": True}),
 }
+
+# architectures transformers 4.x's GGUF loader reads as another model than the file holds, so
+# llmopt refuses them from the header there: architecture -> the refusal's words
+NEEDS_TRANSFORMERS_5 = {"qwen3_moe": "renormalizes a qwen3moe token's top-k expert weights",
+                        "qwen2_moe": "splits a qwen2moe file's stacked experts as 60 experts"}
 
 
 def build(arch: str, path: str | os.PathLike[str], qtype: str, seed: int = 0,
@@ -37,6 +68,11 @@ def build(arch: str, path: str | os.PathLike[str], qtype: str, seed: int = 0,
     """Write a tiny random ``arch`` model to the GGUF file ``path``, every matrix in ``qtype``
     except the tensors named in ``overrides`` (``{"attn_v": "Q8_0"}``, as llama.cpp's Q4_K_M
     mixes in Q6_K); norms and biases stay F32, as llama.cpp keeps them."""
+    return write(model(arch, seed), path, qtype, overrides)
+
+
+def model(arch: str, seed: int = 0) -> Any:
+    """The tiny random transformers model of ``arch`` that ``build`` writes."""
     import transformers
 
     from tests import tiny_decoders
@@ -44,19 +80,20 @@ def build(arch: str, path: str | os.PathLike[str], qtype: str, seed: int = 0,
     model_name, config_name, kwargs = MODELS[arch]
     config = getattr(transformers, config_name)(tie_word_embeddings=True, bos_token_id=1,
                                                 eos_token_id=2, **kwargs)
-    model = tiny_decoders.random_model(getattr(transformers, model_name), config, seed)
-    return write(model, path, qtype, overrides)
+    return tiny_decoders.random_model(getattr(transformers, model_name), config, seed)
 
 
 def write(model: Any, path: str | os.PathLike[str], qtype: str,
           overrides: dict[str, str] | None = None,
-          tokenizer_from: str | os.PathLike[str] | None = None) -> Path:
+          tokenizer_from: str | os.PathLike[str] | None = None,
+          fields: dict[str, Any] | None = None,
+          extra_tensors: dict[str, np.ndarray] | None = None) -> Path:
     """``model`` (a transformers causal LM of an architecture transformers reads from GGUF)
     as the GGUF file ``path``, with the tokenizer of the GGUF file ``tokenizer_from`` or, by
-    default, a byte-level BPE over ASCII characters (enough for the evaluation text)."""
+    default, a byte-level BPE over ASCII characters (enough for the evaluation text).
+    ``fields`` adds or replaces ``{arch}.*`` keys and ``extra_tensors`` adds F32 tensors (what
+    other llama.cpp conversions store: RoPE factors, experts)."""
     import gguf
-    from transformers.integrations.ggml import GGUF_CONFIG_MAPPING
-    from transformers.modeling_gguf_pytorch_utils import TensorProcessor, get_gguf_hf_weights_map
 
     config = model.config
     model_type = str(config.model_type)
@@ -64,13 +101,11 @@ def write(model: Any, path: str | os.PathLike[str], qtype: str,
     path = Path(path)
     writer = gguf.GGUFWriter(str(path), arch)
     writer.add_name(f"tiny-{model_type}")
-    mapping = GGUF_CONFIG_MAPPING[model_type if model_type in GGUF_CONFIG_MAPPING else arch]
-    for key, attribute in mapping.items():
-        value = getattr(config, attribute, None) if attribute else None
-        if value is None or isinstance(value, list | dict):
-            continue
+    for key, value in {**metadata(config), **(fields or {})}.items():
         name = f"{arch}.{key}"
-        if isinstance(value, bool):
+        if isinstance(value, str):
+            writer.add_string(name, value)
+        elif isinstance(value, bool):
             writer.add_bool(name, value)
         elif isinstance(value, int):
             writer.add_uint32(name, value)
@@ -82,28 +117,122 @@ def write(model: Any, path: str | os.PathLike[str], qtype: str,
         _add_tokenizer(writer, int(config.vocab_size))
         writer.add_bos_token_id(int(config.bos_token_id))
         writer.add_eos_token_id(int(config.eos_token_id))
-    # transformers 5 passes its tensor processor; 4.57 takes the model alone
-    takes_processor = "processor" in inspect.signature(get_gguf_hf_weights_map).parameters
-    names = {hf: name for name, hf in (get_gguf_hf_weights_map(model, TensorProcessor())
-                                       if takes_processor else
-                                       get_gguf_hf_weights_map(model)).items()}
-    state = model.state_dict()
+        if getattr(config, "pad_token_id", None) is not None:
+            writer.add_pad_token_id(int(config.pad_token_id))
     tied = bool(getattr(config, "tie_word_embeddings", False))
-    for hf_name, tensor in state.items():
-        if hf_name not in names or (names[hf_name] == "output.weight" and tied):
+    for name, weights in gguf_tensors(model):
+        if name == "output.weight" and tied:
             continue  # a tied LM head: llama.cpp writes token_embd only
-        values = tensor.detach().float().numpy()
-        name = names[hf_name]
-        values = _as_llama_cpp(arch, name, values, config)
+        values = _as_llama_cpp(arch, name, weights, config)
         short = name.split(".")[-2]
         kind = gguf.GGMLQuantizationType[(overrides or {}).get(short, qtype)]
-        data, raw = encode(values, kind) if values.ndim == 2 else (values, None)
+        data, raw = encode(values, kind) if values.ndim >= 2 else (values, None)
         writer.add_tensor(name, data, raw_dtype=raw)
+    for name, values in (extra_tensors or {}).items():
+        writer.add_tensor(name, np.ascontiguousarray(values, dtype=np.float32))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+def truncate_weights(path: Path) -> Path:
+    """Cut the GGUF file ``path`` inside its tensor data, its header intact: reading any
+    weight (or mapping the tensors, as ``gguf.GGUFReader`` does) now fails."""
+    import gguf
+
+    size = path.stat().st_size
+    data = sum(int(t.n_bytes) for t in gguf.GGUFReader(path).tensors)
+    with path.open("r+b") as handle:
+        handle.truncate(size - data + 1)
+    return path
+
+
+def foreign(path: Path, arch: str) -> Path:
+    """A GGUF file of an architecture MODELS has no model for (one embedding, no weights to
+    read: its tensor data cut short)."""
+    import gguf
+
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_block_count(2)
+    writer.add_tensor("token_embd.weight", np.zeros((8, 32), np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return truncate_weights(path)
+
+
+def metadata(config: Any) -> dict[str, Any]:
+    """The ``{arch}.*`` keys llama.cpp's converter writes for ``config``: those transformers
+    reads back (its GGUF key table read backwards) and the shape keys it drops but llama.cpp
+    always writes (head and rotary widths, expert widths, RoPE base), so that a written file
+    passes llmopt's header checks the way a real one does."""
+    from transformers.integrations.ggml import GGUF_CONFIG_MAPPING
+
+    model_type = str(config.model_type)
+    arch = GGUF_ARCH.get(model_type, model_type)
+    mapping = GGUF_CONFIG_MAPPING[model_type if model_type in GGUF_CONFIG_MAPPING else arch]
+    keys: dict[str, Any] = {}
+    for key, attribute in mapping.items():
+        value = getattr(config, attribute, None) if attribute else None
+        if value is not None and not isinstance(value, list | dict):
+            keys[key] = value
+    heads = getattr(config, "num_attention_heads", None)
+    head_dim = getattr(config, "head_dim", None) or (int(config.hidden_size) // int(heads))
+    rope = getattr(config, "rope_parameters", None) or {}
+    rope = rope.get("full_attention", rope)
+    if rope.get("rope_theta") is not None:
+        keys.setdefault("rope.freq_base", float(rope["rope_theta"]))
+        keys.setdefault("rope.dimension_count",
+                        int(head_dim * rope.get("partial_rotary_factor", 1.0)))
+    keys.setdefault("attention.key_length", int(head_dim))
+    keys.setdefault("attention.value_length", int(head_dim))
+    for key, attribute in (("expert_feed_forward_length", "moe_intermediate_size"),
+                           ("expert_shared_feed_forward_length",
+                            "shared_expert_intermediate_size")):
+        if getattr(config, attribute, None):
+            keys.setdefault(key, int(getattr(config, attribute)))
+    return keys
+
+
+def gguf_tensors(model: Any) -> list[tuple[str, np.ndarray]]:
+    """``model``'s weights under their GGUF names, as transformers' GGUF name map pairs them;
+    MoE experts as llama.cpp stacks them ([experts, rows, cols] per gate, up and down: the
+    gate and up halves of transformers 5's fused ``gate_up_proj`` apart, 4.x's modules one
+    per expert stacked)."""
+    import inspect
+
+    from transformers.modeling_gguf_pytorch_utils import (
+        TENSOR_PROCESSORS,
+        TensorProcessor,
+        get_gguf_hf_weights_map,
+    )
+
+    arch = GGUF_ARCH.get(str(model.config.model_type), str(model.config.model_type))
+    # transformers 5 passes its tensor processor; 4.57 takes the model alone
+    if "processor" in inspect.signature(get_gguf_hf_weights_map).parameters:
+        names = get_gguf_hf_weights_map(model, TENSOR_PROCESSORS.get(arch, TensorProcessor)())
+    else:
+        names = get_gguf_hf_weights_map(model)
+    state = model.state_dict()
+    tensors = []
+    for key, hf_name in names.items():
+        if hf_name in state:
+            values = state[hf_name].detach().float().numpy()
+        else:  # transformers 4.x: one module per expert, named without its index
+            experts = int(model.config.num_experts)
+            values = np.stack([state[hf_name.replace(".experts.", f".experts.{e}.")].detach()
+                               .float().numpy() for e in range(experts)])
+        if key.endswith(("_gate_exps", "_up_exps")):  # halves of one fused gate_up_proj
+            half = values.shape[1] // 2
+            values = values[:, :half] if key.endswith("_gate_exps") else values[:, half:]
+        name = f"{key}.weight" if key.endswith("_exps") else key
+        if name.endswith("ffn_gate_inp_shexp.weight"):
+            values = values.reshape(-1)  # llama.cpp's shared-expert gate is a vector
+        tensors.append((name, values))
+    return tensors
 
 
 def _add_tokenizer(writer: Any, vocab_size: int) -> None:
@@ -157,7 +286,7 @@ def permute(weights: np.ndarray, heads: int) -> np.ndarray:
 
 
 def encode(values: np.ndarray, kind: Any) -> tuple[np.ndarray, Any]:
-    """A [rows, cols] float matrix as (data, raw_dtype) for ``GGUFWriter.add_tensor``."""
+    """A [..., rows, cols] float tensor as (data, raw_dtype) for ``GGUFWriter.add_tensor``."""
     import gguf
 
     values = np.ascontiguousarray(values, dtype=np.float32)
@@ -166,8 +295,9 @@ def encode(values: np.ndarray, kind: Any) -> tuple[np.ndarray, Any]:
     if kind == gguf.GGMLQuantizationType.F16:
         return values.astype(np.float16), None
     encoders = {"Q4_K": quantize_q4_k, "Q5_K": quantize_q5_k, "Q6_K": quantize_q6_k}
-    if kind.name in encoders:
-        return encoders[kind.name](values), kind
+    if kind.name in encoders:  # row-wise: stacked experts as one tall matrix
+        rows = encoders[kind.name](values.reshape(-1, values.shape[-1]))
+        return rows.reshape(*values.shape[:-1], -1), kind
     return gguf.quants.quantize(values, kind), kind
 
 

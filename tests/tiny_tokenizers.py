@@ -129,6 +129,22 @@ def decoder_tokenizer(directory: str | os.PathLike[str]) -> PreTrainedTokenizerF
     return _save(fast, directory)
 
 
+def byte_level_tokenizer(directory: str | os.PathLike[str]) -> PreTrainedTokenizerFast:
+    """A GPT-2-style byte-level BPE over all 256 bytes (after ``<unk> <s> </s>``), so any text,
+    JSON included, has tokens: what grammar-constrained decoding needs (llguidance reads the
+    bytes of each token through the byte-level decoder). Chat template as ``decoder_tokenizer``."""
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {token: i for i, token in enumerate(["<unk>", "<s>", "</s>", *sorted(alphabet)])}
+    tokenizer = Tokenizer(models.BPE(vocab, [], unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>", pad_token="<unk>",
+                                   model_input_names=["input_ids", "attention_mask"])
+    fast.chat_template = DECODER_CHAT_TEMPLATE
+    return _save(fast, directory)
+
+
 def _save(tokenizer: PreTrainedTokenizerFast,
           directory: str | os.PathLike[str]) -> PreTrainedTokenizerFast:
     Path(directory).mkdir(parents=True, exist_ok=True)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Any
 
 from llmopt.cli._providers import add_provider_args, load_runner
@@ -30,6 +31,16 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--ignore-eos", action="store_true", help="generate past end-of-sequence")
     p.add_argument("--no-stream", action="store_true", help="print the text when done")
     p.add_argument("--json", action="store_true", help="print the result and stats as JSON")
+    structured = p.add_argument_group(
+        "structured output (docs/structured-output.md)").add_mutually_exclusive_group()
+    structured.add_argument("--json-object", action="store_true",
+                            help="the output is one JSON object")
+    structured.add_argument("--json-schema", metavar="FILE",
+                            help="the output is JSON valid against the JSON Schema in FILE")
+    structured.add_argument("--regex", metavar="PATTERN",
+                            help="the output matches this regular expression")
+    structured.add_argument("--lark", metavar="FILE",
+                            help="the output follows the Lark grammar in FILE")
     add_provider_args(p)
     remote = p.add_argument_group("remote generation (llmopt serve)")
     remote.add_argument("--server", metavar="HOST:PORT",
@@ -52,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
     params = SamplingParams(
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
         top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
-        stop=tuple(args.stop), ignore_eos=args.ignore_eos,
+        stop=tuple(args.stop), ignore_eos=args.ignore_eos, response_format=_format(args),
     )
     if args.server:
         stream, providers = _remote_stream(args, prompt, params)
@@ -101,3 +112,30 @@ def _remote_stream(args: argparse.Namespace, prompt: str, params: Any) -> tuple[
     has_template = bool((details.manifest.get("generation") or {}).get("chat_template"))
     stream = client.stream(args.package, prompt, params, chat=not args.raw and has_template)
     return stream, list(details.providers)
+
+
+def _format(args: argparse.Namespace) -> Any:
+    """The ResponseFormat the flags ask for, or None."""
+    from llmopt.errors import InvalidInputError
+    from llmopt.runtime.constraints import ResponseFormat
+
+    if args.json_object:
+        return ResponseFormat.json_object()
+    if args.regex is not None:
+        return ResponseFormat.regex(args.regex)
+    path = args.json_schema or args.lark
+    if path is None:
+        return None
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise InvalidInputError(f"cannot read {path}: {exc.strerror}",
+                                fix="pass a readable file") from None
+    if args.lark:
+        return ResponseFormat.lark(text)
+    try:
+        schema = json.loads(text)
+    except ValueError as exc:
+        raise InvalidInputError(f"{path} is not JSON: {exc}",
+                                fix="pass a file holding one JSON Schema object") from None
+    return ResponseFormat.json_schema(schema)

@@ -19,6 +19,10 @@ def add_parser(subparsers: Any) -> None:
                    "moe (ONNX Runtime's MoE op; not in any level: slower on CPU)")
     p.add_argument("--fp16", action=argparse.BooleanOptionalAction, default=None,
                    help="convert to float16 (default: only at level 3)")
+    p.add_argument("--target", choices=["cpu", "cuda"], default="cpu",
+                   help="cuda: float16 with GroupQueryAttention, the graph ONNX Runtime's CUDA "
+                   "provider runs entirely on the GPU with the KV cache updated in place "
+                   "(implies float16 at level 2 or 3)")
     p.add_argument("--no-validate", dest="validate", action="store_false")
     p.add_argument("--tolerance", type=float)
 
@@ -29,6 +33,6 @@ def run(args: argparse.Namespace) -> int:
 
     options = OptimizeOptions(level=args.level, fusions=tuple(args.fusions) if args.fusions
                               else None, fp16=args.fp16, validate=args.validate,
-                              tolerance=args.tolerance)
+                              tolerance=args.tolerance, target=args.target)
     print(render(describe(optimize(args.package, args.output, options))))
     return 0

@@ -10,6 +10,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from llmopt.cli._providers import add_provider_args, provider_options
+
 LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]")
 
 
@@ -27,6 +29,10 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--port", type=int, default=8001, help="gRPC port (default 8001; 0: any)")
     p.add_argument("--metrics-port", type=int, default=8002,
                    help="Prometheus /metrics HTTP port (default 8002; 0: any)")
+    p.add_argument("--metrics-host", metavar="HOST",
+                   help="address of the /metrics endpoint (default: --host); it is plain HTTP "
+                   "without auth even when TLS and tokens guard gRPC, so bind it where only "
+                   "your scraper reaches it")
     p.add_argument("--no-metrics", action="store_true", help="serve no metrics endpoint")
     p.add_argument("--http-port", type=int, default=8000,
                    help="HTTP port on the same host: OpenAI-compatible /v1 routes and KServe v2 "
@@ -46,11 +52,26 @@ def add_parser(subparsers: Any) -> None:
                    help="concurrent RPCs; more get RESOURCE_EXHAUSTED (default 64)")
     p.add_argument("--grace", type=float, default=30.0,
                    help="seconds in-flight requests get on shutdown (default 30)")
+    p.add_argument("--request-timeout", type=float, metavar="SECONDS",
+                   help="limit of a request whose client sets no deadline (default: none, it "
+                   "waits as long as needed); a model's llmopt-serve.yaml may set its own "
+                   "request_timeout_s")
+    add_provider_args(p)  # every model's defaults; a package's llmopt-serve.yaml overrides them
+    p.add_argument("--no-batch-invariant", dest="batch_invariant", action="store_false",
+                   help="decoders: one shared left-padded batch (faster with many streams; "
+                   "greedy answers may then change with the load, docs/batch_invariance.md)")
+    p.add_argument("--prefill-chunk", type=int, metavar="TOKENS",
+                   help="decoders: prompt tokens prefilled per engine step, between decode "
+                   "steps of running streams (default 256; 0: whole prompts at once); "
+                   "llmopt-serve.yaml overrides it per model")
+    p.add_argument("--max-prompt-tokens", type=int, metavar="TOKENS",
+                   help="decoders: refuse longer prompts with INVALID_ARGUMENT (default: the "
+                   "model's context); llmopt-serve.yaml overrides it per model")
 
 
 def run(args: argparse.Namespace) -> int:
     from llmopt.errors import InvalidInputError
-    from llmopt.server import ServerConfig, TLSConfig, read_tokens, serve
+    from llmopt.server import ModelConfig, ServerConfig, TLSConfig, read_tokens, serve
 
     tls = None
     if args.tls_cert or args.tls_key or args.tls_client_ca:
@@ -61,10 +82,20 @@ def run(args: argparse.Namespace) -> int:
     tokens: tuple[str, ...] = ()
     if args.token_file or args.token_env:
         tokens = read_tokens(file=args.token_file, env=args.token_env)
+    model_options = {name: value for name, value in (
+        ("prefill_chunk", args.prefill_chunk), ("max_prompt_tokens", args.max_prompt_tokens))
+        if value is not None}
     config = ServerConfig(tokens=tokens, tls=tls, max_message_bytes=args.max_message_bytes,
                           max_workers=args.workers, grace_s=args.grace,
                           metrics_port=None if args.no_metrics else args.metrics_port,
-                          metrics_host=args.host,
+                          metrics_host=args.metrics_host or args.host,
+                          model_defaults=ModelConfig(
+                              providers=tuple(args.providers or ("cpu",)),
+                              provider_options=provider_options(args),
+                              strict_providers=args.strict_providers,
+                              request_timeout_s=args.request_timeout,
+                              batch_invariant=args.batch_invariant,
+                          ).merged(model_options, "serve options"),
                           http_port=None if args.no_http else args.http_port)
     if args.host not in LOOPBACK and (tls is None or not tokens):
         print(f"llmopt serve: warning: binding {args.host} without "

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 COMMANDS = (
     "export", "optimize", "quantize", "eval", "inspect",
-    "generate", "embed", "fetch", "bench", "serve", "demo",
+    "generate", "embed", "fetch", "bench", "serve", "demo", "doctor",
 )
 
 EXIT_USER_ERROR = 1

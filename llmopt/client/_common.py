@@ -133,6 +133,14 @@ def sampling(params: SamplingParams | None, overrides: Mapping[str, Any]) -> Any
         eos_token_ids=list(params.eos_token_ids or ()))
     if params.seed is not None:
         options.seed = params.seed
+    if params.response_format is not None:
+        fmt = params.response_format
+        wire = options.response_format
+        if fmt.kind == "json_object":
+            wire.json_object = True
+        else:
+            setattr(wire, fmt.kind, fmt.text)
+        wire.lenient = not fmt.strict
     return options
 
 

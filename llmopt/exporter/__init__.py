@@ -238,7 +238,9 @@ def _options_dict(options: ExportOptions) -> dict[str, Any]:
 def _failure_summary(report: dict[str, Any]) -> str:
     parts = []
     for case in report["cases"]:
-        if not case["passed"]:
+        if "error" in case:
+            parts.append(f"{case['case']}: the graph failed to run ({case['error']})")
+        elif not case["passed"]:
             worst = max(case["max_abs_diff"].items(), key=lambda kv: kv[1])
             parts.append(f"{case['case']}: {worst[0]} max abs diff {worst[1]:.3g}")
     for gen in report.get("generation", []):

@@ -572,6 +572,10 @@ def emit(arch: DecoderArch, model: Any, dtype: Any) -> tuple[onnx.ModelProto, di
     inv_freq, scaling = rotary_parameters(model) if arch.positions == "rotary" else (None, 1.0)
     local_freq, local_scaling = (rotary_parameters(model, "sliding_attention")
                                  if arch.positions == "rotary" else (None, 1.0))
+    if inv_freq is None and local_freq is not None:
+        # every layer sliding (a Gemma 3 shorter than its pattern): transformers 5 builds the
+        # sliding table only, which is then the one table every layer uses
+        inv_freq, scaling, local_freq = local_freq, local_scaling, None
     dims = read_dims(arch, model.config, inv_freq, scaling, local_scaling)
     long_freq = longrope_inv_freq(model) if dims.long_rope_after is not None else None
     state = model.state_dict()

@@ -6,7 +6,10 @@
   ``attention`` (opset-23 ``RotaryEmbedding``, then attention with native grouped-query heads
   and the KV cache: ONNX Runtime's ``GroupQueryAttention`` in float32, whose cache can be one
   preallocated buffer for past and present (see :func:`_fused_attention`); opset-23
-  ``Attention`` in float16, whose CUDA kernel has the flash paths), ``activation`` (ONNX
+  ``Attention`` in float16, whose CUDA kernel has the flash paths, or, with ``gqa=True``
+  (``optimize --target cuda``), ``GroupQueryAttention`` in float16: ONNX Runtime's CUDA
+  kernel for it takes float16/bfloat16 only, and it keeps the in-place cache on the GPU),
+  ``activation`` (ONNX
   Runtime's ``Gelu``/``FastGelu``), ``moe`` (ONNX Runtime's ``MoE`` for a mixture-of-experts
   MLP: routing and every expert in one kernel). All of them: about 15 nodes a layer instead
   of about 55.
@@ -53,7 +56,6 @@ from llmopt.exporter.ops import F32, Linear, activation, rms_norm
 
 I64 = np.int64
 FUSED_OPSET = 23
-MASK_MIN = float(np.finfo(np.float32).min)
 
 
 FUSIONS = ("norm", "skip_norm", "attention", "activation", "moe")
@@ -62,7 +64,8 @@ QKNorm = Callable[[str, str], tuple[str, str]]  # (q, k) -> normalized (q, k), [
 
 
 def build_decoder(dims: DecoderDims, weights: DecoderWeights, norm_kind: str, dtype: Any,
-                  fusions: frozenset[str] = frozenset()) -> onnx.ModelProto:
+                  fusions: frozenset[str] = frozenset(),
+                  gqa: bool | None = None) -> onnx.ModelProto:
     r"""The decoder graph. A layer, sequential (the default)::
 
         x ─┬ attn_norm ─ attention ─ Add ─┬ mlp_norm ─ mlp ─ Add ─▶ (next layer's attn_norm)
@@ -77,9 +80,13 @@ def build_decoder(dims: DecoderDims, weights: DecoderWeights, norm_kind: str, dt
     where a block without its own mlp_norm (``layer.shared_norm``: Phi-2) feeds attn_norm's
     output to the MLP. Fused, each residual Add + the norm after it is one SkipLayerNorm op;
     a parallel block has one such Add a layer instead of two.
+
+    ``gqa`` picks the fused attention op: ``GroupQueryAttention`` (True) or opset-23
+    ``Attention`` (False); None is GroupQueryAttention in float32 only.
     """
     d = dims
     dt = np.dtype(dtype)
+    in_place = "attention" in fusions and (dt == np.dtype(F32) if gqa is None else gqa)
     b = GraphBuilder()
     input_ids = b.input("input_ids", I64, ["batch", "sequence"])
     attention_mask = b.input("attention_mask", I64, ["batch", "total_sequence"])
@@ -149,9 +156,9 @@ def build_decoder(dims: DecoderDims, weights: DecoderWeights, norm_kind: str, dt
         biases: dict[int | None, str] = {}
         for window in dict.fromkeys(d.window(i) for i in range(d.num_layers)):
             with b.scope("attn_mask" if window == d.window(0) else f"attn_mask_{window or 'full'}"):
-                biases[window] = attention_bias(b, input_ids, attention_mask, window)
-                if "attention" in fusions and dt != np.dtype(F32):
-                    biases[window] = b.op("Cast", biases[window], to=onnx.TensorProto.FLOAT16)
+                # fused attention adds the bias in the graph's dtype; primitives in float32
+                biases[window] = attention_bias(b, input_ids, attention_mask, window,
+                                                dt if "attention" in fusions else F32)
         tables: dict[bool, tuple[str | None, str | None]] = {False: (None, None)}
         if weights.inv_freq is not None:
             with b.scope("rotary"):
@@ -168,7 +175,7 @@ def build_decoder(dims: DecoderDims, weights: DecoderWeights, norm_kind: str, dt
                                              doubled="attention" not in fusions,
                                              name=f"{P}.rotary_local.inv_freq")
         lengths = None
-        if "attention" in fusions and dt == np.dtype(F32):
+        if in_place:
             with b.scope("kv_lengths"):
                 lengths = kv_lengths(b, attention_mask)
 
@@ -376,8 +383,10 @@ def op_histogram(proto: onnx.ModelProto) -> dict[str, int]:
 
 
 def attention_bias(b: GraphBuilder, input_ids: str, attention_mask: str,
-                   window: int | None) -> str:
-    """[B,1,S,T] float32 bias: 0 where query s may attend key t, float32-min elsewhere.
+                   window: int | None, dtype: Any = F32) -> str:
+    """[B,1,S,T] bias in ``dtype``: 0 where query s may attend key t, the dtype's lowest finite
+    value elsewhere (float16: -65504; float32's minimum cast to float16 would be -inf, and
+    -inf - -inf in a fused kernel's running max is NaN).
 
     Allowed: key not padding, key not after the query (causal), key inside the sliding window.
     Every query may also attend to itself, so the rows of padding queries are never fully
@@ -397,7 +406,13 @@ def attention_bias(b: GraphBuilder, input_ids: str, attention_mask: str,
     pad = b.op("Unsqueeze", b.op("Cast", attention_mask, to=onnx.TensorProto.BOOL),
                b.const([1, 2]))  # [B,1,1,T]
     allowed = b.op("Or", b.op("And", pad, allowed), b.op("Equal", kv_idx, q_idx))
-    return b.op("Where", allowed, b.const(0.0, F32), b.const(MASK_MIN, F32))
+    dt = np.dtype(dtype)
+    return b.op("Where", allowed, b.const(0.0, dt), b.const(mask_min(dt), dt))
+
+
+def mask_min(dtype: Any) -> float:
+    """The masked-out bias value of ``dtype``: its lowest finite number."""
+    return float(np.finfo(np.dtype(dtype)).min)
 
 
 def softcap(b: GraphBuilder, x: str, cap: float) -> str:

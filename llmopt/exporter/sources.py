@@ -16,12 +16,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 from llmopt.errors import SourceError, UnsupportedError
+from llmopt.exporter import gguf_header
 
 GGUF_MAGIC = b"GGUF"
-# the GGUF types llmopt exports from (transformers dequantizes them with gguf-py); int4 reuses
-# the 4-bit ones' blocks exactly (llmopt.quantizer.gguf.REUSED)
-GGUF_TYPES = ("Q4_0", "Q4_1", "Q4_K", "Q5_0", "Q5_1", "Q5_K", "Q6_K", "Q8_0", "F16", "BF16",
-              "F32")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 _AUTO_CLASSES = {
     "text-generation": "AutoModelForCausalLM",
@@ -107,45 +104,13 @@ def _gguf_reader(path: str, mtime_ns: int, size: int) -> Any:
 
 
 def load_config(source: Source, trust_remote_code: bool) -> Any:
-    """The transformers config; for a GGUF source also checks, from the file's header alone,
-    that transformers reads its architecture and can dequantize every tensor in it."""
+    """The transformers config (a GGUF source's header was checked by :func:`resolve`)."""
     from transformers import AutoConfig
 
     with _hub_errors(source):
-        config = AutoConfig.from_pretrained(
+        return AutoConfig.from_pretrained(
             source.directory, gguf_file=source.gguf_file, revision=source.revision,
             trust_remote_code=trust_remote_code,
-        )
-    if source.kind == "gguf":
-        check_gguf_types(Path(source.directory) / str(source.gguf_file))
-    return config
-
-
-def check_gguf_types(path: Path) -> None:
-    """Refuse a GGUF file with a tensor type gguf-py cannot dequantize (transformers loads GGUF
-    weights through it), naming the tensors: before any weight is read."""
-    import numpy as np
-    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
-    from gguf.quants import dequantize
-
-    kinds: dict[GGMLQuantizationType, list[str]] = {}
-    for tensor in gguf_reader(path).tensors:
-        kinds.setdefault(tensor.tensor_type, []).append(tensor.name)
-    refused = []
-    for kind, names in kinds.items():
-        size = GGML_QUANT_SIZES.get(kind, (1, 0))[1]
-        try:
-            dequantize(np.zeros(size, np.uint8), kind)  # one block of zeros
-        except (NotImplementedError, ValueError, KeyError):
-            refused.append(f"{kind.name} ({len(names)} tensors, e.g. {names[0]})")
-    if refused:
-        from importlib.metadata import version
-
-        raise UnsupportedError(
-            f"{path.name} holds GGUF tensor types that gguf {version('gguf')} cannot "
-            f"dequantize for transformers: {', '.join(refused)}",
-            fix="upgrade gguf (pip install -U gguf), or use a file of this model in a type it "
-            f"reads ({', '.join(GGUF_TYPES)})",
         )
 
 
@@ -266,6 +231,9 @@ def _require(module: str, extra: str) -> None:
 
 
 def _check_gguf(path: Path) -> None:
+    """The magic bytes, then what the header alone decides (:mod:`gguf_header`): a file
+    transformers cannot read, would read as another model, or llmopt cannot export is refused
+    here, before transformers parses it or dequantizes a weight."""
     with path.open("rb") as handle:
         magic = handle.read(4)
     if magic != GGUF_MAGIC:
@@ -273,6 +241,8 @@ def _check_gguf(path: Path) -> None:
             f"{path} is not a GGUF file (it does not start with the GGUF magic bytes)",
             fix="re-download the file; it may be corrupt or another format",
         )
+    _require("gguf", "gguf")
+    gguf_header.check(gguf_header.read(path))
 
 
 def _looks_like_path(reference: str) -> bool:

@@ -16,6 +16,8 @@ module around the model turns flat cache tensors into a ``DynamicCache`` (full l
 sliding-window model keeps every position, as native graphs do, and masks the rest) and back.
 Attention traces as one fused node per layer (:mod:`llmopt.exporter.traced_attention`) and the
 shape arithmetic left static by the config is folded (:mod:`llmopt.exporter.traced_shapes`).
+Under transformers 4.x the masks and the mixture-of-experts loops are made traceable for the
+duration of the trace (:mod:`llmopt.exporter.traced_compat`).
 Whether a model can be traced is decided from its config, before any weight is loaded
 (:func:`check_config`); whether the trace computes what the model computes is decided by
 validation, as for every export.
@@ -34,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from llmopt.errors import UnsupportedError
+from llmopt.exporter.traced_compat import check_experts, tracing_compat
 
 log = logging.getLogger("llmopt.exporter")
 OPSET = 18
@@ -46,7 +49,7 @@ RECURRENT = ("mamba", "mamba2", "rwkv", "jamba", "falcon_mamba", "falcon_h1", "z
              "qwen3_next", "nemotron_h", "minimax", "plamo2", "olmo3_hybrid")
 DYNAMIC_ROPE = ("dynamic", "longrope", "su")
 NATIVE_DYNAMIC_ROPE = ("dynamic",)  # the native builder emits LongRoPE's two tables
-MIN_TRANSFORMERS = "5.0"
+MIN_TRANSFORMERS = "4.57"
 # the example shapes the trace runs on: neither 0 nor 1, so no dimension is taken for constant
 _BATCH, _SEQUENCE, _PAST = 2, 3, 4
 
@@ -124,16 +127,7 @@ def check_config(config: Any, task: str) -> None:
             fix="pass another --task, or export a model transformers can run for this task",
         )
     check_rope(config)
-    if not transformers_traceable():
-        import transformers
-
-        raise UnsupportedError(
-            f"{model_type} has no native builder, and the traced builder needs transformers "
-            f">= {MIN_TRANSFORMERS} (this is {transformers.__version__}: its attention masks "
-            "are built with torch.vmap, which does not trace)",
-            fix=f"pip install 'transformers>={MIN_TRANSFORMERS}', or export a family with a "
-            "native builder",
-        )
+    check_experts(config)
 
 
 def check_rope(config: Any, native: bool = False) -> None:
@@ -150,13 +144,6 @@ def check_rope(config: Any, native: bool = False) -> None:
                  "static RoPE" if rope_type != "dynamic" else
                  "export a variant with static RoPE (e.g. the 4k-context model)"),
         )
-
-
-def transformers_traceable() -> bool:
-    import transformers
-
-    major = int(transformers.__version__.split(".", 1)[0])
-    return major >= int(MIN_TRANSFORMERS.split(".", 1)[0])
 
 
 def default_task(model_type: str) -> str | None:
@@ -308,7 +295,7 @@ def _emit_decoder(model: Any) -> tuple[Any, dict[str, Any]]:
     module, example = _decoder_module(model), (ids, mask, positions, torch.tensor(0), *past)
     with torch.no_grad():
         vocab_out = int(module.eval()(*example)[0].shape[-1])
-    with fused_attention_for(model):
+    with fused_attention_for(model), tracing_compat(model):
         proto = _trace(module, example, [*names, *past_names], ["logits", *present_names], axes)
     _declare_outputs(proto, {"logits": ["batch", "logits_sequence", vocab_out],
                              **{name: ["batch", kv_heads, "total_sequence", head_dim]
@@ -379,7 +366,8 @@ def _emit_encoder(model: Any) -> tuple[Any, dict[str, Any]]:
     example = [ids, mask] + ([torch.zeros_like(ids)] if types else [])
     axes: dict[str, dict[int, str]] = {name: {0: "batch", 1: "sequence"} for name in inputs}
     axes[output] = {0: "batch"} if classifier else {0: "batch", 1: "sequence"}
-    proto = _trace(Encoder(), tuple(example), inputs, [output], axes)
+    with tracing_compat(model):
+        proto = _trace(Encoder(), tuple(example), inputs, [output], axes)
     layout = {
         "inputs": inputs,
         "output": output,

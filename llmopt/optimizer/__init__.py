@@ -9,6 +9,12 @@ Levels (presets), each a superset of the one before:
   norm, rotary + attention (with the KV cache and grouped-query heads), GELU.
 - 3: level 2 in float16 (for GPUs; norms, softmax and logits stay float32).
 
+``target="cuda"`` (``llmopt optimize --target cuda``, ``OptimizeOptions.for_cuda()``) is level 3
+with ``GroupQueryAttention`` in float16 instead of opset-23 ``Attention``: ONNX Runtime's CUDA
+provider implements GroupQueryAttention for float16/bfloat16 only (a float32 one runs every
+layer on CPU), and GroupQueryAttention is what lets the Generator bind one KV buffer on the
+device as both past and present, updated in place.
+
 A package made by the traced builder has no weights under llmopt's names to re-emit from: its
 level 2 is ONNX Runtime's extended graph fusions (layer norms, residual + norm, GELU, ...),
 saved offline, and reported per fusion like the native ones.
@@ -34,6 +40,7 @@ __all__ = ["FUSIONS", "OptimizeOptions", "optimize"]
 
 log = logging.getLogger("llmopt.optimize")
 LEVELS = (0, 1, 2, 3)
+TARGETS = ("cpu", "cuda")
 FUSIONS = ("norm", "skip_norm", "attention", "activation", "moe")
 OPT_IN = frozenset({"moe"})  # only where asked for by name (slower on CPU: see above)
 
@@ -48,8 +55,18 @@ class OptimizeOptions:
     validate: bool = True
     tolerance: float | None = None
     generation_tokens: int = 32
+    target: str = "cpu"  # "cuda": float16 GroupQueryAttention (see the module docstring)
 
     def __post_init__(self) -> None:
+        if self.target not in TARGETS:
+            raise InvalidInputError(f"unknown optimize target {self.target!r}",
+                                    fix=f"use one of {', '.join(TARGETS)}")
+        if self.target == "cuda" and (self.level < 2 or self.fp16 is False or (
+                self.fusions is not None and "attention" not in self.fusions)):
+            raise InvalidInputError(
+                "--target cuda emits float16 GroupQueryAttention: it needs level 2 or 3, the "
+                "attention fusion and float16",
+                fix="drop --level/--fusion/--no-fp16, or use --target cpu")
         if self.level not in LEVELS:
             raise InvalidInputError(
                 f"optimize level {self.level!r} does not exist",
@@ -72,9 +89,20 @@ class OptimizeOptions:
     def O3(cls) -> OptimizeOptions:
         return cls(level=3)
 
+    @classmethod
+    def for_cuda(cls) -> OptimizeOptions:
+        return cls(level=3, target="cuda")
+
     @property
     def float16(self) -> bool:
-        return self.level == 3 if self.fp16 is None else self.fp16
+        if self.fp16 is None:
+            return self.level == 3 or self.target == "cuda"
+        return self.fp16
+
+    @property
+    def group_query_attention(self) -> bool | None:
+        """The fused attention op: GroupQueryAttention on CUDA; None lets the dtype choose."""
+        return True if self.target == "cuda" else None
 
     def selected_fusions(self) -> frozenset[str]:
         if self.fusions is not None:
@@ -105,7 +133,7 @@ def optimize(package: str | os.PathLike[str] | Package, out_dir: str | os.PathLi
     if traced and fusions:
         proto, report = ort_fusions(_load(parent), fusions)
     elif fusions or dtype != parent.manifest["onnx"].get("dtype", "float32"):
-        proto, report = reemit(parent, fusions, dtype)
+        proto, report = reemit(parent, fusions, dtype, options.group_query_attention)
     else:
         proto, report = _load(parent), {"fusions": {}}
     if options.level >= 1 and dtype == "float32":

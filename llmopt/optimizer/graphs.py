@@ -30,11 +30,13 @@ def initializers(package: Package) -> dict[str, np.ndarray]:
     return {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
 
 
-def reemit(package: Package, fusions: frozenset[str], dtype: str) -> tuple[Any, dict[str, Any]]:
-    """The package's graph emitted again from its own weights, with ``fusions`` applied."""
+def reemit(package: Package, fusions: frozenset[str], dtype: str,
+           gqa: bool | None = None) -> tuple[Any, dict[str, Any]]:
+    """The package's graph emitted again from its own weights, with ``fusions`` applied
+    (``gqa``: the decoder's fused attention op, see ``build_decoder``)."""
     tensors = initializers(package)
     if package.is_decoder:
-        proto, notes = _reemit_decoder(package, tensors, fusions, dtype)
+        proto, notes = _reemit_decoder(package, tensors, fusions, dtype, gqa)
     else:
         from llmopt.exporter.encoder import reemit_encoder
 
@@ -60,7 +62,7 @@ def fusion_report(proto: Any, fusions: frozenset[str], notes: dict[str, str],
 
 
 def _reemit_decoder(package: Package, tensors: dict[str, np.ndarray], fusions: frozenset[str],
-                    dtype: str) -> tuple[Any, dict[str, str]]:
+                    dtype: str, gqa: bool | None) -> tuple[Any, dict[str, str]]:
     from transformers import AutoConfig
 
     from llmopt.exporter import registry
@@ -89,7 +91,7 @@ def _reemit_decoder(package: Package, tensors: dict[str, np.ndarray], fusions: f
         notes["moe"] = f"ONNX Runtime's MoE takes SwiGLU experts, not {dims.activation}"
     elif dims.num_experts and not dims.normalize_top_k:
         notes["moe"] = "not fused: unnormalized top-k routing (ONNX Runtime 1.31 disagrees)"
-    return build_decoder(dims, weights, arch.norm, np.dtype(dtype), fusions), notes
+    return build_decoder(dims, weights, arch.norm, np.dtype(dtype), fusions, gqa), notes
 
 
 def ort_fusions(proto: Any, fusions: frozenset[str]) -> tuple[Any, dict[str, Any]]:

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from llmopt.package import Package
+from llmopt.runtime.constraints import ResponseFormat
 from llmopt.runtime.embedder import Embedder
 from llmopt.runtime.generator import Generator, TextStream
+from llmopt.runtime.memory import decoder_provider_options
 from llmopt.runtime.providers import CPUOptions, CUDAOptions, ShapeRange, TensorRTOptions
 from llmopt.runtime.sampling import SamplingParams
 from llmopt.runtime.sequence import GenerationResult, GenerationStats
-from llmopt.runtime.session import ProviderSpec, SessionInfo, create_session
+from llmopt.runtime.session import GPU_PROVIDERS, ProviderSpec, SessionInfo, create_session
 
 __all__ = [
     "CPUOptions",
@@ -21,6 +24,7 @@ __all__ = [
     "GenerationResult",
     "GenerationStats",
     "Generator",
+    "ResponseFormat",
     "SamplingParams",
     "SessionInfo",
     "ShapeRange",
@@ -28,6 +32,8 @@ __all__ = [
     "TextStream",
     "load",
 ]
+
+log = logging.getLogger("llmopt.runtime")
 
 
 def load(package: str | os.PathLike[str] | Package,
@@ -38,17 +44,38 @@ def load(package: str | os.PathLike[str] | Package,
 
     ``strict=True`` raises :class:`~llmopt.errors.ProviderError` instead of falling back to a
     later provider; ``runner.session_info`` says which provider holds the session and why.
+    Decoders run on CPU without ONNX Runtime's memory arena unless CPU options are given
+    (:mod:`llmopt.runtime.memory`).
     """
     pkg = package if isinstance(package, Package) else Package.open(package)
+    if pkg.is_decoder:
+        provider_options = decoder_provider_options(provider_options)
     source = pkg.manifest.get("source") or {}
     fingerprint = f"{source.get('sha256')}:{pkg.manifest.get('steps')}"
+    generation = pkg.manifest.get("generation") or {}
+    context = generation.get("context_length") or (pkg.kv_cache or {}).get("max_positions")
     session, info = create_session(pkg.model_path, providers, provider_options, strict,
                                    signature=pkg.manifest.get("signature"),
-                                   model_fingerprint=fingerprint)
+                                   model_fingerprint=fingerprint,
+                                   context_length=int(context) if context else None)
+    if info.active and info.active[0] in GPU_PROVIDERS:
+        warn_cpu_bound_quantization(pkg, info.active[0])
     tokenizer = load_tokenizer(pkg.path)
     if pkg.is_decoder:
         return Generator(pkg, session, info, tokenizer)
     return Embedder(pkg, session, info, tokenizer)
+
+
+def warn_cpu_bound_quantization(package: Package, provider: str) -> None:
+    """int8 dynamic quantization's DynamicQuantizeLinear/MatMulInteger have no CUDA kernels, so
+    on a GPU those layers run on CPU with their activations copied across every step."""
+    methods = [step.get("method") for step in package.manifest.get("steps", [])
+               if step.get("stage") == "quantize"]
+    if "int8_dynamic" in methods:
+        log.warning("%s is an int8 dynamic package: on %s its quantized MatMuls run on CPU "
+                    "(ONNX Runtime has no CUDA DynamicQuantizeLinear). For a GPU, quantize "
+                    "weight-only (llmopt quantize --method int4, QuantizeOptions.int4()) or "
+                    "optimize to float16 (llmopt optimize --target cuda)", package.path, provider)
 
 
 GENERIC_TOKENIZERS = ("TokenizersBackend", "PreTrainedTokenizerFast")

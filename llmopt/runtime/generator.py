@@ -20,10 +20,10 @@ from llmopt.errors import InvalidInputError
 from llmopt.runtime.kv import DecoderModel, left_pad, position_ids
 from llmopt.runtime.sampling import SamplingParams
 from llmopt.runtime.sequence import DecodeState, GenerationResult
-from llmopt.runtime.session import SessionInfo
+from llmopt.runtime.session import GPU_PROVIDERS, SessionInfo
 
 Prompt = str | Sequence[dict[str, str]] | Sequence[int]
-GPU_PROVIDERS = ("cuda", "tensorrt")
+CHAT_ROLES = ("system", "user", "assistant", "tool")  # what chat templates render
 
 
 class TextStream:
@@ -62,7 +62,9 @@ class Generator:
         self.eos_token_ids = tuple(int(e) for e in generation.get("eos_token_ids") or ())
         self.pad_token_id = int(generation.get("pad_token_id") or 0)
         self.context_length = int(generation.get("context_length") or self.model.max_positions)
-        self.device = "cuda" if info.active and info.active[0] in GPU_PROVIDERS else "cpu"
+        on_gpu = bool(info.active) and info.active[0] in GPU_PROVIDERS
+        self.device = "cuda" if on_gpu else "cpu"
+        self.device_id = info.device_id if on_gpu else 0  # every KV binding and allocation
         self.shared_kv = bool(package.kv_cache.get("shared_buffer"))
 
     @property
@@ -88,7 +90,7 @@ class Generator:
         if all(isinstance(m, dict) for m in items):
             return self._render_chat(items)  # type: ignore[arg-type]
         if all(isinstance(t, int | np.integer) for t in items):
-            vocab = int(str(self.package.manifest["signature"]["outputs"][0]["shape"][-1]))
+            vocab = self.vocab_size
             ids = [int(t) for t in items]  # type: ignore[call-overload]
             bad = [t for t in ids if not 0 <= t < vocab]
             if bad:
@@ -99,6 +101,11 @@ class Generator:
                                 "({'role': ..., 'content': ...}), or a list of token ids",
                                 fix="pass one of those")
 
+    @property
+    def vocab_size(self) -> int:
+        """Rows of the logits: token ids (prompt, eos) must lie below it."""
+        return int(str(self.package.manifest["signature"]["outputs"][0]["shape"][-1]))
+
     def _render_chat(self, messages: list[dict[str, str]]) -> list[int]:
         if not getattr(self.tokenizer, "chat_template", None):
             raise InvalidInputError("this package's tokenizer has no chat template",
@@ -108,6 +115,9 @@ class Generator:
                     message.get("content"), str):
                 raise InvalidInputError("each chat message needs string 'role' and 'content'",
                                         fix='e.g. {"role": "user", "content": "Hello"}')
+            if message["role"] not in CHAT_ROLES:
+                raise InvalidInputError(f"unknown chat role {message['role'][:50]!r}",
+                                        fix=f"use one of {', '.join(CHAT_ROLES)}")
         text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
                                                   tokenize=False)
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -131,6 +141,7 @@ class Generator:
                chat: bool = False, **overrides: Any) -> TextStream:
         """Like :meth:`generate`, but an iterator of text deltas."""
         params = _params(params, overrides)
+        self.check_params(params)
         started = time.perf_counter()
         tokens = self.encode(prompt, chat=chat)
         self.check_context(tokens)
@@ -157,6 +168,7 @@ class Generator:
         if not prompts:
             raise InvalidInputError("no prompts given", fix="pass at least one prompt")
         params = _params(params, overrides)
+        self.check_params(params)
         started = time.perf_counter()
         tokens = [self.encode(p, chat=chat) for p in prompts]
         for t in tokens:
@@ -167,6 +179,10 @@ class Generator:
                 next(run)
             except StopIteration as done:
                 return list(done.value)
+
+    def check_params(self, params: SamplingParams) -> None:
+        """Refuse options this model cannot honour (ids or top_k beyond its vocabulary)."""
+        params.check_vocabulary(self.vocab_size)
 
     def check_context(self, tokens: list[int]) -> None:
         if len(tokens) >= self.context_length:
@@ -223,7 +239,7 @@ class Generator:
     def _empty_past(self, batch: int) -> list[Any]:
         import onnxruntime as ort
 
-        return [ort.OrtValue.ortvalue_from_numpy(a, self.device, 0)
+        return [ort.OrtValue.ortvalue_from_numpy(a, self.device, self.device_id)
                 for a in self.model.empty_past(batch)]
 
     def _copying(self, batch: int) -> Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]:
@@ -251,7 +267,7 @@ class Generator:
                 binding.bind_ortvalue_input(name, value)
         binding.bind_output("logits", "cpu")
         for name in self.model.present_names:
-            binding.bind_output(name, self.device)
+            binding.bind_output(name, self.device, self.device_id)
         self.session.run_with_iobinding(binding)
         outputs = binding.get_outputs()
         return outputs[0].numpy(), list(outputs[1:])
@@ -278,12 +294,13 @@ class InPlaceCache:
         for i, (past, present) in enumerate(zip(model.past_names, model.present_names,
                                                 strict=True)):
             if initial is None:
-                buffer = ort.OrtValue.ortvalue_from_shape_and_type(shape, model.kv_dtype,
-                                                                   generator.device, 0)
+                buffer = ort.OrtValue.ortvalue_from_shape_and_type(
+                    shape, model.kv_dtype, generator.device, generator.device_id)
             else:
                 array = np.zeros(shape, model.kv_dtype)
                 array[:, :, :initial[i].shape[2]] = initial[i]
-                buffer = ort.OrtValue.ortvalue_from_numpy(array, generator.device, 0)
+                buffer = ort.OrtValue.ortvalue_from_numpy(array, generator.device,
+                                                          generator.device_id)
             self.binding.bind_ortvalue_input(past, buffer)
             self.binding.bind_ortvalue_output(present, buffer)
             self.buffers.append(buffer)

@@ -10,11 +10,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from llmopt.errors import InvalidInputError, ProviderError
+from llmopt.errors import InvalidInputError, ProviderError, UnsupportedError
 
 ORT_NAMES = {
     "tensorrt": "TensorrtExecutionProvider",
@@ -28,9 +28,11 @@ ORT_NAMES = {
 }
 ALIASES = {"trt": "tensorrt", "gpu": "cuda", "directml": "dml"}
 INSTALL_HINTS = {
-    "tensorrt": "pip install onnxruntime-gpu and TensorRT (pip install tensorrt), on a "
-    "machine with an NVIDIA GPU",
-    "cuda": "pip install 'onnxruntime-gpu[cuda,cudnn]' (the CUDA and cuDNN libraries its "
+    # ONNX Runtime 1.31's TensorRT provider links libnvinfer.so.10 and is built for CUDA 13;
+    # a bare ``pip install tensorrt`` resolves to TensorRT 11, which it cannot load
+    "tensorrt": "pip install 'onnxruntime-gpu[cuda,cudnn]' 'tensorrt-cu13>=10.13,<11' and put "
+    "the tensorrt_libs folder on LD_LIBRARY_PATH, on a machine with an NVIDIA GPU",
+    "cuda": "pip install 'onnxruntime-gpu[cuda,cudnn]' (the CUDA 13 and cuDNN 9 libraries its "
     "release is built for) on a machine with an NVIDIA GPU",
     "openvino": "pip install onnxruntime-openvino",
     "dml": "pip install onnxruntime-directml (Windows)",
@@ -110,6 +112,7 @@ class CUDAOptions:
     def __post_init__(self) -> None:
         if self.device_id < 0:
             raise InvalidInputError("device_id must be >= 0", fix="pass e.g. device_id=0")
+        _refuse_cuda_graph(self.cuda_graph)
         if self.arena_strategy not in ("kNextPowerOfTwo", "kSameAsRequested"):
             raise InvalidInputError(
                 f"unknown arena_strategy {self.arena_strategy!r}",
@@ -154,7 +157,11 @@ class ShapeRange:
 @dataclass(frozen=True)
 class TensorRTOptions:
     """TensorRT provider options. Engine and timing caches live under ``cache_dir``, in a
-    subdirectory keyed by model, GPU, TensorRT version and shape profile (see ``cache_key``)."""
+    subdirectory keyed by model, GPU, ONNX Runtime / CUDA / TensorRT versions, workspace and
+    shape profile (see :func:`tensorrt_cache_key`); the subdirectory is created on load.
+
+    ``shape_ranges`` overrides the profile of a symbolic dimension; by default the maxima follow
+    the package's context length (see :func:`tensorrt_profile`)."""
 
     device_id: int = 0
     fp16: bool = False
@@ -166,6 +173,15 @@ class TensorRTOptions:
     shape_ranges: dict[str, ShapeRange] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if self.device_id < 0:
+            raise InvalidInputError("device_id must be >= 0", fix="pass e.g. device_id=0")
+        if self.fp16 and self.int8:
+            raise InvalidInputError("choose one TensorRT precision, fp16 or int8",
+                                    fix="pass fp16=True or int8=True, not both")
+        if self.max_workspace_size is not None and self.max_workspace_size <= 0:
+            raise InvalidInputError("max_workspace_size must be a positive number of bytes",
+                                    fix="pass e.g. max_workspace_size=4 * 2**30")
+        _refuse_cuda_graph(self.cuda_graph)
         if not 0 <= self.builder_optimization_level <= 5:
             raise InvalidInputError(
                 f"builder_optimization_level must be 0..5, not {self.builder_optimization_level}",
@@ -184,7 +200,7 @@ class TensorRTOptions:
         if self.max_workspace_size is not None:
             options["trt_max_workspace_size"] = str(self.max_workspace_size)
         if self.cache_dir:
-            directory = Path(self.cache_dir) / (cache_key or "default")
+            directory = self.cache_path(cache_key)
             options.update({
                 "trt_engine_cache_enable": "True",
                 "trt_engine_cache_path": str(directory),
@@ -195,8 +211,35 @@ class TensorRTOptions:
             options.update(profile)
         return options
 
+    def cache_path(self, cache_key: str | None) -> Path:
+        """The engine and timing cache folder: ``cache_dir/<key>``."""
+        if not self.cache_dir:
+            raise InvalidInputError("TensorRT has no cache_dir", fix="pass cache_dir=...")
+        return Path(self.cache_dir).expanduser() / (cache_key or "default")
+
     def apply(self, session_options: Any) -> None:
         del session_options
+
+    @classmethod
+    def with_precision(cls, precision: str, **fields: Any) -> TensorRTOptions:
+        """``"fp32"``, ``"fp16"`` or ``"int8"`` (int8 takes a QDQ, i.e. static int8, package:
+        TensorRT then reads the scales from the graph instead of a calibration table)."""
+        if precision not in TRT_PRECISIONS:
+            raise InvalidInputError(f"unknown TensorRT precision {precision!r}",
+                                    fix=f"use one of {', '.join(TRT_PRECISIONS)}")
+        return cls(fp16=precision == "fp16", int8=precision == "int8", **fields)
+
+
+TRT_PRECISIONS = ("fp32", "fp16", "int8")
+
+
+def _refuse_cuda_graph(enabled: bool) -> None:
+    if enabled:
+        raise UnsupportedError(
+            "CUDA graphs cannot capture llmopt's decode step: its inputs (token ids, attention "
+            "mask, positions) are fed from the host and change shape every step, and a captured "
+            "graph replays fixed shapes and addresses",
+            fix="leave cuda_graph off (the default)")
 
 
 ProviderOptions = CPUOptions | CUDAOptions | TensorRTOptions
@@ -204,26 +247,44 @@ OPTION_CLASSES: dict[str, type] = {"cpu": CPUOptions, "cuda": CUDAOptions,
                                    "tensorrt": TensorRTOptions}
 
 
-def tensorrt_profile(signature: dict[str, Any],
-                     ranges: dict[str, ShapeRange]) -> dict[str, str]:
-    """``trt_profile_{min,opt,max}_shapes`` for every input with a symbolic dimension.
+DEFAULT_MAX_TOKENS = 2048  # profile maxima when the package does not say its context
 
-    Each symbolic dimension takes the user's range; undeclared ones default to batch 1..8,
-    sequence 1..2048 (opt 128), past 0..2048 (opt 128).
+
+def tensorrt_profile(signature: dict[str, Any], ranges: dict[str, ShapeRange],
+                     context_length: int | None = None) -> dict[str, str]:
+    """``trt_profile_{min,opt,max}_shapes`` for every dynamic input of ``signature``.
+
+    Each symbolic dimension takes the user's range; undeclared ones default to batch 1..8 and
+    sequence, past and total lengths up to ``context_length`` (2048 if unknown), so a decode
+    never outgrows the engine. TensorRT sizes its kernels' workspace and tactics for the
+    maxima: a 32k context builds slower and reserves more memory than 2k, which is why they
+    stay overridable.
+
+    A scalar integer input (``logits_to_keep``) feeds a Slice, so TensorRT takes it as a
+    shape tensor and needs its *values* in the profile: 0 (every position) to 1 (the last),
+    opt 1, or the user's ``ranges[name]``.
     """
+    most = int(context_length or DEFAULT_MAX_TOKENS)
     defaults = {
         "batch": ShapeRange(1, 1, 8),
-        "sequence": ShapeRange(1, 128, 2048),
-        "past_sequence": ShapeRange(0, 128, 2048),
+        "sequence": ShapeRange(1, min(128, most), most),
+        "past_sequence": ShapeRange(0, min(128, most), most),
     }
     merged = {**defaults, **ranges}
     if "total_sequence" not in merged:
         seq, past = merged["sequence"], merged["past_sequence"]
+        top = seq.max + past.max  # a context caps the sum: past + new never exceeds it
+        top = max(seq.max, min(top, most)) if context_length else top
         merged["total_sequence"] = ShapeRange(
-            seq.min + past.min, seq.opt + past.opt, seq.max + past.max)
+            seq.min + past.min, min(seq.opt + past.opt, top), top)
     shapes: dict[str, list[str]] = {"min": [], "opt": [], "max": []}
     for value in signature.get("inputs", []):
         dims = value["shape"]
+        if not dims and str(value.get("dtype", "int64")).startswith("int"):
+            values = merged.get(value["name"], ShapeRange(0, 1, 1))
+            for which, found in shapes.items():
+                found.append(f"{value['name']}:{getattr(values, which)}")
+            continue
         if all(isinstance(d, int) for d in dims):
             continue
         for which, found in shapes.items():
@@ -240,38 +301,75 @@ def tensorrt_profile(signature: dict[str, Any],
     return {f"trt_profile_{which}_shapes": ",".join(v) for which, v in shapes.items()}
 
 
+@dataclass(frozen=True)
+class BuildEnvironment:
+    """What a TensorRT engine was built for, besides the model: reusing an engine across any
+    of these is undefined, so each is part of the cache key."""
+
+    gpu: str
+    onnxruntime: str
+    cuda: str
+    tensorrt: str
+
+    @classmethod
+    def current(cls, device_id: int = 0) -> BuildEnvironment:
+        return cls(gpu=gpu_name(device_id), onnxruntime=onnxruntime_version(),
+                   cuda=cuda_version(), tensorrt=tensorrt_version())
+
+
 def tensorrt_cache_key(model_fingerprint: str, profile: dict[str, str],
-                       options: TensorRTOptions, gpu: str | None = None,
-                       trt_version: str | None = None) -> str:
-    """A directory name that changes whenever the model, GPU, TensorRT version, shape profile
-    or precision changes, so a stale engine is never reused."""
+                       options: TensorRTOptions,
+                       environment: BuildEnvironment | None = None) -> str:
+    """A directory name that changes whenever the model, the GPU at ``options.device_id``, the
+    ONNX Runtime, CUDA or TensorRT version, the shape profile, the precision or the workspace
+    changes, so a stale engine is never reused."""
+    env = environment or BuildEnvironment.current(options.device_id)
     payload = {
         "model": model_fingerprint,
-        "gpu": gpu if gpu is not None else gpu_name(),
-        "tensorrt": trt_version if trt_version is not None else tensorrt_version(),
+        **asdict(env),
         "profile": profile,
         "fp16": options.fp16,
         "int8": options.int8,
         "level": options.builder_optimization_level,
+        "workspace": options.max_workspace_size,
     }
     digest = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
     return digest[:20]
 
 
-def gpu_name() -> str:
-    """The NVIDIA GPU's name, or "none" (reads nvidia-smi; never raises)."""
+def gpu_name(device_id: int = 0) -> str:
+    """The name and driver of NVIDIA GPU ``device_id``, or "none" (reads nvidia-smi; never
+    raises). ``device_id`` counts as CUDA does when ``CUDA_VISIBLE_DEVICES`` is unset."""
     import shutil
     import subprocess
 
     if shutil.which("nvidia-smi") is None:
         return "none"
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")
+    index = visible[device_id].strip() if device_id < len(visible) and visible[0] else \
+        str(device_id)
     try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version",
+        out = subprocess.run(["nvidia-smi", f"--id={index}", "--query-gpu=name,driver_version",
                               "--format=csv,noheader"], capture_output=True, text=True,
                              timeout=10, check=False)
     except (OSError, subprocess.SubprocessError):
         return "none"
     return out.stdout.strip().splitlines()[0] if out.stdout.strip() else "none"
+
+
+def onnxruntime_version() -> str:
+    import onnxruntime as ort
+
+    return str(ort.__version__)
+
+
+def cuda_version() -> str:
+    """The CUDA version this onnxruntime build targets ("none" for CPU-only builds)."""
+    try:
+        from onnxruntime.capi import build_and_package_info as build
+    except ImportError:
+        return "none"
+    return str(getattr(build, "cuda_version", "none") or "none")
 
 
 def tensorrt_version() -> str:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from llmopt.errors import InvalidInputError
+from llmopt.runtime.constraints import ResponseFormat
 
 MAX_NEW_TOKENS_LIMIT = 1_000_000
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit on top_logprobs
@@ -21,6 +22,8 @@ class SamplingParams:
     """How to pick tokens and when to stop. ``temperature=0`` is greedy decoding.
 
     ``eos_token_ids=None`` uses the package's; ``stop`` strings end generation before them.
+    ``response_format`` constrains the output to a JSON schema, regex or grammar (a
+    :class:`~llmopt.runtime.constraints.ResponseFormat`, or OpenAI's ``response_format`` dict).
     """
 
     max_new_tokens: int = 128
@@ -35,8 +38,18 @@ class SamplingParams:
     presence_penalty: float = 0.0   # OpenAI's: subtracted once from each generated token
     frequency_penalty: float = 0.0  # OpenAI's: subtracted per occurrence in the generation
     logprobs: int | None = None     # record each chosen token's logprob and this many top ones
+    response_format: ResponseFormat | None = None
 
     def __post_init__(self) -> None:
+        if isinstance(self.response_format, dict):  # OpenAI's shape, as a convenience
+            object.__setattr__(self, "response_format",
+                               ResponseFormat.from_openai(self.response_format))
+        _check(self.response_format is None or isinstance(self.response_format, ResponseFormat),
+               f"response_format must be a ResponseFormat, not {self.response_format!r}",
+               "e.g. response_format=ResponseFormat.json_object()")
+        _check(not (self.ignore_eos and self.response_format is not None),
+               "ignore_eos cannot combine with response_format: a complete output ends with "
+               "end-of-sequence", "drop ignore_eos")
         _check(isinstance(self.max_new_tokens, int)
                and 1 <= self.max_new_tokens <= MAX_NEW_TOKENS_LIMIT,
                f"max_new_tokens must be an integer from 1 to {MAX_NEW_TOKENS_LIMIT}, "
@@ -64,6 +77,16 @@ class SamplingParams:
                                          and 0 <= self.logprobs <= MAX_TOP_LOGPROBS),
                f"logprobs must be an integer from 0 to {MAX_TOP_LOGPROBS}, not {self.logprobs!r}",
                "use None for no logprobs, 0 for the chosen token's only")
+
+    def check_vocabulary(self, vocab_size: int) -> None:
+        """Refuse token ids and a ``top_k`` that a model of ``vocab_size`` tokens cannot have
+        (an eos id it never emits would silently never stop generation)."""
+        bad = [t for t in self.eos_token_ids or () if not 0 <= t < vocab_size]
+        _check(not bad, f"eos_token_ids {bad[:5]} are outside the vocabulary (0..{vocab_size - 1})",
+               "pass ids from this model's tokenizer, or leave eos_token_ids unset")
+        _check(self.top_k <= vocab_size,
+               f"top_k {self.top_k} is beyond the vocabulary of {vocab_size} tokens",
+               f"use 0 to disable, or at most {vocab_size}")
 
     @property
     def greedy(self) -> bool:
@@ -104,10 +127,14 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def next_token(logits: np.ndarray, params: SamplingParams, seen: Sequence[int],
-               rng: np.random.Generator | None, generated: Sequence[int] = ()) -> int:
+               rng: np.random.Generator | None, generated: Sequence[int] = (),
+               allowed: np.ndarray | None = None) -> int:
     """Pick the next token from one row of logits ``[vocab]``; ``seen`` is prompt and
-    generation (repetition penalty), ``generated`` the generation alone (OpenAI penalties)."""
+    generation (repetition penalty), ``generated`` the generation alone (OpenAI penalties),
+    ``allowed`` a bool mask from a response format's grammar where given."""
     logits = logits.astype(np.float64, copy=True)
+    if allowed is not None:
+        logits[~allowed] = -np.inf
     apply_repetition_penalty(logits, seen, params.repetition_penalty)
     apply_openai_penalties(logits, generated, params.presence_penalty, params.frequency_penalty)
     if params.greedy or rng is None:

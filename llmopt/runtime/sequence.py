@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from llmopt.runtime.constraints import TokenConstraint
 from llmopt.runtime.detokenize import Streamer
 from llmopt.runtime.sampling import SamplingParams, log_softmax, next_token
 
@@ -62,6 +63,9 @@ class DecodeState:
         self.eos = set() if params.ignore_eos else set(eos)
         self.rng = None if params.greedy else np.random.default_rng(params.seed)
         self.streamer = Streamer(tokenizer, params.stop)
+        # built here, in the submitting thread: a grammar that fails fails its own request
+        self.constraint = None if params.response_format is None else TokenConstraint(
+            params.response_format, tokenizer, sorted(self.eos))
         self.limit = min(params.max_new_tokens, context_length - len(self.prompt))
         self.generated: list[int] = []
         self.logprobs: list[TokenLogprob] | None = None if params.logprobs is None else []
@@ -81,19 +85,24 @@ class DecodeState:
         now = time.perf_counter()
         if self.first_token_at is None:
             self.first_token_at = now
+        allowed = None if self.constraint is None else self.constraint.allowed(logits.shape[-1])
         token = next_token(logits, self.params, self.prompt + self.generated, self.rng,
-                           self.generated)
+                           self.generated, allowed)
         if token in self.eos:
             self._finish("eos")
             return token
         self.generated.append(token)
         if self.logprobs is not None:
             self.logprobs.append(_logprob(logits, token, self.params.logprobs or 0))
+        if self.constraint is not None:
+            self.constraint.consume(token)
         delta = self.streamer.push(token)
         if delta and self.on_delta:
             self.on_delta(delta)
         if self.streamer.stopped:
             self._finish("stop")
+        elif self.constraint is not None and self.constraint.complete:
+            self._finish("eos")  # the grammar allows nothing but end-of-sequence: skip that step
         elif len(self.generated) >= self.limit:
             self._finish("length" if self.limit == self.params.max_new_tokens else "context")
         return token

@@ -1,8 +1,9 @@
 """The one place that turns provider names and options into an ONNX Runtime session.
 
-ONNX Runtime silently runs on CPU when a GPU provider fails to load. llmopt checks which
-provider actually holds the session, logs the reason for any fallback, and with
-``strict=True`` refuses to run on a fallback.
+ONNX Runtime silently runs on CPU when a GPU provider fails to load, and silently places the
+nodes a provider has no kernel for on the next one. llmopt checks which provider actually holds
+the session and where each node landed (:mod:`llmopt.runtime.placement`), logs the reason for
+any fallback, and with ``strict=True`` refuses to run on one.
 """
 
 from __future__ import annotations
@@ -20,10 +21,12 @@ from typing import Any
 
 from llmopt.errors import ProviderError
 from llmopt.runtime import providers as P
+from llmopt.runtime.placement import RECORD_PLACEMENT, Placement, node_placement
 
 log = logging.getLogger("llmopt.runtime")
 
 ProviderSpec = str | tuple[str, Any]
+GPU_PROVIDERS = ("tensorrt", "cuda")
 
 
 @dataclass
@@ -35,10 +38,13 @@ class SessionInfo:
     fallback: bool
     reason: str | None = None
     provider_options: dict[str, dict[str, str]] = field(default_factory=dict)
+    placement: Placement = field(default_factory=Placement)
+    device_id: int = 0  # the GPU the primary provider runs on (0 on CPU)
 
     def as_dict(self) -> dict[str, Any]:
         return {"requested": self.requested, "active": self.active, "fallback": self.fallback,
-                "reason": self.reason, "provider_options": self.provider_options}
+                "reason": self.reason, "provider_options": self.provider_options,
+                "placement": self.placement.as_dict(), "device_id": self.device_id}
 
 
 def resolve_providers(specs: Sequence[ProviderSpec] | None,
@@ -47,7 +53,9 @@ def resolve_providers(specs: Sequence[ProviderSpec] | None,
     """``["cuda", ("cpu", CPUOptions(...))]`` -> canonical names with typed options.
 
     Options may come inline, from ``options`` keyed by provider name, as option objects or as
-    plain dicts of their fields. CPU is appended as the last resort unless already present.
+    plain dicts of their fields. CUDA follows TensorRT when this build has it (as ONNX Runtime's
+    TensorRT documentation registers them), so the nodes TensorRT rejects stay on the same GPU;
+    CPU is appended as the last resort unless already present.
     """
     specs = list(specs or ["cpu"])
     if not specs:
@@ -66,6 +74,12 @@ def resolve_providers(specs: Sequence[ProviderSpec] | None,
                 f"(installed: {', '.join(installed)})",
                 fix=P.INSTALL_HINTS.get(short, "install an onnxruntime build with it"),
             )
+    names = [s for s, _ in resolved]
+    if "tensorrt" in names and "cuda" not in names and "cuda" in installed:
+        trt = resolved[names.index("tensorrt")][1]
+        device = getattr(trt, "device_id", 0)
+        cuda = _options("cuda", (options or {}).get("cuda") or {"device_id": device})
+        resolved.insert(names.index("tensorrt") + 1, ("cuda", cuda))
     if "cpu" not in [s for s, _ in resolved]:
         resolved.append(("cpu", _options("cpu", (options or {}).get("cpu"))))
     return resolved
@@ -74,20 +88,27 @@ def resolve_providers(specs: Sequence[ProviderSpec] | None,
 def create_session(model_path: str | Path, providers: Sequence[ProviderSpec] | None = None,
                    options: Mapping[str, Any] | None = None, strict: bool = False,
                    signature: dict[str, Any] | None = None,
-                   model_fingerprint: str = "") -> tuple[Any, SessionInfo]:
-    """An ``InferenceSession`` on the first provider that loads, and what happened."""
+                   model_fingerprint: str = "",
+                   context_length: int | None = None) -> tuple[Any, SessionInfo]:
+    """An ``InferenceSession`` on the first provider that loads, and what happened.
+
+    ``signature`` and ``context_length`` (the package's) size TensorRT's shape profile.
+    """
     import onnxruntime as ort
 
     resolved = resolve_providers(providers, options)
+    requested = [short for short, _ in resolved]
+    if requested[0] in GPU_PROVIDERS:
+        preload_gpu_libraries()
     session_options = ort.SessionOptions()
     session_options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     session_options.log_severity_level = 3
+    session_options.add_session_config_entry(RECORD_PLACEMENT, "1")
     ort_providers: list[tuple[str, dict[str, str]]] = []
     for short, opts in resolved:
         opts.apply(session_options)
-        ort_providers.append((P.ORT_NAMES[short], _provider_dict(short, opts, signature,
-                                                                 model_fingerprint)))
-    requested = [short for short, _ in resolved]
+        ort_providers.append((P.ORT_NAMES[short], provider_dict(
+            opts, signature, model_fingerprint, context_length)))
     try:
         with _captured_stderr() as captured:
             session = ort.InferenceSession(str(model_path), session_options,
@@ -103,7 +124,8 @@ def create_session(model_path: str | Path, providers: Sequence[ProviderSpec] | N
     active = [reverse.get(p, p) for p in session.get_providers()]
     primary = requested[0]
     info = SessionInfo(requested=requested, active=active, fallback=primary not in active,
-                       provider_options=dict(ort_providers))
+                       provider_options=dict(ort_providers), placement=node_placement(session),
+                       device_id=getattr(resolved[0][1], "device_id", 0))
     if info.fallback:
         info.reason = (
             f"{primary} was requested but onnxruntime could not load it "
@@ -114,7 +136,42 @@ def create_session(model_path: str | Path, providers: Sequence[ProviderSpec] | N
             raise ProviderError(info.reason, fix="fix the provider's installation, or drop "
                                 "strict providers (--strict-providers) to allow the fallback")
         log.warning("provider fallback: %s", info.reason)
+    elif primary in GPU_PROVIDERS:
+        check_placement(info, strict)
     return session, info
+
+
+def preload_gpu_libraries() -> None:
+    """Load the CUDA and cuDNN libraries pip installed (``onnxruntime-gpu[cuda,cudnn]``) before
+    the first GPU session: without it ONNX Runtime does not find them and falls back to CPU.
+    A no-op on builds without ``preload_dlls`` and where the libraries are missing (the
+    session's own fallback report then names what is missing)."""
+    import onnxruntime as ort
+
+    preload = getattr(ort, "preload_dlls", None)
+    if preload is None:
+        return
+    try:
+        with redirect_stdout(io.StringIO()):  # it prints each library it could not find
+            preload()
+    except Exception as exc:  # noqa: BLE001  (best effort; the session reports the outcome)
+        log.debug("onnxruntime.preload_dlls failed: %s", exc)
+
+
+def check_placement(info: SessionInfo, strict: bool) -> None:
+    """Report the compute nodes ONNX Runtime placed on CPU under a GPU provider."""
+    on_cpu = info.placement.compute_ops_on("cpu")
+    if not on_cpu:
+        return
+    ops = ", ".join(f"{op} x{n}" for op, n in sorted(on_cpu.items()))
+    info.reason = (f"{info.active[0]} holds the session, but these compute nodes run on CPU "
+                   f"(no {info.active[0]} kernel for them here): {ops}")
+    fix = ("optimize for the GPU (llmopt optimize --target cuda: float16 with "
+           "GroupQueryAttention), quantize weight-only (int4) instead of int8 dynamic, or drop "
+           "strict providers (--strict-providers) to accept the CPU nodes")
+    if strict:
+        raise ProviderError(info.reason, fix=fix)
+    log.warning("partial CPU placement: %s; to avoid it: %s", info.reason, fix)
 
 
 class _Captured:
@@ -164,7 +221,8 @@ def _options(short: str, value: Any) -> P.ProviderOptions:
     if isinstance(value, cls):
         return value
     if isinstance(value, Mapping):
-        unknown = set(value) - set(cls.__dataclass_fields__)
+        accepted = set(cls.__dataclass_fields__) | ({"precision"} if short == "tensorrt" else set())
+        unknown = set(value) - accepted
         if unknown:
             raise ProviderError(
                 f"unknown {short} option(s): {', '.join(sorted(unknown))}",
@@ -174,18 +232,25 @@ def _options(short: str, value: Any) -> P.ProviderOptions:
         if short == "tensorrt" and "shape_ranges" in fields:
             fields["shape_ranges"] = {k: v if isinstance(v, P.ShapeRange) else P.ShapeRange(*v)
                                       for k, v in fields["shape_ranges"].items()}
+        if short == "tensorrt" and "precision" in fields:  # "fp16" for fp16=True, ...
+            return P.TensorRTOptions.with_precision(fields.pop("precision"), **fields)
         return cls(**fields)
     raise ProviderError(f"options for {short} must be {cls.__name__} or a dict, "
                         f"not {type(value).__name__}", fix=f"pass {cls.__name__}(...)")
 
 
-def _provider_dict(short: str, opts: Any, signature: dict[str, Any] | None,
-                   fingerprint: str) -> dict[str, str]:
+def provider_dict(opts: Any, signature: dict[str, Any] | None, fingerprint: str,
+                  context_length: int | None) -> dict[str, str]:
+    """What ONNX Runtime is given for one provider; for TensorRT with a cache, the keyed cache
+    folder is created first."""
     if isinstance(opts, P.TensorRTOptions):
-        profile = P.tensorrt_profile(signature or {}, opts.shape_ranges)
-        key = P.tensorrt_cache_key(fingerprint, profile, opts) if opts.cache_dir else None
+        profile = P.tensorrt_profile(signature or {}, opts.shape_ranges, context_length)
+        if not opts.cache_dir:
+            return opts.provider_options(profile)
+        key = P.tensorrt_cache_key(fingerprint, profile, opts)
+        # ONNX Runtime creates only the last folder of a cache path; the keyed one is nested
+        opts.cache_path(key).mkdir(parents=True, exist_ok=True)
         return opts.provider_options(profile, key)
-    del short
     return dict(opts.provider_options())
 
 

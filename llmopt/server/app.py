@@ -40,6 +40,7 @@ SERVICES = (_proto.LLMOPT_SERVICE, _proto.KSERVE_SERVICE)
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 SPARE_THREADS = 4  # grpc threads beyond max_workers: health checks and reflection never wait
+CUT_WAIT_S = 5.0  # after the grace, how long calls get to end UNAVAILABLE before grpc stops
 
 
 class Server:
@@ -58,6 +59,7 @@ class Server:
         self.metrics_port: int | None = None
         self.http: HttpServer | None = None
         self.draining = False
+        self.cut = False  # the grace is over: running calls end UNAVAILABLE
         self._stopped = threading.Event()
         self._lock = threading.Lock()
         self._deadline = float("inf")
@@ -109,6 +111,16 @@ class Server:
         # themselves: so wait for the work, then stop at once.
         while self.metrics.running > 0 and time.monotonic() < self._deadline:
             time.sleep(0.02)
+        if self.metrics.running > 0:
+            # Calls still running end UNAVAILABLE "shutting down" (retryable, and said so)
+            # rather than with grpc's generic CANCELLED: closing the engines ends their work.
+            log.warning("grace over: %d calls still running end UNAVAILABLE",
+                        self.metrics.running)
+            self.cut = True
+            self.repository.close(0)
+            cut_until = time.monotonic() + CUT_WAIT_S
+            while self.metrics.running > 0 and time.monotonic() < cut_until:
+                time.sleep(0.02)
         if self.http is not None:
             self.http.stop()
         self.grpc_server.stop(0).wait()
@@ -132,6 +144,8 @@ def create_server(repository: str | Path, address: str = "127.0.0.1:0",
     """Load every package of ``repository`` and bind ``address``; returns the server and the
     port it bound (``:0`` picks a free one). Call ``start()`` to serve."""
     config = config or ServerConfig()
+    if config.tls is not None:
+        config.tls.check()  # before loading models: a bad file fails at once, named
     host, port_text = address.rsplit(":", 1) if ":" in address else (address, "")
     if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
         raise InvalidInputError(f"cannot bind {address}: the port must be 0 to 65535",
@@ -150,6 +164,9 @@ def create_server(repository: str | Path, address: str = "127.0.0.1:0",
 
     def draining() -> bool:
         return bool(holder) and holder[0].draining
+
+    def cut() -> bool:
+        return bool(holder) and holder[0].cut
 
     interceptors = []
     if config.tokens:
@@ -170,8 +187,8 @@ def create_server(repository: str | Path, address: str = "127.0.0.1:0",
     kserve = KServeService(repo, metrics, draining, config.max_message_bytes)
     server.add_generic_rpc_handlers([
         service_handler(_proto.LLMOPT_SERVICE, LlmoptService(repo, metrics), metrics,
-                        draining, limit),
-        service_handler(_proto.KSERVE_SERVICE, kserve, metrics, draining, limit),
+                        draining, limit, cut),
+        service_handler(_proto.KSERVE_SERVICE, kserve, metrics, draining, limit, cut),
     ])
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in ("", *SERVICES):

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from llmopt.errors import InvalidInputError, PackageError
+from llmopt.runtime.engine import DEFAULT_PREFILL_CHUNK
 
 MODEL_CONFIG_NAME = "llmopt-serve.yaml"
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
@@ -31,8 +32,12 @@ class ModelConfig:
     max_queue: int = 64          # requests waiting to run; more get RESOURCE_EXHAUSTED
     kv_budget_bytes: int | None = None  # decoders: KV-cache budget of the running batch
     max_prefill_batch: int = 4   # decoders: prompts prefilled together
+    prefill_chunk: int = DEFAULT_PREFILL_CHUNK  # decoders: prompt tokens per engine step; 0: off
+    max_prompt_tokens: int | None = None  # decoders: longest prompt; None: the model's context
+    batch_invariant: bool = True  # decoders: rows never padded, greedy answers load-independent
     max_concurrency: int = 2     # encoders: session runs at once
     warmup: bool = True          # run one tiny request at load, before reporting READY
+    request_timeout_s: float | None = None  # when the client sets no deadline; None: no limit
 
     def __post_init__(self) -> None:
         for name in ("max_batch_size", "max_queue", "max_prefill_batch", "max_concurrency"):
@@ -40,10 +45,29 @@ class ModelConfig:
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise InvalidInputError(f"{name} must be an integer >= 1, not {value!r}",
                                         fix=f"set {name} to 1 or more")
+        chunk = self.prefill_chunk
+        if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 0:
+            raise InvalidInputError(f"prefill_chunk must be an integer >= 0, not {chunk!r}",
+                                    fix="e.g. prefill_chunk: 256 (0 turns chunking off)")
+        limit = self.max_prompt_tokens
+        if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool)
+                                  or limit < 1):
+            raise InvalidInputError(f"max_prompt_tokens must be a positive integer, not "
+                                    f"{limit!r}", fix="leave it out for the model's context")
+        if not isinstance(self.batch_invariant, bool):
+            raise InvalidInputError(
+                f"batch_invariant must be true or false, not {self.batch_invariant!r}",
+                fix="batch_invariant: false trades identical greedy answers for throughput")
         budget = self.kv_budget_bytes
         if budget is not None and (not isinstance(budget, int) or budget < 1):
             raise InvalidInputError(f"kv_budget_bytes must be a positive integer, not {budget!r}",
                                     fix="set it in bytes, or leave it out for no budget")
+        timeout = self.request_timeout_s
+        if timeout is not None and (isinstance(timeout, bool) or not isinstance(
+                timeout, (int, float)) or not 0 < timeout < float("inf")):
+            raise InvalidInputError(
+                f"request_timeout_s must be a positive number of seconds, not {timeout!r}",
+                fix="e.g. request_timeout_s: 30, or leave it out to let requests wait")
         if not self.providers or not all(isinstance(p, str) for p in self.providers):
             raise InvalidInputError(f"providers must be a list of names, not {self.providers!r}",
                                     fix="e.g. providers: [cuda, cpu]")
@@ -100,6 +124,44 @@ class TLSConfig:
     cert_file: Path
     key_file: Path
     client_ca_file: Path | None = None
+
+    def check(self) -> None:
+        """Refuse unreadable or non-PEM files, and a key that does not match the certificate,
+        naming the file: grpc would only fail at bind time, after every model has loaded, with
+        no word on which file is wrong."""
+        import ssl
+
+        files = [("certificate", self.cert_file), ("key", self.key_file)]
+        if self.client_ca_file is not None:
+            files.append(("client CA", self.client_ca_file))
+        for what, path in files:
+            try:
+                text = Path(path).read_bytes()
+            except OSError as exc:
+                raise InvalidInputError(f"cannot read the TLS {what} file {path}: {exc.strerror}",
+                                        fix="pass a readable PEM file") from None
+            if b"-----BEGIN " not in text:
+                raise InvalidInputError(f"the TLS {what} file {path} is not PEM",
+                                        fix="pass a PEM file (-----BEGIN ...-----); convert DER "
+                                        "with openssl x509 -inform der / openssl pkey")
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        try:
+            context.load_cert_chain(self.cert_file, self.key_file)
+        except ssl.SSLError as exc:
+            raise InvalidInputError(
+                f"the TLS key {self.key_file} does not load with the certificate "
+                f"{self.cert_file}: {exc.reason or exc}",
+                fix="pass the certificate chain and the unencrypted private key made with "
+                "it") from None
+        if self.client_ca_file is not None:
+            try:
+                context.load_verify_locations(cafile=str(self.client_ca_file))
+            except ssl.SSLError as exc:
+                raise InvalidInputError(
+                    f"the TLS client CA file {self.client_ca_file} holds no usable "
+                    f"certificate: {exc.reason or exc}",
+                    fix="pass the PEM certificate of the CA that signs client certificates"
+                ) from None
 
     def credentials(self) -> Any:
         import grpc

@@ -21,6 +21,7 @@ import numpy as np
 from llmopt import _proto
 from llmopt.errors import InvalidInputError, UnsupportedError
 from llmopt.runtime.sequence import GenerationResult
+from llmopt.server.deadline import request_timeout
 from llmopt.server.kserve_params import (
     TEXT_INPUT,
     TEXT_OUTPUT,
@@ -112,7 +113,7 @@ class KServeService:
         if isinstance(model, Decoder):
             return self._generate(model, request, context)
         assert isinstance(model, Encoder)
-        return self._encode(model, request, context.time_remaining())
+        return self._encode(model, request, context)
 
     def ModelStreamInfer(self, requests: Iterator[Any],
                          context: grpc.ServicerContext) -> Iterator[Any]:
@@ -125,11 +126,10 @@ class KServeService:
             try:
                 model = self._model(request)
                 if isinstance(model, Decoder):
-                    yield from self._stream_generate(model, request, current,
-                                                     context.time_remaining())
+                    yield from self._stream_generate(model, request, current, context)
                 else:
                     assert isinstance(model, Encoder)
-                    response = self._encode(model, request, context.time_remaining())
+                    response = self._encode(model, request, context)
                     response.parameters["triton_final_response"].bool_param = True
                     yield stream_response(infer_response=response)
             except Exception as exc:  # noqa: BLE001 - a failed request must not end the stream
@@ -150,17 +150,18 @@ class KServeService:
         _check_version(request.model_name, request.model_version)
         return self.repository.get(request.model_name)
 
-    def _encode(self, model: Encoder, request: Any, timeout: float | None) -> Any:
+    def _encode(self, model: Encoder, request: Any, context: grpc.ServicerContext) -> Any:
         tensors = decode_inputs(request, self.max_message_bytes)
         feed = model.check_feed(tensors)
-        timeout = _min(timeout, check_reserved(request.parameters))
+        timeout = request_timeout(context, check_reserved(request.parameters),
+                                  model.config.request_timeout_s)
         names = self._requested(request, model.outputs)
         arrays = model.run(feed, names, timeout)
         return self._response(request, list(zip(names, arrays, strict=True)))
 
     def _generate(self, model: Decoder, request: Any, context: grpc.ServicerContext) -> Any:
         spec = self._decoder_request(model, request)
-        timeout = _min(context.time_remaining(), spec.timeout)
+        timeout = request_timeout(context, spec.timeout, model.config.request_timeout_s)
         generations: list[Generation] = []
         context.add_callback(lambda: _cancel(generations))
         try:
@@ -179,13 +180,14 @@ class KServeService:
         return response
 
     def _stream_generate(self, model: Decoder, request: Any, current: list[Generation],
-                         deadline: float | None) -> Iterator[Any]:
+                         context: grpc.ServicerContext) -> Iterator[Any]:
         spec = self._decoder_request(model, request)
         if len(spec.prompts) != 1:
             raise InvalidInputError("a streamed request takes one prompt",
                                     fix=f"send {TEXT_INPUT} of shape [1]")
         generation = Generation(model, spec.prompts[0], spec.params, chat=spec.chat,
-                                metrics=self.metrics, timeout=_min(deadline, spec.timeout))
+                                metrics=self.metrics, timeout=request_timeout(
+                                    context, spec.timeout, model.config.request_timeout_s))
         current.append(generation)
         held: str | None = None  # without empty final responses, the last delta is the final
         for delta in generation:
@@ -312,10 +314,6 @@ def _check_repository(name: str) -> None:
 
 def _config_type(datatype: str) -> str:
     return "TYPE_STRING" if datatype == "BYTES" else f"TYPE_{datatype}"
-
-
-def _min(a: float | None, b: float | None) -> float | None:
-    return b if a is None else a if b is None else min(a, b)
 
 
 def _json_object(text: str) -> dict[str, Any]:

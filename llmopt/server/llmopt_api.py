@@ -10,9 +10,11 @@ import grpc
 
 from llmopt import _proto
 from llmopt.errors import InvalidInputError, LlmoptError
+from llmopt.runtime.constraints import ResponseFormat
 from llmopt.runtime.generator import Prompt
 from llmopt.runtime.sampling import SamplingParams
 from llmopt.runtime.sequence import GenerationResult
+from llmopt.server.deadline import request_timeout
 from llmopt.server.metrics import Metrics
 from llmopt.server.models import Decoder
 from llmopt.server.repository import ModelRepository
@@ -24,19 +26,17 @@ SAMPLING_FIELDS = ("max_new_tokens", "temperature", "top_k", "top_p", "repetitio
 
 
 class Generation:
-    """One engine request tied to a call: deltas, then ``result``. With ``context`` given, the
-    call's deadline bounds the request and the call ending (cancel, disconnect) cancels it."""
+    """One engine request tied to a call: deltas, then ``result``. ``timeout`` (from
+    :func:`~llmopt.server.deadline.request_timeout`) bounds it; with ``context`` given, the call
+    ending (cancel, disconnect) cancels it."""
 
     def __init__(self, model: Decoder, prompt: Prompt, params: SamplingParams, *, chat: bool,
                  metrics: Metrics, context: grpc.ServicerContext | None = None,
                  timeout: float | None = None) -> None:
-        remaining = context.time_remaining() if context is not None else None
-        if timeout is not None:
-            remaining = timeout if remaining is None else min(remaining, timeout)
         self.model = model
         self.metrics = metrics
         self._recorded = False
-        self.request = model.submit(prompt, params, chat=chat, timeout=remaining)
+        self.request = model.submit(prompt, params, chat=chat, timeout=timeout)
         if context is not None and not context.add_callback(self.request.cancel):
             self.request.cancel()  # the call already ended
 
@@ -84,7 +84,20 @@ def sampling_params(options: Any) -> SamplingParams:
     if options.eos_token_ids:
         values["eos_token_ids"] = tuple(int(t) for t in options.eos_token_ids)
     values["ignore_eos"] = bool(options.ignore_eos)
+    if options.HasField("response_format"):
+        values["response_format"] = response_format(options.response_format)
     return SamplingParams(**values)
+
+
+def response_format(message: Any) -> ResponseFormat:
+    """The ResponseFormat of a request (compiled here: a bad one is INVALID_ARGUMENT)."""
+    which = message.WhichOneof("format")
+    if which is None:
+        raise InvalidInputError("response_format is set but names no format",
+                                fix="set json_object, json_schema, regex or lark")
+    if which == "json_object":
+        return ResponseFormat.json_object()
+    return ResponseFormat(which, getattr(message, which), strict=not message.lenient)
 
 
 def prompt_of(request: Any, field: str) -> tuple[Prompt, bool]:
@@ -128,7 +141,8 @@ class LlmoptService:
         prompt, chat = prompt_of(request, "prompt")
         params = sampling_params(request.sampling)
         generation = Generation(model, prompt, params, chat=chat, metrics=self.metrics,
-                                context=context)
+                                context=context, timeout=request_timeout(
+                                    context, default=model.config.request_timeout_s))
         response = _msg("GenerateResponse")
         for delta in generation:
             yield response(delta=delta)
@@ -139,7 +153,8 @@ class LlmoptService:
     def Embed(self, request: Any, context: grpc.ServicerContext) -> Any:
         model = self.repository.encoder(request.model)
         normalize = request.normalize if request.HasField("normalize") else None
-        vectors, tokens = model.embed(list(request.texts), normalize, context.time_remaining())
+        timeout = request_timeout(context, default=model.config.request_timeout_s)
+        vectors, tokens = model.embed(list(request.texts), normalize, timeout)
         embedding = _msg("Embedding")
         return _msg("EmbedResponse")(
             embeddings=[embedding(values=row.tolist()) for row in vectors],

@@ -19,6 +19,7 @@ from llmopt.runtime.engine import Engine, EngineConfig, Request
 from llmopt.runtime.generator import Generator, Prompt
 from llmopt.runtime.sampling import SamplingParams
 from llmopt.server.config import ModelConfig
+from llmopt.server.deadline import finite
 from llmopt.server.status import DeadlineExceededError, RequestTooLargeError
 
 
@@ -61,6 +62,8 @@ class Decoder(ServedModel):
         self.engine = Engine(runner, EngineConfig(
             max_batch_size=config.max_batch_size, max_queue=config.max_queue,
             kv_budget_bytes=config.kv_budget_bytes, max_prefill_batch=config.max_prefill_batch,
+            prefill_chunk=config.prefill_chunk, max_prompt_tokens=config.max_prompt_tokens,
+            batch_invariant=config.batch_invariant,
         )).start()
 
     @property
@@ -69,6 +72,7 @@ class Decoder(ServedModel):
 
     def submit(self, prompt: Prompt, params: SamplingParams, *, chat: bool = False,
                timeout: float | None = None) -> Request:
+        self.generator.check_params(params)
         return self.engine.submit(prompt, params, chat=chat, timeout=timeout)
 
     def tokenize(self, prompt: Prompt, chat: bool = False) -> tuple[list[int], list[str]]:
@@ -179,7 +183,7 @@ class Encoder(ServedModel):
                 raise InvalidInputError(
                     f"input {name} has shape {list(array.shape)}; every input must be "
                     f"[batch, sequence], non-empty, and all of one shape",
-                    fix=f"e.g. {list(ids.shape)}")
+                    fix=f"send every input as {_shape_example(ids.shape)}")
         batch, length = ids.shape
         if batch > self.config.max_batch_size:
             raise RequestTooLargeError(f"batch of {batch}; this model takes at most "
@@ -226,7 +230,7 @@ class Encoder(ServedModel):
                                 fix="retry later, or raise max_queue / max_concurrency")
             self._waiting += 1
         try:
-            acquired = self._slots.acquire(timeout=timeout)
+            acquired = self._slots.acquire(timeout=finite(timeout))
         finally:
             with self._lock:
                 self._waiting -= 1
@@ -263,6 +267,13 @@ def load_model(name: str, directory: Path, config: ModelConfig) -> ServedModel:
             model.close(0)
             raise
     return model
+
+
+def _shape_example(shape: tuple[int, ...]) -> str:
+    """input_ids' own shape where it is a valid one, else a valid example."""
+    if len(shape) == 2 and 0 not in shape:
+        return str(list(shape))
+    return "[batch, sequence] with both >= 1, e.g. [1, 8]"
 
 
 def gather_bounds(model_path: Path, inputs: Sequence[str]) -> dict[str, int]:

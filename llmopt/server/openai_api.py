@@ -57,7 +57,8 @@ async def embeddings(request: Request, ctx: HttpContext) -> Response:
     body = await json_body(request)
     model = ctx.repository.encoder(_model_name(body, request))
     spec = embedding_request(body, model.config.max_batch_size)
-    vectors, tokens = await ctx.blocking(model.embed, list(spec.texts))
+    vectors, tokens = await ctx.blocking(model.embed, list(spec.texts), None,
+                                         model.config.request_timeout_s)
     if spec.dimensions not in (None, vectors.shape[-1]):
         raise UnsupportedError(f"this model's embeddings have {vectors.shape[-1]} dimensions; "
                                "shortening them is not supported",
@@ -125,7 +126,8 @@ def _submit(ctx: HttpContext, model: Decoder, spec: GenerateRequest) -> list[Gen
         for prompt in spec.prompts:
             for index in range(spec.n):
                 generations.append(Generation(model, prompt, spec.choice_params(index),
-                                              chat=spec.chat, metrics=ctx.metrics))
+                                              chat=spec.chat, metrics=ctx.metrics,
+                                              timeout=model.config.request_timeout_s))
     except Exception:
         _cancel(generations)  # one refused (queue full, too long): drop them all
         raise

@@ -8,11 +8,11 @@ completions, as OpenAI documents.
 
 from __future__ import annotations
 
-import importlib.util
 from dataclasses import dataclass, replace
 from typing import Any
 
 from llmopt.errors import InvalidInputError, UnsupportedError
+from llmopt.runtime.constraints import ResponseFormat
 from llmopt.runtime.generator import Prompt
 from llmopt.runtime.sampling import MAX_TOP_LOGPROBS, SamplingParams
 
@@ -125,22 +125,11 @@ def embedding_request(body: Any, max_batch: int) -> EmbeddingRequest:
                             _opt_int(body, "dimensions", 1))
 
 
-def constraints(body: dict[str, Any]) -> Any:
-    """The request's output constraint (``response_format``, ``tools``) for SamplingParams,
-    or None. Built by llmopt's structured-output module; without it, a request that asks for
-    a constraint is refused rather than answered unconstrained."""
-    wanted = {k: body.get(k) for k in ("response_format", "tools", "tool_choice")}
-    format_type = (wanted["response_format"] or {}).get("type") if isinstance(
-        wanted["response_format"], dict) else wanted["response_format"]
-    if format_type in (None, "text") and not wanted["tools"]:
-        return None
-    if importlib.util.find_spec("llmopt.runtime.constraints") is None:
-        raise _unsupported("response_format", "response_format needs llmopt's structured output",
-                           "install an llmopt with structured output, or send plain text "
-                           "requests")
-    module = importlib.import_module("llmopt.runtime.constraints")
-    return module.ResponseFormat.from_openai(wanted["response_format"], tools=wanted["tools"],
-                                             tool_choice=wanted["tool_choice"])
+def constraints(body: dict[str, Any]) -> ResponseFormat | None:
+    """The request's output constraint (``response_format``, ``tools``, ``tool_choice``) for
+    SamplingParams, or None: enforced by constrained decoding (docs/structured-output.md)."""
+    return ResponseFormat.from_openai(body.get("response_format"), tools=body.get("tools"),
+                                      tool_choice=body.get("tool_choice"))
 
 
 def _generate(body: dict[str, Any], prompts: tuple[Prompt, ...], *, chat: bool, max_n: int,

@@ -69,12 +69,14 @@ class CallLimit:
 
 def service_handler(service_name: str, servicer: Any, observer: Observer,
                     draining: Callable[[], bool] = lambda: False,
-                    limit: CallLimit | None = None) -> Any:
+                    limit: CallLimit | None = None,
+                    cut: Callable[[], bool] = lambda: False) -> Any:
     """A ``grpc.GenericRpcHandler`` serving ``servicer``'s methods named as in the service.
 
     Methods the servicer lacks are left out, so grpc answers them UNIMPLEMENTED. While
     ``draining()``, new calls are refused UNAVAILABLE (retry elsewhere) and running ones go on;
-    beyond ``limit``, RESOURCE_EXHAUSTED.
+    once ``cut()`` (the drain grace is over) running ones end UNAVAILABLE too, at their next
+    response; beyond ``limit``, RESOURCE_EXHAUSTED.
     """
     service = _proto.service(service_name)
     factories = {
@@ -92,7 +94,7 @@ def service_handler(service_name: str, servicer: Any, observer: Observer,
         response_type = _proto.message(method.output_type.full_name)
         kind = (method.client_streaming, method.server_streaming)
         handlers[method.name] = factories[kind](
-            _guard(behaviour, method.name, kind, observer, draining, limit),
+            _guard(behaviour, method.name, kind, observer, draining, limit, cut),
             request_deserializer=_parser(request_type),
             response_serializer=response_type.SerializeToString,
         )
@@ -128,8 +130,14 @@ def abort(context: grpc.ServicerContext, error: LlmoptError) -> NoReturn:
 
 def _guard(behaviour: Callable[..., Any], name: str, kind: tuple[bool, bool],
            observer: Observer, draining: Callable[[], bool],
-           limit: CallLimit | None) -> Callable[..., Any]:
+           limit: CallLimit | None, cut: Callable[[], bool]) -> Callable[..., Any]:
     client_streaming, server_streaming = kind
+
+    def check_cut() -> None:
+        if cut():
+            raise ServerUnavailableError(
+                "the server is shutting down: its drain grace ended before this call finished",
+                fix="retry on another replica, or after the restart")
 
     def prepare(request: Any) -> Any:
         if draining():
@@ -149,7 +157,9 @@ def _guard(behaviour: Callable[..., Any], name: str, kind: tuple[bool, bool],
             if limit is not None:
                 limit.enter()
                 counted = True
-            return behaviour(prepare(request), context)
+            response = behaviour(prepare(request), context)
+            check_cut()
+            return response
         except Exception as exc:  # noqa: BLE001 - every failure becomes a status, never a crash
             error = as_llmopt(exc, name)
             code = code_of(error)
@@ -169,7 +179,14 @@ def _guard(behaviour: Callable[..., Any], name: str, kind: tuple[bool, bool],
             if limit is not None:
                 limit.enter()
                 counted = True
-            yield from behaviour(prepare(request), context)
+            responses = behaviour(prepare(request), context)
+            try:
+                for response in responses:
+                    check_cut()
+                    yield response
+            finally:
+                responses.close()  # at once: its own cleanup cancels the engine request
+            check_cut()
             if not context.is_active():
                 code = grpc.StatusCode.CANCELLED
         except GeneratorExit:  # grpc closes the generator when the client goes away

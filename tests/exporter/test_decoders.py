@@ -15,11 +15,12 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+import transformers
 from onnx import numpy_helper
 from transformers import AutoModelForCausalLM
 
 import llmopt
-from llmopt.exporter import ExportOptions, export, registry, traced
+from llmopt.exporter import ExportOptions, export, registry
 from llmopt.exporter.decoder import read_dims, stack_experts, weights_from_onnx
 from llmopt.exporter.decoder_graph import FUSIONS, build_decoder, op_histogram
 from llmopt.package import Package
@@ -320,11 +321,6 @@ def test_gpt_neox_packed_qkv_is_reordered_to_q_k_v() -> None:
         np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
 
 
-TRACEABLE = pytest.mark.skipif(not traced.transformers_traceable(),
-                               reason="the traced builder needs transformers >= 5")
-
-
-@TRACEABLE
 def test_native_and_traced_builders_agree_on_the_same_model(tmp_path: Path) -> None:
     """--builder lets a user compare both on one model: same contract, same tokens."""
     source = tiny_decoders.build("llama", tmp_path / "source")
@@ -355,7 +351,6 @@ def _op_counts(path: Path, scope: str = "") -> dict[str, int]:
     return collections.Counter(node.op_type for node in proto.graph.node if scope in node.name)
 
 
-@TRACEABLE
 def test_traced_attention_the_fused_node_cannot_express_stays_eager(tmp_path: Path) -> None:
     """Gemma 2 soft-caps its attention logits: MultiHeadAttention has no such option, so its
     layers keep the model's own eager attention, and the export still validates."""
@@ -439,7 +434,6 @@ def test_cli_unknown_architecture_exits_nonzero(tmp_path: Path) -> None:
     assert "encoder-decoder" in result.stderr and "Traceback" not in result.stderr
 
 
-@TRACEABLE
 def test_cli_builder_flag_and_inspect_show_the_builder(tmp_path: Path) -> None:
     source = tiny_decoders.build("mistral", tmp_path / "source")
     result = _cli("export", str(source), "-o", str(tmp_path / "package"), "--builder", "traced")
@@ -507,6 +501,16 @@ def test_each_gemma_feature_is_exercised_by_its_tiny_model(tmp_path: Path, arch:
     assert np.abs(got - want).max() > 1e-2
 
 
+def test_gemma3_with_every_layer_sliding_exports(tmp_path: Path) -> None:
+    """A Gemma 3 shorter than its pattern of layer types (every layer sliding: a tiny model, or
+    a GGUF file, which keeps the default pattern of six): transformers 5 builds the sliding
+    RoPE table only, and the graph uses it on every layer (it failed to load before)."""
+    source = tiny_decoders.build("gemma3_text", tmp_path / "source",
+                                 layer_types=["sliding_attention"] * 2)
+    package = export(source, tmp_path / "package", ExportOptions(generation_tokens=8))
+    assert package.manifest["validation"]["passed"], package.manifest["validation"]
+
+
 def test_gemma2_float16_fused_graph_builds_and_runs_on_cpu(tmp_path: Path) -> None:
     """optimize level 3's form (float16, every fusion): soft-capping moves into opset-23
     Attention's ``softcap``, and the graph still computes Gemma 2 on CPU."""
@@ -533,7 +537,7 @@ def _torch_longrope_greedy(source: Path, ids: list[int], n: int) -> list[int]:
         for _ in range(n):
             uncached.append(int(model(torch.tensor([sequence])).logits[0, -1].argmax()))
             sequence.append(uncached[-1])
-        if traced.transformers_traceable():  # transformers >= 5
+        if int(transformers.__version__.split(".", 1)[0]) >= 5:
             out = model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
                                  max_new_tokens=n, min_new_tokens=n, pad_token_id=0)
             assert [int(t) for t in out[0, len(ids):]] == uncached

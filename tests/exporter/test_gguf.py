@@ -101,18 +101,12 @@ def test_tensor_type_gguf_cannot_dequantize_is_refused_before_loading(
 
 def test_architecture_transformers_cannot_read_is_refused_before_loading(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import gguf
+    from tests import tiny_gguf
 
-    writer = gguf.GGUFWriter(str(tmp_path / "rwkv.gguf"), "rwkv6")
-    writer.add_block_count(2)
-    writer.add_tensor("token_embd.weight", np.zeros((8, 32), np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    path = tiny_gguf.foreign(tmp_path / "rwkv.gguf", "rwkv6")  # its tensor data cut short
     _unreadable_model(monkeypatch)
     with pytest.raises(UnsupportedError, match="cannot read 'rwkv6' models from GGUF") as info:
-        llmopt.export(tmp_path / "rwkv.gguf", tmp_path / "out")
+        llmopt.export(path, tmp_path / "out")
     assert "Hugging Face checkpoint" in str(info.value.fix)
 
 

@@ -22,7 +22,7 @@ import llmopt
 from llmopt.errors import UnsupportedError
 from llmopt.exporter import ExportOptions, export, registry, traced
 from llmopt.quantizer import QuantizeOptions
-from tests import tiny_decoders, tiny_families
+from tests import tiny_decoders, tiny_families, tiny_gguf
 
 NATIVE_ENCODERS = ("bert", "roberta", "xlm-roberta", "camembert", "distilbert", "electra",
                    "mpnet")
@@ -31,8 +31,19 @@ ENCODERS = sorted({*NATIVE_ENCODERS, *tiny_families.ENCODERS})
 MATRIX = [*DECODERS, *ENCODERS]
 PROMPT = "the quick brown fox jumps over the lazy dog and"
 # traced decoders whose attention goes through transformers' attention interface, so the trace
-# holds one MultiHeadAttention node per layer (the others keep their own eager attention code)
-TRACED_ATTENTION = frozenset({"codegen", "exaone4", "gptj", "qwen2_moe", "smollm3"})
+# holds one MultiHeadAttention node per layer (the others keep their own eager attention code);
+# transformers 4.57 moved fewer families onto that interface
+TRACED_ATTENTION = frozenset({"codegen", "exaone4", "gptj", "nemotron", "qwen2_moe",
+                              "smollm3"})
+TRACED_ATTENTION_TF4 = frozenset({"exaone4", "smollm3"})
+
+
+def traced_attention() -> frozenset[str]:
+    """The traced rows whose graph holds MultiHeadAttention under the installed transformers."""
+    import transformers
+
+    major = int(transformers.__version__.split(".", 1)[0])
+    return TRACED_ATTENTION if major >= 5 else TRACED_ATTENTION_TF4
 
 
 def expected_builder(model_type: str) -> str:
@@ -50,12 +61,18 @@ def test_the_matrix_is_broad() -> None:
     assert not set(tiny_decoders.CONFIGS) & set(tiny_families.DECODERS)
 
 
-def _torch_greedy(source: Path, ids: list[int], n: int) -> list[int]:
-    model = AutoModelForCausalLM.from_pretrained(source, attn_implementation="eager").eval()
+def torch_greedy(source: Path, ids: list[int], n: int, **load: Any) -> list[int]:
+    """transformers' greedy continuation of ``ids`` by the model in ``source`` (``load``:
+    more ``from_pretrained`` arguments, such as ``gguf_file``), EOS a token like any other
+    (as ``ignore_eos=True``: ``min_new_tokens`` would instead forbid it, a different argmax
+    wherever EOS leads)."""
+    model = AutoModelForCausalLM.from_pretrained(source, attn_implementation="eager",
+                                                 **load).eval()
+    model.generation_config.eos_token_id = None
     prompt = torch.tensor([ids])
     with torch.no_grad():
         out = model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
-                             max_new_tokens=n, min_new_tokens=n, pad_token_id=0)
+                             max_new_tokens=n, pad_token_id=0)
     return [int(t) for t in out[0, len(ids):]]
 
 
@@ -65,11 +82,6 @@ def test_decoder_pipeline(model_type: str, tmp_path: Path, record_property: Any)
     if reason:
         pytest.skip(reason)
     source = tiny_families.build_decoder(model_type, tmp_path / "source")
-    if expected_builder(model_type) == "traced" and not traced.transformers_traceable():
-        with pytest.raises(UnsupportedError, match="transformers >= 5"):
-            export(source, tmp_path / "package")
-        assert not (tmp_path / "package").exists()  # refused from the config
-        return
     package = export(source, tmp_path / "package", ExportOptions(generation_tokens=8))
     manifest = package.manifest
     assert manifest["builder"] == expected_builder(model_type)
@@ -79,12 +91,12 @@ def test_decoder_pipeline(model_type: str, tmp_path: Path, record_property: Any)
 
     if manifest["builder"] == "traced":
         ops = {n.op_type for n in onnx.load(str(package.model_path)).graph.node}
-        assert ("MultiHeadAttention" in ops) == (model_type in TRACED_ATTENTION), ops
+        assert ("MultiHeadAttention" in ops) == (model_type in traced_attention()), ops
 
     generator = llmopt.load(package.path)
     ids = list(AutoTokenizer.from_pretrained(source)(PROMPT)["input_ids"])
     result = generator.generate(ids, max_new_tokens=10, ignore_eos=True)
-    assert result.token_ids == _torch_greedy(source, ids, 10)
+    assert result.token_ids == torch_greedy(source, ids, 10)
 
     optimized = llmopt.optimize(package, tmp_path / "optimized",
                                 llmopt.OptimizeOptions(generation_tokens=8))
@@ -113,10 +125,6 @@ def test_decoder_pipeline(model_type: str, tmp_path: Path, record_property: Any)
 def test_encoder_export(model_type: str, tmp_path: Path) -> None:
     if model_type in tiny_families.ENCODERS:
         source = tiny_families.build_encoder(model_type, tmp_path / "source")
-        if not traced.transformers_traceable():
-            with pytest.raises(UnsupportedError, match="transformers >= 5"):
-                export(source, tmp_path / "package")
-            return
     else:
         from tests.exporter.test_encoders import build
 
@@ -137,27 +145,28 @@ def test_encoder_export(model_type: str, tmp_path: Path) -> None:
 TABLE_START = ("<!-- supported-models: generated by "
                "`python -m tests.exporter.test_matrix --write` -->")
 TABLE_END = "<!-- /supported-models -->"
-GGUF_NAMES = {"gemma3_text": "gemma3", "qwen2_moe": "qwen2moe"}  # transformers' GGUF names
 
 
-def _gguf(model_type: str) -> bool:
-    from transformers.integrations.ggml import GGUF_CONFIG_MAPPING
-
-    return model_type in GGUF_CONFIG_MAPPING or GGUF_NAMES.get(model_type) in GGUF_CONFIG_MAPPING
+def _gguf(model_type: str) -> str:
+    """Whether ``tests/exporter/test_gguf_archs.py`` exports the family from a GGUF file."""
+    if model_type not in tiny_gguf.MODELS:
+        return "no"
+    return "yes (transformers 5)" if model_type in tiny_gguf.NEEDS_TRANSFORMERS_5 else "yes"
 
 
 def supported_table() -> str:
     """Markdown: one row per architecture the matrix tests, with its builder, whether `optimize`
-    fuses its attention into one op, whether transformers reads it from GGUF."""
+    fuses its attention into one op, whether it is exported from GGUF files (tested)."""
     rows = ["| `model_type` | kind | builder | fused attention | GGUF source |",
             "|---|---|---|---|---|"]
     for model_type in MATRIX:
         builder = expected_builder(model_type)
         kind = "decoder" if model_type in DECODERS else "encoder"
         fused = ("yes" if builder == "native" else
-                 "MultiHeadAttention (copying KV cache)" if model_type in TRACED_ATTENTION
-                 else "no (norm/GELU fusions only)")
-        gguf = "yes" if kind == "decoder" and _gguf(model_type) else "no"
+                 "MultiHeadAttention (copying KV cache)" if model_type in TRACED_ATTENTION_TF4
+                 else "MultiHeadAttention (copying KV cache) under transformers 5; no under 4.57"
+                 if model_type in TRACED_ATTENTION else "no (norm/GELU fusions only)")
+        gguf = _gguf(model_type)
         rows.append(f"| `{model_type}` | {kind} | {builder} | {fused} | {gguf} |")
     return "\n".join([TABLE_START, *rows, TABLE_END])
 
@@ -195,8 +204,6 @@ def test_a_trace_that_computes_something_else_fails_validation(
     from transformers import AlbertModel
 
     source = tiny_families.build_encoder("albert", tmp_path / "source")
-    if not traced.transformers_traceable():
-        pytest.skip("transformers 4.x: the traced builder refuses before tracing (tested above)")
     forward = AlbertModel.forward
 
     def baking_forward(self: Any, *args: Any, **kwargs: Any) -> Any:
@@ -219,8 +226,6 @@ def test_tracing_leaves_the_model_in_eval_mode(tmp_path: Path) -> None:
     dropout on (DeBERTa-v2, MPNet and ELECTRA, dropout 0.1, failed validation that way)."""
     from transformers import AutoModel
 
-    if not traced.transformers_traceable():
-        pytest.skip("transformers 4.x: the traced builder refuses before tracing")
     source = tiny_families.build_encoder("deberta-v2", tmp_path / "source")
     model = AutoModel.from_pretrained(source, attn_implementation="eager").eval()
     assert model.config.hidden_dropout_prob > 0

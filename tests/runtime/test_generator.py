@@ -122,6 +122,10 @@ def test_chat_messages_use_the_chat_template(tiny: tuple[Path, Generator]) -> No
     ([{"role": "user"}], {}, "content"),
     ("hello", {"temperature": -1}, "temperature"),
     ("hello", {"top_k": -1}, "top_k"),
+    ("hello", {"top_k": 2**32 - 1}, "top_k .* beyond the vocabulary"),
+    ("hello", {"eos_token_ids": (-1,)}, "eos_token_ids .* outside the vocabulary"),
+    ("hello", {"eos_token_ids": (10**12,)}, "eos_token_ids .* outside the vocabulary"),
+    ([{"role": "wizard", "content": "hi"}], {}, "unknown chat role 'wizard'"),
     ("hello", {"max_new_tokens": 0}, "max_new_tokens"),
     ("hello", {"bogus": 1}, "unknown generation option"),
 ])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -53,10 +54,10 @@ def test_cpu_is_appended_as_the_last_resort() -> None:
 
 def test_cuda_options_dict() -> None:
     options = P.CUDAOptions(device_id=2, memory_limit=2**30, arena_strategy="kSameAsRequested",
-                            cuda_graph=True, tf32=False).provider_options()
+                            tf32=False).provider_options()
     assert options == {
         "device_id": "2", "gpu_mem_limit": str(2**30), "arena_extend_strategy":
-        "kSameAsRequested", "enable_cuda_graph": "True", "use_tf32": "False",
+        "kSameAsRequested", "enable_cuda_graph": "False", "use_tf32": "False",
         "cudnn_conv_algo_search": "EXHAUSTIVE",
     }
 
@@ -82,16 +83,20 @@ def test_tensorrt_options_profile_and_caches(tmp_path: Path) -> None:
 def test_tensorrt_cache_key_changes_with_everything_that_makes_an_engine_stale() -> None:
     trt = P.TensorRTOptions()
     profile = P.tensorrt_profile(SIGNATURE, {})
-    base = P.tensorrt_cache_key("model-a", profile, trt, gpu="H100", trt_version="10.1")
-    assert base == P.tensorrt_cache_key("model-a", profile, trt, gpu="H100", trt_version="10.1")
+    env = P.BuildEnvironment(gpu="H100", onnxruntime="1.31.1", cuda="13.0", tensorrt="10.13")
+
+    def key(model: str = "model-a", profile: dict[str, str] = profile,
+            options: P.TensorRTOptions = trt, **changes: str) -> str:
+        return P.tensorrt_cache_key(model, profile, options, replace(env, **changes))
+
+    base = key()
+    assert base == key()
     changed = [
-        P.tensorrt_cache_key("model-b", profile, trt, gpu="H100", trt_version="10.1"),
-        P.tensorrt_cache_key("model-a", profile, trt, gpu="A100", trt_version="10.1"),
-        P.tensorrt_cache_key("model-a", profile, trt, gpu="H100", trt_version="10.2"),
-        P.tensorrt_cache_key("model-a", P.tensorrt_profile(
-            SIGNATURE, {"batch": P.ShapeRange(1, 1, 16)}), trt, gpu="H100", trt_version="10.1"),
-        P.tensorrt_cache_key("model-a", profile, P.TensorRTOptions(fp16=True), gpu="H100",
-                             trt_version="10.1"),
+        key("model-b"), key(gpu="A100"), key(tensorrt="10.14"), key(onnxruntime="1.32.0"),
+        key(cuda="12.8"),
+        key(profile=P.tensorrt_profile(SIGNATURE, {"batch": P.ShapeRange(1, 1, 16)})),
+        key(options=P.TensorRTOptions(fp16=True)),
+        key(options=P.TensorRTOptions(max_workspace_size=2**30)),
     ]
     assert base not in changed and len(set(changed)) == len(changed)
 

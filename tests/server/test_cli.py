@@ -111,6 +111,11 @@ def test_generate_through_the_server(server: Any, packages: dict[str, Path],
     (["--tls-cert", "cert.pem"], "needs both --tls-cert and --tls-key"),
     (["--token-env", "LLMOPT_TEST_UNSET_TOKENS"], "unset or empty"),
     (["--port", "99999"], "cannot bind"),
+    (["--prefill-chunk", "-1"], "prefill_chunk must be an integer >= 0"),
+    (["--max-prompt-tokens", "0"], "max_prompt_tokens must be a positive integer"),
+    (["--request-timeout", "0"], "request_timeout_s must be a positive number"),
+    (["--tls-cert", "cert.pem", "--tls-key", "key.pem"],
+     "cannot read the TLS certificate file cert.pem"),
 ])
 def test_serve_refuses_bad_options(packages: dict[str, Path], tmp_path: Path,
                                    capsys: pytest.CaptureFixture[str], args: list[str],
@@ -135,3 +140,26 @@ def test_serve_refuses_a_metrics_port_in_use(packages: dict[str, Path], tmp_path
         assert main(["serve", "--model-repository", str(repo), "--port", "0",
                      "--metrics-port", str(port)]) == 1
     assert f"cannot serve metrics on 127.0.0.1:{port}" in capsys.readouterr().err
+
+
+def test_metrics_bind_their_own_host(packages: dict[str, Path], tmp_path: Path,
+                                     capsys: pytest.CaptureFixture[str]) -> None:
+    repo = make_repository(tmp_path / "repo", packages, [DECODER])
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.2", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["serve", "--model-repository", str(repo), "--port", "0",
+                     "--metrics-host", "127.0.0.2", "--metrics-port", str(port)]) == 1
+    assert f"cannot serve metrics on 127.0.0.2:{port}" in capsys.readouterr().err
+
+@pytest.mark.parametrize(("flags", "invariant"), [([], True), (["--no-batch-invariant"], False)])
+def test_serve_batch_invariance_switch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                       flags: list[str], invariant: bool) -> None:
+    import llmopt.server
+
+    served: list[Any] = []
+    monkeypatch.setattr(llmopt.server, "serve",
+                        lambda repo, address, config, on_ready: served.append(config) or 0)
+    assert main(["serve", "--model-repository", str(tmp_path), *flags]) == 0
+    assert served[0].model_defaults.batch_invariant is invariant

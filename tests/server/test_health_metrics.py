@@ -106,3 +106,19 @@ def test_shutdown_drains_and_health_turns_not_serving(start_server: Any,
         assert srv.wait(0)
         with pytest.raises(llmopt.LlmoptError):
             client.list_models(timeout=5)
+
+
+def test_streams_cut_at_the_end_of_the_grace_are_told_the_server_is_shutting_down(
+        start_server: Any, packages: dict[str, Path], tmp_path: Path) -> None:
+    srv = start_server(make_repository(tmp_path / "repo", packages, [DECODER]))
+    slow_steps(srv.repository.get(DECODER), 0.05)  # 200 tokens take 10 s; the grace is 0.3 s
+    with llmopt.Client(srv.address) as client:
+        stream = client.stream(DECODER, "hello", max_new_tokens=200, ignore_eos=True)
+        next(stream)
+        stopper = threading.Thread(target=srv.stop, args=(0.3,))
+        stopper.start()
+        with pytest.raises(ServerUnavailableError, match="shutting down") as info:
+            list(stream)
+        assert "retry on another replica" in (info.value.fix or "")
+        stopper.join(30)
+    assert srv.wait(0)

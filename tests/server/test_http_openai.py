@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import base64
-import importlib.util
+import time
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -11,10 +13,9 @@ import openai
 import pytest
 
 from llmopt.runtime.sampling import SamplingParams
-from tests.server.conftest import CLASSIFIER, DECODER, ENCODER, sample
+from tests.server.conftest import CLASSIFIER, DECODER, ENCODER, make_repository, sample
 
 MESSAGES = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello there"}]
-HAS_CONSTRAINTS = importlib.util.find_spec("llmopt.runtime.constraints") is not None
 
 
 @pytest.fixture
@@ -42,9 +43,17 @@ def test_routes_are_counted_in_the_shared_metrics(oai: openai.OpenAI, server: An
     labels = {"method": "models.list", "model": "", "code": "200"}
     before = sample(server, "llmopt_requests_total", labels)
     oai.models.list()
+    # recorded when the response has gone out, so possibly just after the client has it
+    until = time.monotonic() + 5
+    while sample(server, "llmopt_requests_total", labels) < before + 1 and time.monotonic() < until:
+        time.sleep(0.01)
     assert sample(server, "llmopt_requests_total", labels) == before + 1
     with pytest.raises(openai.NotFoundError):
         oai.chat.completions.create(model="nope", messages=MESSAGES)  # type: ignore[arg-type]
+    labels = {"method": "chat.completions", "model": "_unknown", "code": "404"}
+    until = time.monotonic() + 5
+    while sample(server, "llmopt_requests_total", labels) < 1 and time.monotonic() < until:
+        time.sleep(0.01)
     assert sample(server, "llmopt_requests_total", {"method": "chat.completions",
                                                      "model": "_unknown", "code": "404"}) >= 1
 
@@ -143,30 +152,46 @@ def test_models_list_and_get(oai: openai.OpenAI) -> None:
         oai.models.retrieve("no-such-model")
 
 
-@pytest.mark.skipif(not HAS_CONSTRAINTS, reason="response_format needs llmopt's structured "
-                    "output (llmopt.runtime.constraints), not on this branch")
-def test_json_schema_responses_parse_and_validate(oai: openai.OpenAI) -> None:
+@pytest.fixture
+def byte_level_oai(byte_level_decoder: Path, start_server: Callable[..., Any],
+                   tmp_path: Path) -> openai.OpenAI:
+    """A server over a tiny decoder whose byte-level tokenizer the grammar library reads."""
+    from llmopt.server import ServerConfig
+
+    repo = make_repository(tmp_path / "repo", {"bytes": byte_level_decoder}, ["bytes"])
+    srv = start_server(repo, ServerConfig(http_port=0))
+    return openai.OpenAI(base_url=srv.http_url + "/v1", api_key="unused", max_retries=0,
+                         timeout=60)
+
+
+def test_json_schema_responses_parse_and_validate(byte_level_oai: openai.OpenAI) -> None:
     import json
 
     import jsonschema
 
-    schema = {"type": "object", "properties": {"name": {"type": "string"},
+    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 8},
                                                "age": {"type": "integer"}},
               "required": ["name", "age"], "additionalProperties": False}
     for index in range(10):
-        reply = oai.chat.completions.create(
-            model=DECODER, messages=[{"role": "user", "content": f"person number {index}"}],
-            max_tokens=64, temperature=0,
+        reply = byte_level_oai.chat.completions.create(
+            model="bytes", messages=[{"role": "user", "content": f"person number {index}"}],
+            max_tokens=64, temperature=0.8, seed=index,
             response_format={"type": "json_schema",
                              "json_schema": {"name": "person", "schema": schema}})
+        assert reply.choices[0].finish_reason == "stop"
         jsonschema.validate(json.loads(reply.choices[0].message.content or ""), schema)
 
 
-@pytest.mark.skipif(HAS_CONSTRAINTS, reason="structured output is installed")
-def test_response_format_without_structured_output_is_refused(oai: openai.OpenAI) -> None:
-    with pytest.raises(openai.BadRequestError, match="structured output"):
-        oai.chat.completions.create(model=DECODER, messages=MESSAGES,  # type: ignore[arg-type]
-                                    response_format={"type": "json_object"})
+def test_an_invalid_schema_is_a_400_and_the_server_goes_on(byte_level_oai: openai.OpenAI
+                                                            ) -> None:
+    with pytest.raises(openai.BadRequestError):
+        byte_level_oai.chat.completions.create(
+            model="bytes", messages=MESSAGES,  # type: ignore[arg-type]
+            response_format={"type": "json_schema",
+                             "json_schema": {"name": "bad", "schema": {"type": "no-such-type"}}})
+    reply = byte_level_oai.chat.completions.create(
+        model="bytes", messages=MESSAGES, max_tokens=4)  # type: ignore[arg-type]
+    assert reply.choices[0].message.content is not None
 
 
 @pytest.mark.real_model

@@ -194,3 +194,27 @@ def test_http_door_takes_the_same_tls_and_tokens(start_server: Any, decoder_repo
     for stranger in (None, "stranger"):  # mutual TLS: no or an untrusted client certificate
         with pytest.raises((ssl.SSLError, urllib.error.URLError, ConnectionError)):
             get("/v2/health/live", None, stranger)
+
+@pytest.mark.parametrize(("files", "named", "text"), [
+    (("server.pem", "missing.key", None), "missing.key", "cannot read the TLS key file"),
+    (("server.pem", "garbage.key", None), "garbage.key", "is not PEM"),
+    (("server.pem", "client.key", None), "client.key", "does not load with the certificate"),
+    (("server.pem", "server.key", "garbage.key"), "garbage.key", "client CA file"),
+    (("server.pem", "server.key", "server.key"), "server.key", "holds no usable certificate"),
+])
+def test_bad_tls_files_are_named_before_any_model_loads(
+        pki: dict[str, Path], tmp_path: Path, files: tuple[str, str, str | None], named: str,
+        text: str) -> None:
+    from llmopt.server import create_server
+
+    (tmp_path / "garbage.key").write_text("not a key\n")
+
+    def path(name: str) -> Path:
+        return pki.get(name, tmp_path / name)
+
+    cert, key, ca = files
+    tls = TLSConfig(path(cert), path(key), path(ca) if ca else None)
+    # the repository does not exist: the TLS error must come first, before any model loads
+    with pytest.raises(llmopt.InvalidInputError, match=text) as info:
+        create_server(tmp_path / "no-repository", "127.0.0.1:0", ServerConfig(tls=tls))
+    assert named in str(info.value) and "free port" not in str(info.value)

@@ -149,6 +149,9 @@ CASES: list[tuple[str, Callable[[], Request], grpc.StatusCode, str]] = [
         name="logits")), C.INVALID_ARGUMENT, "one output, text_output"),
     ("parameter without value", edit(lambda: text_request(b"hi"), lambda r: r.parameters[
         "max_tokens"].CopyFrom(_msg("InferParameter")())), C.INVALID_ARGUMENT, "has no value"),
+    ("top_k past the vocabulary", edit(lambda: text_request(b"hi"), lambda r: r.parameters[
+        "top_k"].CopyFrom(_msg("InferParameter")(int64_param=2**32 - 1))), C.INVALID_ARGUMENT,
+     "beyond the vocabulary"),
 ]
 
 
@@ -166,6 +169,13 @@ def test_malformed_request_gets_its_code(channel: Any, make: Callable[[], Reques
         infer(channel, make())
     assert info.value.code() == code, info.value.details()
     assert text in info.value.details()
+
+
+def test_an_empty_shape_gets_a_valid_example(channel: Any) -> None:
+    with pytest.raises(grpc.RpcError) as info:
+        infer(channel, ids_request(shape=(0, 0), values=[]))
+    assert info.value.code() == C.INVALID_ARGUMENT
+    assert "e.g. [1, 8]" in info.value.details() and "[0, 0])" not in info.value.details()
 
 
 def test_typed_contents_in_and_out(channel: Any, packages: dict[str, Path]) -> None:
