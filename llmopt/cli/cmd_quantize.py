@@ -1,4 +1,5 @@
-"""``llmopt quantize PKG -o DIR``: int8 (weight-only, dynamic, static) or int4 packages."""
+"""``llmopt quantize PKG -o DIR``: int8 (weight-only, dynamic, static, per token) or int4
+packages."""
 
 from __future__ import annotations
 
@@ -13,10 +14,11 @@ def add_parser(subparsers: Any) -> None:
         "or cosine) against the input package.")
     p.add_argument("package", help="input package directory")
     p.add_argument("-o", "--output", required=True, metavar="DIR")
-    p.add_argument("--method", default="int8",
-                   choices=["int8", "int8-dynamic", "int8-static", "int4"],
-                   help="int8: weight-only (default); int8-dynamic; int8-static (QDQ, "
-                   "calibrated); int4: weight-only MatMulNBits")
+    p.add_argument("--method", default=None,
+                   choices=["int8", "int8-dynamic", "int8-static", "int8-per-token", "int4"],
+                   help="int8: weight-only (default for decoders); int8-per-token: integer "
+                   "GEMMs, per-token activations, SmoothQuant (default for encoders); "
+                   "int8-dynamic; int8-static (QDQ, calibrated); int4: weight-only MatMulNBits")
     p.add_argument("--block-size", type=int, default=32, help="int4/int8 block size")
     p.add_argument("--algorithm", default="auto",
                    help="int4: auto (gguf for a package exported from a Q4_0/Q4_1/Q4_K GGUF file, "
@@ -31,6 +33,8 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--lm-head", default="int8", choices=["int8", "int4", "float"],
                    help="int8/int4: how to store the LM head (default int8)")
     p.add_argument("--quantize-embeddings", action="store_true")
+    p.add_argument("--smooth-alpha", type=float, default=None,
+                   help="int8-per-token: SmoothQuant strength in [0, 1] (default 0.5)")
     p.add_argument("--calibration", default="minmax", help="minmax, entropy or percentile")
     p.add_argument("--calibration-file", help="text file (default: built-in corpus)")
     p.add_argument("--samples", type=int, default=16, help="calibration windows")
@@ -41,9 +45,20 @@ def add_parser(subparsers: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from llmopt.inspect import describe, render
-    from llmopt.quantizer import QuantizeOptions, quantize
+    from llmopt.package import Package
+    from llmopt.quantizer import QuantizeOptions, default_options, quantize
 
-    method = args.method.replace("-", "_")
+    parent = Package.open(args.package)
+    method = args.method.replace("-", "_") if args.method else default_options(parent).method
+    if method == "int8_per_token":
+        encoder = QuantizeOptions.int8_encoder()
+        options = encoder.with_(
+            keep_float=tuple(args.keep_float) if args.keep_float else encoder.keep_float,
+            smooth_alpha=encoder.smooth_alpha if args.smooth_alpha is None
+            else args.smooth_alpha, calibration_file=args.calibration_file,
+            evaluate=args.evaluate)
+        print(render(describe(quantize(parent, args.output, options))))
+        return 0
     symmetric = args.symmetric if args.symmetric is not None else method == "int8"
     options = QuantizeOptions(
         method=method, block_size=args.block_size, algorithm=args.algorithm,
@@ -56,5 +71,5 @@ def run(args: argparse.Namespace) -> int:
         calibration_file=args.calibration_file, calibration_samples=args.samples,
         calibration_length=args.sequence_length, evaluate=args.evaluate,
     )
-    print(render(describe(quantize(args.package, args.output, options))))
+    print(render(describe(quantize(parent, args.output, options))))
     return 0

@@ -1,5 +1,6 @@
-"""Quantize: int8 dynamic, int8 static (QDQ, calibrated) and int4 weight-only (MatMulNBits),
-each measured for what it costs (perplexity, agreement, cosine) and recorded in the manifest."""
+"""Quantize: int8 dynamic, int8 static (QDQ, calibrated), int8 per token (encoders) and int4
+weight-only (MatMulNBits), each measured for what it costs (perplexity, agreement, cosine) and
+recorded in the manifest."""
 
 from __future__ import annotations
 
@@ -15,18 +16,20 @@ from llmopt.errors import InvalidInputError, UnsupportedError
 from llmopt.package import Package, graph_signature, now_iso, write_derived
 from llmopt.quantizer.options import QuantizeOptions
 
-__all__ = ["QuantizeOptions", "quantize"]
+__all__ = ["QuantizeOptions", "default_options", "quantize"]
 
 log = logging.getLogger("llmopt.quantize")
 
 
 def quantize(package: str | os.PathLike[str] | Package, out_dir: str | os.PathLike[str],
              options: QuantizeOptions | None = None) -> Package:
-    """Write a quantized copy of ``package`` to ``out_dir`` and measure its fidelity."""
+    """Write a quantized copy of ``package`` to ``out_dir`` and measure its fidelity.
+    Without ``options``: :meth:`QuantizeOptions.int8_encoder` for an encoder,
+    :meth:`QuantizeOptions.int8` for a decoder."""
     import onnx
 
-    options = options or QuantizeOptions.int8()
     parent = package if isinstance(package, Package) else Package.open(package)
+    options = options or default_options(parent)
     done = [s for s in parent.manifest.get("steps", []) if s.get("stage") == "quantize"]
     if done:
         raise UnsupportedError(
@@ -79,6 +82,13 @@ def quantize(package: str | os.PathLike[str] | Package, out_dir: str | os.PathLi
     step["seconds"] = round(time.perf_counter() - started, 2)
     result.write_manifest()
     return result
+
+
+def default_options(package: Package) -> QuantizeOptions:
+    """The int8 preset for the package's task: weight-only for decoders (bandwidth-bound:
+    fewer bytes per token), integer GEMMs for encoders (compute-bound: weight-only int8 is
+    slower than fp32 there, bench/results/encoder_int8.md)."""
+    return QuantizeOptions.int8() if package.is_decoder else QuantizeOptions.int8_encoder()
 
 
 # mixture-of-experts routers: a few columns whose rounding flips which experts run
@@ -145,7 +155,48 @@ def _run(options: QuantizeOptions, src: Path, dst: Path, targets: list[str], kep
                                        "CalibPercentile": options.percentile,
                                        "CalibTensorRangeSymmetric": False})
         return onnx.load(str(dst)), {}
+    if options.method == "int8_per_token":
+        return _per_token(options, src, targets, parent)
     return _nbits(options, src, targets, kept, parent)
+
+
+def _per_token(options: QuantizeOptions, src: Path, targets: list[str],
+               parent: Package) -> tuple[Any, dict[str, Any]]:
+    """Per-token int8 activations x per-channel int8 weights, SmoothQuant-scaled when
+    ``options.smooth_alpha`` is set (activation ranges from the calibration sentences)."""
+    import onnx
+    from onnx import numpy_helper
+
+    from llmopt.quantizer import blockwise, per_token
+
+    if parent.is_decoder:
+        raise UnsupportedError("int8 per token is built for encoders",
+                               fix="use int8 (weight-only) or int4 for a decoder")
+    model = onnx.load(str(src))
+    names = set(targets)
+    matmuls = [n for n in model.graph.node if n.name in names]
+    amax: dict[str, Any] = {}
+    if options.smooth_alpha is not None:
+        from llmopt.quantizer.calibration import activation_amax
+
+        amax = activation_amax(parent, model, [n.input[0] for n in matmuls], options)
+    inits = {t.name: t for t in model.graph.initializer}
+    nodes: list[Any] = []
+    added: list[Any] = []
+    for node in model.graph.node:
+        if node.name not in names:
+            nodes.append(node)
+            continue
+        weight = numpy_helper.to_array(inits[node.input[1]])
+        smooth = None if options.smooth_alpha is None else \
+            per_token.smoothing(amax[node.input[0]], weight, options.smooth_alpha)
+        more, new = per_token.replace_matmul(node, weight, smooth)
+        nodes += more
+        added += new
+    blockwise.set_nodes(model, nodes, added)
+    if not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
+    return model, {"smooth_alpha": options.smooth_alpha}
 
 
 def _gguf_blocks_usable(parent: Package, options: QuantizeOptions) -> bool:

@@ -76,3 +76,49 @@ def reader_for(package: Package, options: QuantizeOptions) -> Any:
             self.items = iter(feeds)
 
     return Reader()
+
+
+def calibration_sentences(options: QuantizeOptions, limit: int = 256) -> list[str]:
+    """The calibration text cut into sentences (an encoder sees whole, [CLS]...[SEP]-framed
+    inputs; windows cut from a token stream would miss the special tokens' outliers)."""
+    import re
+
+    text = calibration_text(options)
+    sentences = [s.strip() for s in re.split(r"(?<=[.!?])\s+|\n+", text) if s.strip()]
+    return sentences[:limit]
+
+
+def activation_amax(package: Package, model: Any, tensors: list[str],
+                    options: QuantizeOptions) -> dict[str, np.ndarray]:
+    """Largest ``|value|`` per channel (last axis) of each named float tensor of ``model``
+    (an in-memory ONNX encoder), over the calibration sentences' real (unpadded) tokens."""
+    import onnx
+    import onnxruntime as ort
+
+    import llmopt
+    from llmopt.runtime.embedder import Embedder
+
+    tensors = list(dict.fromkeys(tensors))  # q, k and v may read one input
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    listed = {o.name for o in probe.graph.output}
+    for name in tensors:
+        if name not in listed:
+            probe.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
+    session_options = ort.SessionOptions()
+    session_options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(probe.SerializeToString(), session_options,
+                                   providers=["CPUExecutionProvider"])
+    runner = llmopt.load(package, ["cpu"])
+    assert isinstance(runner, Embedder), "activation_amax is for encoder packages"
+    sentences = calibration_sentences(options)
+    amax: dict[str, np.ndarray] = {}
+    for start in range(0, len(sentences), 8):
+        feed = runner.tokenize(sentences[start:start + 8])
+        real = feed["attention_mask"].astype(bool) if "attention_mask" in feed \
+            else np.ones(feed["input_ids"].shape, bool)
+        for name, value in zip(tensors, session.run(tensors, feed), strict=True):
+            rows = value[real] if value.shape[:2] == real.shape else value
+            seen = np.abs(rows.reshape(-1, value.shape[-1])).max(axis=0)
+            amax[name] = np.maximum(amax[name], seen) if name in amax else seen
+    return amax

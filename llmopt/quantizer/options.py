@@ -6,17 +6,21 @@ from dataclasses import dataclass, replace
 
 from llmopt.errors import InvalidInputError
 
-METHODS = ("int8", "int8_dynamic", "int8_static", "int4")
+METHODS = ("int8", "int8_dynamic", "int8_static", "int8_per_token", "int4")
 CALIBRATIONS = ("minmax", "entropy", "percentile")
 INT4_ALGORITHMS = ("auto", "gguf", "rtn", "mse", "hqq", "gptq")
 LM_HEAD_BITS = (None, 4, 8)
 BLOCK_SIZES = (16, 32, 64, 128, 256)
+# BERT-style names of the first two layers' FFN down-projections: the MatMuls whose int8
+# costs all-MiniLM-L6-v2 the most cosine (bench/results/encoder_int8.md, sensitivity table)
+ENCODER_KEEP_FLOAT = ("layer.0.output.dense.", "layer.1.output.dense.")
 
 
 @dataclass(frozen=True)
 class QuantizeOptions:
-    """How to quantize. Use the presets: :meth:`int8` (weight-only, the default int8),
-    :meth:`int8_dynamic`, :meth:`int8_static`, :meth:`int4`.
+    """How to quantize. Use the presets: :meth:`int8` (weight-only, the default int8 for
+    decoders), :meth:`int8_encoder` (the default for encoders), :meth:`int8_dynamic`,
+    :meth:`int8_static`, :meth:`int4`.
 
     ``keep_float`` lists weights left in float, matched as substrings of initializer names
     (``"lm_head"``, ``"embed"``, ``"layers.0."``...). Only MatMuls whose second input is a
@@ -36,6 +40,8 @@ class QuantizeOptions:
     calibration_samples: int = 16
     calibration_length: int = 128
     percentile: float = 99.999
+    # int8 per token: SmoothQuant's migration strength (None: no smoothing)
+    smooth_alpha: float | None = 0.5
     # int4
     block_size: int = 32
     symmetric: bool = False
@@ -63,6 +69,9 @@ class QuantizeOptions:
                                     fix="e.g. calibration_samples=16, calibration_length=128")
         if not 90.0 <= self.percentile <= 100.0:
             raise InvalidInputError("percentile must be in [90, 100]", fix="e.g. 99.999")
+        if self.smooth_alpha is not None and not 0.0 <= self.smooth_alpha <= 1.0:
+            raise InvalidInputError("smooth_alpha must be in [0, 1]",
+                                    fix="e.g. 0.5, or None for no smoothing")
 
     @classmethod
     def int8(cls, block_size: int = 32) -> QuantizeOptions:
@@ -86,6 +95,17 @@ class QuantizeOptions:
         return cls(method="int8_static", calibration=calibration,
                    calibration_file=calibration_file, calibration_samples=samples,
                    keep_float=("lm_head",))
+
+    @classmethod
+    def int8_encoder(cls, smooth_alpha: float | None = 0.5,
+                     keep_float: tuple[str, ...] = ENCODER_KEEP_FLOAT) -> QuantizeOptions:
+        """Integer GEMMs for encoders, the default when quantizing one: activations in int8
+        with a scale per token, weights per output channel, SmoothQuant scaling (strength
+        ``smooth_alpha``, calibrated on the built-in corpus) and the first two layers' FFN
+        down-projections in float (the most sensitive MatMuls in a per-MatMul sweep).
+        all-MiniLM-L6-v2: cosine min 0.998 where ONNX Runtime's per-tensor dynamic int8 gives
+        0.92, 1.7x fp32 at batch 32 (bench/results/encoder_int8.md)."""
+        return cls(method="int8_per_token", smooth_alpha=smooth_alpha, keep_float=keep_float)
 
     @classmethod
     def int4(cls, block_size: int = 32, algorithm: str = "auto", symmetric: bool = False,

@@ -1,0 +1,101 @@
+"""Dynamic int8 with one activation scale per token and one weight scale per output channel.
+
+ONNX Runtime's dynamic int8 (``DynamicQuantizeMatMul``) quantizes a whole activation tensor
+with one scale, so a few tokens with large values (BERT's [CLS]/[SEP] and punctuation rows)
+set the step for every other token: all-MiniLM-L6-v2 loses cosine 0.92 (per-tensor weights)
+or 0.984 (per-channel weights). A scale per token (per row of the activation) keeps each
+token's own resolution; the GEMM stays integer (``MatMulIntegerToFloat``, u8 x s8, VNNI on
+x86). The row scale is applied to the float output, where it commutes with the product::
+
+    x ─┬─ Abs ─ ReduceMax(last axis) ─ Max(eps) ─┬─ Div(127, ·) ─┐
+       │                                          └─ Div(·, 127) ─┼────────────┐
+       └──────────────────────────────── Mul ─────────────────────┘            │
+                                          │                                    │
+                     QuantizeLinear(scale 1, zero point 128)  (u8, symmetric)  │
+                                          │                                    │
+             MatMulIntegerToFloat(W int8 per column, w_scale, zp 128) ─ Mul ───┘ ─ y
+
+The zero point 128 is shared by every row, so ONNX Runtime's scalar-zero-point kernels apply.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+EPS = 1e-8  # an all-zero row gets this amax: its codes are 0 and its output 0
+
+
+def quantize_columns(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric int8 per output column: ``(codes [K, N] int8, scales [N] float32)``."""
+    amax = np.abs(weight).max(axis=0)
+    scale = np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)
+    codes = np.clip(np.rint(weight / scale), -127, 127).astype(np.int8)
+    return codes, scale
+
+
+def smoothing(activation_amax: np.ndarray, weight: np.ndarray, alpha: float) -> np.ndarray:
+    """SmoothQuant's per-input-channel factors ``s``: ``x / s`` and ``s * W`` have the same
+    product, with the activation's outlier channels moved into the weight by ``alpha``."""
+    weight_amax = np.abs(weight).max(axis=1)
+    s = np.power(np.maximum(activation_amax, 1e-5), alpha) / \
+        np.power(np.maximum(weight_amax, 1e-5), 1 - alpha)
+    return np.clip(s, 1e-2, 1e2).astype(np.float32)
+
+
+def replace_matmul(node: Any, weight: np.ndarray, smooth: np.ndarray | None = None
+                   ) -> tuple[list[Any], list[Any]]:
+    """The per-token int8 subgraph (above) for a weight MatMul ``node``: same input and
+    output, names under the node's own. ``smooth`` (per input channel, see :func:`smoothing`)
+    divides the activation and multiplies the weight first. Returns (nodes, new
+    initializers)."""
+    from onnx import helper, numpy_helper
+
+    base = node.name.removesuffix("/MatMul") or node.name
+    x, y = node.input[0], node.output[0]
+
+    def name(what: str) -> str:
+        return f"{base}/per_token/{what}"
+
+    pre: list[Any] = []
+    smooth_init: list[Any] = []
+    if smooth is not None:
+        weight = weight * smooth[:, None]
+        smooth_init = [numpy_helper.from_array((1.0 / smooth).astype(np.float32),
+                                               name("inv_smooth"))]
+        pre = [helper.make_node("Mul", [x, name("inv_smooth")], [name("smoothed")],
+                                name("Smooth"))]
+        x = name("smoothed")
+    codes, scale = quantize_columns(weight)
+
+    inits = [
+        *smooth_init,
+        numpy_helper.from_array(codes, name("weight_int8")),
+        numpy_helper.from_array(scale, name("weight_scale")),
+        numpy_helper.from_array(np.array([-1], np.int64), name("last_axis")),
+        numpy_helper.from_array(np.array(EPS, np.float32), name("eps")),
+        numpy_helper.from_array(np.array(127.0, np.float32), name("qmax")),
+        numpy_helper.from_array(np.array(1.0, np.float32), name("unit")),
+        numpy_helper.from_array(np.array(128, np.uint8), name("zero_point")),
+        numpy_helper.from_array(np.array(0, np.int8), name("weight_zero_point")),
+    ]
+    nodes = [
+        *pre,
+        helper.make_node("Abs", [x], [name("abs")], name("Abs")),
+        helper.make_node("ReduceMax", [name("abs"), name("last_axis")], [name("amax_raw")],
+                         name("ReduceMax"), keepdims=1),
+        helper.make_node("Max", [name("amax_raw"), name("eps")], [name("amax")], name("Max")),
+        helper.make_node("Div", [name("qmax"), name("amax")], [name("inv_step")],
+                         name("InvStep")),
+        helper.make_node("Div", [name("amax"), name("qmax")], [name("step")], name("Step")),
+        helper.make_node("Mul", [x, name("inv_step")], [name("scaled")], name("Scale")),
+        helper.make_node("QuantizeLinear", [name("scaled"), name("unit"), name("zero_point")],
+                         [name("codes")], name("QuantizeLinear")),
+        helper.make_node("MatMulIntegerToFloat",
+                         [name("codes"), name("weight_int8"), name("unit"), name("weight_scale"),
+                          name("zero_point"), name("weight_zero_point")],
+                         [name("product")], name("MatMulIntegerToFloat"), domain="com.microsoft"),
+        helper.make_node("Mul", [name("product"), name("step")], [y], name("Rescale")),
+    ]
+    return nodes, inits
