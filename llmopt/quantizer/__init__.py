@@ -181,6 +181,7 @@ def _per_token(options: QuantizeOptions, src: Path, targets: list[str],
 
         amax = activation_amax(parent, model, [n.input[0] for n in matmuls], options)
     inits = {t.name: t for t in model.graph.initializer}
+    opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
     nodes: list[Any] = []
     added: list[Any] = []
     for node in model.graph.node:
@@ -190,7 +191,7 @@ def _per_token(options: QuantizeOptions, src: Path, targets: list[str],
         weight = numpy_helper.to_array(inits[node.input[1]])
         smooth = None if options.smooth_alpha is None else \
             per_token.smoothing(amax[node.input[0]], weight, options.smooth_alpha)
-        more, new = per_token.replace_matmul(node, weight, smooth)
+        more, new = per_token.replace_matmul(node, weight, smooth, opset)
         nodes += more
         added += new
     blockwise.set_nodes(model, nodes, added)

@@ -44,12 +44,13 @@ def smoothing(activation_amax: np.ndarray, weight: np.ndarray, alpha: float) -> 
     return np.clip(s, 1e-2, 1e2).astype(np.float32)
 
 
-def replace_matmul(node: Any, weight: np.ndarray, smooth: np.ndarray | None = None
-                   ) -> tuple[list[Any], list[Any]]:
+def replace_matmul(node: Any, weight: np.ndarray, smooth: np.ndarray | None = None,
+                   opset: int = 18) -> tuple[list[Any], list[Any]]:
     """The per-token int8 subgraph (above) for a weight MatMul ``node``: same input and
     output, names under the node's own. ``smooth`` (per input channel, see :func:`smoothing`)
     divides the activation and multiplies the weight first. Returns (nodes, new
-    initializers)."""
+    initializers). ``opset``: the graph's ONNX opset (ReduceMax takes its axes as an input
+    from 18 on, as an attribute before)."""
     from onnx import helper, numpy_helper
 
     base = node.name.removesuffix("/MatMul") or node.name
@@ -84,7 +85,9 @@ def replace_matmul(node: Any, weight: np.ndarray, smooth: np.ndarray | None = No
         *pre,
         helper.make_node("Abs", [x], [name("abs")], name("Abs")),
         helper.make_node("ReduceMax", [name("abs"), name("last_axis")], [name("amax_raw")],
-                         name("ReduceMax"), keepdims=1),
+                         name("ReduceMax"), keepdims=1) if opset >= 18 else
+        helper.make_node("ReduceMax", [name("abs")], [name("amax_raw")], name("ReduceMax"),
+                         keepdims=1, axes=[-1]),
         helper.make_node("Max", [name("amax_raw"), name("eps")], [name("amax")], name("Max")),
         helper.make_node("Div", [name("qmax"), name("amax")], [name("inv_step")],
                          name("InvStep")),
