@@ -22,6 +22,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from llmopt.errors import UnsupportedError
 from llmopt.runtime.sequence import GenerationResult, TokenLogprob
+from llmopt.runtime.tool_calls import parse_tool_call
 from llmopt.server.http_context import HttpContext, json_body
 from llmopt.server.http_errors import openai_body
 from llmopt.server.llmopt_api import Generation
@@ -221,7 +222,13 @@ class _Reply:
         for index, result in enumerate(results):
             choice: dict[str, Any] = {"index": index,
                                       "finish_reason": FINISH[result.finish_reason]}
-            if self.chat:
+            call = parse_tool_call(result.text) if self.spec.tool_calls else None
+            if call is not None:
+                choice["message"] = {"role": "assistant", "content": None, "tool_calls": [
+                    {"id": "call_" + uuid.uuid4().hex[:24], "type": "function",
+                     "function": call}]}
+                choice["finish_reason"] = "tool_calls"
+            elif self.chat:
                 choice["message"] = {"role": "assistant", "content": result.text}
             else:
                 choice["text"] = result.text

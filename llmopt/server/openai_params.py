@@ -57,6 +57,7 @@ class GenerateRequest:
     stream: bool
     include_usage: bool
     top_logprobs: int | None  # None: no logprobs asked for
+    tool_calls: bool = False  # tools offered: a generated call is answered as tool_calls
 
     def choice_params(self, index: int) -> SamplingParams:
         """Choice ``index`` of a seeded request gets its own seed, so n > 1 choices differ."""
@@ -171,7 +172,8 @@ def _generate(body: dict[str, Any], prompts: tuple[Prompt, ...], *, chat: bool, 
     except InvalidInputError as exc:
         raise ParamError("max_tokens", exc.message, fix=exc.fix) from None
     return GenerateRequest(_model(body), prompts, chat, params, n, stream, include_usage,
-                           top_logprobs)
+                           top_logprobs, tool_calls=chat and bool(body.get("tools"))
+                           and body.get("tool_choice") != "none")
 
 
 def _object(body: Any, allowed: frozenset[str]) -> dict[str, Any]:

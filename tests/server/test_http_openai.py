@@ -182,6 +182,24 @@ def test_json_schema_responses_parse_and_validate(byte_level_oai: openai.OpenAI)
         jsonschema.validate(json.loads(reply.choices[0].message.content or ""), schema)
 
 
+def test_a_required_tool_call_comes_back_as_tool_calls(byte_level_oai: openai.OpenAI) -> None:
+    import json
+
+    import jsonschema
+
+    parameters = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12}},
+                  "required": ["city"], "additionalProperties": False}
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": parameters}}]
+    reply = byte_level_oai.chat.completions.create(
+        model="bytes", messages=MESSAGES, max_tokens=128, temperature=0,  # type: ignore[arg-type]
+        tools=tools, tool_choice="required")  # type: ignore[arg-type]
+    choice = reply.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    (call,) = choice.message.tool_calls or []
+    assert call.type == "function" and call.function.name == "get_weather"  # type: ignore[union-attr]
+    jsonschema.validate(json.loads(call.function.arguments), parameters)  # type: ignore[union-attr]
+
+
 def test_an_invalid_schema_is_a_400_and_the_server_goes_on(byte_level_oai: openai.OpenAI
                                                             ) -> None:
     with pytest.raises(openai.BadRequestError):
