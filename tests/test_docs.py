@@ -196,7 +196,7 @@ MESSAGES = (
     "is not supported; supported: ",
     "is not a GGUF file (it does not start with the GGUF magic bytes)",
     "could not read GGUF file",
-    "has an unreadable GGUF header",
+    "its header is unreadable (",
     "GGUF loader would build another model than the file holds",
     "cannot read {arch!r} models ",
     "dequantize for transformers: ",

@@ -74,7 +74,7 @@ def read(path: str | os.PathLike[str]) -> GGUFHeader:
             return _parse(path, m)
         except (struct.error, ValueError, UnicodeDecodeError) as exc:
             raise SourceError(
-                f"{path.name} has an unreadable GGUF header ({exc})",
+                f"could not read GGUF file {path.name}: its header is unreadable ({exc})",
                 fix="re-download the file; it is truncated or not a GGUF model",
             ) from None
 
