@@ -246,7 +246,7 @@ def _fresh(path: Path) -> None:
 
 
 def _fidelity_line(package: Package) -> str:
-    fidelity = package.manifest.get("fidelity") or {}
+    fidelity = package.manifest.fidelity or {}
     if "perplexity_delta_pct" not in fidelity:
         return "fidelity not measured"
     greedy = fidelity.get("greedy_agreement") or {}
@@ -289,7 +289,7 @@ def _table(records: list[dict[str, Any]], packages: dict[str, Path]) -> str:
     rows = ["| runtime | TTFT ms | decode tokens/s | speedup vs PyTorch | perplexity vs fp32 "
             "| size MB |", "|---|---:|---:|---:|---:|---:|"]
     baseline = None
-    reference = (Package.open(packages["int4"]).manifest.get("fidelity") or {}).get(
+    reference = (Package.open(packages["int4"]).manifest.fidelity or {}).get(
         "reference_perplexity") if "int4" in packages else None
     order = list(packages)
     ordered = sorted(records, key=lambda r: (r["target"] != "pytorch", order.index(r["package"])
@@ -304,7 +304,7 @@ def _table(records: list[dict[str, Any]], packages: dict[str, Path]) -> str:
         else:
             package = Package.open(packages[record["package"]])
             name = f"llmopt {record['package']}"
-            fidelity = package.manifest.get("fidelity") or {}
+            fidelity = package.manifest.fidelity or {}
             ppl = (f"{fidelity['perplexity_delta_pct']:+.2f}%" if "perplexity_delta_pct"
                    in fidelity else f"{reference:.2f} (reference)" if reference else "reference")
             size = f"{package.size_bytes() / 1e6:.0f}"

@@ -265,11 +265,11 @@ def _tensorrt_checks(run: _Run, options: DoctorOptions, providers: list[str],
     from llmopt.runtime.session import provider_dict
 
     package = Package.open(packages["fp16"])
-    context = int(package.manifest["generation"]["context_length"])
+    context = package.manifest.context_length
     cache = root / "trt-cache" / "nested" / "not-yet"
     with run.check("TensorRT profile and nested cache folder") as notes:
         trt = P.TensorRTOptions(fp16=True, cache_dir=str(cache), device_id=options.device_id)
-        given = provider_dict(trt, package.manifest["signature"], "doctor", context)
+        given = provider_dict(trt, package.manifest.signature, "doctor", context)
         assert "logits_to_keep:0" in given["trt_profile_min_shapes"], given
         assert f"attention_mask:8x{context}" in given["trt_profile_max_shapes"], given
         assert Path(given["trt_engine_cache_path"]).is_dir(), "cache folder not created"

@@ -6,32 +6,36 @@ signature, KV-cache layout, every step applied, validation results, tool version
 
 from __future__ import annotations
 
-import json
 import os
 import platform
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from llmopt.errors import PackageError
+from llmopt.manifest import SCHEMA_VERSION, TASKS, Manifest, Signature, TensorSpec
+
+__all__ = ["EXTERNAL_DATA_NAME", "MANIFEST_NAME", "MODEL_NAME", "PROTOBUF_LIMIT",
+           "SCHEMA_VERSION", "TASKS", "Manifest", "Package", "Signature", "graph_signature",
+           "save_model"]
 
 MANIFEST_NAME = "llmopt.json"
 MODEL_NAME = "model.onnx"
 EXTERNAL_DATA_NAME = "model.onnx.data"
-SCHEMA_VERSION = 1
-
-TASKS = ("text-generation", "feature-extraction", "text-classification")
+# Serialized ONNX models are protobuf messages, which cannot pass 2 GiB; weights past this
+# (64 MiB of headroom for the graph itself) go to an external data file.
+PROTOBUF_LIMIT = 2**31 - 2**26
 
 
 @dataclass
 class Package:
-    """A model package on disk. ``manifest`` is the parsed ``llmopt.json``."""
+    """A model package on disk: its directory and its parsed, checked ``llmopt.json``."""
 
     path: Path
-    manifest: dict[str, Any] = field(default_factory=dict)
+    manifest: Manifest
 
     @classmethod
     def open(cls, path: str | os.PathLike[str]) -> Package:
@@ -48,21 +52,7 @@ class Package:
                 f"{root} is not an llmopt model package (no {MANIFEST_NAME})",
                 fix="create one with `llmopt export SOURCE -o DIR`",
             )
-        try:
-            manifest = json.loads(manifest_path.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise PackageError(
-                f"{manifest_path} is unreadable: {exc}",
-                fix="re-export the package with `llmopt export`",
-            ) from None
-        version = manifest.get("schema_version")
-        if not isinstance(version, int) or version > SCHEMA_VERSION:
-            raise PackageError(
-                f"{manifest_path} has schema version {version!r}; this llmopt reads up to "
-                f"{SCHEMA_VERSION}",
-                fix="upgrade llmopt (pip install -U llmopt) or re-export the package",
-            )
-        package = cls(root, manifest)
+        package = cls(root, Manifest.read(manifest_path))
         if not package.model_path.is_file():
             raise PackageError(
                 f"{package.model_path} is missing from the package",
@@ -70,37 +60,51 @@ class Package:
             )
         return package
 
+    @classmethod
+    def derive(cls, parent: Package, out_dir: str | os.PathLike[str], stage: str, proto: Any,
+               *, dtype: str | None = None, kv_cache: Mapping[str, Any] | None = None,
+               **step: Any) -> Package:
+        """Write the package ``stage`` (optimize, quantize) makes from ``parent``: the graph
+        ``proto``, ``parent``'s side files (tokenizer, configs) and its manifest with the step
+        recorded (``step`` are its details, the parent's path added), the new graph's signature
+        and validation reset (see :meth:`Manifest.derived`). ``dtype`` and ``kv_cache`` change
+        what the new graph changed. Fill in what is measured afterwards with
+        :meth:`update_step`."""
+        record = {"stage": stage, "time": now_iso(), **step, "parent": str(parent.path)}
+        manifest = parent.manifest.derived(stage, graph_signature(proto), record, dtype=dtype,
+                                           kv_cache=kv_cache)
+        return _write_derived(parent, out_dir, proto, manifest)
+
     @property
     def model_path(self) -> Path:
-        return self.path / self.manifest.get("onnx", {}).get("file", MODEL_NAME)
+        return self.path / self.manifest.onnx.get("file", MODEL_NAME)
 
     @property
     def task(self) -> str:
-        return str(self.manifest["task"])
+        return self.manifest.task
 
     @property
     def is_decoder(self) -> bool:
-        return self.task == "text-generation"
+        return self.manifest.is_decoder
 
     @property
     def builder(self) -> str:
-        """``native`` or ``traced``: which exporter builder made the graph (packages from before
-        the traced builder are native)."""
-        return str(self.manifest.get("builder", "native"))
+        return self.manifest.builder
 
     @property
     def kv_cache(self) -> dict[str, Any]:
-        return dict(self.manifest.get("kv_cache") or {})
+        """The KV-cache layout as a fresh dict (empty for encoders)."""
+        return dict(self.manifest.kv_cache or {})
 
     def write_manifest(self) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
-        text = json.dumps(self.manifest, indent=2, sort_keys=False, default=_json_default)
-        (self.path / MANIFEST_NAME).write_text(text + "\n")
+        (self.path / MANIFEST_NAME).write_text(self.manifest.to_json() + "\n")
 
-    def add_step(self, stage: str, **details: Any) -> None:
-        """Record a pipeline step (export, optimize, quantize) in the manifest."""
-        step = {"stage": stage, "time": now_iso(), **details}
-        self.manifest.setdefault("steps", []).append(step)
+    def update_step(self, **details: Any) -> None:
+        """Add details measured after the graph was written (seconds, sizes) to the last step,
+        and write the manifest."""
+        self.manifest.update_step(**details)
+        self.write_manifest()
 
     def size_bytes(self) -> int:
         """Bytes of the ONNX model and its external data."""
@@ -129,16 +133,6 @@ def tool_versions() -> dict[str, str]:
     return versions
 
 
-def _json_default(value: Any) -> Any:
-    if isinstance(value, Path):
-        return str(value)
-    if hasattr(value, "tolist"):
-        return value.tolist()
-    if hasattr(value, "item"):
-        return value.item()
-    raise TypeError(f"cannot store {type(value).__name__} in the manifest")
-
-
 SIDE_FILE_EXCLUDES = (MANIFEST_NAME, MODEL_NAME)
 
 
@@ -162,13 +156,11 @@ def staging(out: Path) -> Iterator[Path]:
     tmp.rename(out)
 
 
-def write_derived(parent: Package, out_dir: str | os.PathLike[str], proto: Any,
-                  manifest: dict[str, Any], external_data: bool | None = None) -> Package:
+def _write_derived(parent: Package, out_dir: str | os.PathLike[str], proto: Any,
+                   manifest: Manifest) -> Package:
     """Write a package made from ``parent``: its side files (tokenizer, configs) and a new
     graph and manifest, into a temporary sibling directory moved into place at the end."""
     import shutil
-
-    import onnx
 
     out = Path(out_dir)
     if out.resolve() == parent.path.resolve():
@@ -181,38 +173,53 @@ def write_derived(parent: Package, out_dir: str | os.PathLike[str], proto: Any,
         for item in parent.path.iterdir():
             if item.is_file() and not item.name.startswith(SIDE_FILE_EXCLUDES):
                 shutil.copy2(item, tmp / item.name)
-        size = sum(len(t.raw_data) for t in proto.graph.initializer)
-        if external_data is None:
-            external_data = size > 2**31 - 2**26
-        if external_data:
-            onnx.save_model(proto, str(tmp / MODEL_NAME), save_as_external_data=True,
-                            all_tensors_to_one_file=True, location=EXTERNAL_DATA_NAME,
-                            size_threshold=1024)
-        else:
-            onnx.save_model(proto, str(tmp / MODEL_NAME))
-        manifest = dict(manifest)
-        manifest["onnx"] = {**manifest.get("onnx", {}), "file": MODEL_NAME,
-                            "external_data": EXTERNAL_DATA_NAME if external_data else None,
-                            "opset": max((o.version for o in proto.opset_import
-                                          if o.domain in ("", "ai.onnx")), default=None)}
-        manifest["versions"] = tool_versions()
-        package = Package(tmp, manifest)
+        external_data = save_model(proto, tmp / MODEL_NAME)
+        opset = max((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")),
+                    default=None)
+        onnx_file = {"file": MODEL_NAME,
+                     "external_data": EXTERNAL_DATA_NAME if external_data else None,
+                     "opset": opset}
+        package = Package(tmp, manifest.with_file(onnx_file, tool_versions()))
         package.write_manifest()
     package.path = out
     return package
 
 
-def graph_signature(proto: Any) -> dict[str, list[dict[str, Any]]]:
+def save_model(proto: Any, path: Path, external_data: bool | None = None) -> bool:
+    """Save ``proto`` to ``path``, its weights in ``<path>.data`` when ``external_data`` or (by
+    default) when they would not fit in one protobuf. Returns whether they went outside."""
+    import onnx
+
+    if external_data is None:
+        external_data = not fits_in_protobuf(proto)
+    if external_data:
+        onnx.save_model(proto, str(path), save_as_external_data=True,
+                        all_tensors_to_one_file=True, location=path.name + ".data",
+                        size_threshold=1024)
+    else:
+        onnx.save_model(proto, str(path))
+    return external_data
+
+
+def fits_in_protobuf(proto: Any) -> bool:
+    """Whether the model serializes under :data:`PROTOBUF_LIMIT`: its tensors summed first, so
+    a model far past the limit is never serialized just to measure it."""
+    if sum(len(t.raw_data) for t in proto.graph.initializer) >= PROTOBUF_LIMIT:
+        return False
+    return bool(proto.ByteSize() <= PROTOBUF_LIMIT)
+
+
+def graph_signature(proto: Any) -> Signature:
     """Inputs and outputs of an ONNX graph: name, numpy dtype name, shape (symbolic names)."""
     import onnx
 
-    def describe(values: Any) -> list[dict[str, Any]]:
+    def describe(values: Any) -> list[TensorSpec]:
         out = []
         for value in values:
             tensor = value.type.tensor_type
             shape = [d.dim_param or d.dim_value for d in tensor.shape.dim]
             dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type).name
-            out.append({"name": value.name, "dtype": dtype, "shape": shape})
+            out.append(TensorSpec(name=value.name, dtype=dtype, shape=shape))
         return out
 
     return {"inputs": describe(proto.graph.input), "outputs": describe(proto.graph.output)}

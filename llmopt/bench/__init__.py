@@ -108,7 +108,4 @@ def run_bench(config: BenchConfig, out_dir: str | os.PathLike[str] | None = None
 def _context(info: PackageInfo) -> int:
     from llmopt.package import Package
 
-    manifest = Package.open(info.path).manifest
-    generation = manifest.get("generation") or {}
-    encoder = manifest.get("encoder") or {}
-    return int(generation.get("context_length") or encoder.get("max_positions") or 1 << 30)
+    return Package.open(info.path).manifest.context_length

@@ -16,6 +16,7 @@ from typing import Any
 
 from llmopt.bench.config import BenchConfig
 from llmopt.errors import PackageError
+from llmopt.manifest import Manifest
 
 log = logging.getLogger("llmopt.bench")
 
@@ -96,20 +97,20 @@ def inspect_packages(config: BenchConfig, allow_missing: bool = False) -> dict[s
 
 def describe(label: str, package: Any) -> PackageInfo:
     manifest = package.manifest
-    source = manifest.get("source") or {}
-    reference = source.get("reference")
-    if reference and source.get("gguf_file") and source.get("kind") == "gguf":
+    source = manifest.source
+    reference: str | None = source["reference"]
+    if reference and source["gguf_file"] and source["kind"] == "gguf":
         reference = str(Path(reference))
-    steps = tuple(str(s.get("stage")) for s in manifest.get("steps") or [])
-    return PackageInfo(label, package.path, package.task, reference, steps, _precision(manifest))
+    return PackageInfo(label, package.path, package.task, reference, manifest.stages,
+                       _precision(manifest))
 
 
-def _precision(manifest: dict[str, Any]) -> str:
+def _precision(manifest: Manifest) -> str:
     """The quantize method (int8_dynamic, int4 ...), else fp16 / fp32, from the last step that
     changed the weights."""
-    for step in reversed(manifest.get("steps") or []):
-        if step.get("stage") == "quantize" and step.get("method"):
-            return str(step["method"])
+    if manifest.quantization is not None:
+        return manifest.quantization
+    for step in reversed(manifest.steps):
         text = " ".join(str(v) for v in step.values()).lower()
         for name in ("int4", "int8", "float16", "fp16"):
             if name in text:

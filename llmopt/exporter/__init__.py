@@ -15,8 +15,12 @@ from llmopt.package import (
     MANIFEST_NAME,
     MODEL_NAME,
     SCHEMA_VERSION,
+    Manifest,
     Package,
+    Signature,
     graph_signature,
+    now_iso,
+    save_model,
     staging,
     tool_versions,
 )
@@ -24,7 +28,6 @@ from llmopt.package import (
 __all__ = ["ExportOptions", "export"]
 
 log = logging.getLogger("llmopt.exporter")
-PROTOBUF_LIMIT = 2**31 - 2**26  # stay clear of protobuf's 2 GiB message limit
 
 
 def export(source: str | os.PathLike[str], out_dir: str | os.PathLike[str],
@@ -55,7 +58,7 @@ def export(source: str | os.PathLike[str], out_dir: str | os.PathLike[str],
         package = _write_and_validate(tmp, proto, model, tokenizer, source_, config, task, arch,
                                       layout, options, started)
     package.path = final
-    validation = package.manifest["validation"]
+    validation = package.manifest.validation
     if validation is not None and not validation["passed"]:
         raise ValidationError(
             f"exported graph differs from PyTorch: {_failure_summary(validation)}; "
@@ -70,14 +73,14 @@ def export(source: str | os.PathLike[str], out_dir: str | os.PathLike[str],
 def _write_and_validate(out: Path, proto: Any, model: Any, tokenizer: Any, source_: Any,
                         config: Any, task: str, arch: Any, layout: dict[str, Any],
                         options: ExportOptions, started: float) -> Package:
-    external = _save_onnx(proto, out, options.external_data)
+    external = save_model(proto, out / MODEL_NAME, options.external_data)
     del proto
     _save_side_files(model, tokenizer, out)
 
     import onnxruntime
 
     opset = 18
-    manifest: dict[str, Any] = {
+    manifest = Manifest({
         "schema_version": SCHEMA_VERSION,
         "task": task,
         "architecture": arch.name,
@@ -97,11 +100,11 @@ def _write_and_validate(out: Path, proto: Any, model: Any, tokenizer: Any, sourc
         else None,
         "labels": _labels(config) if task == "text-classification" else None,
         "versions": tool_versions(),
-        "steps": [],
+        "steps": [{"stage": "export", "time": now_iso(), "options": _options_dict(options),
+                   "seconds": None}],
         "validation": None,
-    }
+    })
     package = Package(out, manifest)
-    package.add_step("export", options=_options_dict(options), seconds=None)
 
     if options.validate:
         tolerance = options.tolerance or (
@@ -115,9 +118,8 @@ def _write_and_validate(out: Path, proto: Any, model: Any, tokenizer: Any, sourc
                                options.generation_tokens)
         report["provider"] = "CPUExecutionProvider"
         report["onnxruntime"] = onnxruntime.__version__
-        manifest["validation"] = report
-    manifest["steps"][-1]["seconds"] = round(time.perf_counter() - started, 2)
-    package.write_manifest()
+        manifest.validation = report
+    package.update_step(seconds=round(time.perf_counter() - started, 2))
     return package
 
 
@@ -156,26 +158,6 @@ def _check_output_dir(out: Path) -> None:
             f"{out} is not empty and is not an llmopt package; refusing to overwrite it",
             fix="choose an empty or new output directory",
         )
-
-
-def _save_onnx(proto: Any, out: Path, external: bool | None) -> bool:
-    import onnx
-
-    if external is None:
-        external = proto.ByteSize() > PROTOBUF_LIMIT if _small_enough(proto) else True
-    if external:
-        onnx.save_model(proto, str(out / MODEL_NAME), save_as_external_data=True,
-                        all_tensors_to_one_file=True, location=EXTERNAL_DATA_NAME,
-                        size_threshold=1024)
-    else:
-        onnx.save_model(proto, str(out / MODEL_NAME))
-    return external
-
-
-def _small_enough(proto: Any) -> bool:
-    """Whether the tensors fit in one protobuf, summed without serializing the whole model."""
-    total = sum(len(t.raw_data) for t in proto.graph.initializer)
-    return total < PROTOBUF_LIMIT
 
 
 def _save_side_files(model: Any, tokenizer: Any, out: Path) -> None:
@@ -223,7 +205,7 @@ def _labels(config: Any) -> dict[str, str]:
     return {str(k): str(v) for k, v in (getattr(config, "id2label", None) or {}).items()}
 
 
-def _signature(path: Path) -> dict[str, list[dict[str, Any]]]:
+def _signature(path: Path) -> Signature:
     import onnx
 
     return graph_signature(onnx.load(str(path), load_external_data=False))

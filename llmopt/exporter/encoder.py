@@ -636,15 +636,15 @@ def reemit_encoder(package: Any, tensors: Mapping[str, np.ndarray], fusions: fro
 
     from llmopt.exporter import registry
 
-    arch = registry.find(str(package.manifest["model_type"]), package.task)
+    arch = registry.find(package.manifest.model_type, package.task)
     if not isinstance(arch, EncoderArch):
         raise UnsupportedError(f"{package.path} is not an encoder package")
-    layout = package.manifest.get("encoder") or {}
+    layout = package.manifest.encoder or {}
     config = AutoConfig.from_pretrained(str(package.path))
     dims = read_dims(arch, config, "token_type_ids" in layout.get("inputs", ()))
     weights = weights_from_onnx(tensors, dims.num_layers)
     classifier = package.task == "text-classification"
-    labels = package.manifest.get("labels") or {}
+    labels = package.manifest.labels
     if (weights.head is not None) != classifier or (
             weights.head is not None and labels
             and weights.head[1].weight.shape[1] != len(labels)):

@@ -321,7 +321,7 @@ def validate_encoder_against(parent: Any, result: Any, tokenizer: Any, tolerance
 
     vocab = int(AutoConfig.from_pretrained(str(parent.path)).vocab_size)
     report = _encoder_cases(cpu_session(result.model_path), reference,
-                            layout=parent.manifest.get("encoder") or {}, tokenizer=tokenizer,
+                            layout=parent.manifest.encoder or {}, tokenizer=tokenizer,
                             vocab=vocab, tolerance=tolerance, texts=texts)
     report["rule"] = "max|result - parent| <= tolerance * max(1, max|parent|)"
     report["reference"] = "onnx"

@@ -34,7 +34,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from llmopt.errors import InvalidInputError, UnsupportedError
-from llmopt.package import Package, now_iso
+from llmopt.package import Package
 
 __all__ = ["FUSIONS", "OptimizeOptions", "optimize"]
 
@@ -114,16 +114,15 @@ def optimize(package: str | os.PathLike[str] | Package, out_dir: str | os.PathLi
              options: OptimizeOptions | None = None) -> Package:
     """Write an optimized copy of ``package`` to ``out_dir``, validated against ``package``."""
     from llmopt.optimizer.graphs import ort_basic, ort_fusions, reemit
-    from llmopt.package import graph_signature, write_derived
 
     options = options or OptimizeOptions()
     parent = package if isinstance(package, Package) else Package.open(package)
     _refuse_quantized(parent)
     started = time.perf_counter()
     fusions = options.selected_fusions()
-    dtype = "float16" if options.float16 else str(parent.manifest["onnx"].get("dtype", "float32"))
+    dtype = "float16" if options.float16 else parent.manifest.dtype
     traced = parent.builder == "traced"
-    if traced and dtype != parent.manifest["onnx"].get("dtype", "float32"):
+    if traced and dtype != parent.manifest.dtype:
         raise UnsupportedError(
             f"{parent.path} was made by the traced builder; float16 optimization needs a "
             "native one",
@@ -132,7 +131,7 @@ def optimize(package: str | os.PathLike[str] | Package, out_dir: str | os.PathLi
         )
     if traced and fusions:
         proto, report = ort_fusions(_load(parent), fusions)
-    elif fusions or dtype != parent.manifest["onnx"].get("dtype", "float32"):
+    elif fusions or dtype != parent.manifest.dtype:
         proto, report = reemit(parent, fusions, dtype, options.group_query_attention)
     else:
         proto, report = _load(parent), {"fusions": {}}
@@ -141,35 +140,23 @@ def optimize(package: str | os.PathLike[str] | Package, out_dir: str | os.PathLi
         proto = ort_basic(proto)
     report["nodes_before"] = _node_count(parent)
     report["nodes_after"] = len(proto.graph.node)
-    manifest = dict(parent.manifest)
-    manifest["onnx"] = {**manifest["onnx"], "dtype": dtype}
-    manifest["signature"] = graph_signature(proto)
-    for layout in ("kv_cache", "encoder"):
-        if manifest.get(layout):
-            manifest[layout] = {**manifest[layout], "dtype": dtype}
-    if manifest.get("kv_cache"):
-        # GroupQueryAttention updates a cache buffer bound as both past and present in place
-        manifest["kv_cache"]["shared_buffer"] = any(
-            node.op_type == "GroupQueryAttention" for node in proto.graph.node)
-    manifest["steps"] = [*parent.manifest.get("steps", []), {
-        "stage": "optimize", "time": now_iso(), "options": asdict(options),
-        "parent": str(parent.path),
-        **report}]
-    manifest["validation"] = None
-    result = write_derived(parent, out_dir, proto, manifest)
+    # GroupQueryAttention updates a cache buffer bound as both past and present in place
+    shared = any(node.op_type == "GroupQueryAttention" for node in proto.graph.node)
+    result = Package.derive(parent, out_dir, "optimize", proto, dtype=dtype,
+                            kv_cache={"shared_buffer": shared}, options=asdict(options),
+                            **report)
     del proto
     if options.validate:
         from llmopt.optimizer.check import check_against
 
         check_against(result, parent, dtype, options.tolerance, options.generation_tokens)
-    result.manifest["steps"][-1]["seconds"] = round(time.perf_counter() - started, 2)
-    result.write_manifest()
+    result.update_step(seconds=round(time.perf_counter() - started, 2))
     log.info("optimized: %s nodes -> %s nodes", report["nodes_before"], report["nodes_after"])
     return result
 
 
 def _refuse_quantized(package: Package) -> None:
-    if any(step.get("stage") == "quantize" for step in package.manifest.get("steps", [])):
+    if package.manifest.quantization is not None:
         raise UnsupportedError(
             f"{package.path} is quantized; optimize before quantizing",
             fix="optimize the float package, then quantize the result",

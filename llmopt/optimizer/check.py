@@ -21,10 +21,8 @@ def check_against(result: Package, parent: Package, dtype: str, tolerance: float
     if parent.is_decoder:
         from llmopt.exporter.validate import OnnxReference, validate_decoder
 
-        generation = parent.manifest.get("generation") or {}
-        vocab = int(parent.manifest["signature"]["outputs"][0]["shape"][-1])
         reference = OnnxReference(cpu_session(parent.model_path), parent.kv_cache,
-                                  generation.get("eos_token_ids") or [], vocab)
+                                  parent.manifest.eos_token_ids, parent.manifest.vocab_size)
         report = validate_decoder(reference, cpu_session(result.model_path), result.kv_cache,
                                   tokenizer, tol, generation_tokens,
                                   require_generation=require_generation)
@@ -33,7 +31,7 @@ def check_against(result: Package, parent: Package, dtype: str, tolerance: float
 
         report = validate_encoder_against(parent, result, tokenizer, tol)
     report["against"] = str(parent.path)
-    result.manifest["validation"] = report
+    result.manifest.validation = report
     result.write_manifest()
     if not report["passed"]:
         from llmopt.exporter import _failure_summary

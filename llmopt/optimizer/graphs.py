@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from llmopt.errors import UnsupportedError
-from llmopt.package import Package
+from llmopt.package import Package, save_model
 
 # fusion -> the op types that show it fired
 FUSED_OPS = {
@@ -70,7 +70,7 @@ def _reemit_decoder(package: Package, tensors: dict[str, np.ndarray], fusions: f
     from llmopt.exporter.decoder_graph import build_decoder
 
     kv = package.kv_cache
-    arch: Any = registry.find(str(package.manifest["model_type"]), "text-generation")
+    arch: Any = registry.find(package.manifest.model_type, "text-generation")
     weights = weights_from_onnx(tensors, int(kv["num_layers"]))
     config = AutoConfig.from_pretrained(str(package.path))
     dims = read_dims(arch, config, weights.inv_freq,
@@ -112,9 +112,7 @@ def ort_basic(proto: Any, level: Any = None) -> Any:
 
     with tempfile.TemporaryDirectory() as tmp:
         src, dst = Path(tmp) / "in.onnx", Path(tmp) / "out.onnx"
-        large = sum(len(t.raw_data) for t in proto.graph.initializer) > 2**31 - 2**26
-        onnx.save_model(proto, str(src), save_as_external_data=large,
-                        location="in.onnx.data" if large else None)
+        large = save_model(proto, src)
         options = ort.SessionOptions()
         options.graph_optimization_level = level or ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
         options.optimized_model_filepath = str(dst)

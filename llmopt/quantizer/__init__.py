@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from llmopt.errors import InvalidInputError, UnsupportedError
-from llmopt.package import Package, graph_signature, now_iso, write_derived
+from llmopt.package import Package, save_model
 from llmopt.quantizer.options import QuantizeOptions
 
 __all__ = ["QuantizeOptions", "default_options", "quantize"]
@@ -30,13 +30,12 @@ def quantize(package: str | os.PathLike[str] | Package, out_dir: str | os.PathLi
 
     parent = package if isinstance(package, Package) else Package.open(package)
     options = options or default_options(parent)
-    done = [s for s in parent.manifest.get("steps", []) if s.get("stage") == "quantize"]
-    if done:
+    if parent.manifest.quantization is not None:
         raise UnsupportedError(
-            f"{parent.path} is already quantized ({done[-1].get('method')})",
+            f"{parent.path} is already quantized ({parent.manifest.quantization})",
             fix="quantize the float package it came from",
         )
-    if parent.manifest["onnx"].get("dtype") == "float16":
+    if parent.manifest.dtype == "float16":
         raise UnsupportedError("quantizing a float16 package is not supported",
                                fix="quantize the float32 package (optimize level 2, not 3)")
     if options.method == "int4" and _gguf_blocks_usable(parent, options):
@@ -57,30 +56,22 @@ def quantize(package: str | os.PathLike[str] | Package, out_dir: str | os.PathLi
         _check_blocks(proto, targets, options.block_size)
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / "model.onnx"
-        onnx.save_model(proto, str(src), save_as_external_data=True, location="model.onnx.data")
+        save_model(proto, src, external_data=True)
         del proto
         quantized, details = _run(options, src, Path(tmp) / "quantized.onnx", targets, kept,
                                   parent)
-    manifest = dict(parent.manifest)
-    manifest["signature"] = graph_signature(quantized)
-    manifest["steps"] = [*parent.manifest.get("steps", []), {
-        "stage": "quantize", "time": now_iso(), "method": options.method,
-        "options": asdict(options), **details,
-        "parent": str(parent.path), "quantized_matmuls": len(targets), "kept_float": kept,
-    }]
-    manifest["validation"] = None
-    manifest["fidelity"] = None
-    result = write_derived(parent, out_dir, quantized, manifest)
+    result = Package.derive(parent, out_dir, "quantize", quantized, method=options.method,
+                            options=asdict(options), **details, quantized_matmuls=len(targets),
+                            kept_float=kept)
     del quantized
-    step = result.manifest["steps"][-1]
-    step["size_bytes"] = {"before": parent.size_bytes(), "after": result.size_bytes()}
+    result.manifest.update_step(size_bytes={"before": parent.size_bytes(),
+                                            "after": result.size_bytes()})
     if options.evaluate:
         from llmopt.evaluate import evaluate
 
         log.info("measuring fidelity against %s", parent.path)
-        result.manifest["fidelity"] = evaluate(result, parent)
-    step["seconds"] = round(time.perf_counter() - started, 2)
-    result.write_manifest()
+        result.manifest.fidelity = evaluate(result, parent)
+    result.update_step(seconds=round(time.perf_counter() - started, 2))
     return result
 
 
@@ -214,9 +205,9 @@ def _gguf_blocks_usable(parent: Package, options: QuantizeOptions) -> bool:
         return True
     if options.algorithm != "auto" or options.block_size != 32 or options.symmetric:
         return False
-    source = parent.manifest.get("source") or {}
-    path = Path(str(source.get("reference", "")))
-    if source.get("kind") != "gguf" or not path.is_file():
+    source = parent.manifest.source
+    path = Path(source["reference"])
+    if source["kind"] != "gguf" or not path.is_file():
         return False
     from llmopt.quantizer.gguf import reusable
 

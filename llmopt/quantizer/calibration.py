@@ -47,7 +47,7 @@ def reader_for(package: Package, options: QuantizeOptions) -> Any:
     n = options.calibration_length
     windows = [tokens[i:i + n] for i in range(0, max(len(tokens) - n, 1), n)]
     windows = [w for w in windows if len(w) >= 8][: options.calibration_samples]
-    inputs = {v["name"] for v in package.manifest["signature"]["inputs"]}
+    inputs = set(package.manifest.input_names)
     feeds: list[dict[str, np.ndarray]] = []
     kv = package.kv_cache
     for window in windows:

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from llmopt.errors import InvalidInputError, UnsupportedError
-from llmopt.package import Package, graph_signature, now_iso, write_derived
+from llmopt.package import Package
 from llmopt.quantizer import blockwise
 
 log = logging.getLogger("llmopt.quantize")
@@ -54,8 +54,8 @@ def quantize_from_gguf(parent: Package, out_dir: Any, accuracy_level: int = 4,
 
     from llmopt.exporter.sources import gguf_reader
 
-    source = parent.manifest.get("source") or {}
-    if source.get("kind") != "gguf":
+    source = parent.manifest.source
+    if source["kind"] != "gguf":
         raise InvalidInputError("this package was not exported from a GGUF file",
                                 fix="use QuantizeOptions.int4() to quantize its float weights")
     path = Path(source["reference"]).expanduser()
@@ -68,7 +68,7 @@ def quantize_from_gguf(parent: Package, out_dir: Any, accuracy_level: int = 4,
     proto = onnx.load(str(parent.model_path))
     weights = {t.name: t for t in proto.graph.initializer}
     kv = parent.kv_cache
-    permute = parent.manifest.get("model_type") in PERMUTED
+    permute = parent.manifest.model_type in PERMUTED
     replaced: dict[str, str] = {}
     requantized: dict[str, str] = {}
     kept: dict[str, str] = {}
@@ -109,28 +109,21 @@ def quantize_from_gguf(parent: Package, out_dir: Any, accuracy_level: int = 4,
     blockwise.set_nodes(proto, nodes, added)
     if not any(o.domain == "com.microsoft" for o in proto.opset_import):
         proto.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
-    manifest = dict(parent.manifest)
-    manifest["signature"] = graph_signature(proto)
-    manifest["steps"] = [*parent.manifest.get("steps", []), {
-        "stage": "quantize", "time": now_iso(), "method": "int4_gguf", "source": str(path),
-        "options": {"accuracy_level": accuracy_level, "block_size": BLOCK,
-                    "lm_head_bits": lm_head_bits},
-        "algorithm_used": "gguf", "bits": 4, "lm_head_bits": lm_head_bits,
-        "zero_point_corrections": sum(n.op_type == "Add" and n.name.endswith("/AddCorrection")
-                                      for n in proto.graph.node),
-        "parent": str(parent.path), "reused": replaced, "requantized": requantized,
-        "kept_float": kept,
-    }]
-    manifest["validation"] = manifest["fidelity"] = None
-    result = write_derived(parent, out_dir, proto, manifest)
-    step = result.manifest["steps"][-1]
-    step["size_bytes"] = {"before": parent.size_bytes(), "after": result.size_bytes()}
+    result = Package.derive(
+        parent, out_dir, "quantize", proto, method="int4_gguf", source=str(path),
+        options={"accuracy_level": accuracy_level, "block_size": BLOCK,
+                 "lm_head_bits": lm_head_bits},
+        algorithm_used="gguf", bits=4, lm_head_bits=lm_head_bits,
+        zero_point_corrections=sum(n.op_type == "Add" and n.name.endswith("/AddCorrection")
+                                   for n in proto.graph.node),
+        reused=replaced, requantized=requantized, kept_float=kept)
+    result.manifest.update_step(size_bytes={"before": parent.size_bytes(),
+                                            "after": result.size_bytes()})
     if evaluate:
         from llmopt.evaluate import evaluate as measure
 
-        result.manifest["fidelity"] = measure(result, parent)
-    step["seconds"] = round(time.perf_counter() - started, 2)
-    result.write_manifest()
+        result.manifest.fidelity = measure(result, parent)
+    result.update_step(seconds=round(time.perf_counter() - started, 2))
     return result
 
 

@@ -50,14 +50,11 @@ def load(package: str | os.PathLike[str] | Package,
     pkg = package if isinstance(package, Package) else Package.open(package)
     if pkg.is_decoder:
         provider_options = decoder_provider_options(provider_options)
-    source = pkg.manifest.get("source") or {}
-    fingerprint = f"{source.get('sha256')}:{pkg.manifest.get('steps')}"
-    generation = pkg.manifest.get("generation") or {}
-    context = generation.get("context_length") or (pkg.kv_cache or {}).get("max_positions")
+    fingerprint = f"{pkg.manifest.source['sha256']}:{pkg.manifest.steps}"
     session, info = create_session(pkg.model_path, providers, provider_options, strict,
-                                   signature=pkg.manifest.get("signature"),
+                                   signature=pkg.manifest.signature,
                                    model_fingerprint=fingerprint,
-                                   context_length=int(context) if context else None)
+                                   context_length=pkg.manifest.context_length)
     if info.active and info.active[0] in GPU_PROVIDERS:
         warn_cpu_bound_quantization(pkg, info.active[0])
     tokenizer = load_tokenizer(pkg.path)
@@ -69,9 +66,7 @@ def load(package: str | os.PathLike[str] | Package,
 def warn_cpu_bound_quantization(package: Package, provider: str) -> None:
     """int8 dynamic quantization's DynamicQuantizeLinear/MatMulInteger have no CUDA kernels, so
     on a GPU those layers run on CPU with their activations copied across every step."""
-    methods = [step.get("method") for step in package.manifest.get("steps", [])
-               if step.get("stage") == "quantize"]
-    if "int8_dynamic" in methods:
+    if package.manifest.quantization == "int8_dynamic":
         log.warning("%s is an int8 dynamic package: on %s its quantized MatMuls run on CPU "
                     "(ONNX Runtime has no CUDA DynamicQuantizeLinear). For a GPU, quantize "
                     "weight-only (llmopt quantize --method int4, QuantizeOptions.int4()) or "

@@ -158,8 +158,7 @@ def rows_couple(generator: Generator) -> bool:
     """Whether one row's activations change another row's numbers even at equal length: dynamic
     int8 quantizes each MatMul's input with one scale for the whole batch tensor
     (DynamicQuantizeLinear), so a row's result depends on every row beside it."""
-    steps = generator.package.manifest.get("steps") or []
-    return any(s.get("stage") == "quantize" and s.get("method") == "int8_dynamic" for s in steps)
+    return bool(generator.package.manifest.quantization == "int8_dynamic")
 
 
 def _numpy(value: Any) -> np.ndarray:

@@ -33,13 +33,13 @@ class Embedder:
         self.session = session
         self.session_info = info
         self.tokenizer = tokenizer
-        self.layout = dict(package.manifest.get("encoder") or {})
+        self.layout = dict(package.manifest.encoder or {})
         self.inputs = [i.name for i in session.get_inputs()]
         self.output = session.get_outputs()[0].name
         self.max_length = int(self.layout.get("max_positions") or 512)
         self.pooling = str(self.layout.get("pooling") or "mean")
         self.normalize = bool(self.layout.get("normalize", False))
-        labels = package.manifest.get("labels") or {}
+        labels = package.manifest.labels
         self.labels = [labels.get(str(i), f"LABEL_{i}") for i in range(len(labels))]
 
     @property

@@ -58,10 +58,9 @@ class Generator:
         self.session_info = info
         self.tokenizer = tokenizer
         self.model = DecoderModel(session, package.kv_cache)
-        generation = package.manifest.get("generation") or {}
-        self.eos_token_ids = tuple(int(e) for e in generation.get("eos_token_ids") or ())
-        self.pad_token_id = int(generation.get("pad_token_id") or 0)
-        self.context_length = int(generation.get("context_length") or self.model.max_positions)
+        self.eos_token_ids = package.manifest.eos_token_ids
+        self.pad_token_id = package.manifest.pad_token_id
+        self.context_length = package.manifest.context_length
         on_gpu = bool(info.active) and info.active[0] in GPU_PROVIDERS
         self.device = "cuda" if on_gpu else "cpu"
         self.device_id = info.device_id if on_gpu else 0  # every KV binding and allocation
@@ -104,7 +103,7 @@ class Generator:
     @property
     def vocab_size(self) -> int:
         """Rows of the logits: token ids (prompt, eos) must lie below it."""
-        return int(str(self.package.manifest["signature"]["outputs"][0]["shape"][-1]))
+        return int(self.package.manifest.vocab_size)
 
     def _render_chat(self, messages: list[dict[str, str]]) -> list[int]:
         if not getattr(self.tokenizer, "chat_template", None):

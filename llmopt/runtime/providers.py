@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -250,7 +251,7 @@ OPTION_CLASSES: dict[str, type] = {"cpu": CPUOptions, "cuda": CUDAOptions,
 DEFAULT_MAX_TOKENS = 2048  # profile maxima when the package does not say its context
 
 
-def tensorrt_profile(signature: dict[str, Any], ranges: dict[str, ShapeRange],
+def tensorrt_profile(signature: Mapping[str, Any], ranges: dict[str, ShapeRange],
                      context_length: int | None = None) -> dict[str, str]:
     """``trt_profile_{min,opt,max}_shapes`` for every dynamic input of ``signature``.
 

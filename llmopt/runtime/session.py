@@ -87,7 +87,7 @@ def resolve_providers(specs: Sequence[ProviderSpec] | None,
 
 def create_session(model_path: str | Path, providers: Sequence[ProviderSpec] | None = None,
                    options: Mapping[str, Any] | None = None, strict: bool = False,
-                   signature: dict[str, Any] | None = None,
+                   signature: Mapping[str, Any] | None = None,
                    model_fingerprint: str = "",
                    context_length: int | None = None) -> tuple[Any, SessionInfo]:
     """An ``InferenceSession`` on the first provider that loads, and what happened.
@@ -239,7 +239,7 @@ def _options(short: str, value: Any) -> P.ProviderOptions:
                         f"not {type(value).__name__}", fix=f"pass {cls.__name__}(...)")
 
 
-def provider_dict(opts: Any, signature: dict[str, Any] | None, fingerprint: str,
+def provider_dict(opts: Any, signature: Mapping[str, Any] | None, fingerprint: str,
                   context_length: int | None) -> dict[str, str]:
     """What ONNX Runtime is given for one provider; for TensorRT with a cache, the keyed cache
     folder is created first."""

@@ -20,6 +20,7 @@ import numpy as np
 
 from llmopt import _proto
 from llmopt.errors import InvalidInputError, UnsupportedError
+from llmopt.manifest import TensorSpec
 from llmopt.runtime.sequence import GenerationResult
 from llmopt.server.deadline import request_timeout
 from llmopt.server.kserve_params import (
@@ -97,14 +98,15 @@ class KServeService:
         if package.is_decoder:
             return ([(TEXT_INPUT, "BYTES", [-1])], [(TEXT_OUTPUT, "BYTES", [-1])],
                     "llmopt_generate")
-        signature = package.manifest.get("signature") or {}
+        signature = package.manifest.signature
 
-        def tensors(side: str) -> list[Any]:
+        def tensors(specs: list[TensorSpec]) -> list[Any]:
             return [(t["name"], NUMPY_TO_KSERVE.get(t["dtype"], t["dtype"].upper()),
                      [d if isinstance(d, int) else -1 for d in t["shape"]])
-                    for t in signature.get(side) or ()]
+                    for t in specs]
 
-        return tensors("inputs"), tensors("outputs"), "onnxruntime_onnx"
+        return (tensors(signature["inputs"]), tensors(signature["outputs"]),
+                "onnxruntime_onnx")
 
     # -- inference ----------------------------------------------------------------------------
 

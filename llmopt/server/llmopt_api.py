@@ -182,12 +182,12 @@ class LlmoptService:
         response = _msg("GetModelResponse")(
             summary=self._summary(request.name, entry.state if entry else "UNAVAILABLE",
                                   entry.detail if entry else ""),
-            manifest_json=json.dumps(package.manifest, sort_keys=True))
-        signature = package.manifest.get("signature") or {}
-        for side in ("inputs", "outputs"):
-            for spec in signature.get(side) or ():
+            manifest_json=json.dumps(package.manifest.to_dict(), sort_keys=True))
+        signature = package.manifest.signature
+        for side, specs in (("inputs", signature["inputs"]), ("outputs", signature["outputs"])):
+            for spec in specs:
                 tensor = getattr(response, side).add(name=spec["name"], dtype=spec["dtype"])
-                for dim in spec.get("shape") or ():
+                for dim in spec["shape"]:
                     if isinstance(dim, int):
                         tensor.shape.add(size=dim)
                     else:
@@ -213,12 +213,11 @@ class LlmoptService:
     def _summary(self, name: str, state: str, reason: str) -> Any:
         try:
             manifest = self.repository.package(name).manifest
+            task, architecture = manifest.task, manifest.architecture
         except LlmoptError as exc:
-            manifest, reason = {}, reason or str(exc)
-        return _msg("ModelSummary")(
-            name=name, task=str(manifest.get("task", "")),
-            architecture=str(manifest.get("architecture", "")),
-            state=f"MODEL_STATE_{state}", reason=reason)
+            task, architecture, reason = "", "", reason or str(exc)
+        return _msg("ModelSummary")(name=name, task=task, architecture=architecture,
+                                    state=f"MODEL_STATE_{state}", reason=reason)
 
 
 def _msg(name: str) -> Any:

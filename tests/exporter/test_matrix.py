@@ -111,7 +111,7 @@ def test_decoder_pipeline(model_type: str, tmp_path: Path, record_property: Any)
     from llmopt.evaluate import evaluate
 
     fidelity = evaluate(quantized, optimized, max_length=96, greedy_tokens=8)
-    quantized.manifest["fidelity"] = fidelity  # recorded where `llmopt inspect` shows it
+    quantized.manifest.fidelity = fidelity  # recorded where `llmopt inspect` shows it
     quantized.write_manifest()
     record_property("int4_perplexity_delta_pct", round(fidelity["perplexity_delta_pct"], 3))
     assert quantized.manifest["steps"][-1]["quantized_matmuls"] > 0
