@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
+from pathlib import Path
 from typing import Any
 
 TARGETS = ("pytorch", "inprocess", "server")
@@ -68,6 +69,7 @@ def run(args: argparse.Namespace) -> int:
                                 fix="llmopt bench CONFIG.yaml [flags]")
     from llmopt.bench import load_config, parse_config, plan, run_bench
     from llmopt.bench.config import with_overrides
+    from llmopt.bench.report import SUMMARY_NAME
 
     overrides = _overrides(args)
     if args.inputs:
@@ -92,8 +94,8 @@ def run(args: argparse.Namespace) -> int:
                      plots=not args.no_plots, command=command)
     records = run_.records
     failed = [r for r in records if r["status"] == "failed"]
-    print((out_dir := run_.files[2]).read_text() if run_.files else "")
-    print(f"wrote {len(run_.files)} files to {out_dir.parent}: "
+    print((Path(out) / SUMMARY_NAME).read_text())
+    print(f"wrote {len(run_.files)} files to {out}: "
           f"{len(records) - len(failed)} of {len(records)} points measured or skipped, "
           f"{len(failed)} failed", file=sys.stderr)
     return 0

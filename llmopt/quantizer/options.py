@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from llmopt.errors import InvalidInputError
@@ -119,6 +120,16 @@ class QuantizeOptions:
         ``"rtn"`` and ``"mse"`` (clipping search) need no float zero points at all."""
         return cls(method="int4", block_size=block_size, algorithm=algorithm,
                    symmetric=symmetric, lm_head_bits=lm_head_bits)
+
+    @classmethod
+    def preset(cls, method: str) -> QuantizeOptions:
+        """The preset of ``method`` (one of METHODS; ``int8_per_token`` is
+        :meth:`int8_encoder`): what ``llmopt quantize --method`` starts from before its flags."""
+        _one_of("method", method, METHODS)
+        presets: dict[str, Callable[[], QuantizeOptions]] = {
+            "int8": cls.int8, "int8_dynamic": cls.int8_dynamic, "int8_static": cls.int8_static,
+            "int8_per_token": cls.int8_encoder, "int4": cls.int4}
+        return presets[method]()
 
     def with_(self, **changes: object) -> QuantizeOptions:
         return replace(self, **changes)  # type: ignore[arg-type]

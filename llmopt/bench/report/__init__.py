@@ -12,14 +12,16 @@ from llmopt.errors import InvalidInputError, MissingDependencyError
 
 log = logging.getLogger("llmopt.bench")
 
-__all__ = ["read_results", "to_csv", "to_markdown", "write_reports"]
+__all__ = ["SUMMARY_NAME", "read_results", "to_csv", "to_markdown", "write_reports"]
+
+SUMMARY_NAME = "summary.md"  # the Markdown tables people read; `llmopt bench` prints it
 
 
 def write_reports(results: dict[str, Any], out_dir: Path, plots: bool = True) -> list[Path]:
     """Write every output into ``out_dir``; returns the files written. Without matplotlib the
     plots are left out with a warning saying how to get them."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    files = [out_dir / "results.json", out_dir / "results.csv", out_dir / "summary.md"]
+    files = [out_dir / "results.json", out_dir / "results.csv", out_dir / SUMMARY_NAME]
     files[0].write_text(json.dumps(results, indent=1, default=_json_default) + "\n")
     files[1].write_text(to_csv(results["records"]))
     markdown = to_markdown(results)
