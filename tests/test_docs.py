@@ -116,9 +116,9 @@ def test_schema_states_the_format_version_and_the_codes_vocabularies() -> None:
 
 
 @pytest.fixture(scope="module")
-def manifests(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Any]]:
-    """llmopt.json of a tiny Llama exported, optimized and quantized to int4, and of a tiny
-    BERT embedder exported."""
+def packages(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A tiny Llama exported, optimized and quantized to int4, and a tiny BERT embedder
+    exported."""
     from llmopt.exporter import export
     from llmopt.optimizer import optimize
     from llmopt.quantizer import QuantizeOptions, quantize
@@ -132,9 +132,15 @@ def manifests(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, A
     int4 = quantize(fused, root / "llama-int4", QuantizeOptions.int4().with_(evaluate=False))
     (root / "bert").mkdir()
     bert = export(build_encoder("bert", "feature-extraction", root / "bert"), root / "bert-fp32")
-    return {name: json.loads((package.path / "llmopt.json").read_text())
-            for name, package in (("export", fp32), ("optimize", fused), ("quantize", int4),
-                                  ("encoder", bert))}
+    return {"export": fp32.path, "optimize": fused.path, "quantize": int4.path,
+            "encoder": bert.path}
+
+
+@pytest.fixture(scope="module")
+def manifests(packages: dict[str, Path]) -> dict[str, dict[str, Any]]:
+    """llmopt.json of each of ``packages``."""
+    return {name: json.loads((path / "llmopt.json").read_text())
+            for name, path in packages.items()}
 
 
 @pytest.mark.parametrize("stage", ["export", "optimize", "quantize", "encoder"])
@@ -144,6 +150,14 @@ def test_every_manifest_the_stages_write_matches_the_schema(
     assert not _errors(manifest), "\n".join(_errors(manifest))
     undeclared = _undeclared(manifest)
     assert not undeclared, f"keys missing from manifest.schema.json: {undeclared}"
+
+
+@pytest.mark.parametrize("stage", ["export", "optimize", "quantize", "encoder"])
+def test_every_manifest_the_stages_write_round_trips(packages: dict[str, Path],
+                                                     stage: str) -> None:
+    from tests.test_manifest import assert_round_trips
+
+    assert_round_trips(packages[stage])
 
 
 def test_a_derived_package_records_its_lineage(manifests: dict[str, dict[str, Any]]) -> None:

@@ -23,6 +23,7 @@ from llmopt.exporter.options import FP16_TOLERANCE
 from llmopt.exporter.validate import validate_encoder
 from llmopt.runtime.session import cpu_session
 from tests import tiny_tokenizers
+from tests.test_manifest import assert_round_trips
 
 TASKS = ("feature-extraction", "text-classification")
 AUTO = {"feature-extraction": AutoModel, "text-classification": AutoModelForSequenceClassification}
@@ -221,6 +222,7 @@ def test_electra_projects_its_embeddings_only_where_sizes_differ(tmp_path: Path,
     source = build("electra", "text-classification", tmp_path / "source",
                    embedding_size=embedding_size)
     package = export(source, tmp_path / "package", ExportOptions(task="text-classification"))
+    assert_round_trips(package)
     assert package.manifest["validation"]["passed"], package.manifest["validation"]
     weights = {t.name: list(t.dims) for t in onnx.load(str(package.model_path)).graph.initializer}
     assert weights["embeddings.word_embeddings.weight"][1] == embedding_size

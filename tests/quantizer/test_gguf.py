@@ -17,6 +17,7 @@ from llmopt.package import Package
 from llmopt.quantizer import QuantizeOptions, quantize
 from llmopt.quantizer import gguf as reuse
 from llmopt.runtime.kv import position_ids
+from tests.test_manifest import assert_round_trips
 
 LAYERS = 2  # tests/tiny_gguf.py
 LAYER_WEIGHTS = ("attn.qkv_proj", "attn.o_proj", "mlp.gate_up_proj", "mlp.fc_out")
@@ -89,6 +90,8 @@ def test_int4_reuses_the_blocks_and_computes_the_fp32_package(tiny_gguf: Any, na
     _, fp32 = tiny_gguf(name)
     options = QuantizeOptions.int4().with_(accuracy_level=1, evaluate=False)
     result = quantize(fp32, tmp_path / "int4", options)
+    assert_round_trips(fp32)
+    assert_round_trips(result)
     step = result.manifest["steps"][-1]
     assert step["method"] == "int4_gguf" and step["algorithm_used"] == "gguf"
     weights = [f"model.layers.{i}.{w}.weight" for i in range(LAYERS) for w in LAYER_WEIGHTS]

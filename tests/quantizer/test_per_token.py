@@ -17,6 +17,7 @@ from llmopt.exporter import ExportOptions, export
 from llmopt.quantizer import QuantizeOptions, default_options, per_token, quantize
 from llmopt.runtime.session import cpu_session
 from tests.exporter.test_encoders import build
+from tests.test_manifest import assert_round_trips
 
 
 @pytest.fixture(scope="module")
@@ -82,6 +83,7 @@ def test_encoders_get_the_per_token_preset_by_default(encoder: Path, tmp_path: P
     parent = llmopt.Package.open(encoder)
     assert default_options(parent) == QuantizeOptions.int8_encoder()
     result = quantize(parent, tmp_path / "q")
+    assert_round_trips(result)
     step = result.manifest["steps"][-1]
     assert step["method"] == "int8_per_token" and step["smooth_alpha"] == 0.5
     assert step["kept_float"] == [] and step["quantized_matmuls"] > 0  # no layer 3 here

@@ -15,6 +15,7 @@ from llmopt.exporter import export
 from llmopt.optimizer import optimize
 from llmopt.quantizer import QuantizeOptions, quantize
 from tests import tiny_decoders
+from tests.test_manifest import assert_round_trips
 
 
 @pytest.fixture(scope="module")
@@ -52,6 +53,7 @@ def test_every_method_makes_a_measured_working_package(request: pytest.FixtureRe
                                                        op: str, tmp_path: Path) -> None:
     parent = request.getfixturevalue(which)
     result = quantize(parent, tmp_path / "q", options)
+    assert_round_trips(result)
     ops = _ops(result.path)
     assert op in ops or (op == "MatMulInteger" and "DynamicQuantizeMatMul" in ops), ops
     step = result.manifest["steps"][-1]
