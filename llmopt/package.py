@@ -77,7 +77,7 @@ class Package:
 
     @property
     def model_path(self) -> Path:
-        return self.path / self.manifest.onnx.get("file", MODEL_NAME)
+        return self.path / self.manifest.onnx["file"]
 
     @property
     def task(self) -> str:
