@@ -32,7 +32,7 @@ def document() -> dict[str, Any]:
     text = (ROOT / "docs" / "architecture.md").read_text()
     block = re.search(r"<!-- manifest-example -->\s*```json\n(.*?)\n```", text, re.S)
     assert block
-    return json.loads(block.group(1))  # type: ignore[no-any-return]
+    return json.loads(block.group(1))
 
 
 def test_properties_read_the_document(document: dict[str, Any]) -> None:
@@ -103,7 +103,7 @@ def test_derived_records_the_step_and_resets_what_the_new_graph_invalidates(
     signature = {"inputs": document["signature"]["inputs"][:1],
                  "outputs": document["signature"]["outputs"][:1]}
     step = {"stage": "quantize", "time": "t", "method": "int8", "parent": "p"}
-    child = parent.derived("quantize", signature, step, dtype="float16",  # type: ignore[arg-type]
+    child = parent.derived("quantize", signature, step, dtype="float16",
                            kv_cache={"shared_buffer": False})
     assert child.steps == [*before["steps"], step] and child.last_step is child.steps[-1]
     assert child.signature == signature

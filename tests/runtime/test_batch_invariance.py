@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 import llmopt
+from llmopt.manifest import Manifest
 from llmopt.runtime import batch as batch_module
 from llmopt.runtime import sequence
 from llmopt.runtime.batch import place, prefill_groups, rows_couple
@@ -155,7 +156,7 @@ class _Running:
                                                  ("int4", False), (None, False)])
 def test_only_dynamic_int8_couples_rows(method: str | None, couples: bool) -> None:
     steps = [{"stage": "export"}] + ([{"stage": "quantize", "method": method}] if method else [])
-    fake = SimpleNamespace(package=SimpleNamespace(manifest={"steps": steps}))
+    fake = SimpleNamespace(package=SimpleNamespace(manifest=Manifest({"steps": steps})))
     assert rows_couple(fake) is couples  # type: ignore[arg-type]
 
 

@@ -22,6 +22,7 @@ from llmopt.cli import cmd_generate, cmd_serve
 from llmopt.cli._providers import provider_options
 from llmopt.exporter import export
 from llmopt.exporter.decoder_graph import mask_min
+from llmopt.manifest import Manifest
 from llmopt.optimizer import OptimizeOptions, optimize
 from llmopt.package import Package
 from llmopt.runtime import providers as P
@@ -310,8 +311,8 @@ def test_tensorrt_hint_pins_the_major_onnxruntime_links() -> None:
 
 def test_int8_dynamic_on_a_gpu_names_the_better_preset(caplog: pytest.LogCaptureFixture) -> None:
     def package(method: str) -> Any:
-        return SimpleNamespace(path="pkg", manifest={"steps": [
-            {"stage": "export"}, {"stage": "quantize", "method": method}]})
+        return SimpleNamespace(path="pkg", manifest=Manifest({"steps": [
+            {"stage": "export"}, {"stage": "quantize", "method": method}]}))
 
     with caplog.at_level(logging.WARNING, "llmopt.runtime"):
         warn_cpu_bound_quantization(package("int4"), "cuda")
