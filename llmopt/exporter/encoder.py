@@ -163,6 +163,8 @@ class EncoderDims:
     max_positions: int
     pad_token_id: int
     type_input: bool
+    positions: str = "absolute"  # EncoderArch.positions
+    head_activation: str = "tanh"  # EncoderArch.head.activation
 
 
 def read_dims(arch: EncoderArch, config: Any, type_input: bool) -> EncoderDims:
@@ -195,6 +197,8 @@ def read_dims(arch: EncoderArch, config: Any, type_input: bool) -> EncoderDims:
         max_positions=int(config.max_position_embeddings),
         pad_token_id=int(pad) if pad is not None else 0,
         type_input=type_input,
+        positions=arch.positions,
+        head_activation=arch.head.activation,
     )
 
 
@@ -299,8 +303,8 @@ def _qkv_weights(state: Mapping[str, Any], prefix: str, n: EncoderNames,
 # graph
 
 
-def build_encoder(arch: EncoderArch, dims: EncoderDims, weights: EncoderWeights,
-                  dtype: Any = F32, fusions: frozenset[str] = frozenset()) -> onnx.ModelProto:
+def build_encoder(dims: EncoderDims, weights: EncoderWeights, dtype: Any = F32,
+                  fusions: frozenset[str] = frozenset()) -> onnx.ModelProto:
     """Emit the encoder graph, with a classification head on the first token where
     ``weights.head`` has one, in primitive or fused form (see the module docstring).
 
@@ -355,7 +359,7 @@ def build_encoder(arch: EncoderArch, dims: EncoderDims, weights: EncoderWeights,
 
     with b.scope("encoder"):
         with b.scope("embed"):
-            tokens, positions = _embeddings(b, arch, d, weights, input_ids=input_ids,
+            tokens, positions = _embeddings(b, d, weights, input_ids=input_ids,
                                             token_type_ids=token_type_ids, dt=dt)
         x = add_norm(tokens, positions, None, weights.embed_norm, name=EMBED_NORM,
                      scope="embed_norm")
@@ -398,10 +402,10 @@ def build_encoder(arch: EncoderArch, dims: EncoderDims, weights: EncoderWeights,
         with b.scope("classifier"):
             first = b.op("Gather", x, b.const(0), axis=1)  # [B,H]: the [CLS] / <s> token
             y = linear(first, dense, HEAD_DENSE, "dense")
-            if arch.head.activation == "gelu":
+            if d.head_activation == "gelu":
                 y = _activation(b, y, "gelu", dt)
             else:
-                y = b.op("Tanh" if arch.head.activation == "tanh" else "Relu", y)
+                y = b.op("Tanh" if d.head_activation == "tanh" else "Relu", y)
             x = linear(y, out, HEAD_OUT, "out")
     if dt != np.dtype(F32):
         b.op("Cast", x, to=onnx.TensorProto.FLOAT, output_names=[output], name="output")
@@ -411,7 +415,7 @@ def build_encoder(arch: EncoderArch, dims: EncoderDims, weights: EncoderWeights,
     return b.build("llmopt_encoder", opset=opset)
 
 
-def _embeddings(b: GraphBuilder, arch: EncoderArch, d: EncoderDims, weights: EncoderWeights, *,
+def _embeddings(b: GraphBuilder, d: EncoderDims, weights: EncoderWeights, *,
                 input_ids: str, token_type_ids: str | None, dt: np.dtype) -> tuple[str, str]:
     r"""(word (+ token type) embeddings, position embeddings), summed by the embedding norm.
 
@@ -428,7 +432,7 @@ def _embeddings(b: GraphBuilder, arch: EncoderArch, d: EncoderDims, weights: Enc
                                                    weights.token_type_embed.astype(dt)),
                                 token_type_ids))
     table = b.weight(POSITION_EMBED, weights.position_embed.astype(dt))
-    if arch.positions == "padded":
+    if d.positions == "padded":
         with b.scope("position_ids"):
             pad = b.const(d.pad_token_id)
             not_pad = b.op("Cast", b.op("Not", b.op("Equal", input_ids, pad)),
@@ -610,7 +614,7 @@ def emit(arch: EncoderArch, model: Any, dtype: Any) -> tuple[onnx.ModelProto, di
     if arch.relative_bias is not None:
         weights.relative_bias = arch.relative_bias(model.base_model,
                                                    max_sequence_length(arch, dims))
-    proto = build_encoder(arch, dims, weights, dtype)
+    proto = build_encoder(dims, weights, dtype)
     inputs = ["input_ids", "attention_mask"] + (["token_type_ids"] if dims.type_input else [])
     layout = {
         "inputs": inputs,
@@ -656,4 +660,4 @@ def reemit_encoder(package: Any, tensors: Mapping[str, np.ndarray], fusions: fro
         notes["norm"] = "not applicable: LayerNormalization is already one op"
     if "activation" in fusions and not dims.activation.startswith("gelu"):
         notes["activation"] = f"not applicable: {dims.activation} is already one op"
-    return build_encoder(arch, dims, weights, np.dtype(dtype), fusions), notes
+    return build_encoder(dims, weights, np.dtype(dtype), fusions), notes

@@ -199,7 +199,7 @@ def test_weights_round_trip_through_the_initializers(packages: dict, model_type:
     dims = read_dims(arch, AutoConfig.from_pretrained(exported.path),
                      "token_type_ids" in exported.manifest["encoder"]["inputs"])
     tensors = initializers(exported)
-    again = build_encoder(arch, dims, weights_from_onnx(tensors, dims.num_layers))
+    again = build_encoder(dims, weights_from_onnx(tensors, dims.num_layers))
     assert {t.name: t.raw_data for t in again.graph.initializer} == \
         {t.name: t.raw_data for t in original.graph.initializer}
     assert [n.op_type for n in again.graph.node] == [n.op_type for n in original.graph.node]
