@@ -43,19 +43,13 @@ from typing import Any
 import numpy as np
 import onnx
 
-from llmopt.exporter.decoder import (
-    WEIGHT_PREFIX,
-    DecoderDims,
-    DecoderWeights,
-    LayerWeights,
-    MoeWeights,
-    Norm,
-)
 from llmopt.exporter.graph import MS_DOMAIN, ONNX_DTYPE, OPSET, GraphBuilder
 from llmopt.exporter.ops import F32, Linear, activation, rms_norm
+from llmopt.exporter.weights import DecoderDims, DecoderWeights, LayerWeights, MoeWeights, Norm
 
 I64 = np.int64
 FUSED_OPSET = 23
+WEIGHT_PREFIX = "model"  # initializer names: model.layers.{i}.attn.qkv_proj.weight, ...
 
 
 FUSIONS = ("norm", "skip_norm", "attention", "activation", "moe")

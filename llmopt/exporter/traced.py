@@ -338,7 +338,7 @@ def _max_positions(config: Any) -> int:
 def _emit_encoder(model: Any) -> tuple[Any, dict[str, Any]]:
     import torch
 
-    from llmopt.exporter.encoder import pooling
+    from llmopt.exporter.pooling import pooling
 
     config = model.config
     takes = set(inspect.signature(model.forward).parameters)
