@@ -20,9 +20,10 @@ import numpy as np
 import onnx
 
 from llmopt.errors import UnsupportedError
-from llmopt.exporter.decoder_graph import WEIGHT_PREFIX
+from llmopt.exporter.decoder_graph import WEIGHT_PREFIX, build_decoder
 from llmopt.exporter.ops import Initializers, Linear, concat_linear, state_linear, to_numpy
 from llmopt.exporter.weights import DecoderDims, DecoderWeights, LayerWeights, MoeWeights, Norm
+from llmopt.package import Package
 
 TASKS = ("text-generation",)
 LONGROPE = ("longrope", "su")  # "su": Phi-3's first name for LongRoPE
@@ -116,6 +117,11 @@ class DecoderArch:
 
     def emit(self, model: Any, dtype: Any) -> tuple[onnx.ModelProto, dict[str, Any]]:
         return emit(self, model, dtype)
+
+    def reemit(self, package: Package, tensors: Mapping[str, np.ndarray],
+               fusions: frozenset[str], dtype: str,
+               gqa: bool | None = None) -> tuple[onnx.ModelProto, dict[str, str]]:
+        return reemit(self, package, tensors, fusions, dtype, gqa)
 
     def validate(self, model: Any, session: Any, layout: dict[str, Any], tokenizer: Any,
                  tolerance: float, generation_tokens: int) -> dict[str, Any]:
@@ -474,8 +480,6 @@ def _experts_from_onnx(found: Initializers, p: str) -> MoeWeights | None:
 
 def emit(arch: DecoderArch, model: Any, dtype: Any) -> tuple[onnx.ModelProto, dict[str, Any]]:
     """The ONNX graph of ``model`` and the KV-cache layout for the manifest."""
-    from llmopt.exporter.decoder_graph import build_decoder
-
     inv_freq, scaling = rotary_parameters(model) if arch.positions == "rotary" else (None, 1.0)
     local_freq, local_scaling = (rotary_parameters(model, "sliding_attention")
                                  if arch.positions == "rotary" else (None, 1.0))
@@ -510,3 +514,35 @@ def emit(arch: DecoderArch, model: Any, dtype: Any) -> tuple[onnx.ModelProto, di
     if long_freq is not None:
         layout["rope_long_after"] = dims.long_rope_after
     return proto, layout
+
+
+def reemit(arch: DecoderArch, package: Package, tensors: Mapping[str, np.ndarray],
+           fusions: frozenset[str], dtype: str,
+           gqa: bool | None) -> tuple[onnx.ModelProto, dict[str, str]]:
+    """``package``'s decoder graph emitted again from its initializers ``tensors`` with
+    ``fusions``, in ``dtype`` (``gqa``: see ``build_decoder``); and why each requested fusion
+    that cannot fire does not."""
+    from transformers import AutoConfig
+
+    kv = package.kv_cache
+    weights = weights_from_onnx(tensors, int(kv["num_layers"]))
+    config = AutoConfig.from_pretrained(str(package.path))
+    dims = read_dims(arch, config, weights.inv_freq,
+                     float(kv.get("rope_attention_scaling") or 1.0),
+                     float(kv.get("rope_local_attention_scaling") or 1.0))
+    notes = {}
+    if weights.inv_freq is None and "attention" in fusions:
+        notes["rotary"] = "not applicable: learned absolute positions"
+    if arch.norm == "layer" and "norm" in fusions:
+        notes["norm"] = "not applicable: LayerNormalization is already one op"
+    if "skip_norm" in fusions and dims.parallel_residual:
+        notes["skip_norm"] = ("parallel attention + MLP: one residual Add + norm a layer to "
+                              "fuse; attention and MLP outputs are summed by a plain Add")
+    if "activation" in fusions and not dims.activation.startswith("gelu"):
+        notes["activation"] = (f"not applicable: {dims.activation} (ONNX Runtime fuses "
+                               "Sigmoid*Mul itself)")
+    if dims.num_experts and dims.activation != "silu":
+        notes["moe"] = f"ONNX Runtime's MoE takes SwiGLU experts, not {dims.activation}"
+    elif dims.num_experts and not dims.normalize_top_k:
+        notes["moe"] = "not fused: unnormalized top-k routing (ONNX Runtime 1.31 disagrees)"
+    return build_decoder(dims, weights, arch.norm, np.dtype(dtype), fusions, gqa), notes

@@ -51,6 +51,7 @@ from llmopt.exporter.ops import state_linear as _linear
 from llmopt.exporter.ops import to_numpy as _array
 from llmopt.exporter.pooling import pooling
 from llmopt.exporter.weights import EncoderDims, EncoderLayerWeights, EncoderWeights, Norm
+from llmopt.package import Package
 
 TASKS = ("feature-extraction", "text-classification")
 
@@ -119,6 +120,12 @@ class EncoderArch:
 
     def emit(self, model: Any, dtype: Any) -> tuple[onnx.ModelProto, dict[str, Any]]:
         return emit(self, model, dtype)
+
+    def reemit(self, package: Package, tensors: Mapping[str, np.ndarray],
+               fusions: frozenset[str], dtype: str,
+               gqa: bool | None = None) -> tuple[onnx.ModelProto, dict[str, str]]:
+        """``gqa`` is the decoders' choice of attention op; an encoder has one."""
+        return reemit(self, package, tensors, fusions, dtype)
 
     def validate(self, model: Any, session: Any, layout: dict[str, Any], tokenizer: Any,
                  tolerance: float, generation_tokens: int) -> dict[str, Any]:
@@ -278,17 +285,12 @@ def emit(arch: EncoderArch, model: Any, dtype: Any) -> tuple[onnx.ModelProto, di
     return proto, layout
 
 
-def reemit_encoder(package: Any, tensors: Mapping[str, np.ndarray], fusions: frozenset[str],
-                   dtype: str) -> tuple[onnx.ModelProto, dict[str, str]]:
+def reemit(arch: EncoderArch, package: Package, tensors: Mapping[str, np.ndarray],
+           fusions: frozenset[str], dtype: str) -> tuple[onnx.ModelProto, dict[str, str]]:
     """``package``'s encoder graph emitted again from its initializers ``tensors`` with
     ``fusions``, in ``dtype``; and why each requested fusion that cannot fire does not."""
     from transformers import AutoConfig
 
-    from llmopt.exporter import registry
-
-    arch = registry.find(str(package.manifest["model_type"]), package.task)
-    if not isinstance(arch, EncoderArch):
-        raise UnsupportedError(f"{package.path} is not an encoder package")
     layout = package.manifest.get("encoder") or {}
     config = AutoConfig.from_pretrained(str(package.path))
     dims = read_dims(arch, config, "token_type_ids" in layout.get("inputs", ()))

@@ -11,6 +11,7 @@ from typing import Any, Protocol
 
 from llmopt.errors import UnsupportedError
 from llmopt.exporter.options import BUILDERS
+from llmopt.package import Package
 
 
 class Architecture(Protocol):
@@ -32,6 +33,9 @@ class Architecture(Protocol):
     def builder(self) -> str: ...
 
     def emit(self, model: Any, dtype: Any) -> tuple[Any, dict[str, Any]]: ...
+
+    def reemit(self, package: Package, tensors: Any, fusions: frozenset[str], dtype: str,
+               gqa: bool | None = None) -> tuple[Any, dict[str, str]]: ...
 
     def validate(self, model: Any, session: Any, layout: dict[str, Any], tokenizer: Any,
                  tolerance: float, generation_tokens: int) -> dict[str, Any]: ...

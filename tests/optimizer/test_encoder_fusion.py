@@ -15,13 +15,8 @@ from transformers import AutoConfig, AutoTokenizer
 
 from llmopt.errors import UnsupportedError
 from llmopt.exporter import ExportOptions, export, registry
-from llmopt.exporter.encoder import (
-    WORD_EMBED,
-    build_encoder,
-    read_dims,
-    reemit_encoder,
-    weights_from_onnx,
-)
+from llmopt.exporter.encoder import read_dims, weights_from_onnx
+from llmopt.exporter.encoder_graph import WORD_EMBED, build_encoder
 from llmopt.optimizer import OptimizeOptions, optimize
 from llmopt.optimizer.check import FP16_TOLERANCE
 from llmopt.optimizer.graphs import initializers
@@ -231,7 +226,7 @@ def test_reemit_refuses_a_graph_without_llmopt_weight_names(packages: dict) -> N
     tensors = {k: v for k, v in initializers(exported).items()
                if not k.startswith("encoder.layer.1.")}
     with pytest.raises(UnsupportedError, match=r"no initializer 'encoder\.layer\.1\."):
-        reemit_encoder(exported, tensors, FUSED, "float32")
+        registry.find("bert", "feature-extraction").reemit(exported, tensors, FUSED, "float32")
 
 
 # ---------------------------------------------------------------------------------------------
