@@ -21,7 +21,7 @@ from llmopt.errors import UnsupportedError
 from llmopt.exporter.graph import MS_DOMAIN, OPSET, GraphBuilder
 from llmopt.exporter.ops import Linear
 from llmopt.exporter.ops import activation as _activation
-from llmopt.exporter.weights import EncoderDims, EncoderWeights, Norm
+from llmopt.exporter.weights import EncoderDims, EncoderLayerWeights, EncoderWeights, Norm
 
 F32 = np.float32
 I64 = np.int64
@@ -60,104 +60,132 @@ def build_encoder(dims: EncoderDims, weights: EncoderWeights, dtype: Any = F32,
         y = fc_out([GELU(fc_in(x) + bias)])    activation: BiasGelu / FastGelu
         x = [LayerNorm(y + bias + x)]          skip_norm
     """
-    d, dt = dims, np.dtype(dtype)
-    skip_fused = "skip_norm" in fusions
-    b = GraphBuilder()
-    input_ids = b.input("input_ids", I64, ["batch", "sequence"])
-    attention_mask = b.input("attention_mask", I64, ["batch", "sequence"])
-    token_type_ids = (b.input("token_type_ids", I64, ["batch", "sequence"])
-                      if weights.token_type_embed is not None else None)
-    if weights.head is None:
-        output = "last_hidden_state"
-        b.output(output, F32, ["batch", "sequence", d.hidden])
-    else:
-        output = "logits"
-        b.output(output, F32, ["batch", weights.head[1].weight.shape[1]])
+    return _EncoderGraph(dims, dtype, fusions).build(weights)
 
-    def w(name: str, array: np.ndarray) -> str:
-        return b.weight(name, array.astype(dt))
 
-    def linear(x: str, lin: Linear, name: str, scope: str, bias: bool = True) -> str:
-        """x @ weight (+ bias, unless a fused consumer takes the bias)."""
-        with b.scope(scope):
-            y = b.op("MatMul", x, w(f"{name}.weight", lin.weight))
-            if bias and lin.bias is not None:
-                y = b.op("Add", y, w(f"{name}.bias", lin.bias))
-        return y
+class _EncoderGraph:
+    """One :func:`build_encoder` call: the builder and the choices every step reads, and the
+    steps in graph order (inputs, embeddings, attention mask, layers, head, output)."""
 
-    def add_norm(x: str, residual: str, bias: tuple[str, Linear] | None, norm: Norm, *,
-                 name: str, scope: str) -> str:
-        """LayerNorm(x + bias + residual): one SkipLayerNormalization when fused."""
-        gamma = w(f"{name}.weight", norm.weight)
-        beta = w(f"{name}.bias", norm.bias if norm.bias is not None
-                 else np.zeros_like(norm.weight))
-        if skip_fused:
-            extra = []
-            if bias is not None and bias[1].bias is not None:
-                extra.append(w(f"{bias[0]}.bias", bias[1].bias))
-            with b.scope(scope):  # post-norm: the sum (optional output 3) is not needed
-                return str(b.op("SkipLayerNormalization", x, residual, gamma, beta, *extra,
-                                domain=MS_DOMAIN, epsilon=d.eps))
-        total = b.op("Add", residual, x, name=f"{scope.removesuffix('_norm')}_residual")
-        with b.scope(scope):
-            return b.op("LayerNormalization", total, gamma, beta, axis=-1, epsilon=d.eps)
+    def __init__(self, dims: EncoderDims, dtype: Any, fusions: frozenset[str]) -> None:
+        self.d = dims
+        self.dt = np.dtype(dtype)
+        self.fusions = fusions
+        self.skip_fused = "skip_norm" in fusions
+        self.b = GraphBuilder()
 
-    with b.scope("encoder"):
-        with b.scope("embed"):
-            tokens, positions = _embeddings(b, d, weights, input_ids=input_ids,
-                                            token_type_ids=token_type_ids, dt=dt)
-        x = add_norm(tokens, positions, None, weights.embed_norm, name=EMBED_NORM,
-                     scope="embed_norm")
-        if weights.embed_project is not None:  # [B,S,E] -> [B,S,H]
-            x = linear(x, weights.embed_project, EMBED_PROJECT, "embed_project")
-        with b.scope("attn_mask"):
-            mask = (_attention_mask(b, attention_mask) if "attention" in fusions
-                    else _attention_bias(b, attention_mask))
-            if weights.relative_bias is not None:  # one [B,h,S,S] bias for every layer
-                table = w(RELATIVE_BIAS, weights.relative_bias)
-                mask = _with_relative_bias(b, mask, table, attention_mask,
-                                           weights.relative_bias.shape[0], fused="attention"
-                                           in fusions, dt=dt)
-        for i, layer in enumerate(weights.layers):
-            p = LAYER.format(i=i)
-            with b.scope(f"layers.{i}"):
-                with b.scope("attn"):
-                    qkv = linear(x, layer.qkv, p + QKV, "qkv")
-                    if "attention" in fusions:
-                        attn = _fused_attention(b, qkv, mask, d, dt)
-                    else:
-                        attn = _attention(b, qkv, mask, d, dt)
-                    attn = linear(attn, layer.o, p + ATTN_OUT, "o", bias=not skip_fused)
-                x = add_norm(attn, x, (p + ATTN_OUT, layer.o), layer.attn_norm,
-                             name=p + ATTN_NORM, scope="attn_norm")
-                with b.scope("mlp"):
-                    fused_act = "activation" in fusions and d.activation.startswith("gelu")
-                    y = linear(x, layer.fc_in, p + FC_IN, "fc_in", bias=not fused_act)
-                    if fused_act:
-                        y = _fused_gelu(b, y, w(f"{p}{FC_IN}.bias", layer.fc_in.bias)
-                                        if layer.fc_in.bias is not None else None, d.activation)
-                    else:
-                        y = _activation(b, y, d.activation, dt)
-                    y = linear(y, layer.fc_out, p + FC_OUT, "fc_out", bias=not skip_fused)
-                x = add_norm(y, x, (p + FC_OUT, layer.fc_out), layer.mlp_norm,
+    def build(self, weights: EncoderWeights) -> onnx.ModelProto:
+        b, d, dt = self.b, self.d, self.dt
+        input_ids = b.input("input_ids", I64, ["batch", "sequence"])
+        attention_mask = b.input("attention_mask", I64, ["batch", "sequence"])
+        token_type_ids = (b.input("token_type_ids", I64, ["batch", "sequence"])
+                          if weights.token_type_embed is not None else None)
+        if weights.head is None:
+            output = "last_hidden_state"
+            b.output(output, F32, ["batch", "sequence", d.hidden])
+        else:
+            output = "logits"
+            b.output(output, F32, ["batch", weights.head[1].weight.shape[1]])
+        with b.scope("encoder"):
+            with b.scope("embed"):
+                tokens, positions = _embeddings(b, d, weights, input_ids=input_ids,
+                                                token_type_ids=token_type_ids, dt=dt)
+            x = self.add_norm(tokens, positions, None, weights.embed_norm, name=EMBED_NORM,
+                              scope="embed_norm")
+            if weights.embed_project is not None:  # [B,S,E] -> [B,S,H]
+                x = self.linear(x, weights.embed_project, EMBED_PROJECT, "embed_project")
+            with b.scope("attn_mask"):
+                mask = self._mask(weights, attention_mask)
+            for i, layer in enumerate(weights.layers):
+                with b.scope(f"layers.{i}"):
+                    x = self._layer(LAYER.format(i=i), layer, x, mask)
+        if weights.head is not None:
+            with b.scope("classifier"):
+                x = self._classifier(x, *weights.head)
+        if dt != np.dtype(F32):
+            b.op("Cast", x, to=onnx.TensorProto.FLOAT, output_names=[output], name="output")
+        else:
+            b.op("Identity", x, output_names=[output], name="output")
+        opset = FUSED_OPSET if "attention" in self.fusions else OPSET
+        return b.build("llmopt_encoder", opset=opset)
+
+    def _mask(self, weights: EncoderWeights, attention_mask: str) -> str:
+        """The padding mask (a float bias, or booleans for the fused Attention), with the
+        relative position bias shared by every layer where the model has one."""
+        b, fused = self.b, "attention" in self.fusions
+        mask = _attention_mask(b, attention_mask) if fused else _attention_bias(b, attention_mask)
+        if weights.relative_bias is not None:  # one [B,h,S,S] bias for every layer
+            table = self.w(RELATIVE_BIAS, weights.relative_bias)
+            mask = _with_relative_bias(b, mask, table, attention_mask,
+                                       weights.relative_bias.shape[0], fused=fused, dt=self.dt)
+        return mask
+
+    def _layer(self, p: str, layer: EncoderLayerWeights, x: str, mask: str) -> str:
+        """One post-norm layer on ``x`` (initializer names under ``p``)."""
+        b, d, dt, skip_fused = self.b, self.d, self.dt, self.skip_fused
+        with b.scope("attn"):
+            qkv = self.linear(x, layer.qkv, p + QKV, "qkv")
+            if "attention" in self.fusions:
+                attn = _fused_attention(b, qkv, mask, d, dt)
+            else:
+                attn = _attention(b, qkv, mask, d, dt)
+            attn = self.linear(attn, layer.o, p + ATTN_OUT, "o", bias=not skip_fused)
+        x = self.add_norm(attn, x, (p + ATTN_OUT, layer.o), layer.attn_norm,
+                          name=p + ATTN_NORM, scope="attn_norm")
+        with b.scope("mlp"):
+            fused_act = "activation" in self.fusions and d.activation.startswith("gelu")
+            y = self.linear(x, layer.fc_in, p + FC_IN, "fc_in", bias=not fused_act)
+            if fused_act:
+                y = _fused_gelu(b, y, self.w(f"{p}{FC_IN}.bias", layer.fc_in.bias)
+                                if layer.fc_in.bias is not None else None, d.activation)
+            else:
+                y = _activation(b, y, d.activation, dt)
+            y = self.linear(y, layer.fc_out, p + FC_OUT, "fc_out", bias=not skip_fused)
+        return self.add_norm(y, x, (p + FC_OUT, layer.fc_out), layer.mlp_norm,
                              name=p + MLP_NORM, scope="mlp_norm")
 
-    if weights.head is not None:
-        dense, out = weights.head
-        with b.scope("classifier"):
-            first = b.op("Gather", x, b.const(0), axis=1)  # [B,H]: the [CLS] / <s> token
-            y = linear(first, dense, HEAD_DENSE, "dense")
-            if d.head_activation == "gelu":
-                y = _activation(b, y, "gelu", dt)
-            else:
-                y = b.op("Tanh" if d.head_activation == "tanh" else "Relu", y)
-            x = linear(y, out, HEAD_OUT, "out")
-    if dt != np.dtype(F32):
-        b.op("Cast", x, to=onnx.TensorProto.FLOAT, output_names=[output], name="output")
-    else:
-        b.op("Identity", x, output_names=[output], name="output")
-    opset = FUSED_OPSET if "attention" in fusions else OPSET
-    return b.build("llmopt_encoder", opset=opset)
+    def _classifier(self, x: str, dense: Linear, out: Linear) -> str:
+        """``out(activation(dense(x[:, 0])))``: the head on the first token."""
+        b = self.b
+        first = b.op("Gather", x, b.const(0), axis=1)  # [B,H]: the [CLS] / <s> token
+        y = self.linear(first, dense, HEAD_DENSE, "dense")
+        if self.d.head_activation == "gelu":
+            y = _activation(b, y, "gelu", self.dt)
+        else:
+            y = b.op("Tanh" if self.d.head_activation == "tanh" else "Relu", y)
+        return self.linear(y, out, HEAD_OUT, "out")
+
+    # -- the pieces every step uses
+
+    def w(self, name: str, array: np.ndarray) -> str:
+        return self.b.weight(name, array.astype(self.dt))
+
+    def linear(self, x: str, lin: Linear, name: str, scope: str, bias: bool = True) -> str:
+        """x @ weight (+ bias, unless a fused consumer takes the bias)."""
+        b = self.b
+        with b.scope(scope):
+            y = b.op("MatMul", x, self.w(f"{name}.weight", lin.weight))
+            if bias and lin.bias is not None:
+                y = b.op("Add", y, self.w(f"{name}.bias", lin.bias))
+        return y
+
+    def add_norm(self, x: str, residual: str, bias: tuple[str, Linear] | None, norm: Norm, *,
+                 name: str, scope: str) -> str:
+        """LayerNorm(x + bias + residual): one SkipLayerNormalization when fused."""
+        b, eps = self.b, self.d.eps
+        gamma = self.w(f"{name}.weight", norm.weight)
+        beta = self.w(f"{name}.bias", norm.bias if norm.bias is not None
+                      else np.zeros_like(norm.weight))
+        if self.skip_fused:
+            extra = []
+            if bias is not None and bias[1].bias is not None:
+                extra.append(self.w(f"{bias[0]}.bias", bias[1].bias))
+            with b.scope(scope):  # post-norm: the sum (optional output 3) is not needed
+                return str(b.op("SkipLayerNormalization", x, residual, gamma, beta, *extra,
+                                domain=MS_DOMAIN, epsilon=eps))
+        total = b.op("Add", residual, x, name=f"{scope.removesuffix('_norm')}_residual")
+        with b.scope(scope):
+            return str(b.op("LayerNormalization", total, gamma, beta, axis=-1, epsilon=eps))
 
 
 def _embeddings(b: GraphBuilder, d: EncoderDims, weights: EncoderWeights, *,
