@@ -124,7 +124,8 @@ def test_a_header_cut_short_is_a_source_error(tmp_path: Path) -> None:
     path = tiny_gguf.write(tiny_gguf.model("llama"), tmp_path / "cut.gguf", "F16")
     with path.open("r+b") as handle:
         handle.truncate(200)  # inside the tokenizer's keys
-    with pytest.raises(SourceError, match="could not read GGUF file cut.gguf: its header is unreadable"):
+    with pytest.raises(SourceError,
+                       match=r"could not read GGUF file cut\.gguf: its header is unreadable"):
         llmopt.export(path, tmp_path / "out")
 
 
