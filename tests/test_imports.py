@@ -1,7 +1,7 @@
 """llmopt's import graph has no cycles, and every module imports on its own.
 
 A cycle, even one hidden in a function-local import, means a type or a function lives in the
-wrong module (see docs/architecture.md, "Module layout"); a module that imports only after
+wrong module (see docs/architecture.md, "Stage boundaries"); a module that imports only after
 another was imported first breaks for whoever imports it first.
 """
 
