@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from llmopt.errors import UnsupportedError
+from llmopt.exporter.pooling import pooling
 from llmopt.exporter.traced_compat import check_experts, tracing_compat
 from llmopt.package import Package
 
@@ -348,8 +349,6 @@ def _max_positions(config: Any) -> int:
 
 def _emit_encoder(model: Any) -> tuple[Any, dict[str, Any]]:
     import torch
-
-    from llmopt.exporter.pooling import pooling
 
     config = model.config
     takes = set(inspect.signature(model.forward).parameters)
