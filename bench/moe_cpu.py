@@ -16,9 +16,9 @@ from typing import Any
 
 import numpy as np
 
-from llmopt.exporter.decoder import DecoderDims, DecoderWeights, LayerWeights, MoeWeights, Norm
 from llmopt.exporter.decoder_graph import FUSIONS, build_decoder
 from llmopt.exporter.ops import Linear
+from llmopt.exporter.weights import DecoderDims, DecoderWeights, LayerWeights, MoeWeights, Norm
 
 
 def random_model(hidden: int, experts: int, top_k: int, layers: int, inter: int,

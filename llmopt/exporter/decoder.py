@@ -20,10 +20,12 @@ import numpy as np
 import onnx
 
 from llmopt.errors import UnsupportedError
+from llmopt.exporter.decoder_graph import WEIGHT_PREFIX, build_decoder
 from llmopt.exporter.ops import Initializers, Linear, concat_linear, state_linear, to_numpy
+from llmopt.exporter.weights import DecoderDims, DecoderWeights, LayerWeights, MoeWeights, Norm
+from llmopt.package import Package
 
 TASKS = ("text-generation",)
-WEIGHT_PREFIX = "model"  # initializer names: model.layers.{i}.attn.qkv_proj.weight, ...
 LONGROPE = ("longrope", "su")  # "su": Phi-3's first name for LongRoPE
 
 
@@ -116,57 +118,17 @@ class DecoderArch:
     def emit(self, model: Any, dtype: Any) -> tuple[onnx.ModelProto, dict[str, Any]]:
         return emit(self, model, dtype)
 
+    def reemit(self, package: Package, tensors: Mapping[str, np.ndarray],
+               fusions: frozenset[str], dtype: str,
+               gqa: bool | None = None) -> tuple[onnx.ModelProto, dict[str, str]]:
+        return reemit(self, package, tensors, fusions, dtype, gqa)
+
     def validate(self, model: Any, session: Any, layout: dict[str, Any], tokenizer: Any,
                  tolerance: float, generation_tokens: int) -> dict[str, Any]:
         from llmopt.exporter.validate import TorchReference, validate_decoder
 
         return validate_decoder(TorchReference(model), session, layout, tokenizer, tolerance,
                                 generation_tokens)
-
-
-@dataclass(frozen=True)
-class DecoderDims:
-    """The shape of a decoder, read from its transformers config."""
-
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    hidden: int
-    vocab: int
-    eps: float
-    activation: str
-    max_positions: int
-    sliding_window: int | None
-    rotary_dim: int
-    attention_scale: float
-    layer_scales: tuple[float, ...]  # extra per-layer attention scaling (GPT-2 option)
-    rope_scaling: float = 1.0  # multiplies cos/sin (transformers' attention_scaling)
-    # Granite's config multipliers; 1.0 elsewhere. Folded into the weights (embed table,
-    # o/down projections, LM head) by weights_from_state, so the graph needs no extra ops.
-    embedding_multiplier: float = 1.0
-    residual_multiplier: float = 1.0
-    logits_scaling: float = 1.0
-    # per layer, whether ``sliding_window`` applies; () = every layer (when there is a window)
-    sliding_layers: tuple[bool, ...] = ()
-    attn_softcap: float = 0.0  # Gemma 2: scores -> tanh(scores / cap) * cap before the mask
-    final_softcap: float = 0.0  # Gemma 2: the same on the logits
-    rope_scaling_local: float = 1.0  # attention_scaling of the sliding layers' own RoPE table
-    parallel_residual: bool = False  # see DecoderArch.parallel_residual
-    # mixture of experts: 0 experts for a dense MLP
-    num_experts: int = 0
-    experts_per_token: int = 0
-    normalize_top_k: bool = True  # renormalize the top-k routing weights to sum to 1
-    clip_qkv: float | None = None  # q, k and v clamped to [-c, c] after projection (OLMo)
-    # LongRoPE: the long inverse frequencies replace the short ones when max(position_ids) + 1
-    # exceeds this (the pretraining context, original_max_position_embeddings); None elsewhere
-    long_rope_after: int | None = None
-
-    def window(self, layer: int) -> int | None:
-        """The attention window of ``layer``, or None for full attention."""
-        if self.sliding_layers and not self.sliding_layers[layer]:
-            return None
-        return self.sliding_window
 
 
 def longrope_switch(config: Any) -> int | None:
@@ -296,55 +258,6 @@ def longrope_inv_freq(model: Any) -> np.ndarray | None:
         long_inv_freq, _ = ROPE_INIT_FUNCTIONS["longrope"](config, None, seq_len=switch + 1)
         return np.asarray(long_inv_freq.detach().float().cpu().numpy())
     return None
-
-
-# ---------------------------------------------------------------------------------------------
-# weights, normalized: the graph emitters never see architecture-specific names
-
-
-@dataclass
-class Norm:
-    weight: np.ndarray  # [dim], or [heads, head_dim] for a norm with its own weights per head
-    bias: np.ndarray | None = None
-
-
-@dataclass
-class MoeWeights:
-    """A mixture-of-experts MLP: each expert a gated MLP, ``down(act(gate(x)) * up(x))``."""
-
-    router: Linear  # [hidden, experts]
-    gate_up: np.ndarray  # [experts, hidden, 2 * inter]: gate then up, each expert's MatMul weight
-    down: np.ndarray  # [experts, inter, hidden]
-
-
-@dataclass
-class LayerWeights:
-    attn_norm: Norm | None  # None: the block has no pre-norms (OLMo 2)
-    qkv: Linear  # q, k and v projections side by side
-    o: Linear
-    mlp_norm: Norm | None
-    mlp_in: Linear | None  # gate and up side by side (gated MLP), or the plain first projection
-    mlp_out: Linear | None  # both None: the layer's MLP is its experts only (Mixtral)
-    gated: bool
-    q_norm: Norm | None = None  # norm over head_dim, before rotary (Qwen3, Phi-2, StableLM)
-    k_norm: Norm | None = None
-    attn_post_norm: Norm | None = None  # on the attention output, before the residual add
-    mlp_post_norm: Norm | None = None  # on the MLP output, before the residual add
-    # parallel block whose MLP reads the attention norm's output: mlp_norm is attn_norm
-    shared_norm: bool = False
-    moe: MoeWeights | None = None
-
-
-@dataclass
-class DecoderWeights:
-    embed: np.ndarray  # [vocab, hidden]
-    position_embed: np.ndarray | None
-    layers: list[LayerWeights]
-    final_norm: Norm
-    lm_head: Linear  # [hidden, vocab]
-    inv_freq: np.ndarray | None
-    inv_freq_local: np.ndarray | None = None  # the sliding layers' own RoPE table (Gemma 3)
-    long_inv_freq: np.ndarray | None = None  # LongRoPE's long factors (inv_freq: the short ones)
 
 
 def weights_from_state(arch: DecoderArch, dims: DecoderDims, state: Mapping[str, Any],
@@ -567,8 +480,6 @@ def _experts_from_onnx(found: Initializers, p: str) -> MoeWeights | None:
 
 def emit(arch: DecoderArch, model: Any, dtype: Any) -> tuple[onnx.ModelProto, dict[str, Any]]:
     """The ONNX graph of ``model`` and the KV-cache layout for the manifest."""
-    from llmopt.exporter.decoder_graph import build_decoder
-
     inv_freq, scaling = rotary_parameters(model) if arch.positions == "rotary" else (None, 1.0)
     local_freq, local_scaling = (rotary_parameters(model, "sliding_attention")
                                  if arch.positions == "rotary" else (None, 1.0))
@@ -603,3 +514,35 @@ def emit(arch: DecoderArch, model: Any, dtype: Any) -> tuple[onnx.ModelProto, di
     if long_freq is not None:
         layout["rope_long_after"] = dims.long_rope_after
     return proto, layout
+
+
+def reemit(arch: DecoderArch, package: Package, tensors: Mapping[str, np.ndarray],
+           fusions: frozenset[str], dtype: str,
+           gqa: bool | None) -> tuple[onnx.ModelProto, dict[str, str]]:
+    """``package``'s decoder graph emitted again from its initializers ``tensors`` with
+    ``fusions``, in ``dtype`` (``gqa``: see ``build_decoder``); and why each requested fusion
+    that cannot fire does not."""
+    from transformers import AutoConfig
+
+    kv = package.kv_cache
+    weights = weights_from_onnx(tensors, int(kv["num_layers"]))
+    config = AutoConfig.from_pretrained(str(package.path))
+    dims = read_dims(arch, config, weights.inv_freq,
+                     float(kv.get("rope_attention_scaling") or 1.0),
+                     float(kv.get("rope_local_attention_scaling") or 1.0))
+    notes = {}
+    if weights.inv_freq is None and "attention" in fusions:
+        notes["rotary"] = "not applicable: learned absolute positions"
+    if arch.norm == "layer" and "norm" in fusions:
+        notes["norm"] = "not applicable: LayerNormalization is already one op"
+    if "skip_norm" in fusions and dims.parallel_residual:
+        notes["skip_norm"] = ("parallel attention + MLP: one residual Add + norm a layer to "
+                              "fuse; attention and MLP outputs are summed by a plain Add")
+    if "activation" in fusions and not dims.activation.startswith("gelu"):
+        notes["activation"] = (f"not applicable: {dims.activation} (ONNX Runtime fuses "
+                               "Sigmoid*Mul itself)")
+    if dims.num_experts and dims.activation != "silu":
+        notes["moe"] = f"ONNX Runtime's MoE takes SwiGLU experts, not {dims.activation}"
+    elif dims.num_experts and not dims.normalize_top_k:
+        notes["moe"] = "not fused: unnormalized top-k routing (ONNX Runtime 1.31 disagrees)"
+    return build_decoder(dims, weights, arch.norm, np.dtype(dtype), fusions, gqa), notes

@@ -43,19 +43,13 @@ from typing import Any
 import numpy as np
 import onnx
 
-from llmopt.exporter.decoder import (
-    WEIGHT_PREFIX,
-    DecoderDims,
-    DecoderWeights,
-    LayerWeights,
-    MoeWeights,
-    Norm,
-)
 from llmopt.exporter.graph import MS_DOMAIN, ONNX_DTYPE, OPSET, GraphBuilder
 from llmopt.exporter.ops import F32, Linear, activation, rms_norm
+from llmopt.exporter.weights import DecoderDims, DecoderWeights, LayerWeights, MoeWeights, Norm
 
 I64 = np.int64
 FUSED_OPSET = 23
+WEIGHT_PREFIX = "model"  # initializer names: model.layers.{i}.attn.qkv_proj.weight, ...
 
 
 FUSIONS = ("norm", "skip_norm", "attention", "activation", "moe")
@@ -84,81 +78,89 @@ def build_decoder(dims: DecoderDims, weights: DecoderWeights, norm_kind: str, dt
     ``gqa`` picks the fused attention op: ``GroupQueryAttention`` (True) or opset-23
     ``Attention`` (False); None is GroupQueryAttention in float32 only.
     """
-    d = dims
-    dt = np.dtype(dtype)
-    in_place = "attention" in fusions and (dt == np.dtype(F32) if gqa is None else gqa)
-    b = GraphBuilder()
-    input_ids = b.input("input_ids", I64, ["batch", "sequence"])
-    attention_mask = b.input("attention_mask", I64, ["batch", "total_sequence"])
-    position_ids = b.input("position_ids", I64, ["batch", "sequence"])
-    kv_shape: list[int | str] = ["batch", d.num_kv_heads, "past_sequence", d.head_dim]
-    past = [(b.input(f"past_key_values.{i}.key", dt, kv_shape),
-             b.input(f"past_key_values.{i}.value", dt, kv_shape)) for i in range(d.num_layers)]
-    # logits of the last K positions only, K = 0 for all (transformers' logits_to_keep):
-    # generation asks for 1 and skips the LM head on the rest of a prompt. A required input:
-    # ONNX Runtime's IOBinding cannot bind an input that has a default value.
-    logits_to_keep = b.input("logits_to_keep", I64, [])
-    b.output("logits", F32, ["batch", "logits_sequence", int(d.vocab)])
-    present_shape: list[int | str] = ["batch", d.num_kv_heads, "total_sequence", d.head_dim]
-    for i in range(d.num_layers):
-        b.output(f"present.{i}.key", dt, present_shape)
-        b.output(f"present.{i}.value", dt, present_shape)
+    return _DecoderGraph(dims, norm_kind, dtype, fusions, gqa).build(weights)
 
-    P = WEIGHT_PREFIX
 
-    def w(name: str, array: np.ndarray) -> str:
-        return b.weight(name, array.astype(dt))
+class _DecoderGraph:
+    """One :func:`build_decoder` call: the builder and the choices every step reads, and the
+    steps in graph order (inputs, embedding, masks, rotary tables, layers, LM head)."""
 
-    def linear(x: str, lin: Linear, name: str) -> str:
-        with b.scope(name.rsplit(".", 1)[-1]):
-            y = b.op("MatMul", x, w(f"{name}.weight", lin.weight))
-            if lin.bias is not None:
-                y = b.op("Add", y, w(f"{name}.bias", lin.bias))
-        return y
+    def __init__(self, dims: DecoderDims, norm_kind: str, dtype: Any, fusions: frozenset[str],
+                 gqa: bool | None) -> None:
+        self.d = dims
+        self.dt = np.dtype(dtype)
+        self.norm_kind = norm_kind
+        self.fusions = fusions
+        self.in_place = "attention" in fusions and (
+            self.dt == np.dtype(F32) if gqa is None else gqa)
+        self.b = GraphBuilder()
 
-    def norm(x: str, weights_: Norm | None, name: str) -> str:
-        if weights_ is None:  # a block without this norm (OLMo 2's missing pre-norms)
-            return x
-        weight = w(f"{name}.weight", weights_.weight)
-        with b.scope(name.rsplit(".", 1)[-1]):
-            if norm_kind == "layer":
-                bias = w(f"{name}.bias", weights_.bias if weights_.bias is not None
-                         else np.zeros_like(weights_.weight))
-                return b.op("LayerNormalization", x, weight, bias, axis=-1, epsilon=d.eps)
-            if "norm" in fusions:
-                return b.op("RMSNormalization", x, weight, axis=-1, epsilon=d.eps)
-            return rms_norm(b, x, weight, d.eps, dt)
+    def build(self, weights: DecoderWeights) -> onnx.ModelProto:
+        b, d, P = self.b, self.d, WEIGHT_PREFIX
+        input_ids, attention_mask, position_ids, past, logits_to_keep = self._inputs_outputs()
+        with b.scope("model"):
+            with b.scope("embed"):
+                x = b.op("Gather", self.w(f"{P}.embed.weight", weights.embed), input_ids)
+                if weights.position_embed is not None:
+                    table = self.w(f"{P}.position_embed.weight", weights.position_embed)
+                    x = b.op("Add", x, b.op("Gather", table, position_ids))
+            biases = self._attention_biases(input_ids, attention_mask)
+            tables = self._rotary_tables(weights, position_ids)
+            lengths = None
+            if self.in_place:
+                with b.scope("kv_lengths"):
+                    lengths = kv_lengths(b, attention_mask)
+            h = self.norm(x, weights.layers[0].attn_norm, f"{P}.layers.0.attn_norm")
+            for i, layer in enumerate(weights.layers):
+                last = i + 1 == len(weights.layers)
+                h, x = self._layer(i, layer, h, x, past[i], biases[d.window(i)],
+                                   tables[d.window(i) is not None], lengths,
+                                   weights.final_norm if last else weights.layers[i + 1].attn_norm,
+                                   f"{P}.final_norm" if last else f"{P}.layers.{i + 1}.attn_norm")
+            self._lm_head(h, weights.lm_head, logits_to_keep)
+        opset = FUSED_OPSET if self.fusions & {"norm", "attention"} else OPSET
+        return b.build("llmopt_decoder", opset=opset)
 
-    def skip_norm(x: str, residual: str, weights_: Norm | None,
-                  name: str) -> tuple[str, str]:
-        """(norm(x + residual), x + residual): one op when fused."""
-        if "skip_norm" not in fusions or weights_ is None:
-            total = b.op("Add", x, residual, name=f"{name.rsplit('.', 1)[-1]}_residual")
-            return norm(total, weights_, name), total
-        weight = w(f"{name}.weight", weights_.weight)
-        with b.scope(name.rsplit(".", 1)[-1]):
-            if norm_kind == "layer":
-                bias = w(f"{name}.bias", weights_.bias if weights_.bias is not None
-                         else np.zeros_like(weights_.weight))
-                out = b.op("SkipLayerNormalization", x, residual, weight, bias, outputs=4,
-                           domain=MS_DOMAIN, epsilon=d.eps)
-            else:
-                out = b.op("SkipSimplifiedLayerNormalization", x, residual, weight, outputs=4,
-                           domain=MS_DOMAIN, epsilon=d.eps)
-        return out[0], out[3]
+    def _inputs_outputs(self) -> tuple[str, str, str, list[tuple[str, str]], str]:
+        """The graph's inputs (returned) and outputs, declared in the package contract's
+        order."""
+        b, d, dt = self.b, self.d, self.dt
+        input_ids = b.input("input_ids", I64, ["batch", "sequence"])
+        attention_mask = b.input("attention_mask", I64, ["batch", "total_sequence"])
+        position_ids = b.input("position_ids", I64, ["batch", "sequence"])
+        kv_shape: list[int | str] = ["batch", d.num_kv_heads, "past_sequence", d.head_dim]
+        past = [(b.input(f"past_key_values.{i}.key", dt, kv_shape),
+                 b.input(f"past_key_values.{i}.value", dt, kv_shape))
+                for i in range(d.num_layers)]
+        # logits of the last K positions only, K = 0 for all (transformers' logits_to_keep):
+        # generation asks for 1 and skips the LM head on the rest of a prompt. A required input:
+        # ONNX Runtime's IOBinding cannot bind an input that has a default value.
+        logits_to_keep = b.input("logits_to_keep", I64, [])
+        b.output("logits", F32, ["batch", "logits_sequence", int(d.vocab)])
+        present_shape: list[int | str] = ["batch", d.num_kv_heads, "total_sequence", d.head_dim]
+        for i in range(d.num_layers):
+            b.output(f"present.{i}.key", dt, present_shape)
+            b.output(f"present.{i}.value", dt, present_shape)
+        return input_ids, attention_mask, position_ids, past, logits_to_keep
 
-    with b.scope("model"):
-        with b.scope("embed"):
-            x = b.op("Gather", w(f"{P}.embed.weight", weights.embed), input_ids)
-            if weights.position_embed is not None:
-                table = w(f"{P}.position_embed.weight", weights.position_embed)
-                x = b.op("Add", x, b.op("Gather", table, position_ids))
+    def _attention_biases(self, input_ids: str, attention_mask: str) -> dict[int | None, str]:
+        """One attention bias per distinct window (None: full attention)."""
+        b, d = self.b, self.d
         biases: dict[int | None, str] = {}
         for window in dict.fromkeys(d.window(i) for i in range(d.num_layers)):
             with b.scope("attn_mask" if window == d.window(0) else f"attn_mask_{window or 'full'}"):
                 # fused attention adds the bias in the graph's dtype; primitives in float32
                 biases[window] = attention_bias(b, input_ids, attention_mask, window,
-                                                dt if "attention" in fusions else F32)
+                                                self.dt if "attention" in self.fusions else F32)
+        return biases
+
+    def _rotary_tables(self, weights: DecoderWeights, position_ids: str
+                       ) -> dict[bool, tuple[str | None, str | None]]:
+        """(cos, sin) for full-attention layers (False) and sliding ones (True): the same
+        table unless the sliding layers have their own (Gemma 3); (None, None) without
+        rotary positions."""
+        b, d, dt = self.b, self.d, self.dt
+        doubled = "attention" not in self.fusions
         tables: dict[bool, tuple[str | None, str | None]] = {False: (None, None)}
         if weights.inv_freq is not None:
             with b.scope("rotary"):
@@ -166,110 +168,71 @@ def build_decoder(dims: DecoderDims, weights: DecoderWeights, norm_kind: str, dt
                 if weights.long_inv_freq is not None and d.long_rope_after is not None:
                     long = (weights.long_inv_freq, d.long_rope_after)
                 tables[False] = rotary_tables(b, position_ids, weights.inv_freq, d.rope_scaling,
-                                              dt, doubled="attention" not in fusions, long=long)
+                                              dt, doubled=doubled, long=long)
         tables[True] = tables[False]
         if weights.inv_freq_local is not None:  # the sliding layers' own table (Gemma 3)
             with b.scope("rotary_local"):
                 tables[True] = rotary_tables(b, position_ids, weights.inv_freq_local,
-                                             d.rope_scaling_local, dt,
-                                             doubled="attention" not in fusions,
-                                             name=f"{P}.rotary_local.inv_freq")
-        lengths = None
-        if in_place:
-            with b.scope("kv_lengths"):
-                lengths = kv_lengths(b, attention_mask)
+                                             d.rope_scaling_local, dt, doubled=doubled,
+                                             name=f"{WEIGHT_PREFIX}.rotary_local.inv_freq")
+        return tables
 
-        def head_norms(layer: LayerWeights, p: str) -> QKNorm | None:
-            """Per-head RMSNorm of q and k over head_dim ([B,S,H*D] in and out)."""
-            if layer.q_norm is None or layer.k_norm is None:
-                return None
-            q_norm, k_norm = layer.q_norm, layer.k_norm
-
-            def apply(q: str, k: str) -> tuple[str, str]:
-                out = []
-                for flat, weights_, heads, name in ((q, q_norm, d.num_heads, "q_norm"),
-                                                    (k, k_norm, d.num_kv_heads, "k_norm")):
-                    if weights_.weight.ndim == 1 and weights_.weight.shape[0] != d.head_dim:
-                        out.append(norm(flat, weights_, f"{p}attn.{name}"))  # OLMo 2: all of H*D
-                        continue
-                    per_head = b.op("Reshape", flat, b.const([0, 0, heads, d.head_dim]))
-                    normed = (own_norm_per_head(per_head, weights_, f"{p}attn.{name}")
-                              if weights_.weight.ndim == 2
-                              else norm(per_head, weights_, f"{p}attn.{name}"))
-                    out.append(b.op("Reshape", normed, b.const([0, 0, heads * d.head_dim])))
-                return out[0], out[1]
-            return apply
-
-        def own_norm_per_head(x4: str, weights_: Norm, name: str) -> str:
-            """A norm with its own weights per head ([heads, head_dim], StableLM): each head
-            normalized with unit weights, then scaled (and shifted) by its own."""
-            unit = b.const(np.ones(d.head_dim), dt)
-            with b.scope(name.rsplit(".", 1)[-1]):
-                if norm_kind == "layer":
-                    y = b.op("LayerNormalization", x4, unit, b.const(np.zeros(d.head_dim), dt),
-                             axis=-1, epsilon=d.eps)
-                elif "norm" in fusions:
-                    y = b.op("RMSNormalization", x4, unit, axis=-1, epsilon=d.eps)
+    def _layer(self, i: int, layer: LayerWeights, h: str, x: str, past: tuple[str, str],
+               bias: str, rotary: tuple[str | None, str | None], lengths: tuple[str, str] | None,
+               next_norm: Norm | None, next_norm_name: str) -> tuple[str, str]:
+        """Layer ``i`` on (normalized ``h``, residual ``x``); returns the next layer's pair,
+        ``h`` normalized by ``next_norm`` (the next layer's attn_norm, or the final norm)."""
+        b, d, dt = self.b, self.d, self.dt
+        p = f"{WEIGHT_PREFIX}.layers.{i}."
+        cos, sin = rotary
+        with b.scope(f"layers.{i}"):
+            qkv = self.linear(h, layer.qkv, p + "attn.qkv_proj")
+            with b.scope("attn"):
+                if d.clip_qkv is not None:  # OLMo: clamping q, k, v = clamping them joined
+                    qkv = b.op("Clip", qkv, b.const(-d.clip_qkv, dt), b.const(d.clip_qkv, dt),
+                               name="clip_qkv")
+                qk_norm = self._head_norms(layer, p)
+                if "attention" in self.fusions:
+                    attn = _fused_attention(b, qkv, past, bias, cos, sin, d, i, lengths, qk_norm)
                 else:
-                    y = rms_norm(b, x4, unit, d.eps, dt)
-                y = b.op("Mul", y, w(f"{name}.weight", weights_.weight))
-                if weights_.bias is not None:
-                    y = b.op("Add", y, w(f"{name}.bias", weights_.bias))
-            return str(y)
+                    attn = _attention(b, qkv, past, bias, cos, sin, d, i, dt, qk_norm)
+            attn = self.linear(attn, layer.o, p + "attn.o_proj")
+            if layer.attn_post_norm is not None:
+                attn = self.norm(attn, layer.attn_post_norm, p + "attn_post_norm")
+            if not d.parallel_residual:
+                h, x = self.skip_norm(x, attn, layer.mlp_norm, p + "mlp_norm")
+            elif not layer.shared_norm:
+                h = self.norm(x, layer.mlp_norm, p + "mlp_norm")
+            with b.scope("mlp"):
+                y = self._mlp(h, layer, p)
+            if layer.mlp_post_norm is not None:
+                y = self.norm(y, layer.mlp_post_norm, p + "mlp_post_norm")
+            if d.parallel_residual:
+                y = b.op("Add", attn, y, name="parallel_residual")
+            return self.skip_norm(x, y, next_norm, next_norm_name)
 
-        h = norm(x, weights.layers[0].attn_norm, f"{P}.layers.0.attn_norm")
-        for i, layer in enumerate(weights.layers):
-            p = f"{P}.layers.{i}."
-            bias = biases[d.window(i)]
-            cos, sin = tables[d.window(i) is not None]
-            with b.scope(f"layers.{i}"):
-                qkv = linear(h, layer.qkv, p + "attn.qkv_proj")
-                with b.scope("attn"):
-                    if d.clip_qkv is not None:  # OLMo: clamping q, k, v = clamping them joined
-                        qkv = b.op("Clip", qkv, b.const(-d.clip_qkv, dt), b.const(d.clip_qkv, dt),
-                                   name="clip_qkv")
-                    qk_norm = head_norms(layer, p)
-                    if "attention" in fusions:
-                        attn = _fused_attention(b, qkv, past[i], bias, cos, sin, d, i,
-                                                lengths, qk_norm)
-                    else:
-                        attn = _attention(b, qkv, past[i], bias, cos, sin, d, i, dt, qk_norm)
-                attn = linear(attn, layer.o, p + "attn.o_proj")
-                if layer.attn_post_norm is not None:
-                    attn = norm(attn, layer.attn_post_norm, p + "attn_post_norm")
-                if not d.parallel_residual:
-                    h, x = skip_norm(x, attn, layer.mlp_norm, p + "mlp_norm")
-                elif not layer.shared_norm:
-                    h = norm(x, layer.mlp_norm, p + "mlp_norm")
-                with b.scope("mlp"):
-                    if layer.moe is not None:
-                        y = _experts(b, h, layer.moe, p + "moe", d, dt, fusions)
-                    else:
-                        assert layer.mlp_in is not None and layer.mlp_out is not None
-                        y = linear(h, layer.mlp_in, p + ("mlp.gate_up_proj" if layer.gated
-                                                         else "mlp.fc_in"))
-                        if layer.gated:
-                            half = layer.mlp_in.weight.shape[1] // 2
-                            gate, up = b.op("Split", y, b.const([half, half]), axis=-1,
-                                            outputs=2)
-                            y = b.op("Mul", _activation(b, gate, d.activation, dt, fusions), up)
-                        else:
-                            y = _activation(b, y, d.activation, dt, fusions)
-                        y = linear(y, layer.mlp_out, p + "mlp.fc_out")
-                if layer.mlp_post_norm is not None:
-                    y = norm(y, layer.mlp_post_norm, p + "mlp_post_norm")
-                if d.parallel_residual:
-                    y = b.op("Add", attn, y, name="parallel_residual")
-                if i + 1 < len(weights.layers):
-                    h, x = skip_norm(x, y, weights.layers[i + 1].attn_norm,
-                                     f"{P}.layers.{i + 1}.attn_norm")
-                else:
-                    h, x = skip_norm(x, y, weights.final_norm, f"{P}.final_norm")
+    def _mlp(self, h: str, layer: LayerWeights, p: str) -> str:
+        """The layer's MLP: its experts, or a gated (gate and up side by side) or plain one."""
+        b, d, dt = self.b, self.d, self.dt
+        if layer.moe is not None:
+            return _experts(b, h, layer.moe, p + "moe", d, dt, self.fusions)
+        assert layer.mlp_in is not None and layer.mlp_out is not None
+        y = self.linear(h, layer.mlp_in, p + ("mlp.gate_up_proj" if layer.gated else "mlp.fc_in"))
+        if layer.gated:
+            half = layer.mlp_in.weight.shape[1] // 2
+            gate, up = b.op("Split", y, b.const([half, half]), axis=-1, outputs=2)
+            y = b.op("Mul", _activation(b, gate, d.activation, dt, self.fusions), up)
+        else:
+            y = _activation(b, y, d.activation, dt, self.fusions)
+        return self.linear(y, layer.mlp_out, p + "mlp.fc_out")
 
+    def _lm_head(self, h: str, lm_head: Linear, logits_to_keep: str) -> None:
+        """The last ``logits_to_keep`` positions through the LM head, to float32 ``logits``."""
+        b, d, dt = self.b, self.d, self.dt
         with b.scope("lm_head"):
             start = b.op("Neg", b.op("Unsqueeze", logits_to_keep, b.const([0])))
             h = b.op("Slice", h, start, b.const([2**62]), b.const([1]))
-            logits = linear(h, weights.lm_head, f"{P}.lm_head")
+            logits = self.linear(h, lm_head, f"{WEIGHT_PREFIX}.lm_head")
             if dt != np.dtype(F32):
                 logits = b.op("Cast", logits, to=onnx.TensorProto.FLOAT,
                               output_names=None if d.final_softcap else ["logits"])
@@ -278,8 +241,92 @@ def build_decoder(dims: DecoderDims, weights: DecoderWeights, norm_kind: str, dt
                     logits = softcap(b, logits, d.final_softcap)
             if dt == np.dtype(F32) or d.final_softcap:
                 b.op("Identity", logits, output_names=["logits"])
-    opset = FUSED_OPSET if fusions & {"norm", "attention"} else OPSET
-    return b.build("llmopt_decoder", opset=opset)
+
+    # -- the pieces every step uses
+
+    def w(self, name: str, array: np.ndarray) -> str:
+        return self.b.weight(name, array.astype(self.dt))
+
+    def linear(self, x: str, lin: Linear, name: str) -> str:
+        b = self.b
+        with b.scope(name.rsplit(".", 1)[-1]):
+            y = b.op("MatMul", x, self.w(f"{name}.weight", lin.weight))
+            if lin.bias is not None:
+                y = b.op("Add", y, self.w(f"{name}.bias", lin.bias))
+        return y
+
+    def norm(self, x: str, weights_: Norm | None, name: str) -> str:
+        b, d = self.b, self.d
+        if weights_ is None:  # a block without this norm (OLMo 2's missing pre-norms)
+            return x
+        weight = self.w(f"{name}.weight", weights_.weight)
+        with b.scope(name.rsplit(".", 1)[-1]):
+            if self.norm_kind == "layer":
+                bias = self.w(f"{name}.bias", weights_.bias if weights_.bias is not None
+                              else np.zeros_like(weights_.weight))
+                return b.op("LayerNormalization", x, weight, bias, axis=-1, epsilon=d.eps)
+            if "norm" in self.fusions:
+                return b.op("RMSNormalization", x, weight, axis=-1, epsilon=d.eps)
+            return rms_norm(b, x, weight, d.eps, self.dt)
+
+    def skip_norm(self, x: str, residual: str, weights_: Norm | None,
+                  name: str) -> tuple[str, str]:
+        """(norm(x + residual), x + residual): one op when fused."""
+        b, d = self.b, self.d
+        if "skip_norm" not in self.fusions or weights_ is None:
+            total = b.op("Add", x, residual, name=f"{name.rsplit('.', 1)[-1]}_residual")
+            return self.norm(total, weights_, name), total
+        weight = self.w(f"{name}.weight", weights_.weight)
+        with b.scope(name.rsplit(".", 1)[-1]):
+            if self.norm_kind == "layer":
+                bias = self.w(f"{name}.bias", weights_.bias if weights_.bias is not None
+                              else np.zeros_like(weights_.weight))
+                out = b.op("SkipLayerNormalization", x, residual, weight, bias, outputs=4,
+                           domain=MS_DOMAIN, epsilon=d.eps)
+            else:
+                out = b.op("SkipSimplifiedLayerNormalization", x, residual, weight, outputs=4,
+                           domain=MS_DOMAIN, epsilon=d.eps)
+        return out[0], out[3]
+
+    def _head_norms(self, layer: LayerWeights, p: str) -> QKNorm | None:
+        """Per-head RMSNorm of q and k over head_dim ([B,S,H*D] in and out)."""
+        b, d = self.b, self.d
+        if layer.q_norm is None or layer.k_norm is None:
+            return None
+        q_norm, k_norm = layer.q_norm, layer.k_norm
+
+        def apply(q: str, k: str) -> tuple[str, str]:
+            out = []
+            for flat, weights_, heads, name in ((q, q_norm, d.num_heads, "q_norm"),
+                                                (k, k_norm, d.num_kv_heads, "k_norm")):
+                if weights_.weight.ndim == 1 and weights_.weight.shape[0] != d.head_dim:
+                    out.append(self.norm(flat, weights_, f"{p}attn.{name}"))  # OLMo 2: all H*D
+                    continue
+                per_head = b.op("Reshape", flat, b.const([0, 0, heads, d.head_dim]))
+                normed = (self._own_norm_per_head(per_head, weights_, f"{p}attn.{name}")
+                          if weights_.weight.ndim == 2
+                          else self.norm(per_head, weights_, f"{p}attn.{name}"))
+                out.append(b.op("Reshape", normed, b.const([0, 0, heads * d.head_dim])))
+            return out[0], out[1]
+        return apply
+
+    def _own_norm_per_head(self, x4: str, weights_: Norm, name: str) -> str:
+        """A norm with its own weights per head ([heads, head_dim], StableLM): each head
+        normalized with unit weights, then scaled (and shifted) by its own."""
+        b, d, dt = self.b, self.d, self.dt
+        unit = b.const(np.ones(d.head_dim), dt)
+        with b.scope(name.rsplit(".", 1)[-1]):
+            if self.norm_kind == "layer":
+                y = b.op("LayerNormalization", x4, unit, b.const(np.zeros(d.head_dim), dt),
+                         axis=-1, epsilon=d.eps)
+            elif "norm" in self.fusions:
+                y = b.op("RMSNormalization", x4, unit, axis=-1, epsilon=d.eps)
+            else:
+                y = rms_norm(b, x4, unit, d.eps, dt)
+            y = b.op("Mul", y, self.w(f"{name}.weight", weights_.weight))
+            if weights_.bias is not None:
+                y = b.op("Add", y, self.w(f"{name}.bias", weights_.bias))
+        return str(y)
 
 
 def _activation(b: GraphBuilder, x: str, kind: str, dt: np.dtype,

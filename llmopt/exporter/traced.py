@@ -36,7 +36,9 @@ from typing import Any
 import numpy as np
 
 from llmopt.errors import UnsupportedError
+from llmopt.exporter.pooling import pooling
 from llmopt.exporter.traced_compat import check_experts, tracing_compat
+from llmopt.package import Package
 
 log = logging.getLogger("llmopt.exporter")
 OPSET = 18
@@ -82,6 +84,16 @@ class TracedArch:
         if self.kind == "decoder":
             return _emit_decoder(model)
         return _emit_encoder(model)
+
+    def reemit(self, package: Package, tensors: Any, fusions: frozenset[str], dtype: str,
+               gqa: bool | None = None) -> tuple[Any, dict[str, str]]:
+        """A traced graph has no normalized weights to emit again from: ``optimize`` hands it
+        to ONNX Runtime's fusions instead."""
+        raise UnsupportedError(
+            f"{package.path} was made by the traced builder, whose graph cannot be re-emitted",
+            fix="optimize it at level 2 (float32; ONNX Runtime fuses it), or export with "
+            "--builder native where the architecture has one",
+        )
 
     def validate(self, model: Any, session: Any, layout: dict[str, Any], tokenizer: Any,
                  tolerance: float, generation_tokens: int) -> dict[str, Any]:
@@ -337,8 +349,6 @@ def _max_positions(config: Any) -> int:
 
 def _emit_encoder(model: Any) -> tuple[Any, dict[str, Any]]:
     import torch
-
-    from llmopt.exporter.encoder import pooling
 
     config = model.config
     takes = set(inspect.signature(model.forward).parameters)

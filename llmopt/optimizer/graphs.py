@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from llmopt.errors import UnsupportedError
+from llmopt.exporter import registry
 from llmopt.package import Package, save_model
 
 # fusion -> the op types that show it fired
@@ -33,14 +34,11 @@ def initializers(package: Package) -> dict[str, np.ndarray]:
 def reemit(package: Package, fusions: frozenset[str], dtype: str,
            gqa: bool | None = None) -> tuple[Any, dict[str, Any]]:
     """The package's graph emitted again from its own weights, with ``fusions`` applied
-    (``gqa``: the decoder's fused attention op, see ``build_decoder``)."""
+    (``gqa``: the decoder's fused attention op, see ``build_decoder``). The package's
+    architecture description re-emits it: each kind (decoder, encoder) has one entry."""
     tensors = initializers(package)
-    if package.is_decoder:
-        proto, notes = _reemit_decoder(package, tensors, fusions, dtype, gqa)
-    else:
-        from llmopt.exporter.encoder import reemit_encoder
-
-        proto, notes = reemit_encoder(package, tensors, fusions, dtype)
+    arch = registry.find(package.manifest.model_type, package.task)
+    proto, notes = arch.reemit(package, tensors, fusions, dtype, gqa)
     if not any(name.endswith(".moe.router.weight") for name in tensors):
         notes.setdefault("moe", "not applicable: no mixture-of-experts layers")
     return proto, {"fusions": fusion_report(proto, fusions, notes, "no matching pattern")}
@@ -59,39 +57,6 @@ def fusion_report(proto: Any, fusions: frozenset[str], notes: dict[str, str],
         if fired and fusion in notes:  # fired, but not everywhere it would elsewhere
             report[fusion]["note"] = notes[fusion]
     return report
-
-
-def _reemit_decoder(package: Package, tensors: dict[str, np.ndarray], fusions: frozenset[str],
-                    dtype: str, gqa: bool | None) -> tuple[Any, dict[str, str]]:
-    from transformers import AutoConfig
-
-    from llmopt.exporter import registry
-    from llmopt.exporter.decoder import read_dims, weights_from_onnx
-    from llmopt.exporter.decoder_graph import build_decoder
-
-    kv = package.kv_cache
-    arch: Any = registry.find(package.manifest.model_type, "text-generation")
-    weights = weights_from_onnx(tensors, int(kv["num_layers"]))
-    config = AutoConfig.from_pretrained(str(package.path))
-    dims = read_dims(arch, config, weights.inv_freq,
-                     float(kv.get("rope_attention_scaling") or 1.0),
-                     float(kv.get("rope_local_attention_scaling") or 1.0))
-    notes = {}
-    if weights.inv_freq is None and "attention" in fusions:
-        notes["rotary"] = "not applicable: learned absolute positions"
-    if arch.norm == "layer" and "norm" in fusions:
-        notes["norm"] = "not applicable: LayerNormalization is already one op"
-    if "skip_norm" in fusions and dims.parallel_residual:
-        notes["skip_norm"] = ("parallel attention + MLP: one residual Add + norm a layer to "
-                              "fuse; attention and MLP outputs are summed by a plain Add")
-    if "activation" in fusions and not dims.activation.startswith("gelu"):
-        notes["activation"] = (f"not applicable: {dims.activation} (ONNX Runtime fuses "
-                               "Sigmoid*Mul itself)")
-    if dims.num_experts and dims.activation != "silu":
-        notes["moe"] = f"ONNX Runtime's MoE takes SwiGLU experts, not {dims.activation}"
-    elif dims.num_experts and not dims.normalize_top_k:
-        notes["moe"] = "not fused: unnormalized top-k routing (ONNX Runtime 1.31 disagrees)"
-    return build_decoder(dims, weights, arch.norm, np.dtype(dtype), fusions, gqa), notes
 
 
 def ort_fusions(proto: Any, fusions: frozenset[str]) -> tuple[Any, dict[str, Any]]:

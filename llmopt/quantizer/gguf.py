@@ -48,7 +48,9 @@ LAYER_TENSORS = {
 PERMUTED = ("llama", "mistral")  # llama.cpp reorders q/k rows for these; undo it
 
 
-def quantize_from_gguf(parent: Package, out_dir: Any, accuracy_level: int = 4,
+# Long on purpose: one pass over the graph's nodes, then the derived package's bookkeeping, which
+# Package.derive (issue #14) is to take over
+def quantize_from_gguf(parent: Package, out_dir: Any, accuracy_level: int = 4,  # noqa: PLR0915
                        evaluate: bool = True, lm_head_bits: int | None = 8) -> Package:
     import onnx
 

@@ -18,8 +18,9 @@ from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassificati
 import llmopt
 from llmopt.errors import UnsupportedError
 from llmopt.exporter import ExportOptions, export, registry
-from llmopt.exporter.encoder import EncoderArch, pooling
+from llmopt.exporter.encoder import EncoderArch
 from llmopt.exporter.options import FP16_TOLERANCE
+from llmopt.exporter.pooling import pooling
 from llmopt.exporter.validate import validate_encoder
 from llmopt.runtime.session import cpu_session
 from tests import tiny_tokenizers

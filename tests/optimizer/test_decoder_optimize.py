@@ -6,13 +6,14 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import onnx
 import pytest
 
 import llmopt
-from llmopt.exporter import export, registry
+from llmopt.exporter import export, registry, traced
 from llmopt.optimizer import OptimizeOptions, optimize
 from tests import tiny_decoders
 
@@ -148,3 +149,12 @@ def test_logits_close_to_the_parent(packages: dict[str, Path], tmp_path: Path) -
     result = optimize(packages["mistral"], tmp_path / "o2")
     diffs = [c["max_abs_diff"]["logits"] for c in result.manifest["validation"]["cases"]]
     assert max(diffs) < 1e-4 and np.isfinite(diffs).all()
+
+
+def test_a_traced_description_refuses_to_reemit(tmp_path: Path) -> None:
+    """Re-emission goes through the package's description; the traced builder's has no
+    normalized weights to emit from and says what to do instead (only the package's path is
+    read, so a stand-in with a path will do)."""
+    arch = traced.TracedArch("llama", "decoder")
+    with pytest.raises(llmopt.UnsupportedError, match=r"traced builder.*level 2"):
+        arch.reemit(SimpleNamespace(path=tmp_path), {}, frozenset({"attention"}), "float32")

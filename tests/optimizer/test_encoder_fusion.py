@@ -15,13 +15,8 @@ from transformers import AutoConfig, AutoTokenizer
 
 from llmopt.errors import UnsupportedError
 from llmopt.exporter import ExportOptions, export, registry
-from llmopt.exporter.encoder import (
-    WORD_EMBED,
-    build_encoder,
-    read_dims,
-    reemit_encoder,
-    weights_from_onnx,
-)
+from llmopt.exporter.encoder import read_dims, weights_from_onnx
+from llmopt.exporter.encoder_graph import WORD_EMBED, build_encoder
 from llmopt.optimizer import OptimizeOptions, optimize
 from llmopt.optimizer.check import FP16_TOLERANCE
 from llmopt.optimizer.graphs import initializers
@@ -199,7 +194,7 @@ def test_weights_round_trip_through_the_initializers(packages: dict, model_type:
     dims = read_dims(arch, AutoConfig.from_pretrained(exported.path),
                      "token_type_ids" in exported.manifest["encoder"]["inputs"])
     tensors = initializers(exported)
-    again = build_encoder(arch, dims, weights_from_onnx(tensors, dims.num_layers))
+    again = build_encoder(dims, weights_from_onnx(tensors, dims.num_layers))
     assert {t.name: t.raw_data for t in again.graph.initializer} == \
         {t.name: t.raw_data for t in original.graph.initializer}
     assert [n.op_type for n in again.graph.node] == [n.op_type for n in original.graph.node]
@@ -231,7 +226,7 @@ def test_reemit_refuses_a_graph_without_llmopt_weight_names(packages: dict) -> N
     tensors = {k: v for k, v in initializers(exported).items()
                if not k.startswith("encoder.layer.1.")}
     with pytest.raises(UnsupportedError, match=r"no initializer 'encoder\.layer\.1\."):
-        reemit_encoder(exported, tensors, FUSED, "float32")
+        registry.find("bert", "feature-extraction").reemit(exported, tensors, FUSED, "float32")
 
 
 # ---------------------------------------------------------------------------------------------

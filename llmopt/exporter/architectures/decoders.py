@@ -7,8 +7,8 @@ from dataclasses import replace
 from typing import Any
 
 from llmopt.errors import UnsupportedError
+from llmopt.exporter.architecture import register
 from llmopt.exporter.decoder import DecoderArch, DecoderNames, stack_experts
-from llmopt.exporter.registry import register
 
 _LLAMA_LAYER = DecoderNames(
     embed="model.embed_tokens.weight",

@@ -8,8 +8,8 @@ from typing import Any
 import numpy as np
 
 from llmopt.errors import UnsupportedError
+from llmopt.exporter.architecture import register
 from llmopt.exporter.encoder import ClassifierHead, EncoderArch, EncoderNames
-from llmopt.exporter.registry import register
 
 _BERT_LAYER = EncoderNames(
     word_embed="embeddings.word_embeddings",
