@@ -36,6 +36,7 @@ from llmopt.runtime.memory import TRIM_AFTER_TOKENS, trim_heap
 from llmopt.runtime.prefill import Prefill, StepRecord
 from llmopt.runtime.sampling import SamplingParams
 from llmopt.runtime.sequence import DecodeState, GenerationResult
+from llmopt.runtime.slots import SlotCopier
 
 log = logging.getLogger("llmopt.engine")
 _END = object()
@@ -128,6 +129,9 @@ class Engine:
         # admitted groups waiting for (or in) their chunked prefill; the first runs one chunk a step
         self._prefills: deque[Prefill[Request]] = deque()
         self._rows_couple = rows_couple(generator)
+        # the device-side copies of the running batches' slot stores (shared-buffer graphs)
+        self._copier = SlotCopier(model.layout, generator.placement) \
+            if generator.shared_kv else None
         self._lock = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -324,9 +328,10 @@ class Engine:
         batch = place(self._batches, prefill.mask.shape[1], self.config.batch_invariant,
                       self._rows_couple)
         if batch is None:
-            batch = RunningBatch[Request](self.generator)
+            batch = RunningBatch[Request](self.generator, self.config.max_batch_size,
+                                          self._copier)
             self._batches.append(batch)
-        batch.merge(requests, prefill.mask, prefill.positions[:, -1], last, prefill.past)
+        batch.merge(requests, prefill.mask, prefill.positions[:, -1], last, prefill.present)
         self._retire()
         return tokens
 
