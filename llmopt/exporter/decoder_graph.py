@@ -53,6 +53,7 @@ from llmopt.exporter.decoder import (
 )
 from llmopt.exporter.graph import MS_DOMAIN, ONNX_DTYPE, OPSET, GraphBuilder
 from llmopt.exporter.ops import F32, Linear, activation, rms_norm
+from llmopt.runtime.kv_cache import ROW_LENGTHS
 
 I64 = np.int64
 FUSED_OPSET = 23
@@ -470,13 +471,27 @@ def _split_qkv(b: GraphBuilder, qkv: str, d: DecoderDims,
 
 
 def kv_lengths(b: GraphBuilder, attention_mask: str) -> tuple[str, str]:
-    """GroupQueryAttention's ``seqlens_k`` ([B] int32, total length - 1 for every row: left
-    padding is masked by the bias, not by lengths) and ``total_sequence_length`` (int32
-    scalar), both from the attention mask's width."""
-    total = b.op("Cast", b.op("Shape", attention_mask, start=1, end=2), to=onnx.TensorProto.INT32)
-    batch = b.op("Shape", attention_mask, start=0, end=1)
-    seqlens = b.op("Expand", b.op("Sub", total, b.const([1], np.int32)), batch)
-    return seqlens, b.op("Squeeze", total, b.const([0]))
+    r"""GroupQueryAttention's ``seqlens_k`` ([B] int32: each row's last unmasked position) and
+    ``total_sequence_length`` (int32 scalar: the attention mask's width).
+
+    A left-padded or unpadded row ends at the mask's last column, so its length is the width, as
+    before (its padding is masked by the bias). A row whose mask ends in zeros is a row of a
+    ragged batch: its cache holds its own positions only, GroupQueryAttention reads and appends
+    at its own length, and so its numbers do not depend on the rows beside it (the serving
+    engine batches rows of different lengths this way; docs/batch_invariance.md)::
+
+        attention_mask ─Mul(1..T)─ReduceMax─Sub(1)─Cast(int32) ─▶ seqlens_k
+    """
+    b.metadata[ROW_LENGTHS] = "1"
+    total = b.op("Shape", attention_mask, start=1, end=2)
+    columns = b.op("Range", b.const(1, np.int64), b.op("Add", b.op("Squeeze", total,
+                                                                  b.const([0])),
+                                                       b.const(1, np.int64)),
+                   b.const(1, np.int64))
+    last = b.op("ReduceMax", b.op("Mul", attention_mask, columns), b.const([1]), keepdims=0)
+    seqlens = b.op("Cast", b.op("Sub", last, b.const(1, np.int64)), to=onnx.TensorProto.INT32)
+    total32 = b.op("Cast", total, to=onnx.TensorProto.INT32)
+    return seqlens, b.op("Squeeze", total32, b.const([0]))
 
 
 def _fused_attention(b: GraphBuilder, qkv: str, past: tuple[str, str], bias: str,

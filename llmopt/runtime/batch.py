@@ -37,11 +37,17 @@ class RunningBatch(Generic[R]):
     Row ``i`` is ``requests[i]``, its mask, position and last token, and slot ``i`` of the
     cache (:mod:`llmopt.runtime.slots`): a leaving row's place is taken by the last row, in the
     cache and in these lists alike.
+
+    ``ragged`` (graphs whose GroupQueryAttention reads each row's own length,
+    :attr:`DecoderModel.ragged`): every row's cache starts at position 0 and its mask ends at
+    its own length (ones, then zeros up to the longest row), so rows of any lengths decode in
+    one pass without padding, each over its own positions only.
     """
 
     def __init__(self, generator: Generator, slots: int = 1,
                  copier: SlotCopier | None = None) -> None:
         self.generator = generator
+        self.ragged = generator.model.ragged
         self.slots = slots  # rows the in-place store holds before it must grow
         self.copier = copier
         self.requests: list[R] = []
@@ -59,8 +65,9 @@ class RunningBatch(Generic[R]):
 
     @property
     def padded(self) -> bool:
-        """Whether some row's cache holds padding columns."""
-        return bool(self.mask.size) and not bool(self.mask.all())
+        """Whether some row's cache holds padding columns: a masked column before an unmasked
+        one (a ragged row's mask ends in zeros past its own length; those are not its cache)."""
+        return bool((self.mask[:, :-1] < self.mask[:, 1:]).any())
 
     def merge(self, requests: list[R], mask: np.ndarray, positions: np.ndarray,
               last: np.ndarray, present: list[Any]) -> None:
@@ -77,8 +84,9 @@ class RunningBatch(Generic[R]):
         else:
             self._make_room(width, len(self) + joining, requests)
             assert isinstance(self.cache, SlotCache)
-            self.cache.join(present, width - mask.shape[1])
-        self.mask = np.concatenate([_left_pad(self.mask, width), _left_pad(mask, width)])
+            self.cache.join(present, 0 if self.ragged else width - mask.shape[1])
+        pad = _right_pad if self.ragged else _left_pad
+        self.mask = np.concatenate([pad(self.mask, width), pad(mask, width)])
         self.positions = np.concatenate([self.positions, positions])
         self.last = np.concatenate([self.last, last])
         self.requests.extend(requests)
@@ -90,7 +98,7 @@ class RunningBatch(Generic[R]):
                         for r in [*self.requests, *joining])
         need = width + remaining + 1
         cache = self.cache if isinstance(self.cache, SlotCache) else None
-        shift = width - self.width if self.requests else 0
+        shift = width - self.width if self.requests and not self.ragged else 0
         if cache is not None and rows <= cache.slots and need <= cache.capacity and not shift:
             return
         gen = self.generator
@@ -109,7 +117,11 @@ class RunningBatch(Generic[R]):
         """One decode step of every row (the last tokens in); returns the logits."""
         assert self.cache is not None
         batch = len(self.requests)
-        self.mask = np.concatenate([self.mask, np.ones((batch, 1), np.int64)], axis=1)
+        if self.ragged:  # each row one position longer, ones up to its own length
+            lengths = self.mask.sum(axis=1) + 1
+            self.mask = (np.arange(lengths.max())[None] < lengths[:, None]).astype(np.int64)
+        else:
+            self.mask = np.concatenate([self.mask, np.ones((batch, 1), np.int64)], axis=1)
         self.positions = self.positions + 1
         if isinstance(self.cache, SlotCache) and self.width > self.cache.capacity:
             self._make_room(self.width - 1, batch, [])  # defensive: capacity covers the limits
@@ -138,6 +150,9 @@ class RunningBatch(Generic[R]):
         mask = self.mask[index]
         self.positions = self.positions[index]
         self.last = self.last[index]
+        if self.ragged:  # the longest row may have left: the mask ends at the longest remaining
+            self.mask = mask[:, :int(mask.sum(axis=1).max())]
+            return done
         start = int(np.argmax(mask.any(axis=0)))
         self.mask = mask[:, start:]
         if start:
@@ -164,13 +179,15 @@ class RunningBatch(Generic[R]):
         return self.cache.arrays(length)
 
 
-def prefill_groups(requests: list[R], invariant: bool, rows_couple: bool) -> list[list[R]]:
+def prefill_groups(requests: list[R], invariant: bool, rows_couple: bool,
+                   ragged: bool = False) -> list[list[R]]:
     """Requests that may be prefilled in one pass: all of them in the shared mode (left-padded);
     in batch-invariant mode those of equal prompt length only, or one by one when the package's
-    rows couple."""
-    if not invariant:
+    rows couple. A ``ragged`` package's rows are never padded, in either mode: equal lengths
+    only."""
+    if not invariant and not ragged:
         return [requests] if requests else []
-    if rows_couple:
+    if rows_couple and invariant:
         return [[r] for r in requests]
     groups: dict[int, list[R]] = {}
     for request in requests:
@@ -178,14 +195,18 @@ def prefill_groups(requests: list[R], invariant: bool, rows_couple: bool) -> lis
     return list(groups.values())
 
 
-def place(batches: list[RunningBatch[R]], width: int, invariant: bool, rows_couple: bool
-          ) -> RunningBatch[R] | None:
-    """The running batch that rows of ``width`` cache positions join, or None for a new one."""
+def place(batches: list[RunningBatch[R]], width: int, invariant: bool, rows_couple: bool,
+          ragged: bool = False) -> RunningBatch[R] | None:
+    """The running batch that rows of ``width`` cache positions join, or None for a new one.
+    Batch-invariant mode joins only a batch of exactly that width, unless the package is
+    ``ragged`` (every row attends over its own length: any batch will do)."""
     live = [b for b in batches if len(b)]
     if not invariant:
         return live[0] if live else None
     if rows_couple:
         return None
+    if ragged:
+        return live[0] if live else None
     return next((b for b in live if b.width == width), None)
 
 
@@ -200,3 +221,8 @@ def rows_couple(generator: Generator) -> bool:
 def _left_pad(mask: np.ndarray, width: int) -> np.ndarray:
     missing = width - mask.shape[1]
     return np.pad(mask, [(0, 0), (missing, 0)]) if missing > 0 else mask
+
+
+def _right_pad(mask: np.ndarray, width: int) -> np.ndarray:
+    missing = width - mask.shape[1]
+    return np.pad(mask, [(0, 0), (0, missing)]) if missing > 0 else mask

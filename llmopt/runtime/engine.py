@@ -129,6 +129,7 @@ class Engine:
         # admitted groups waiting for (or in) their chunked prefill; the first runs one chunk a step
         self._prefills: deque[Prefill[Request]] = deque()
         self._rows_couple = rows_couple(generator)
+        self._ragged = model.ragged  # rows of any lengths share one pass unpadded
         # the device-side copies of the running batches' slot stores (shared-buffer graphs)
         self._copier = SlotCopier(model.layout, generator.placement) \
             if generator.shared_kv else None
@@ -287,7 +288,8 @@ class Engine:
         now = time.perf_counter()
         for request in requests:
             request.state.prefill_started = now
-        for group in prefill_groups(requests, self.config.batch_invariant, self._rows_couple):
+        for group in prefill_groups(requests, self.config.batch_invariant, self._rows_couple,
+                                    self._ragged):
             self._prefills.append(Prefill(self.generator, group,
                                           [r.state.prompt for r in group], self.config.chunk))
 
@@ -326,7 +328,7 @@ class Engine:
         last = np.array([r.state.step(logits[i, -1]) if not r.state.done else 0
                          for i, r in enumerate(requests)], np.int64)
         batch = place(self._batches, prefill.mask.shape[1], self.config.batch_invariant,
-                      self._rows_couple)
+                      self._rows_couple, self._ragged)
         if batch is None:
             batch = RunningBatch[Request](self.generator, self.config.max_batch_size,
                                           self._copier)

@@ -16,6 +16,7 @@ import numpy as np
 
 from llmopt.runtime.kv_cache import (
     HOST,
+    ROW_LENGTHS,
     CopyingCache,
     InPlaceCache,
     KVCache,
@@ -40,6 +41,9 @@ class DecoderModel:
         self.rope_long_after = kv_cache.get("rope_long_after")  # LongRoPE's switch point
         # GroupQueryAttention updates one buffer bound as both past and present
         self.shared_buffer = bool(kv_cache.get("shared_buffer"))
+        # rows of different lengths share a step unpadded: right-aligned masks, own seqlens_k
+        metadata = session.get_modelmeta().custom_metadata_map
+        self.ragged = self.shared_buffer and metadata.get(ROW_LENGTHS) == "1"
         self.past_names = [
             name
             for i in range(self.num_layers)

@@ -24,6 +24,11 @@ import numpy as np
 
 from llmopt.runtime.session import GPU_PROVIDERS, SessionInfo
 
+# model metadata a decoder graph sets when GroupQueryAttention's seqlens_k is each row's last
+# unmasked position (llmopt.exporter.decoder_graph.kv_lengths): rows of different lengths then
+# share a step without padding, each attending over its own positions only
+ROW_LENGTHS = "llmopt.kv_row_lengths"
+
 
 @dataclass(frozen=True)
 class KVLayout:
