@@ -179,6 +179,8 @@ def build_decoder(dims: DecoderDims, weights: DecoderWeights, norm_kind: str, dt
         if in_place:
             with b.scope("kv_lengths"):
                 lengths = kv_lengths(b, attention_mask)
+            if set(biases) == {None}:  # a sliding window is measured from the batch's width
+                b.metadata[ROW_LENGTHS] = "1"
 
         def head_norms(layer: LayerWeights, p: str) -> QKNorm | None:
             """Per-head RMSNorm of q and k over head_dim ([B,S,H*D] in and out)."""
@@ -478,11 +480,12 @@ def kv_lengths(b: GraphBuilder, attention_mask: str) -> tuple[str, str]:
     before (its padding is masked by the bias). A row whose mask ends in zeros is a row of a
     ragged batch: its cache holds its own positions only, GroupQueryAttention reads and appends
     at its own length, and so its numbers do not depend on the rows beside it (the serving
-    engine batches rows of different lengths this way; docs/batch_invariance.md)::
+    engine batches rows of different lengths this way; docs/batch_invariance.md). Graphs
+    with a sliding window do not say so in their metadata (``ROW_LENGTHS``): the bias places
+    the window from the batch's width, not the row's length::
 
         attention_mask ─Mul(1..T)─ReduceMax─Sub(1)─Cast(int32) ─▶ seqlens_k
     """
-    b.metadata[ROW_LENGTHS] = "1"
     total = b.op("Shape", attention_mask, start=1, end=2)
     columns = b.op("Range", b.const(1, np.int64), b.op("Add", b.op("Squeeze", total,
                                                                   b.const([0])),

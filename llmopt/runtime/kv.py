@@ -43,7 +43,8 @@ class DecoderModel:
         self.shared_buffer = bool(kv_cache.get("shared_buffer"))
         # rows of different lengths share a step unpadded: right-aligned masks, own seqlens_k
         metadata = session.get_modelmeta().custom_metadata_map
-        self.ragged = self.shared_buffer and metadata.get(ROW_LENGTHS) == "1"
+        self.ragged = (self.shared_buffer and metadata.get(ROW_LENGTHS) == "1"
+                       and not kv_cache.get("sliding_window"))
         self.past_names = [
             name
             for i in range(self.num_layers)

@@ -4,18 +4,23 @@ store, and export validation decoding through the very step the Generator runs."
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnxruntime as ort
 import pytest
 
+import llmopt
+from llmopt.exporter import export
+from llmopt.optimizer import optimize
 from llmopt.runtime import kv
 from llmopt.runtime.generator import Generator
 from llmopt.runtime.kv import DecoderModel
 from llmopt.runtime.kv_cache import CopyingCache, InPlaceCache, KVCache, KVPlacement
 from llmopt.runtime.session import SessionInfo
 from llmopt.runtime.slots import PastRows, SlotCache, SlotCopier
+from tests import tiny_decoders
 
 PROMPTS = ([5, 9, 13, 2, 7], [3, 4, 8, 11, 6, 10, 12])
 STEPS = 6
@@ -166,3 +171,13 @@ def test_the_cache_lives_on_the_sessions_device(active: list[str], device_id: in
     placement = KVPlacement.of(SessionInfo(active, active, False, device_id=device_id))
     assert placement == expected
     assert placement.on_host == (expected.device == "cpu")
+
+
+def test_a_sliding_window_graph_is_not_ragged(tmp_path: Path) -> None:
+    """Its bias places the window from the batch's width, not each row's length: the engine
+    must keep such rows in batches of equal length."""
+    source = tiny_decoders.build("mistral", tmp_path / "source")  # sliding_window=8
+    package = optimize(export(source, tmp_path / "package"), tmp_path / "optimized")
+    runner = llmopt.load(package.path)
+    assert isinstance(runner, Generator)
+    assert runner.shared_kv and not runner.model.ragged
