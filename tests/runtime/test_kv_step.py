@@ -3,8 +3,8 @@ store, and export validation decoding through the very step the Generator runs."
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -15,12 +15,15 @@ import llmopt
 from llmopt.exporter import export
 from llmopt.optimizer import optimize
 from llmopt.runtime import kv
+from llmopt.runtime.engine import Engine, EngineConfig
 from llmopt.runtime.generator import Generator
 from llmopt.runtime.kv import DecoderModel
 from llmopt.runtime.kv_cache import CopyingCache, InPlaceCache, KVCache, KVPlacement
+from llmopt.runtime.sampling import SamplingParams
 from llmopt.runtime.session import SessionInfo
 from llmopt.runtime.slots import PastRows, SlotCache, SlotCopier
 from tests import tiny_decoders
+from tests.runtime.test_engine import PROMPTS as PROMPTS_TEXT
 
 PROMPTS = ([5, 9, 13, 2, 7], [3, 4, 8, 11, 6, 10, 12])
 STEPS = 6
@@ -173,11 +176,59 @@ def test_the_cache_lives_on_the_sessions_device(active: list[str], device_id: in
     assert placement.on_host == (expected.device == "cpu")
 
 
-def test_a_sliding_window_graph_is_not_ragged(tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def windowed(tmp_path_factory: pytest.TempPathFactory) -> Generator:
+    """A fused mistral (sliding_window=8): a shared buffer, but not ragged."""
+    root = tmp_path_factory.mktemp("mistral")
+    source = tiny_decoders.build("mistral", root / "source")
+    runner = llmopt.load(optimize(export(source, root / "package"), root / "optimized").path)
+    assert isinstance(runner, Generator)
+    return runner
+
+
+def test_a_sliding_window_graph_is_not_ragged(windowed: Generator) -> None:
     """Its bias places the window from the batch's width, not each row's length: the engine
     must keep such rows in batches of equal length."""
-    source = tiny_decoders.build("mistral", tmp_path / "source")  # sliding_window=8
-    package = optimize(export(source, tmp_path / "package"), tmp_path / "optimized")
-    runner = llmopt.load(package.path)
-    assert isinstance(runner, Generator)
-    assert runner.shared_kv and not runner.model.ragged
+    assert windowed.shared_kv and not windowed.model.ragged
+
+
+@pytest.mark.parametrize("invariant", [True, False])
+def test_left_padded_slots_join_shift_and_trim(windowed: Generator, invariant: bool,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """The slot store of a graph that is not ragged: batches of equal lengths, or (shared mode)
+    one batch whose rows are left-padded, shifted when a longer row joins and trimmed when
+    the longest leaves. Every answer equals the request's alone."""
+    moves: list[tuple[int, int]] = []  # (start, before) of every whole-batch move
+    moved = SlotCache.moved
+
+    def recording(self: SlotCache, slots: int, capacity: int, start: int, stop: int,
+                  before: int) -> SlotCache:
+        moves.append((start, before))
+        return moved(self, slots, capacity, start, stop, before)
+
+    monkeypatch.setattr(SlotCache, "moved", recording)
+    # a one-token prompt decodes alone; then the longest prompt joins (wider than the batch:
+    # the rows there shift right in shared mode) and leaves first (its columns are trimmed)
+    short, long = PROMPTS_TEXT[3], PROMPTS_TEXT[5]
+    plan = [(short, SamplingParams(max_new_tokens=20, ignore_eos=True)),
+            (long, SamplingParams(max_new_tokens=3, ignore_eos=True)),
+            (PROMPTS_TEXT[0], SamplingParams(max_new_tokens=8, ignore_eos=True))]
+    singles = [windowed.generate(p, q).token_ids for p, q in plan]
+    config = EngineConfig(max_batch_size=4, max_prefill_batch=2, batch_invariant=invariant)
+    engine = Engine(windowed, config).start()
+    try:
+        requests = []
+        for prompt, p in plan:
+            requests.append(engine.submit(prompt, p))
+            deadline = time.monotonic() + 30
+            while not requests[0].state.generated and time.monotonic() < deadline:
+                time.sleep(0.001)  # the next joins once the first is decoding
+        got = [r.result(timeout=60).token_ids for r in requests]
+    finally:
+        engine.close()
+    assert got == singles
+    if invariant:
+        assert all(before == 0 and start == 0 for start, before in moves)  # regrowth only
+    else:
+        assert any(before > 0 for _, before in moves)  # the longer prompt joined
+        assert any(start > 0 for start, _ in moves)  # and left: its padding columns went
