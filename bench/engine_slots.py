@@ -7,12 +7,13 @@ latency at 1, 8 and 16 streams, with requests joining mid-stream.
 Runs the continuous-batching engine in-process (default ``EngineConfig``: batch-invariant on,
 ``max_batch_size`` raised to the largest stream count) in a fresh worker process per setting:
 ``before`` imports llmopt as of git ``REF`` (extracted with ``git archive``), ``after`` this
-checkout; both run the same package files. Each stream sends chat prompts of 8 different lengths
-back to back, streams start 50 ms apart and requests end at different times, so requests keep
-joining and leaving running batches. Settings are interleaved round by round, so drift in
-machine load hits both alike. Aggregate tokens/s = generated tokens of all streams / wall time;
-inter-token latency = time between two consecutive tokens of one request (the first token
-excluded: that is TTFT), p99 over every gap of the setting. Writes
+checkout; both run the same package files. One untimed request warms each worker up. Then
+each stream sends chat prompts of 8 different lengths back to back, streams start 50 ms apart
+and requests end at different times, so requests keep joining and leaving running batches.
+Settings are interleaved round by round, so drift in machine load hits both alike. Aggregate
+tokens/s = generated tokens of all streams / wall time; inter-token latency = time between two
+consecutive tokens of one request (the first token excluded: that is TTFT), p99 over every gap
+of the setting. Writes
 bench/results/engine_slots.{json,md}. Not a test: nothing here asserts a speed.
 """
 
@@ -63,6 +64,8 @@ def measure(package: str, streams: int, duration: float, new_tokens: int) -> dic
     engine = Engine(generator, EngineConfig(max_batch_size=max(streams, 8)))
     engine.start()
     params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
+    engine.submit(QUESTIONS[0], params, chat=True).result()  # first-run allocations: not timed
+    token_times.clear()
     tokens: list[int] = []
     lock = threading.Lock()
     started = time.perf_counter()

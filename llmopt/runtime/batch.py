@@ -1,14 +1,17 @@
 """Running batches of the continuous-batching engine: rows that decode in one forward pass.
 
-A :class:`RunningBatch` owns its rows' KV cache, attention mask, positions and last tokens.
-Rows of different lengths can share one only by left-padding the shorter caches; that padding
-changes a row's numbers: ONNX Runtime's CPU attention sums over the padded length in SIMD lanes,
-so one more padding column moves a logit by ~1e-5 in fp32, and int8-compute packages (int8 and
-int4 MatMulNBits, dynamic int8) round those differences into other tokens (measured on SmolLM2:
-up to 0.54 in a logit; docs/batch_invariance.md). :func:`place` decides which batch a group of
-freshly prefilled rows joins: in batch-invariant mode only a batch of exactly their length, so no
-row is ever padded; rows of a package whose activations are quantized per tensor (dynamic int8:
-one scale for the whole batch) never share a batch at all.
+A :class:`RunningBatch` owns its rows' KV cache (slots, :mod:`llmopt.runtime.slots`), attention
+mask, positions and last tokens. On a *ragged* graph (GroupQueryAttention reading each row's own
+length) rows of any lengths share one batch unpadded, each attending over its own positions.
+Elsewhere rows of different lengths can share one only by left-padding the shorter caches; that
+padding changes a row's numbers: ONNX Runtime's CPU attention sums over the padded length in
+SIMD lanes, so one more padding column moves a logit by ~1e-5 in fp32, and int8-compute packages
+(int8 and int4 MatMulNBits, dynamic int8) round those differences into other tokens (measured on
+SmolLM2: up to 0.54 in a logit; docs/batch_invariance.md). :func:`place` decides which batch a
+group of freshly prefilled rows joins: in batch-invariant mode any batch of a ragged graph, else
+only a batch of exactly their length, so no row is ever padded; rows of a package whose
+activations are quantized per tensor (dynamic int8: one scale for the whole batch) never share a
+batch at all.
 """
 
 from __future__ import annotations
@@ -105,8 +108,9 @@ class RunningBatch(Generic[R]):
         if self.copier is None:
             self.copier = SlotCopier(gen.model.layout, gen.placement)
         slots = max(rows, self.slots, cache.slots if cache is not None else 0)
-        capacity = max(need, 2 * cache.capacity if cache is not None else 0)
-        capacity = min(capacity, max(need, gen.context_length + 1))
+        capacity = need if cache is None else cache.capacity
+        if need > capacity:  # doubling: a batch regrows O(log length) times
+            capacity = min(max(need, 2 * capacity), max(need, gen.context_length + 1))
         if cache is None or not self.requests:
             self.cache = SlotCache(gen.session, gen.model.layout, slots, capacity,
                                    gen.placement, self.copier)
