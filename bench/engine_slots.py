@@ -13,8 +13,8 @@ and requests end at different times, so requests keep joining and leaving runnin
 Settings are interleaved round by round, so drift in machine load hits both alike. Aggregate
 tokens/s = generated tokens of all streams / wall time; inter-token latency = time between two
 consecutive tokens of one request (the first token excluded: that is TTFT), p99 over every gap
-of the setting. Writes
-bench/results/engine_slots.{json,md}. Not a test: nothing here asserts a speed.
+of the setting. Writes bench/results/engine_slots.{json,md}. Not a test: nothing here asserts a
+speed.
 """
 
 from __future__ import annotations
