@@ -27,17 +27,18 @@ def probe(path: str) -> None:
 
     def prefill(prompts: list[list[int]]) -> tuple[np.ndarray, list[np.ndarray]]:
         ids, mask = left_pad(prompts, gen.pad_token_id)
-        logits, present = gen._forward(ids, mask, position_ids(mask),
-                                       gen._empty_past(len(prompts)))
-        return logits[:, -1], [p.numpy() for p in present]
+        cache = gen.model.copying_cache(len(prompts))
+        logits = gen.model.step(ids, mask, position_ids(mask), cache)
+        return logits[:, -1], cache.arrays()
 
     def decode(token: int, past: list[np.ndarray], pad: int, copies: int) -> np.ndarray:
         cache = [np.concatenate([np.pad(p, [(0, 0), (0, 0), (pad, 0), (0, 0)])] * copies)
                  for p in past]
         mask = np.concatenate([np.zeros((copies, pad), np.int64),
                                np.ones((copies, len(prompt) + 1), np.int64)], axis=1)
-        logits, _ = gen._forward(np.full((copies, 1), token, np.int64), mask,
-                                 np.full((copies, 1), len(prompt), np.int64), cache)
+        logits = gen.model.step(np.full((copies, 1), token, np.int64), mask,
+                                np.full((copies, 1), len(prompt), np.int64),
+                                gen.model.copying_cache(copies, past=cache))
         return logits[0, -1]
 
     alone, past = prefill([prompt])

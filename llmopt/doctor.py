@@ -192,7 +192,8 @@ def _provider_options(provider: str, options: DoctorOptions) -> dict[str, Any]:
 def _provider_checks(run: _Run, options: DoctorOptions, provider: str,
                      packages: dict[str, Path]) -> None:
     import llmopt
-    from llmopt.runtime.generator import Generator, InPlaceCache
+    from llmopt.runtime.generator import Generator
+    from llmopt.runtime.kv_cache import InPlaceCache
 
     reference = llmopt.load(packages["fp32"], ["cpu"])
     assert isinstance(reference, Generator)
@@ -215,9 +216,10 @@ def _provider_checks(run: _Run, options: DoctorOptions, provider: str,
         runner = llmopt.load(packages["fp16"], [provider], strict=True,
                              provider_options=_provider_options(provider, options))
         assert isinstance(runner, Generator) and runner.shared_kv
-        cache = InPlaceCache(runner, 1, 32)
+        cache = runner.model.cache(1, 32, runner.placement)
+        assert isinstance(cache, InPlaceCache)
         ids = np.array([PROMPT], np.int64)
-        cache.forward(ids, np.ones_like(ids), np.arange(ids.shape[1])[None])
+        runner.model.step(ids, np.ones_like(ids), np.arange(ids.shape[1])[None], cache)
         where = {b.device_name().lower() for b in cache.buffers}
         assert where == {runner.device}, f"KV buffers on {where}, session on {runner.device}"
         notes.append(f"{len(cache.buffers)} buffers on {runner.device}:{runner.device_id}")

@@ -46,6 +46,7 @@ import onnx
 from llmopt.exporter.graph import MS_DOMAIN, ONNX_DTYPE, OPSET, GraphBuilder
 from llmopt.exporter.ops import F32, Linear, activation, rms_norm
 from llmopt.exporter.weights import DecoderDims, DecoderWeights, LayerWeights, MoeWeights, Norm
+from llmopt.runtime.kv_cache import ROW_LENGTHS
 
 I64 = np.int64
 FUSED_OPSET = 23
@@ -110,6 +111,8 @@ class _DecoderGraph:
             if self.in_place:
                 with b.scope("kv_lengths"):
                     lengths = kv_lengths(b, attention_mask)
+                if set(biases) == {None}:  # a sliding window is measured from the batch's width
+                    b.metadata[ROW_LENGTHS] = "1"
             h = self.norm(x, weights.layers[0].attn_norm, f"{P}.layers.0.attn_norm")
             for i, layer in enumerate(weights.layers):
                 last = i + 1 == len(weights.layers)
@@ -517,13 +520,28 @@ def _split_qkv(b: GraphBuilder, qkv: str, d: DecoderDims,
 
 
 def kv_lengths(b: GraphBuilder, attention_mask: str) -> tuple[str, str]:
-    """GroupQueryAttention's ``seqlens_k`` ([B] int32, total length - 1 for every row: left
-    padding is masked by the bias, not by lengths) and ``total_sequence_length`` (int32
-    scalar), both from the attention mask's width."""
-    total = b.op("Cast", b.op("Shape", attention_mask, start=1, end=2), to=onnx.TensorProto.INT32)
-    batch = b.op("Shape", attention_mask, start=0, end=1)
-    seqlens = b.op("Expand", b.op("Sub", total, b.const([1], np.int32)), batch)
-    return seqlens, b.op("Squeeze", total, b.const([0]))
+    r"""GroupQueryAttention's ``seqlens_k`` ([B] int32: each row's last unmasked position) and
+    ``total_sequence_length`` (int32 scalar: the attention mask's width).
+
+    A left-padded or unpadded row ends at the mask's last column, so its length is the width, as
+    before (its padding is masked by the bias). A row whose mask ends in zeros is a row of a
+    ragged batch: its cache holds its own positions only, GroupQueryAttention reads and appends
+    at its own length, and so its numbers do not depend on the rows beside it (the serving
+    engine batches rows of different lengths this way; docs/batch_invariance.md). Graphs
+    with a sliding window do not say so in their metadata (``ROW_LENGTHS``): the bias places
+    the window from the batch's width, not the row's length::
+
+        attention_mask ─Mul(1..T)─ReduceMax─Sub(1)─Cast(int32) ─▶ seqlens_k
+    """
+    total = b.op("Shape", attention_mask, start=1, end=2)
+    columns = b.op("Range", b.const(1, np.int64), b.op("Add", b.op("Squeeze", total,
+                                                                  b.const([0])),
+                                                       b.const(1, np.int64)),
+                   b.const(1, np.int64))
+    last = b.op("ReduceMax", b.op("Mul", attention_mask, columns), b.const([1]), keepdims=0)
+    seqlens = b.op("Cast", b.op("Sub", last, b.const(1, np.int64)), to=onnx.TensorProto.INT32)
+    total32 = b.op("Cast", total, to=onnx.TensorProto.INT32)
+    return seqlens, b.op("Squeeze", total32, b.const([0]))
 
 
 def _fused_attention(b: GraphBuilder, qkv: str, past: tuple[str, str], bias: str,

@@ -42,6 +42,8 @@ class GraphBuilder:
         self._node_names: Counter[str] = Counter()
         self._consts: dict[tuple[str, bytes, tuple[int, ...]], str] = {}
         self._uses_ms_domain = False
+        # model metadata: what a runtime may read from the session (get_modelmeta())
+        self.metadata: dict[str, str] = {}
 
     @contextmanager
     def scope(self, name: str) -> Iterator[None]:
@@ -107,6 +109,8 @@ class GraphBuilder:
             opsets.append(helper.make_opsetid(MS_DOMAIN, 1))
         model = helper.make_model(graph, opset_imports=opsets, producer_name="llmopt")
         model.ir_version = min(model.ir_version, 10)
+        if self.metadata:
+            helper.set_model_props(model, self.metadata)
         return model
 
 

@@ -3,7 +3,9 @@
 Decoders are checked on several shapes (batch 1 and 2, one-token and longer prompts, past
 length 0 and > 0, left padding) by comparing ONNX logits and presents with a PyTorch forward
 pass over the same tokens, then by greedy generation through the graph's own KV cache against
-``model.generate``. Differences are reported relative to the reference's scale:
+``model.generate``. The graph runs through :meth:`llmopt.runtime.kv.DecoderModel.step`, the
+step the Generator and the serving engine run, greedy decoding on the cache the Generator uses.
+Differences are reported relative to the reference's scale:
 ``max|onnx - torch| <= tolerance * max(1, max|torch|)``.
 """
 
@@ -159,19 +161,21 @@ def validate_decoder(reference: Any, session: Any, kv_cache: dict[str, Any], tok
         ids, mask = left_pad(prompts_)
         want_logits, want_cache = reference.forward(ids, mask)
         valid = mask.astype(bool)
-        past = onnx_model.empty_past(len(prompts_))
+        cache = onnx_model.copying_cache(len(prompts_))
         got_parts = []
         for start, stop in ((0, split), (split, ids.shape[1])):
             if stop <= start:
                 continue
             try:
-                logits, past = onnx_model.forward(ids[:, start:stop], mask[:, :stop],
-                                                  position_ids(mask)[:, start:stop], past)
+                logits = onnx_model.step(ids[:, start:stop], mask[:, :stop],
+                                         position_ids(mask)[:, start:stop], cache,
+                                         all_logits=True)
             except graph_errors() as exc:
                 report.failed_to_run(case, exc)
                 return
             got_parts.append(logits)
         got_logits = np.concatenate(got_parts, axis=1)
+        past = cache.arrays()
         outputs = {"logits": (got_logits[valid], want_logits[valid])}
         if want_cache:
             keep = valid[:, None, :, None]

@@ -1,14 +1,17 @@
 """Running batches of the continuous-batching engine: rows that decode in one forward pass.
 
-A :class:`RunningBatch` owns its rows' KV cache, attention mask, positions and last tokens.
-Rows of different lengths can share one only by left-padding the shorter caches; that padding
-changes a row's numbers: ONNX Runtime's CPU attention sums over the padded length in SIMD lanes,
-so one more padding column moves a logit by ~1e-5 in fp32, and int8-compute packages (int8 and
-int4 MatMulNBits, dynamic int8) round those differences into other tokens (measured on SmolLM2:
-up to 0.54 in a logit; docs/batch_invariance.md). :func:`place` decides which batch a group of
-freshly prefilled rows joins: in batch-invariant mode only a batch of exactly their length, so no
-row is ever padded; rows of a package whose activations are quantized per tensor (dynamic int8:
-one scale for the whole batch) never share a batch at all.
+A :class:`RunningBatch` owns its rows' KV cache (slots, :mod:`llmopt.runtime.slots`), attention
+mask, positions and last tokens. On a *ragged* graph (GroupQueryAttention reading each row's own
+length) rows of any lengths share one batch unpadded, each attending over its own positions.
+Elsewhere rows of different lengths can share one only by left-padding the shorter caches; that
+padding changes a row's numbers: ONNX Runtime's CPU attention sums over the padded length in
+SIMD lanes, so one more padding column moves a logit by ~1e-5 in fp32, and int8-compute packages
+(int8 and int4 MatMulNBits, dynamic int8) round those differences into other tokens (measured on
+SmolLM2: up to 0.54 in a logit; docs/batch_invariance.md). :func:`place` decides which batch a
+group of freshly prefilled rows joins: in batch-invariant mode any batch of a ragged graph, else
+only a batch of exactly their length, so no row is ever padded; rows of a package whose
+activations are quantized per tensor (dynamic int8: one scale for the whole batch) never share a
+batch at all.
 """
 
 from __future__ import annotations
@@ -17,8 +20,9 @@ from typing import Any, Generic, Protocol, TypeVar
 
 import numpy as np
 
-from llmopt.runtime.generator import Generator, InPlaceCache
+from llmopt.runtime.generator import Generator
 from llmopt.runtime.sequence import DecodeState
+from llmopt.runtime.slots import PastRows, SlotCache, SlotCopier
 
 
 class Row(Protocol):
@@ -31,17 +35,29 @@ R = TypeVar("R", bound=Row)
 
 
 class RunningBatch(Generic[R]):
-    """Rows decoding together; ``width`` is the number of cache positions (padding included)."""
+    """Rows decoding together; ``width`` is the number of cache positions (padding included).
 
-    def __init__(self, generator: Generator) -> None:
+    Row ``i`` is ``requests[i]``, its mask, position and last token, and slot ``i`` of the
+    cache (:mod:`llmopt.runtime.slots`): a leaving row's place is taken by the last row, in the
+    cache and in these lists alike.
+
+    ``ragged`` (graphs whose GroupQueryAttention reads each row's own length,
+    :attr:`DecoderModel.ragged`): every row's cache starts at position 0 and its mask ends at
+    its own length (ones, then zeros up to the longest row), so rows of any lengths decode in
+    one pass without padding, each over its own positions only.
+    """
+
+    def __init__(self, generator: Generator, slots: int = 1,
+                 copier: SlotCopier | None = None) -> None:
         self.generator = generator
+        self.ragged = generator.model.ragged
+        self.slots = slots  # rows the in-place store holds before it must grow
+        self.copier = copier
         self.requests: list[R] = []
         self.mask = np.zeros((0, 0), np.int64)
         self.positions = np.zeros((0,), np.int64)
         self.last = np.zeros((0,), np.int64)
-        self.past: list[Any] = []
-        # shared_buffer packages: the batch's cache in place between joins and leaves
-        self.cache: InPlaceCache | None = None
+        self.cache: SlotCache | PastRows | None = None
 
     def __len__(self) -> int:
         return len(self.requests)
@@ -52,67 +68,103 @@ class RunningBatch(Generic[R]):
 
     @property
     def padded(self) -> bool:
-        """Whether some row's cache holds padding columns."""
-        return bool(self.mask.size) and not bool(self.mask.all())
+        """Whether some row's cache holds padding columns: a masked column before an unmasked
+        one (a ragged row's mask ends in zeros past its own length; those are not its cache)."""
+        return bool((self.mask[:, :-1] < self.mask[:, 1:]).any())
 
     def merge(self, requests: list[R], mask: np.ndarray, positions: np.ndarray,
               last: np.ndarray, present: list[Any]) -> None:
-        """Add prefilled rows; the shorter side's caches are left-padded to the wider one."""
-        if not self.requests:
-            self.requests = list(requests)
-            self.mask, self.positions, self.last, self.past = mask, positions, last, present
-            self.cache = None
-            return
+        """Add prefilled rows (``present``: their cache, [n, kv_heads, length, head_dim]); the
+        shorter side's caches are left-padded to the wider one."""
         width = max(self.width, mask.shape[1])
-        old = [_numpy(v) for v in self.cached(self.width)]
-        self.cache = None
-        new = [_numpy(v) for v in present]
-        self.past = [np.concatenate([_left_pad(a, width, 2), _left_pad(b, width, 2)])
-                     for a, b in zip(old, new, strict=True)]
-        self.mask = np.concatenate([_left_pad(self.mask, width, 1), _left_pad(mask, width, 1)])
+        joining = len(requests)
+        if not self.generator.shared_kv:
+            gen = self.generator
+            rows = self.cache if isinstance(self.cache, PastRows) else PastRows(
+                gen.session, gen.model.layout, gen.placement)
+            rows.join(present, width - mask.shape[1], width)
+            self.cache = rows
+        else:
+            self._make_room(width, len(self) + joining, requests)
+            assert isinstance(self.cache, SlotCache)
+            self.cache.join(present, 0 if self.ragged else width - mask.shape[1])
+        pad = _right_pad if self.ragged else _left_pad
+        self.mask = np.concatenate([pad(self.mask, width), pad(mask, width)])
         self.positions = np.concatenate([self.positions, positions])
         self.last = np.concatenate([self.last, last])
         self.requests.extend(requests)
 
+    def _make_room(self, width: int, rows: int, joining: list[R]) -> None:
+        """A slot store for ``rows`` rows of ``width`` positions plus every row's remaining
+        tokens; rows already there move only when it must grow or shift (a wider row joins)."""
+        remaining = max(r.state.limit - len(r.state.generated)
+                        for r in [*self.requests, *joining])
+        need = width + remaining + 1
+        cache = self.cache if isinstance(self.cache, SlotCache) else None
+        shift = width - self.width if self.requests and not self.ragged else 0
+        if cache is not None and rows <= cache.slots and need <= cache.capacity and not shift:
+            return
+        gen = self.generator
+        if self.copier is None:
+            self.copier = SlotCopier(gen.model.layout, gen.placement)
+        slots = max(rows, self.slots, cache.slots if cache is not None else 0)
+        capacity = need if cache is None else cache.capacity
+        if need > capacity:  # doubling: a batch regrows O(log length) times
+            capacity = min(max(need, 2 * capacity), max(need, gen.context_length + 1))
+        if cache is None or not self.requests:
+            self.cache = SlotCache(gen.session, gen.model.layout, slots, capacity,
+                                   gen.placement, self.copier)
+        else:
+            self.cache = cache.moved(slots, capacity, 0, self.width, shift)
+
     def forward(self) -> np.ndarray:
         """One decode step of every row (the last tokens in); returns the logits."""
-        gen = self.generator
+        assert self.cache is not None
         batch = len(self.requests)
-        self.mask = np.concatenate([self.mask, np.ones((batch, 1), np.int64)], axis=1)
+        if self.ragged:  # each row one position longer, ones up to its own length
+            lengths = self.mask.sum(axis=1) + 1
+            self.mask = (np.arange(lengths.max())[None] < lengths[:, None]).astype(np.int64)
+        else:
+            self.mask = np.concatenate([self.mask, np.ones((batch, 1), np.int64)], axis=1)
         self.positions = self.positions + 1
-        if gen.shared_kv:
-            total = self.width
-            if self.cache is None or total > self.cache.capacity:
-                # room for every row's remaining tokens: no regrowth until the batch changes
-                room = max(r.state.limit - len(r.state.generated) for r in self.requests)
-                self.cache = InPlaceCache(gen, batch, total + room,
-                                          [_numpy(v) for v in self.cached(total - 1)])
-                self.past = []
-            return self.cache.forward(self.last[:, None], self.mask, self.positions[:, None])
-        logits, self.past = gen._forward(self.last[:, None], self.mask,
-                                         self.positions[:, None], self.past)
-        return logits
+        if isinstance(self.cache, SlotCache) and self.width > self.cache.capacity:
+            self._make_room(self.width - 1, batch, [])  # defensive: capacity covers the limits
+        return self.generator.model.step(self.last[:, None], self.mask,
+                                         self.positions[:, None], self.cache)
 
     def retire(self) -> list[R]:
-        """Drop finished rows and the cache columns that are padding in every remaining row;
-        returns the dropped requests (the caller closes them)."""
-        keep = [i for i, r in enumerate(self.requests) if not r.state.done]
-        if len(keep) == len(self.requests):
+        """Drop finished rows (the last row takes each freed slot) and the cache columns that
+        are padding in every remaining row; returns the dropped requests (the caller closes
+        them)."""
+        gone = [i for i, r in enumerate(self.requests) if r.state.done]
+        if not gone:
             return []
-        done = [r for r in self.requests if r.state.done]
-        if not keep:
+        done = [self.requests[i] for i in gone]
+        if len(gone) == len(self.requests):
             self.clear()
             return done
-        index = np.array(keep)
-        self.requests = [self.requests[i] for i in keep]
+        assert self.cache is not None
+        order = list(range(len(self.requests)))
+        for slot in reversed(gone):  # every row after ``slot`` is alive: the last one moves
+            self.cache.leave(slot)
+            order[slot] = order[-1]
+            order.pop()
+        index = np.array(order)
+        self.requests = [self.requests[i] for i in order]
         mask = self.mask[index]
-        start = int(np.argmax(mask.any(axis=0)))
-        self.mask = mask[:, start:]
         self.positions = self.positions[index]
         self.last = self.last[index]
-        self.past = [np.ascontiguousarray(_numpy(v)[index][:, :, start:])
-                     for v in self.cached(mask.shape[1])]
-        self.cache = None
+        if self.ragged:  # the longest row may have left: the mask ends at the longest remaining
+            self.mask = mask[:, :int(mask.sum(axis=1).max())]
+            return done
+        start = int(np.argmax(mask.any(axis=0)))
+        self.mask = mask[:, start:]
+        if start:
+            if isinstance(self.cache, PastRows):
+                self.cache.trim(start)
+            else:
+                cache = self.cache
+                self.cache = cache.moved(cache.slots, cache.capacity, start, mask.shape[1], 0)
         return done
 
     def clear(self) -> None:
@@ -120,22 +172,26 @@ class RunningBatch(Generic[R]):
         self.mask = np.zeros((0, 0), np.int64)
         self.positions = np.zeros((0,), np.int64)
         self.last = np.zeros((0,), np.int64)
-        self.past = []
-        self.cache = None
+        if isinstance(self.cache, SlotCache):
+            self.cache.rows = 0  # the buffers stay for the next rows
+        else:
+            self.cache = None
 
-    def cached(self, length: int) -> list[Any]:
-        """The cache, ``length`` positions: from the in-place buffers when there are, else the
-        past-sized tensors."""
-        return self.cache.arrays(length) if self.cache is not None else self.past
+    def cached(self, length: int) -> list[np.ndarray]:
+        """The rows' first ``length`` cache positions, as host arrays (tests, debugging)."""
+        assert self.cache is not None
+        return self.cache.arrays(length)
 
 
-def prefill_groups(requests: list[R], invariant: bool, rows_couple: bool) -> list[list[R]]:
+def prefill_groups(requests: list[R], invariant: bool, rows_couple: bool,
+                   ragged: bool = False) -> list[list[R]]:
     """Requests that may be prefilled in one pass: all of them in the shared mode (left-padded);
     in batch-invariant mode those of equal prompt length only, or one by one when the package's
-    rows couple."""
-    if not invariant:
+    rows couple. A ``ragged`` package's rows are never padded, in either mode: equal lengths
+    only."""
+    if not invariant and not ragged:
         return [requests] if requests else []
-    if rows_couple:
+    if rows_couple and invariant:
         return [[r] for r in requests]
     groups: dict[int, list[R]] = {}
     for request in requests:
@@ -143,14 +199,18 @@ def prefill_groups(requests: list[R], invariant: bool, rows_couple: bool) -> lis
     return list(groups.values())
 
 
-def place(batches: list[RunningBatch[R]], width: int, invariant: bool, rows_couple: bool
-          ) -> RunningBatch[R] | None:
-    """The running batch that rows of ``width`` cache positions join, or None for a new one."""
+def place(batches: list[RunningBatch[R]], width: int, invariant: bool, rows_couple: bool,
+          ragged: bool = False) -> RunningBatch[R] | None:
+    """The running batch that rows of ``width`` cache positions join, or None for a new one.
+    Batch-invariant mode joins only a batch of exactly that width, unless the package is
+    ``ragged`` (every row attends over its own length: any batch will do)."""
     live = [b for b in batches if len(b)]
     if not invariant:
         return live[0] if live else None
     if rows_couple:
         return None
+    if ragged:
+        return live[0] if live else None
     return next((b for b in live if b.width == width), None)
 
 
@@ -161,14 +221,11 @@ def rows_couple(generator: Generator) -> bool:
     return bool(generator.package.manifest.quantization == "int8_dynamic")
 
 
-def _numpy(value: Any) -> np.ndarray:
-    return value if isinstance(value, np.ndarray) else value.numpy()
+def _left_pad(mask: np.ndarray, width: int) -> np.ndarray:
+    missing = width - mask.shape[1]
+    return np.pad(mask, [(0, 0), (missing, 0)]) if missing > 0 else mask
 
 
-def _left_pad(array: np.ndarray, width: int, axis: int) -> np.ndarray:
-    missing = width - array.shape[axis]
-    if missing <= 0:
-        return array
-    pad = [(0, 0)] * array.ndim
-    pad[axis] = (missing, 0)
-    return np.pad(array, pad)
+def _right_pad(mask: np.ndarray, width: int) -> np.ndarray:
+    missing = width - mask.shape[1]
+    return np.pad(mask, [(0, 0), (0, missing)]) if missing > 0 else mask

@@ -36,6 +36,7 @@ from llmopt.runtime.memory import TRIM_AFTER_TOKENS, trim_heap
 from llmopt.runtime.prefill import Prefill, StepRecord
 from llmopt.runtime.sampling import SamplingParams
 from llmopt.runtime.sequence import DecodeState, GenerationResult
+from llmopt.runtime.slots import SlotCopier
 
 log = logging.getLogger("llmopt.engine")
 _END = object()
@@ -128,6 +129,10 @@ class Engine:
         # admitted groups waiting for (or in) their chunked prefill; the first runs one chunk a step
         self._prefills: deque[Prefill[Request]] = deque()
         self._rows_couple = rows_couple(generator)
+        self._ragged = model.ragged  # rows of any lengths share one pass unpadded
+        # the device-side copies of the running batches' slot stores (shared-buffer graphs)
+        self._copier = SlotCopier(model.layout, generator.placement) \
+            if generator.shared_kv else None
         self._lock = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -283,7 +288,8 @@ class Engine:
         now = time.perf_counter()
         for request in requests:
             request.state.prefill_started = now
-        for group in prefill_groups(requests, self.config.batch_invariant, self._rows_couple):
+        for group in prefill_groups(requests, self.config.batch_invariant, self._rows_couple,
+                                    self._ragged):
             self._prefills.append(Prefill(self.generator, group,
                                           [r.state.prompt for r in group], self.config.chunk))
 
@@ -322,11 +328,12 @@ class Engine:
         last = np.array([r.state.step(logits[i, -1]) if not r.state.done else 0
                          for i, r in enumerate(requests)], np.int64)
         batch = place(self._batches, prefill.mask.shape[1], self.config.batch_invariant,
-                      self._rows_couple)
+                      self._rows_couple, self._ragged)
         if batch is None:
-            batch = RunningBatch[Request](self.generator)
+            batch = RunningBatch[Request](self.generator, self.config.max_batch_size,
+                                          self._copier)
             self._batches.append(batch)
-        batch.merge(requests, prefill.mask, prefill.positions[:, -1], last, prefill.past)
+        batch.merge(requests, prefill.mask, prefill.positions[:, -1], last, prefill.present)
         self._retire()
         return tokens
 

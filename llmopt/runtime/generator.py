@@ -1,9 +1,11 @@
 """The Generator: prefill, then decode with the KV cache kept in ONNX Runtime values.
 
-Each step binds the previous step's ``present.*`` OrtValues straight back as
-``past_key_values.*`` (IO binding), so the cache is never copied into numpy between steps.
-Batches of prompts are left-padded, with attention mask and position ids that skip the padding,
-so a prompt decodes the same tokens alone or in a batch.
+Every step is :meth:`llmopt.runtime.kv.DecoderModel.step` on the cache the package calls for
+(:meth:`~llmopt.runtime.kv.DecoderModel.cache`): one buffer updated in place by a
+``shared_buffer`` graph, else the previous step's ``present.*`` OrtValues bound straight back as
+``past_key_values.*``; either way the cache is never copied into numpy between steps. Batches
+of prompts are left-padded, with attention mask and position ids that skip the padding, so a
+prompt decodes the same tokens alone or in a batch.
 """
 
 from __future__ import annotations
@@ -18,9 +20,10 @@ import numpy as np
 
 from llmopt.errors import InvalidInputError
 from llmopt.runtime.kv import DecoderModel, left_pad, position_ids
+from llmopt.runtime.kv_cache import KVPlacement
 from llmopt.runtime.sampling import SamplingParams
 from llmopt.runtime.sequence import DecodeState, GenerationResult
-from llmopt.runtime.session import GPU_PROVIDERS, SessionInfo
+from llmopt.runtime.session import SessionInfo
 
 Prompt = str | Sequence[dict[str, str]] | Sequence[int]
 CHAT_ROLES = ("system", "user", "assistant", "tool")  # what chat templates render
@@ -61,10 +64,16 @@ class Generator:
         self.eos_token_ids = package.manifest.eos_token_ids
         self.pad_token_id = package.manifest.pad_token_id
         self.context_length = package.manifest.context_length
-        on_gpu = bool(info.active) and info.active[0] in GPU_PROVIDERS
-        self.device = "cuda" if on_gpu else "cpu"
-        self.device_id = info.device_id if on_gpu else 0  # every KV binding and allocation
-        self.shared_kv = bool(package.kv_cache.get("shared_buffer"))
+        self.placement = KVPlacement.of(info)  # every KV binding and allocation
+        self.shared_kv = self.model.shared_buffer
+
+    @property
+    def device(self) -> str:
+        return self.placement.device
+
+    @property
+    def device_id(self) -> int:
+        return self.placement.device_id
 
     @property
     def providers(self) -> list[str]:
@@ -207,17 +216,14 @@ class Generator:
         ids, mask = left_pad(prompts, self.pad_token_id)
         history = ids  # every token so far, for a LongRoPE re-prefill (kv.DecoderModel.reprefills)
         positions = position_ids(mask)
-        forward: Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
-        if self.shared_kv:  # room for the prompt and the longest answer
-            capacity = ids.shape[1] + max(s.limit for s in states)
-            forward = InPlaceCache(self, batch, capacity).forward
-        else:
-            forward = self._copying(batch)
+        # room for the prompt and the longest answer (an in-place cache never regrows)
+        capacity = ids.shape[1] + max(s.limit for s in states)
+        cache = self.model.cache(batch, capacity, self.placement)
         prefill_started = time.perf_counter()
         for state in states:
             state.prefill_started = prefill_started
         while True:
-            logits = forward(ids, mask, positions)
+            logits = self.model.step(ids, mask, positions, cache)
             next_ids = np.full(batch, self.pad_token_id, dtype=np.int64)
             for row, state in enumerate(states):
                 if not state.done:
@@ -232,101 +238,6 @@ class Generator:
             if self.model.reprefills(mask.shape[1]):  # the cache restarts from position 0
                 ids, positions = history, position_ids(mask)
         return [state.result() for state in states]
-
-    # -- ONNX Runtime calls ----------------------------------------------------------------------
-
-    def _empty_past(self, batch: int) -> list[Any]:
-        import onnxruntime as ort
-
-        return [ort.OrtValue.ortvalue_from_numpy(a, self.device, self.device_id)
-                for a in self.model.empty_past(batch)]
-
-    def _copying(self, batch: int) -> Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]:
-        """Steps whose present (past plus the new tokens) becomes the next step's past."""
-        past = self._empty_past(batch)
-
-        def forward(ids: np.ndarray, mask: np.ndarray, positions: np.ndarray) -> np.ndarray:
-            nonlocal past
-            if ids.shape[1] == mask.shape[1]:  # the whole sequence: a prefill on an empty cache
-                past = self._empty_past(batch)
-            logits, past = self._forward(ids, mask, positions, past)
-            return logits
-
-        return forward
-
-    def _forward(self, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray,
-                 past: list[Any]) -> tuple[np.ndarray, list[Any]]:
-        """One step on past-sized cache tensors; returns the logits and the presents."""
-        binding = self.session.io_binding()
-        _bind_tokens(binding, self.model, ids, mask, positions)
-        for name, value in zip(self.model.past_names, past, strict=True):
-            if isinstance(value, np.ndarray):
-                binding.bind_cpu_input(name, value)
-            else:
-                binding.bind_ortvalue_input(name, value)
-        binding.bind_output("logits", "cpu")
-        for name in self.model.present_names:
-            binding.bind_output(name, self.device, self.device_id)
-        self.session.run_with_iobinding(binding)
-        outputs = binding.get_outputs()
-        return outputs[0].numpy(), list(outputs[1:])
-
-
-class InPlaceCache:
-    """The KV cache of a ``shared_buffer`` package: one [batch, kv_heads, capacity, head_dim]
-    buffer per cache tensor, bound once as both past and present, which the graph updates in
-    place; each step binds only the token inputs again. ``initial`` fills the first positions
-    (an existing cache, e.g. after the engine regrouped its batch)."""
-
-    def __init__(self, generator: Generator, batch: int, capacity: int,
-                 initial: list[np.ndarray] | None = None) -> None:
-        import onnxruntime as ort
-
-        model = generator.model
-        self.model = model
-        self.session = generator.session
-        self.capacity = capacity
-        shape = [batch, model.num_kv_heads, capacity, model.head_dim]
-        self.binding = self.session.io_binding()
-        self.binding.bind_output("logits", "cpu")  # first: get_outputs() keeps that order
-        self.buffers = []
-        for i, (past, present) in enumerate(zip(model.past_names, model.present_names,
-                                                strict=True)):
-            if initial is None:
-                buffer = ort.OrtValue.ortvalue_from_shape_and_type(
-                    shape, model.kv_dtype, generator.device, generator.device_id)
-            else:
-                array = np.zeros(shape, model.kv_dtype)
-                array[:, :, :initial[i].shape[2]] = initial[i]
-                buffer = ort.OrtValue.ortvalue_from_numpy(array, generator.device,
-                                                          generator.device_id)
-            self.binding.bind_ortvalue_input(past, buffer)
-            self.binding.bind_ortvalue_output(present, buffer)
-            self.buffers.append(buffer)
-
-    def forward(self, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray) -> np.ndarray:
-        """One step; the cache then holds ``mask.shape[1]`` positions. Returns the logits."""
-        _bind_tokens(self.binding, self.model, ids, mask, positions)
-        self.binding.bind_output("logits", "cpu")  # a new shape each step: unallocated again
-        self.session.run_with_iobinding(self.binding)
-        return self.binding.get_outputs()[0].numpy()
-
-    def arrays(self, length: int) -> list[np.ndarray]:
-        """The first ``length`` positions of every cache tensor."""
-        return [np.ascontiguousarray(b.numpy()[:, :, :length]) for b in self.buffers]
-
-
-_LAST_ONLY = np.array(1, np.int64)
-
-
-def _bind_tokens(binding: Any, model: DecoderModel, ids: np.ndarray, mask: np.ndarray,
-                 positions: np.ndarray) -> None:
-    """The step's token inputs; logits of the last position only, all generation needs."""
-    binding.bind_cpu_input("input_ids", np.ascontiguousarray(ids, dtype=np.int64))
-    binding.bind_cpu_input("attention_mask", np.ascontiguousarray(mask, dtype=np.int64))
-    binding.bind_cpu_input("position_ids", np.ascontiguousarray(positions, dtype=np.int64))
-    if model.keeps_logits:
-        binding.bind_cpu_input("logits_to_keep", _LAST_ONLY)
 
 
 def _params(params: SamplingParams | None, overrides: dict[str, Any]) -> SamplingParams:

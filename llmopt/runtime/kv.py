@@ -1,4 +1,11 @@
-"""The decoder graph's calling convention: inputs, KV cache, padding and positions."""
+"""The decoder graph's calling convention and its one step: inputs, KV cache, padding and
+positions.
+
+:meth:`DecoderModel.step` is the only place a decoder session runs: the Generator, the serving
+engine (prefill and decode) and export validation all call it, each with a
+:class:`~llmopt.runtime.kv_cache.KVCache` that says where the past comes from and where the
+present goes.
+"""
 
 from __future__ import annotations
 
@@ -7,12 +14,22 @@ from typing import Any
 
 import numpy as np
 
+from llmopt.runtime.kv_cache import (
+    HOST,
+    ROW_LENGTHS,
+    CopyingCache,
+    InPlaceCache,
+    KVCache,
+    KVLayout,
+    KVPlacement,
+)
+
 ALL_POSITIONS = np.array(0, np.int64)  # logits_to_keep: every position's logits
+LAST_POSITION = np.array(1, np.int64)  # logits_to_keep: the last position's, all decoding needs
 
 
 class DecoderModel:
-    """One decoder session and its KV-cache layout: ``forward`` runs prefill or decode and
-    returns every position's logits."""
+    """One decoder session and its KV-cache layout."""
 
     def __init__(self, session: Any, kv_cache: dict[str, Any]) -> None:
         self.session = session
@@ -22,6 +39,12 @@ class DecoderModel:
         self.max_positions = int(kv_cache.get("max_positions") or 0)
         self.kv_dtype = np.dtype(kv_cache.get("dtype", "float32"))
         self.rope_long_after = kv_cache.get("rope_long_after")  # LongRoPE's switch point
+        # GroupQueryAttention updates one buffer bound as both past and present
+        self.shared_buffer = bool(kv_cache.get("shared_buffer"))
+        # rows of different lengths share a step unpadded: right-aligned masks, own seqlens_k
+        metadata = session.get_modelmeta().custom_metadata_map
+        self.ragged = (self.shared_buffer and metadata.get(ROW_LENGTHS) == "1"
+                       and not kv_cache.get("sliding_window"))
         self.past_names = [
             name
             for i in range(self.num_layers)
@@ -33,9 +56,26 @@ class DecoderModel:
             for name in (kv_cache["present_key"].format(i=i),
                          kv_cache["present_value"].format(i=i))
         ]
-        self.output_names = ["logits", *self.present_names]
+        self.layout = KVLayout(tuple(self.past_names), tuple(self.present_names),
+                               self.num_kv_heads, self.head_dim, self.kv_dtype)
         # packages exported before logits_to_keep existed compute every position's logits
         self.keeps_logits = "logits_to_keep" in {i.name for i in session.get_inputs()}
+
+    # -- caches ----------------------------------------------------------------------------------
+
+    def copying_cache(self, batch: int, placement: KVPlacement = HOST,
+                      past: list[Any] | None = None) -> CopyingCache:
+        """A cache whose presents become the next step's past (``past``: its start, else
+        empty)."""
+        return CopyingCache(self.session, self.layout, batch, placement, past)
+
+    def cache(self, batch: int, capacity: int, placement: KVPlacement = HOST
+              ) -> KVCache:
+        """The cache a generation of ``batch`` rows and at most ``capacity`` positions runs on:
+        in place where the graph shares its buffer, else copying."""
+        if self.shared_buffer:
+            return InPlaceCache(self.session, self.layout, batch, capacity, placement)
+        return self.copying_cache(batch, placement)
 
     def empty_past(self, batch: int) -> list[np.ndarray]:
         shape = (batch, self.num_kv_heads, 0, self.head_dim)
@@ -50,16 +90,38 @@ class DecoderModel:
         after = self.rope_long_after
         return after is not None and total - 1 == int(after)
 
+    # -- the step --------------------------------------------------------------------------------
+
+    def step(self, input_ids: np.ndarray, attention_mask: np.ndarray,
+             position_ids: np.ndarray, cache: KVCache, all_logits: bool = False) -> np.ndarray:
+        """Run ``input_ids`` (prefill, a prefill chunk or one decode token per row) on top of
+        ``cache``, which then holds ``attention_mask.shape[1]`` positions. Returns the last
+        position's logits ([B, 1, vocab]), or every position's with ``all_logits`` (packages
+        exported without ``logits_to_keep`` always return every position's). A step whose
+        ``input_ids`` are the whole sequence starts the cache afresh."""
+        restart = input_ids.shape[1] == attention_mask.shape[1]
+        binding = cache.binding(restart)
+        binding.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, dtype=np.int64))
+        binding.bind_cpu_input("attention_mask",
+                               np.ascontiguousarray(attention_mask, dtype=np.int64))
+        binding.bind_cpu_input("position_ids", np.ascontiguousarray(position_ids, dtype=np.int64))
+        if self.keeps_logits:
+            binding.bind_cpu_input("logits_to_keep", ALL_POSITIONS if all_logits
+                                   else LAST_POSITION)
+        binding.bind_output("logits", "cpu")  # a new shape each step: unallocated again
+        self.session.run_with_iobinding(binding)
+        outputs = binding.get_outputs()
+        cache.advance(list(outputs[1:]))
+        return np.asarray(outputs[0].numpy())
+
     def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray,
                 position_ids: np.ndarray, past: list[np.ndarray]
                 ) -> tuple[np.ndarray, list[np.ndarray]]:
-        feed = {"input_ids": input_ids, "attention_mask": attention_mask,
-                "position_ids": position_ids}
-        if self.keeps_logits:
-            feed["logits_to_keep"] = ALL_POSITIONS
-        feed.update(zip(self.past_names, past, strict=True))
-        logits, *present = self.session.run(self.output_names, feed)
-        return logits, present
+        """:meth:`step` on a copying cache that starts at ``past``: every position's logits and
+        the presents as host arrays (scoring, calibration, comparisons)."""
+        cache = self.copying_cache(input_ids.shape[0], past=past)
+        logits = self.step(input_ids, attention_mask, position_ids, cache, all_logits=True)
+        return logits, cache.arrays()
 
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -81,17 +143,20 @@ def position_ids(attention_mask: np.ndarray) -> np.ndarray:
 
 
 def greedy(model: DecoderModel, prompts: Sequence[Sequence[int]], max_new_tokens: int,
-           eos_ids: Sequence[int] = (), pad_id: int = 0) -> list[list[int]]:
-    """Greedy decoding with the KV cache; each row stops after its first EOS token."""
+           eos_ids: Sequence[int] = (), pad_id: int = 0,
+           placement: KVPlacement = HOST) -> list[list[int]]:
+    """Greedy decoding through :meth:`DecoderModel.step` on the cache the Generator picks
+    (:meth:`DecoderModel.cache`); each row stops after its first EOS token. Export validation
+    decodes with it, so what it checks is the step production runs."""
     ids, mask = left_pad(prompts, pad_id)
     history = ids
     positions = position_ids(mask)
-    past = model.empty_past(len(prompts))
+    cache = model.cache(len(prompts), ids.shape[1] + max_new_tokens, placement)
     outputs: list[list[int]] = [[] for _ in prompts]
     done = np.zeros(len(prompts), dtype=bool)
     eos = set(eos_ids)
     for _ in range(max_new_tokens):
-        logits, past = model.forward(ids, mask, positions, past)
+        logits = model.step(ids, mask, positions, cache)
         next_ids = logits[:, -1, :].argmax(axis=-1)
         for row, token in enumerate(next_ids):
             if not done[row]:
@@ -104,5 +169,5 @@ def greedy(model: DecoderModel, prompts: Sequence[Sequence[int]], max_new_tokens
         positions = positions[:, -1:] + 1
         mask = np.concatenate([mask, np.ones((len(prompts), 1), np.int64)], axis=1)
         if model.reprefills(mask.shape[1]):
-            ids, positions, past = history, position_ids(mask), model.empty_past(len(prompts))
+            ids, positions = history, position_ids(mask)
     return outputs

@@ -52,9 +52,15 @@ class Prefill(Generic[Member]):
         self.chunk = chunk
         self.ids, self.mask = left_pad(prompts, generator.pad_token_id)
         self.positions = position_ids(self.mask)
-        self.past: list[Any] = generator._empty_past(len(prompts))
+        # past-sized tensors: the rows' cache is written into their batch's slots after
+        self.cache = generator.model.copying_cache(len(prompts), generator.placement)
         self.done = 0  # columns of the padded prompts already in the cache
         self.logits: np.ndarray | None = None
+
+    @property
+    def present(self) -> list[Any]:
+        """The prompts' cache so far ([rows, kv_heads, positions, head_dim] per tensor)."""
+        return self.cache.past
 
     @property
     def width(self) -> int:
@@ -74,9 +80,9 @@ class Prefill(Generic[Member]):
         """Run the next chunk; returns the number of positions it ran. After the last chunk,
         ``logits`` holds the last position's logits of every row."""
         end = self.width if self.chunk is None else min(self.width, self.done + self.chunk)
-        logits, self.past = self.generator._forward(
+        logits = self.generator.model.step(
             self.ids[:, self.done:end], self.mask[:, :end], self.positions[:, self.done:end],
-            self.past)
+            self.cache)
         ran = (end - self.done) * len(self.members)
         self.done = end
         if self.finished:

@@ -223,7 +223,8 @@ def test_device_id_reaches_every_kv_binding_and_allocation(
     session = SimpleNamespace(io_binding=lambda: _RecordingBinding(cpu.session.io_binding(),
                                                                    devices),
                               run_with_iobinding=cpu.session.run_with_iobinding,
-                              get_inputs=cpu.session.get_inputs)
+                              get_inputs=cpu.session.get_inputs,
+                              get_modelmeta=cpu.session.get_modelmeta)
     from_numpy, from_shape = ort.OrtValue.ortvalue_from_numpy, \
         ort.OrtValue.ortvalue_from_shape_and_type
 

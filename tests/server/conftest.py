@@ -110,13 +110,13 @@ def start_server(tmp_path: Path) -> Iterator[Callable[..., Any]]:
 def slow_steps(model: Any, seconds: float) -> None:
     """Make a served decoder take ``seconds`` per forward pass, so that a test can act while a
     generation is surely running (the tiny model does 255 tokens in a fraction of a second)."""
-    forward = model.generator._forward
+    step = model.generator.model.step
 
-    def slowed(*args: Any) -> Any:
+    def slowed(*args: Any, **kwargs: Any) -> Any:
         time.sleep(seconds)
-        return forward(*args)
+        return step(*args, **kwargs)
 
-    model.generator._forward = slowed
+    model.generator.model.step = slowed
 
 
 def sample(server: Any, name: str, labels: dict[str, str]) -> float:

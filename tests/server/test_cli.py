@@ -25,12 +25,12 @@ ROOT = Path(__file__).resolve().parents[2]
 # `llmopt serve` with each forward pass slowed to 20 ms, so a stream surely runs during SIGTERM
 SLOW_SERVE = """
 import sys, time
-from llmopt.runtime.generator import Generator
-forward = Generator._forward
-def slowed(self, *args):
+from llmopt.runtime.kv import DecoderModel
+step = DecoderModel.step
+def slowed(self, *args, **kwargs):
     time.sleep(0.02)
-    return forward(self, *args)
-Generator._forward = slowed
+    return step(self, *args, **kwargs)
+DecoderModel.step = slowed
 from llmopt.cli.main import main
 sys.exit(main(sys.argv[1:]))
 """

@@ -63,3 +63,33 @@ def test_concurrent_identical_greedy_prompts_equal_the_single_request(
         server.stop(0)
     assert len(single) == 48
     assert [got.get(i) for i in range(STREAMS)] == [single] * STREAMS
+
+
+@pytest.mark.parametrize("precision", ["int4", "int8"])
+def test_prompts_of_different_lengths_joining_mid_stream_equal_their_single_answers(
+        quantized: dict[str, Path], precision: str) -> None:
+    """These packages are ragged (GroupQueryAttention reads each row's own length): the engine
+    runs rows of all lengths in one pass, so each answer must still be the request's alone,
+    while others join its batch at other lengths and leave it."""
+    from llmopt.runtime.engine import Engine, EngineConfig
+    from llmopt.runtime.generator import Generator
+    from llmopt.runtime.sampling import SamplingParams
+
+    generator = llmopt.load(quantized[precision], ["cpu"])
+    assert isinstance(generator, Generator) and generator.model.ragged
+    prompts = [PROMPT, "What is the capital of France?", "List three fruits.",
+               "Explain in two sentences why the sky is blue."]
+    params = [SamplingParams(max_new_tokens=n, ignore_eos=True) for n in (40, 12, 24, 16)]
+    singles = [generator.chat(p, q).token_ids for p, q in zip(prompts, params, strict=True)]
+    engine = Engine(generator, EngineConfig()).start()
+    try:
+        requests = []
+        for prompt, p in zip(prompts, params, strict=True):
+            requests.append(engine.submit(prompt, p, chat=True))
+            while len(requests[0].state.generated) < 2 * len(requests):
+                requests[0].finished.wait(0.005)  # each joins a batch already decoding
+        got = [r.result(timeout=600).token_ids for r in requests]
+    finally:
+        engine.close()
+    assert got == singles
+    assert engine.forward_passes - len(prompts) == engine.steps  # one decode pass per step
