@@ -241,8 +241,7 @@ def _nbits(options: QuantizeOptions, src: Path, targets: list[str], kept: list[s
                    algorithm, options.accuracy_level)
     else:
         _onnxruntime_nbits(model, options, algorithm, exclude=[*kept, *heads], parent=parent)
-        details["zero_point_corrections"] = blockwise.correct_float_zero_points(
-            model, any_rank=parent.builder != "native")
+        details["zero_point_corrections"] = blockwise.correct_float_zero_points(model)
     if heads and options.lm_head_bits:
         _blockwise(model, heads, options.lm_head_bits, options.block_size, True, "mse",
                    options.accuracy_level)

@@ -2,9 +2,10 @@
 
 ONNX Runtime's fast MatMulNBits CPU kernels (int8 compute, ``accuracy_level=4``) take 4- or
 8-bit codes with *integer* zero points; a float zero point sends every call down a path that
-dequantizes the whole matrix first (measured 20-40x slower per MatMul). Everything here
-therefore keeps zero points integral, or, where an algorithm needs float ones, moves them into
-a small correction term next to a symmetric kernel (:func:`correction`):
+dequantizes the whole matrix first (measured 20-40x slower per MatMul; ONNX Runtime skips
+prepacking for them). Everything here therefore keeps zero points integral, or, where an
+algorithm needs float ones, moves them into a small correction term next to a symmetric kernel
+(:func:`summed_correction`, or :func:`correction` for graphs of any rank):
 
 - ``rtn``: round to nearest on each block's [min, max] range.
 - ``mse``: per block, search clipping ranges and refine the scale by least squares for the
@@ -127,13 +128,15 @@ def matmul_nbits(node_name: str, inputs: tuple[str, str], base: str, blocks: Blo
     from onnx import helper, numpy_helper
 
     n, nblocks, block = blocks.codes.shape
-    codes = blocks.codes
-    if blocks.bits == 4:
-        codes = (codes[..., 0::2] | (codes[..., 1::2] << 4)).astype(np.uint8)
-    inits = [numpy_helper.from_array(np.ascontiguousarray(codes), f"{base}.q{blocks.bits}"),
-             numpy_helper.from_array(blocks.scales.reshape(-1).astype(np.float32),
-                                     f"{base}.scales")]
     zeros = blocks.zeros
+    corrected = zeros is not None and zeros.dtype != np.uint8
+    # float zero points: the symmetric kernel also computes x's block sums (see summed_correction)
+    codes = np.concatenate([blocks.codes, block_sum_rows(nblocks, block, blocks.bits).codes]) \
+        if corrected else blocks.codes
+    scales = np.concatenate([blocks.scales, np.ones((nblocks, nblocks), np.float32)]) \
+        if corrected else blocks.scales
+    inits = [numpy_helper.from_array(pack_codes(codes, blocks.bits), f"{base}.q{blocks.bits}"),
+             numpy_helper.from_array(scales.reshape(-1).astype(np.float32), f"{base}.scales")]
     if zeros is not None and zeros.dtype == np.uint8:
         if blocks.bits == 4:
             if nblocks % 2:
@@ -141,87 +144,81 @@ def matmul_nbits(node_name: str, inputs: tuple[str, str], base: str, blocks: Blo
             zeros = zeros[:, 0::2] | (zeros[:, 1::2] << 4)
         inits.append(numpy_helper.from_array(np.ascontiguousarray(zeros, np.uint8).reshape(-1),
                                              f"{base}.zero_points"))
-    output = inputs[1] if zeros is None or zeros.dtype == np.uint8 else f"{base}/symmetric"
+    output = f"{base}/with_block_sums" if corrected else inputs[1]
     nodes = [helper.make_node(
         "MatMulNBits", [inputs[0], *(i.name for i in inits)], [output], name=node_name,
-        domain="com.microsoft", K=nblocks * block, N=n, bits=blocks.bits, block_size=block,
-        accuracy_level=accuracy_level)]
-    if output != inputs[1]:
+        domain="com.microsoft", K=nblocks * block, N=codes.shape[0], bits=blocks.bits,
+        block_size=block, accuracy_level=accuracy_level)]
+    if corrected:
         assert zeros is not None
-        more_nodes, more_inits = correction(inputs[0], output, inputs[1], base, blocks.scales,
-                                            zeros.astype(np.float32), blocks.bits, block)
+        more_nodes, more_inits = summed_correction(output, inputs[1], base, blocks.scales,
+                                                   zeros.astype(np.float32), blocks.bits)
         nodes += more_nodes
         inits += more_inits
     return nodes, inits
 
 
-def correction(x: str, symmetric: str, y: str, base: str, scales: np.ndarray,
-               zeros: np.ndarray, bits: int, block: int,
-               any_rank: bool = False) -> tuple[list[Any], list[Any]]:
-    """Float zero points on the fast kernel: ``y = symmetric + blocksum(x) @ C``.
+def pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:
+    """[N, nblocks, block] codes as MatMulNBits stores them (two 4-bit codes per byte)."""
+    if bits == 4:
+        codes = codes[..., 0::2] | (codes[..., 1::2] << 4)
+    return np.ascontiguousarray(codes, np.uint8)
+
+
+def block_sum_rows(nblocks: int, block: int, bits: int) -> Blocks:
+    """``nblocks`` extra output columns for a symmetric MatMulNBits: column ``b`` weighs the
+    inputs of block ``b`` by 1 and every other input by 0 (code ``2^(bits-1) + 1`` and scale 1,
+    exact in any precision), so the kernel's last ``nblocks`` outputs are x's block sums."""
+    middle = 1 << (bits - 1)
+    codes = np.full((nblocks, nblocks, block), middle, np.uint8)
+    codes[np.arange(nblocks), np.arange(nblocks)] = middle + 1
+    return Blocks(codes, np.ones((nblocks, nblocks), np.float32), None, bits)
+
+
+def summed_correction(with_sums: str, y: str, base: str, scales: np.ndarray,
+                      zeros: np.ndarray, bits: int) -> tuple[list[Any], list[Any]]:
+    r"""Float zero points on the fast kernel: ``y = symmetric + blocksum(x) @ C``, for a
+    symmetric MatMulNBits extended by :func:`block_sum_rows` (output ``with_sums``).
 
     A block with a float zero point ``z`` computes ``s * (q - z) = s * (q - m) + s * (m - z)``
     with ``m = 2^(bits-1)``, the zero point MatMulNBits assumes when none is given. The first
     term is a symmetric MatMulNBits on the same codes; the second is constant per block and
-    output column, so its product with ``x`` is the per-block sums of ``x`` ([B, S, K/block],
-    a Reshape and a ReduceSum: nothing to read from memory) times ``C[b, n] = s[n, b] * (m -
-    z[n, b])`` ([K/block, N]): exact up to float rounding, costing 1/8 of the 4-bit weight's
-    bytes. ``x`` is [batch, sequence, K], as in every graph llmopt emits; ``any_rank`` (traced
-    graphs, whose mixture-of-experts layers multiply [tokens, K]) takes the block shape from
-    ``x`` at run time instead, for two more tiny ops.
+    output column, so its product with ``x`` is the per-block sums of ``x`` ([..., K/block])
+    times ``C[b, n] = s[n, b] * (m - z[n, b])`` ([K/block, N]): exact up to float rounding,
+    costing 1/8 of the 4-bit weight's bytes. The block sums are ``nblocks`` more output
+    columns of the kernel, which reads ``x`` anyway::
+
+        x ─MatMulNBits(N + nblocks)─Split─┬ symmetric [.., N] ─────────────────────┐
+                                          └ block sums [.., nblocks] ─MatMul(C)─Add─▶ y
+
+    Three small nodes per MatMul where a Reshape and ReduceSum over ``x`` made four (an int4
+    SmolLM2 step runs 120 of them; bench/results/decode_cpu.md), for ``x`` of any rank and
+    any number of rows (routed experts often get none). The sums come from the same (at
+    accuracy level 4: int8-rounded) activations as the product itself.
     """
     from onnx import helper, numpy_helper
 
-    nblocks = scales.shape[1]
+    n, nblocks = scales.shape
     middle = float(1 << (bits - 1))
     c = (scales * (middle - zeros)).T.astype(np.float32)  # [nblocks, N]
-    inits = [numpy_helper.from_array(np.array([0, 0, nblocks, block], np.int64),
-                                     f"{base}.block_shape"),
-             numpy_helper.from_array(np.array([-1], np.int64), f"{base}.block_axis"),
+    inits = [numpy_helper.from_array(np.array([n, nblocks], np.int64), f"{base}.sum_split"),
              numpy_helper.from_array(c, f"{base}.zero_point_correction")]
-    shape = inits[0].name
-    nodes = []
-    if any_rank:
-        inits[0] = numpy_helper.from_array(np.array([nblocks, block], np.int64),
-                                           f"{base}.block_shape")
-        shape = f"{base}/block_shape"
-        nodes += [
-            helper.make_node("Shape", [x], [f"{base}/lead_shape"], name=f"{base}/LeadShape",
-                             end=-1),
-            helper.make_node("Concat", [f"{base}/lead_shape", inits[0].name], [shape],
-                             name=f"{base}/BlockShape", axis=0),
-        ]
-    nodes.append(helper.make_node("Reshape", [x, shape], [f"{base}/blocks"],
-                                  name=f"{base}/Blocks"))
-    if any_rank:
-        # ONNX Runtime's ReduceSum returns an empty input unreduced ([0, nblocks, block]),
-        # and a routed expert often gets no rows: sum by a MatMul with ones instead
-        inits.append(numpy_helper.from_array(np.ones((block, 1), np.float32),
-                                             f"{base}.block_ones"))
-        nodes += [
-            helper.make_node("MatMul", [f"{base}/blocks", inits[-1].name],
-                             [f"{base}/block_sums_1"], name=f"{base}/BlockSums"),
-            helper.make_node("Squeeze", [f"{base}/block_sums_1", inits[1].name],
-                             [f"{base}/block_sums"], name=f"{base}/SqueezeSums"),
-        ]
-    else:
-        nodes.append(helper.make_node("ReduceSum", [f"{base}/blocks", inits[1].name],
-                                      [f"{base}/block_sums"], name=f"{base}/BlockSums",
-                                      keepdims=0))
-    nodes += [
-        helper.make_node("MatMul", [f"{base}/block_sums", inits[2].name],
+    nodes = [
+        helper.make_node("Split", [with_sums, inits[0].name],
+                         [f"{base}/symmetric", f"{base}/block_sums"], name=f"{base}/BlockSums",
+                         axis=-1),
+        helper.make_node("MatMul", [f"{base}/block_sums", inits[1].name],
                          [f"{base}/correction"], name=f"{base}/ZeroPointCorrection"),
-        helper.make_node("Add", [symmetric, f"{base}/correction"], [y],
+        helper.make_node("Add", [f"{base}/symmetric", f"{base}/correction"], [y],
                          name=f"{base}/AddCorrection"),
     ]
     return nodes, inits
 
 
-def correct_float_zero_points(proto: Any, any_rank: bool = False) -> int:
+def correct_float_zero_points(proto: Any) -> int:
     """Rewrite every MatMulNBits with float zero points (HQQ, GPTQ, GGUF Q4_1) into the
-    symmetric kernel plus :func:`correction`; returns how many were rewritten. ``any_rank``
-    for every node (traced graphs); native graphs need it only for their routed experts, which
-    multiply the [tokens, K] rows routed to them (``model.layers.{i}.moe.experts.*``)."""
+    symmetric kernel with block-sum columns plus :func:`summed_correction`; returns how many
+    were rewritten."""
     from onnx import TensorProto, numpy_helper
 
     inits = {t.name: t for t in proto.graph.initializer}
@@ -239,19 +236,29 @@ def correct_float_zero_points(proto: Any, any_rank: bool = False) -> int:
         if k % block:
             raise ValueError(f"block size {block} does not divide K={k}")
         nblocks = k // block
-        scales = numpy_helper.to_array(inits[node.input[2]]).astype(np.float32)
-        zeros = numpy_helper.to_array(zp).astype(np.float32)
+        stored_scales = numpy_helper.to_array(inits[node.input[2]]).reshape(n, nblocks)
+        scales = stored_scales.astype(np.float32)
+        zeros = numpy_helper.to_array(zp).astype(np.float32).reshape(n, nblocks)
         base = node.input[1].rsplit(".", 1)[0] if "." in node.input[1] else node.input[1]
-        symmetric = f"{base}/symmetric"
         del node.input[3:]
-        node.output[0], y = symmetric, node.output[0]
+        y = node.output[0]
+        node.output[0] = f"{base}/with_block_sums"
+        sums = block_sum_rows(nblocks, block, bits)
+        codes = numpy_helper.to_array(inits[node.input[1]]).reshape(n, nblocks, -1)
+        extended = [
+            numpy_helper.from_array(np.concatenate([codes, pack_codes(sums.codes, bits)]),
+                                    f"{base}.q{bits}_with_block_sums"),
+            numpy_helper.from_array(  # in the stored scales' type (float16 graphs)
+                np.concatenate([stored_scales, sums.scales.astype(stored_scales.dtype)])
+                .reshape(-1), f"{base}.scales_with_block_sums")]
+        node.input[1], node.input[2] = extended[0].name, extended[1].name
+        for attribute in node.attribute:
+            if attribute.name == "N":
+                attribute.i = n + nblocks
+        more_nodes, more_inits = summed_correction(node.output[0], y, base, scales, zeros, bits)
         nodes.append(node)
-        more_nodes, more_inits = correction(node.input[0], symmetric, y, base,
-                                            scales.reshape(n, nblocks),
-                                            zeros.reshape(n, nblocks), bits, block,
-                                            any_rank or ".moe.experts." in node.input[1])
         nodes += more_nodes
-        added += more_inits
+        added += more_inits + extended
         rewritten += 1
     set_nodes(proto, nodes, added)
     return rewritten

@@ -43,20 +43,22 @@ def test_graph_computes_the_dequantized_weight(bits: int, symmetric: bool, k: in
 
 
 def test_float_zero_points_run_symmetric_plus_correction() -> None:
-    """HQQ-like float zero points: a symmetric MatMulNBits (no zero-point input) and the
-    block-sum correction, computing exactly what the float zero points mean."""
+    """HQQ-like float zero points: a symmetric MatMulNBits (no zero-point input) that also
+    computes x's block sums, and the correction, computing exactly what the float zero points
+    mean."""
     k, n = 96, 40
-    codes = RNG.integers(0, 16, (n, k // 32, 32)).astype(np.uint8)
-    scales = RNG.uniform(0.01, 0.05, (n, k // 32)).astype(np.float32)
-    zeros = RNG.uniform(0, 15, (n, k // 32)).astype(np.float32)
+    nblocks = k // 32
+    codes = RNG.integers(0, 16, (n, nblocks, 32)).astype(np.uint8)
+    scales = RNG.uniform(0.01, 0.05, (n, nblocks)).astype(np.float32)
+    zeros = RNG.uniform(0, 15, (n, nblocks)).astype(np.float32)
     blocks = blockwise.Blocks(codes, scales, zeros, bits=4)
     nodes, inits = blockwise.matmul_nbits("mm", ("x", "y"), "w", blocks, accuracy_level=0)
-    assert [node.op_type for node in nodes] == ["MatMulNBits", "Reshape", "ReduceSum", "MatMul",
-                                                "Add"]
+    assert [node.op_type for node in nodes] == ["MatMulNBits", "Split", "MatMul", "Add"]
     assert len(nodes[0].input) == 3  # no zero points: the fast kernel
-    # the block sums are computed, not read: the only float matrix added is C [K/32, N]
+    # one block-sum column per block beside the N outputs; the only float matrix added is C
+    assert {a.name: a.i for a in nodes[0].attribute}["N"] == n + nblocks
     assert sorted(i.dims[:] for i in inits if i.data_type == onnx.TensorProto.FLOAT) == [
-        [k // 32, n], [n * k // 32]]
+        [nblocks, n], [(n + nblocks) * nblocks]]
     x = RNG.standard_normal((1, 5, k)).astype(np.float32)
     want = x @ blocks.dequantize()
     np.testing.assert_allclose(_run(nodes, inits, x, n), want, rtol=1e-4, atol=1e-4)
@@ -104,25 +106,23 @@ def test_block_must_divide_the_input_size() -> None:
 
 
 @pytest.mark.parametrize("rows", [5, 0])
-def test_the_any_rank_correction_takes_rows_and_no_rows(rows: int) -> None:
-    """A routed expert multiplies the [tokens, K] rows routed to it, often none: the correction
-    must give [rows, N] for both (ONNX Runtime's ReduceSum leaves an empty input unreduced)."""
+def test_the_correction_takes_rows_of_any_rank_and_no_rows(rows: int) -> None:
+    """A routed expert multiplies the [tokens, K] rows routed to it, often none: the corrected
+    kernel must give [rows, N] for both."""
     k, n = 64, 24
     codes = RNG.integers(0, 16, (n, k // 32, 32)).astype(np.uint8)
     scales = RNG.uniform(0.01, 0.05, (n, k // 32)).astype(np.float32)
     zeros = RNG.uniform(0, 15, (n, k // 32)).astype(np.float32)
-    w = blockwise.Blocks(codes, scales, zeros, bits=4).dequantize()
-    nodes, inits = blockwise.correction("x", "sym", "y", "w", scales, zeros, 4, 32,
-                                        any_rank=True)
-    sym = helper.make_tensor_value_info("sym", TensorProto.FLOAT, [None, n])
+    blocks = blockwise.Blocks(codes, scales, zeros, bits=4)
+    nodes, inits = blockwise.matmul_nbits("mm", ("x", "y"), "w", blocks, accuracy_level=0)
     x_info = helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, k])
     y_info = helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, n])
-    model = helper.make_model(helper.make_graph(nodes, "g", [x_info, sym], [y_info], inits),
-                              ir_version=10, opset_imports=[helper.make_opsetid("", 18)])
+    model = helper.make_model(helper.make_graph(nodes, "g", [x_info], [y_info], inits),
+                              ir_version=10, opset_imports=[
+                                  helper.make_opsetid("", 18),
+                                  helper.make_opsetid("com.microsoft", 1)])
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     x = RNG.standard_normal((rows, k)).astype(np.float32)
-    middle = codes.astype(np.float32).transpose(1, 2, 0).reshape(k, n) - 8
-    symmetric = x @ (middle * np.repeat(scales.T, 32, axis=0))
-    (got,) = session.run(None, {"x": x, "sym": symmetric.astype(np.float32)})
+    (got,) = session.run(None, {"x": x})
     assert got.shape == (rows, n)
-    np.testing.assert_allclose(got, x @ w, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(got, x @ blocks.dequantize(), rtol=1e-4, atol=1e-4)
