@@ -31,6 +31,8 @@ class PackageInfo:
     steps: tuple[str, ...]     # export, optimize, quantize ...
     precision: str
     missing: str | None = None  # why the package is absent (its points are then skipped)
+    runtime: str = "llmopt"     # or "genai": an ONNX Runtime GenAI model folder
+    context_length: int | None = None
 
     @property
     def is_decoder(self) -> bool:
@@ -79,6 +81,11 @@ def inspect_packages(config: BenchConfig, allow_missing: bool = False) -> dict[s
     infos: dict[str, PackageInfo] = {}
     for label, spec in config.packages.items():
         try:
+            if spec.runtime == "genai":
+                from llmopt.bench.genai import describe_genai
+
+                infos[label] = describe_genai(label, spec.path)
+                continue
             package = Package.open(spec.path)
         except PackageError as exc:
             if not allow_missing:
@@ -101,7 +108,11 @@ def describe(label: str, package: Any) -> PackageInfo:
     if reference and source.get("gguf_file") and source.get("kind") == "gguf":
         reference = str(Path(reference))
     steps = tuple(str(s.get("stage")) for s in manifest.get("steps") or [])
-    return PackageInfo(label, package.path, package.task, reference, steps, _precision(manifest))
+    generation = manifest.get("generation") or {}
+    encoder = manifest.get("encoder") or {}
+    context = generation.get("context_length") or encoder.get("max_positions")
+    return PackageInfo(label, package.path, package.task, reference, steps, _precision(manifest),
+                       context_length=int(context) if context else None)
 
 
 def _precision(manifest: dict[str, Any]) -> str:
@@ -130,6 +141,9 @@ def expand(config: BenchConfig, packages: dict[str, PackageInfo]) -> list[Point]
             info = packages[label]
             tokens = 0 if not info.is_decoder and info.missing is None else new
             package, runs_on = label, provider
+            if (target == "genai") != (info.runtime == "genai"):
+                dropped.add("the genai target runs GenAI model folders and only they run on it")
+                continue
             if target == "pytorch":
                 if conc > 1 or rate is not None:
                     dropped.add("the PyTorch baseline is measured at concurrency 1 without a "
