@@ -53,7 +53,9 @@ class Analysis:
                  for label, info in packages.items() if not info.missing}
         self._add_deltas(facts, packages)
         limit = max((b["bytes_per_s"] for b in self.bandwidth), default=None)
-        rows = [_row(rec, facts.get(rec["package"], {}), limit) for rec in records
+        # a PyTorch row runs the package's source, so the package's facts are not its own
+        rows = [_row(rec, {} if rec["target"] == "pytorch" else facts.get(rec["package"], {}),
+                     limit) for rec in records
                 if rec["status"] == "ok" and rec["workload"]["concurrency"] == 1
                 and rec["workload"]["request_rate"] is None]
         return {
@@ -185,7 +187,7 @@ def _row(record: dict[str, Any], facts: dict[str, Any], limit: float | None) -> 
                 "perplexity": facts.get("perplexity"),
                 "perplexity_delta_pct": facts.get("perplexity_delta_pct")})
     traffic = facts.get("traffic")
-    if traffic and record["target"] != "pytorch":
+    if traffic:
         from llmopt.bench.traffic import Traffic, mean_decode_context
 
         context = mean_decode_context(workload["prompt_tokens"], workload["new_tokens"])

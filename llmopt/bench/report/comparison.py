@@ -77,19 +77,25 @@ def ratio_table(results: dict[str, Any]) -> str:
 
 
 def encoder_table(results: dict[str, Any]) -> str:
-    rows = [r for r in (results.get("analysis") or {}).get("rows", [])
-            if "sequences_per_s" in r]
+    analysis = results.get("analysis") or {}
+    rows = [r for r in analysis.get("rows", []) if "sequences_per_s" in r]
     if not rows:
         return ""
-    reference = results["analysis"].get("reference")
-    lines = [f"| runtime | batch | latency ms | sentences/s | peak RSS MiB | cosine mean / min "
-             f"(vs {reference or 'reference'}) |", "|---|---:|---:|---:|---:|---:|"]
+    reference = analysis.get("reference")
+    ratios = {(r["package"], r["workload"]["batch_size"]): r for r in analysis.get("ratios", [])}
+    lines = [f"| runtime | batch | latency ms | sentences/s | x its comparison (sentences/s) | "
+             f"peak RSS MiB | cosine mean / min (vs {reference or 'reference'}) |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         cosine = "-" if r.get("cosine_mean") is None else (
             f"{r['cosine_mean']:.4f} / {r['cosine_min']:.4f}")
+        ratio = ratios.get((r["package"], r["workload"]["batch_size"])) \
+            if r["target"] != "pytorch" else None
+        versus = "-" if ratio is None else (
+            f"{_x(ratio.get('sequences_per_s'))} vs {ratio['against']}")
         lines.append(f"| {runtime_name(r)} | {r['workload']['batch_size']} | "
                      f"{_f(_times(r.get('latency_s'), 1000), 1)} | "
-                     f"{_f(r.get('sequences_per_s'), 1)} | "
+                     f"{_f(r.get('sequences_per_s'), 1)} | {versus} | "
                      f"{_f(_times(r.get('peak_rss_bytes'), 2**-20), 0)} | {cosine} |")
     return "\n".join(lines)
 
