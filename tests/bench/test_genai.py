@@ -129,3 +129,31 @@ def test_the_genai_target_names_the_missing_environment(folder: Path, tmp_path: 
     with pytest.raises(LlmoptError, match="no Python for ONNX Runtime GenAI") as caught:
         GenaiTarget(folder, cpu, GenaiOptions(python=str(tmp_path / "none")), None)
     assert "reference_genai.py" in str(caught.value.fix)
+
+
+ROOT = Path(__file__).resolve().parents[2]
+GENAI_PYTHON = ROOT / ".venv-genai" / "bin" / "python"
+GENAI_INT4 = ROOT / ".cache" / "genai" / "smollm2-135m-int4-cpu"
+
+
+@pytest.mark.real_model
+@pytest.mark.skipif(not (GENAI_PYTHON.is_file() and (GENAI_INT4 / "genai_config.json").is_file()),
+                    reason="no GenAI reference built here (python bench/reference_genai.py)")
+def test_the_real_worker_generates_with_onnxruntime_genai() -> None:
+    from transformers import AutoTokenizer
+
+    from llmopt.bench.targets.genai import GenaiTarget
+
+    tokenizer = AutoTokenizer.from_pretrained(str(GENAI_INT4))
+    cpu = ProviderSpec("cpu", "cpu", {"intra_op_threads": 1})
+    target = GenaiTarget(GENAI_INT4, cpu, GenaiOptions(python=str(GENAI_PYTHON)), tokenizer)
+    try:
+        assert target.info()["versions"]["onnxruntime_genai"]
+        prompt = tokenizer("The capital of France is")["input_ids"]
+        timing = target.decode([prompt], 6, issued=0.0)  # EOS held off: exactly 6 tokens
+        assert timing.output_tokens == 6 and len(timing.itl_s) == 5
+        assert 0 < timing.ttft_s[0] < timing.e2e_s
+        assert (target.memory()["worker_peak_rss_bytes"] or 0) > 50 * 2**20  # holds the model
+    finally:
+        target.close()
+    assert target.process.returncode == 0  # closing stdin ends the worker cleanly
