@@ -58,6 +58,10 @@ class Analysis:
                      limit) for rec in records
                 if rec["status"] == "ok" and rec["workload"]["concurrency"] == 1
                 and rec["workload"]["request_rate"] is None]
+        for row in rows:
+            title = self.config.packages[row["package"]].title
+            if title and row["target"] != "pytorch":
+                row["title"] = title
         return {
             "threads": self.threads,
             "bandwidth": {"bytes_per_s": limit, "probes": self.bandwidth} if limit else None,

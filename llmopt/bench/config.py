@@ -51,7 +51,7 @@ MATRIX_DEFAULTS: dict[str, list[Any]] = {
     "concurrency": [1],
     "request_rates": [None],  # None: closed loop (each worker sends its next request at once)
 }
-PACKAGE_KEYS = ("path", "prepare", "runtime")
+PACKAGE_KEYS = ("path", "prepare", "runtime", "title")
 RUNTIMES = ("llmopt", "genai")
 NULLABLE = ("max_seconds_per_point", "warmup_new_tokens")  # None: no limit
 PROVIDER_KEYS = ("name", "options", "label")
@@ -144,6 +144,7 @@ class PackageSpec:
     path: Path
     prepare: Mapping[str, Any] | None = None
     runtime: str = "llmopt"
+    title: str | None = None  # how comparison tables name it (default: "llmopt LABEL")
 
 
 @dataclass(frozen=True)
@@ -303,8 +304,9 @@ def _packages(data: Any, where: str) -> dict[str, PackageSpec]:
             raise InvalidInputError(f"{where}: packages.{label} is a GenAI model folder, which "
                                     "the bench cannot prepare",
                                     fix="build it with `python bench/reference_genai.py`")
+        title = spec.get("title")
         out[str(label)] = PackageSpec(str(label), Path(str(spec["path"])).expanduser(), prepare,
-                                      runtime)
+                                      runtime, None if title is None else str(title))
     return out
 
 

@@ -121,11 +121,22 @@ def _precision(manifest: dict[str, Any]) -> str:
     for step in reversed(manifest.get("steps") or []):
         if step.get("stage") == "quantize" and step.get("method"):
             return str(step["method"])
-        text = " ".join(str(v) for v in step.values()).lower()
+        text = _words(step).lower()
         for name in ("int4", "int8", "float16", "fp16"):
             if name in text:
                 return "fp16" if name in ("float16", "fp16") else name
     return "fp32"
+
+
+def _words(value: Any) -> str:
+    """The words of a step record, leaving out options that are off (``fp16: None`` is not
+    fp16)."""
+    if isinstance(value, dict):
+        return " ".join(f"{k} {_words(v)}" for k, v in value.items()
+                        if v not in (None, False) and k != "time")
+    if isinstance(value, list | tuple):
+        return " ".join(_words(v) for v in value)
+    return str(value)
 
 
 def expand(config: BenchConfig, packages: dict[str, PackageInfo]) -> list[Point]:

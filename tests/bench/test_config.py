@@ -143,3 +143,16 @@ analysis: {{perplexity: true, reference: tiny, compare: {{tiny: theirs}}}}
     assert sorted(p.id for p in points) == ["genai/theirs/cpu/b1/p8/n4/c1",
                                             "inprocess/tiny/cpu/b1/p8/n4/c1",
                                             "pytorch/tiny/torch-cpu/b1/p8/n4/c1"]
+
+
+@pytest.mark.parametrize(("steps", "precision"), [
+    ([{"stage": "export"}, {"stage": "optimize", "options": {"level": 2, "fp16": None}}], "fp32"),
+    ([{"stage": "optimize", "options": {"fp16": True}}], "fp16"),
+    ([{"stage": "optimize", "options": {"fp16": None}},
+      {"stage": "quantize", "method": "int8_dynamic", "options": {}}], "int8_dynamic"),
+])
+def test_a_package_is_labelled_by_the_step_that_changed_its_weights(
+        steps: list[dict[str, object]], precision: str) -> None:
+    from llmopt.bench.matrix import _precision
+
+    assert _precision({"steps": steps}) == precision

@@ -29,6 +29,8 @@ def comparison_markdown(results: dict[str, Any]) -> str:
 
 def runtime_name(row: dict[str, Any]) -> str:
     target, package = row["target"], row["package"]
+    if row.get("title"):
+        return str(row["title"])
     if target == "pytorch":
         return "transformers eager PyTorch"
     if target == "genai":
