@@ -3,7 +3,7 @@
 A folder made by ``onnxruntime_genai.models.builder`` (``bench/reference_genai.py`` builds
 them) holds ``genai_config.json``, ``model.onnx`` and the tokenizer. The bench measures its
 speed through GenAI itself, in GenAI's own environment (:mod:`llmopt.bench.targets.genai`),
-and reads everything else here, in llmopt's: what the folder is (:func:`describe_genai`), its
+and reads everything else here, in llmopt's: what the folder is (:func:`read_genai_config`), its
 bytes per token (:func:`genai_traffic`) and its logits, through plain ONNX Runtime
 (:class:`GenaiOnnxModel`), so its perplexity is computed by the same code as a package's.
 """
@@ -18,7 +18,6 @@ from typing import Any
 
 import numpy as np
 
-from llmopt.bench.matrix import PackageInfo
 from llmopt.bench.traffic import Traffic, model_traffic
 from llmopt.errors import PackageError
 
@@ -75,16 +74,12 @@ def read_genai_config(path: str | os.PathLike[str]) -> GenaiDecoder:
                            fix="rebuild the folder with onnxruntime_genai.models.builder") from None
 
 
-def describe_genai(label: str, path: str | os.PathLike[str]) -> PackageInfo:
-    """A GenAI folder as the harness sees a package: a decoder; int4 when its graph holds
-    MatMulNBits, else fp32."""
+def genai_precision(path: str | os.PathLike[str]) -> str:
+    """int4 when the folder's graph holds MatMulNBits, else fp32."""
     import onnx
 
-    decoder = read_genai_config(path)
-    graph = onnx.load(str(decoder.model_path), load_external_data=False).graph
-    precision = "int4" if any(n.op_type == "MatMulNBits" for n in graph.node) else "fp32"
-    return PackageInfo(label, Path(path), "text-generation", None, ("genai-builder",),
-                       precision, runtime="genai", context_length=decoder.context_length)
+    graph = onnx.load(str(read_genai_config(path).model_path), load_external_data=False).graph
+    return "int4" if any(n.op_type == "MatMulNBits" for n in graph.node) else "fp32"
 
 
 def genai_traffic(path: str | os.PathLike[str]) -> Traffic:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from llmopt.bench.config import BenchConfig
+from llmopt.bench.genai import genai_precision, read_genai_config
 from llmopt.errors import PackageError
 
 log = logging.getLogger("llmopt.bench")
@@ -82,8 +83,6 @@ def inspect_packages(config: BenchConfig, allow_missing: bool = False) -> dict[s
     for label, spec in config.packages.items():
         try:
             if spec.runtime == "genai":
-                from llmopt.bench.genai import describe_genai
-
                 infos[label] = describe_genai(label, spec.path)
                 continue
             package = Package.open(spec.path)
@@ -113,6 +112,14 @@ def describe(label: str, package: Any) -> PackageInfo:
     context = generation.get("context_length") or encoder.get("max_positions")
     return PackageInfo(label, package.path, package.task, reference, steps, _precision(manifest),
                        context_length=int(context) if context else None)
+
+
+def describe_genai(label: str, path: Path) -> PackageInfo:
+    """An ONNX Runtime GenAI folder as the harness sees a package: a decoder."""
+    decoder = read_genai_config(path)
+    return PackageInfo(label, Path(path), "text-generation", None, ("genai-builder",),
+                       genai_precision(path), runtime="genai",
+                       context_length=decoder.context_length)
 
 
 def _precision(manifest: dict[str, Any]) -> str:

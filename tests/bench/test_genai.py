@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from llmopt.bench.config import GenaiOptions, ProviderSpec
-from llmopt.bench.genai import GenaiOnnxModel, describe_genai, genai_traffic, read_genai_config
+from llmopt.bench.genai import GenaiOnnxModel, genai_traffic, read_genai_config
+from llmopt.bench.matrix import describe_genai
 from llmopt.errors import InvalidInputError, LlmoptError, PackageError
 from tests.bench.genai_fixtures import (
     HEAD_SIZE,
