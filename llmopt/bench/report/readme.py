@@ -37,11 +37,12 @@ def headline(results: dict[str, Any]) -> str:
     bandwidth = analysis.get("bandwidth") or {}
     limit = (f"; read-bandwidth limit {bandwidth['bytes_per_s'] / 1e9:.1f} GB/s measured in "
              "the same run" if bandwidth.get("bytes_per_s") else "")
-    load = fp.get("load_average") or ["?"]
+    load = [(fp.get(key) or ["?"])[0] for key in ("load_average", "load_average_end")]
     source = (f"{cpu['model']}, {cpu.get('usable_cores')} cores, {analysis.get('threads')} "
               f"threads; batch {workload.get('batch_size')}, {workload.get('prompt_tokens')}-"
               f"token prompt, {workload.get('new_tokens')} new tokens; medians of {rounds} "
-              f"interleaved rounds{limit}; load average {load[0]} at the start; "
+              f"interleaved rounds{limit}; 1-minute load average {load[0]} at the start, "
+              f"{load[1]} at the end; "
               f"{results['created'][:10]}. Command: `{results['command']}`.")
     parts = [source, "", table]
     ratios = ratio_table(results)
