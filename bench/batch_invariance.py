@@ -25,10 +25,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from llmopt.bench.prompts import CHAT_QUESTIONS as QUESTIONS
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
-sys.path.insert(0, str(ROOT / "bench"))
-from serve_concurrency import QUESTIONS  # noqa: E402  (bench/ is scripts, not a package)
 
 
 def measure(generator: Any, invariant: bool, streams: int, duration: float,

@@ -41,14 +41,6 @@ SEQUENCE = 128
 BATCH = 32
 
 
-def sentences() -> list[str]:
-    from llmopt.evaluate import EVAL_SENTENCES, eval_text
-
-    held_out = [s.strip() for s in re.split(r"(?<=[.!?])\s+", eval_text())
-                if len(s.split()) > 4][:30]
-    return [*EVAL_SENTENCES, *held_out]
-
-
 def build_packages() -> dict[str, Path]:
     """name -> package directory (built once, reused when present)."""
     from llmopt.exporter import ExportOptions, export
@@ -79,24 +71,10 @@ def build_packages() -> dict[str, Path]:
         if not (path / "llmopt.json").is_file():
             quantize(fused, path, options.with_(evaluate=False))
         out[name] = path
+    from llmopt.bench.prepare import ort_quantize_dynamic
+
     out["ORT quantize_dynamic (per-tensor)"] = ort_quantize_dynamic(fused,
                                                                     WORK / "ort_dynamic")
-    return out
-
-
-def ort_quantize_dynamic(fused: Path, out: Path) -> Path:
-    """ONNX Runtime's quantize_dynamic with its defaults on every weight MatMul, written as a
-    package next to the fused one (same tokenizer and manifest)."""
-    import onnx
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    if (out / "model.onnx").is_file():
-        return out
-    shutil.copytree(fused, out, ignore=shutil.ignore_patterns("model.onnx*"))
-    quantize_dynamic(fused / "model.onnx", out / "model.onnx", op_types_to_quantize=["MatMul"],
-                     weight_type=QuantType.QInt8,
-                     extra_options={"MatMulConstBOnly": True,
-                                    "DefaultTensorType": onnx.TensorProto.FLOAT})
     return out
 
 
@@ -212,9 +190,10 @@ def main() -> int:
     parser.add_argument("--note", default="", help="a sentence for the report (machine load)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench/results/encoder_int8.json")
     args = parser.parse_args()
+    from llmopt.bench.analysis import cosine_sentences
     from llmopt.bench.fingerprint import load_average
 
-    texts = sentences()
+    texts = cosine_sentences()
     packages = build_packages()
     result: dict[str, Any] = {
         "command": "python " + " ".join(sys.argv), "date": time.strftime("%Y-%m-%d %H:%M UTC",

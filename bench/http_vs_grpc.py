@@ -3,7 +3,7 @@
     python bench/http_vs_grpc.py [--package DIR] [--streams 8] [--duration 20] [--rounds 3]
 
 Starts one `llmopt serve` process (gRPC and HTTP on free ports) over a one-model repository
-(SmolLM2-135M-Instruct, as bench/serve_concurrency.py finds or exports it), then runs
+(SmolLM2-135M-Instruct, exported once into --work-dir unless --package), then runs
 interleaved rounds of: --streams llmopt.Client streams over gRPC for --duration seconds, and
 --streams `openai` SDK streams over HTTP (stream=True, include_usage) for as long, the first
 door alternating from round to round. Every request
@@ -17,10 +17,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shlex
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -28,31 +26,28 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from serve_concurrency import MODEL, QUESTIONS, RESULTS, ensure_package
+from llmopt.bench.prompts import CHAT_QUESTIONS as QUESTIONS
+from llmopt.bench.targets.server_process import launch_server
 
 Request = Callable[[str], tuple[int, float]]  # prompt -> (generated tokens, TTFT seconds)
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+MODEL = "smollm2"
 
 
-def start_server(repo: Path) -> tuple[subprocess.Popen[str], str, str]:
-    """`llmopt serve` on free ports: the process, its gRPC address and its HTTP URL."""
-    command = [sys.executable, "-m", "llmopt.cli.main", "serve", "--model-repository",
-               str(repo), "--port", "0", "--http-port", "0", "--no-metrics"]
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
-    assert proc.stdout is not None
-    address = url = None
-    for line in proc.stdout:
-        address = address or _found(r"listening on (\S+)", line)
-        url = url or _found(r"http on (\S+)", line)
-        if address and url:
-            threading.Thread(target=proc.stdout.read, daemon=True).start()  # drain its output
-            return proc, address, url
-    raise SystemExit(f"llmopt serve did not start (exit {proc.wait()})")
+def ensure_package(package: Path | None, work_dir: Path) -> Path:
+    """The SmolLM2 package to serve: --package, or an fp32 export made once in work_dir."""
+    if package is not None:
+        return package
+    out = work_dir / "smollm2-135m-instruct"
+    if (out / "llmopt.json").is_file():
+        return out
+    from llmopt.exporter import export
+    from llmopt.models import fetch
 
-
-def _found(pattern: str, line: str) -> str | None:
-    match = re.search(pattern, line)
-    return match.group(1) if match else None
+    print(f"exporting SmolLM2-135M-Instruct to {out} (once)", flush=True)
+    export(fetch("smollm2-135m-instruct"), out)
+    return out
 
 
 def grpc_request(address: str, new_tokens: int) -> Callable[[], Request]:
@@ -150,7 +145,9 @@ def main() -> int:
     repo = Path(tempfile.mkdtemp(prefix="llmopt-http-bench-"))
     (repo / MODEL).symlink_to(package.resolve(), target_is_directory=True)
     load_before = os.getloadavg()
-    proc, address, url = start_server(repo)
+    server = launch_server(["--model-repository", str(repo), "--port", "0", "--http-port", "0",
+                            "--no-metrics"])
+    address, url = str(server.address), str(server.http_url)
     doors = {"grpc": grpc_request(address, args.max_new_tokens),
              "http": http_request(url, args.max_new_tokens)}
     runs: list[dict] = []
@@ -168,8 +165,7 @@ def main() -> int:
                       f"{run['requests']} requests, {run['errors']} errors, "
                       f"load {run['load_average_1m']:.1f}", flush=True)
     finally:
-        proc.terminate()
-        proc.wait(60)
+        server.close(60)
     report = summarize(args, package, runs, load_before)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")

@@ -1,6 +1,6 @@
-"""Reference column: ONNX Runtime GenAI on SmolLM2-135M-Instruct, batch 1, CPU, fp32 and int4.
+"""Build the ONNX Runtime GenAI reference: its venv and its fp32 / int4 SmolLM2-135M-Instruct.
 
-    python bench/reference_genai.py [--repeats 3] [--threads 2] [--skip-build] [--out PATH]
+    python bench/reference_genai.py [--rebuild]
 
 Run it with the main venv's python (.venv). It
 
@@ -9,24 +9,17 @@ Run it with the main venv's python (.venv). It
 2. creates .venv-genai/ (its own onnxruntime, apart from the main venv's onnxruntime-gpu) if
    missing and installs onnxruntime-genai plus what its model builder imports;
 3. builds fp32 and int4 CPU models with onnxruntime_genai.models.builder into .cache/genai/
-   (skipped with --skip-build, which reuses what is there);
-4. measures both with onnxruntime_genai's Python API, run in .venv-genai (this same file in
-   --worker mode): the fixed ~100-token prompt below, 128 new tokens, greedy, EOS held off by
-   min_length, one warm-up run per model, then --repeats runs alternating fp32/int4; medians.
+   (those already built are kept unless --rebuild).
 
-Prefill tokens/s = prompt tokens / time to first token (from creating the generator, which
-allocates the KV cache, to the first new token being available). Decode tokens/s = (new
-tokens - 1) / time from the first new token to the last. JSON goes to stdout and to --out.
+Measuring is not done here: ``llmopt bench bench/configs/vs_genai.yaml`` runs these folders
+(``runtime: genai`` packages) through GenAI in .venv-genai beside llmopt's packages, in one
+interleaved run (llmopt/bench/genai_worker.py is the worker it starts there).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import shlex
-import statistics
 import subprocess
 import sys
 import time
@@ -43,8 +36,6 @@ PRECISIONS = ("fp32", "int4")
 # What the builder imports (onnx_ir, onnx, torch, transformers) besides onnxruntime-genai;
 # torch pinned to the main venv's version (a local CPU wheel), the rest as pip resolves them.
 GENAI_PACKAGES = ["onnxruntime-genai", "torch==2.13.0", "transformers", "onnx_ir", "onnx"]
-
-from decode_cpu import PROMPT  # noqa: E402  (the same prompt as llmopt's side of the run)
 
 
 def log(message: str) -> None:
@@ -125,168 +116,20 @@ def build(precision: str) -> float:
     return time.perf_counter() - start
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") \
-        else os.cpu_count() or 0
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=2, help="ORT intra-op threads")
-    parser.add_argument("--prompt-tokens", type=int, default=100)
-    parser.add_argument("--new-tokens", type=int, default=128)
-    parser.add_argument("--skip-build", action="store_true",
-                        help="reuse the models already built under .cache/genai/")
-    parser.add_argument("--out", default="bench/results/reference_genai.json")
-    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--rebuild", action="store_true",
+                        help="build the GenAI models again even where they exist")
     args = parser.parse_args()
-    if args.worker:
-        worker(args)
-        return
-
-    load_start = os.getloadavg()
-    started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    hf = ensure_hf_dir()
+    ensure_hf_dir()
     install_s = ensure_venv()
-    build_s: dict[str, float] = {}
+    if install_s is not None:
+        log(f"installed {VENV} in {install_s:.0f} s")
     for precision in PRECISIONS:
-        if args.skip_build:
-            if not (model_dir(precision) / "genai_config.json").exists():
-                sys.exit(f"--skip-build: no built model at {model_dir(precision)}")
+        if args.rebuild or not (model_dir(precision) / "genai_config.json").exists():
+            log(f"built {model_dir(precision)} in {build(precision):.0f} s")
         else:
-            build_s[precision] = round(build(precision), 1)
-
-    command = [str(VENV_PY), str(Path(__file__).resolve()), "--worker",
-               "--repeats", str(args.repeats), "--threads", str(args.threads),
-               "--prompt-tokens", str(args.prompt_tokens), "--new-tokens", str(args.new_tokens)]
-    log("measuring: " + shlex.join(command))
-    done = subprocess.run(command, check=True, stdout=subprocess.PIPE, text=True)
-    measured = json.loads(done.stdout)
-    load_end = os.getloadavg()
-
-    record = {
-        "benchmark": "reference_genai",
-        "command": shlex.join(["python", "bench/reference_genai.py", *sys.argv[1:]]),
-        "time": started,
-        "machine": {
-            "cpu": cpu_name(),
-            "cores": cores(),
-            "cpu_count": os.cpu_count(),
-            "python": platform.python_version(),
-            "loadavg_start": [round(x, 2) for x in load_start],
-            "loadavg_end": [round(x, 2) for x in load_end],
-        },
-        "versions": measured.pop("versions"),
-        "model": {
-            "name": MODEL_NAME,
-            "gguf": hf["gguf"],
-            "hf_dir": str(HF_DIR.relative_to(ROOT)),
-            "note": "fp32 weights are the GGUF's (Q4_1) weights dequantized by transformers; "
-                    "int4 is the builder's own MatMulNBits quantization of those",
-            "onnx": {p: str(model_dir(p).relative_to(ROOT)) for p in PRECISIONS},
-        },
-        "venv_install_s": None if install_s is None else round(install_s, 1),
-        "build_s": build_s or None,
-        **measured,
-    }
-    text = json.dumps(record, indent=2) + "\n"
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
-    sys.stdout.write(text)
-
-
-# --------------------------------------------------------------------------- worker (.venv-genai)
-
-
-def worker(args: argparse.Namespace) -> None:
-    import onnxruntime
-    import onnxruntime_genai as og
-    from transformers import AutoTokenizer
-
-    hf_ids = AutoTokenizer.from_pretrained(str(HF_DIR))(PROMPT)["input_ids"]
-    ids = list(hf_ids[: args.prompt_tokens])
-    total = len(ids) + args.new_tokens
-    session = {"intra_op_num_threads": args.threads, "inter_op_num_threads": 1}
-
-    models = {}
-    tokenizer_match = {}
-    for precision in PRECISIONS:
-        config = og.Config(str(model_dir(precision)))
-        config.clear_providers()  # CPU
-        config.overlay(json.dumps({"model": {"decoder": {"session_options": session}}}))
-        models[precision] = og.Model(config)
-        og_ids = list(og.Tokenizer(models[precision]).encode(PROMPT))
-        tokenizer_match[precision] = og_ids[: args.prompt_tokens] == ids
-
-    def run(model) -> dict[str, float]:  # type: ignore[no-untyped-def]
-        start = time.perf_counter()
-        params = og.GeneratorParams(model)
-        params.set_search_options(do_sample=False, max_length=total, min_length=total,
-                                  batch_size=1)
-        generator = og.Generator(model, params)
-        setup = time.perf_counter()
-        generator.append_tokens(ids)
-        generator.generate_next_token()
-        first = time.perf_counter()
-        new = 1
-        while new < args.new_tokens and not generator.is_done():
-            generator.generate_next_token()
-            new += 1
-        end = time.perf_counter()
-        sequence = [int(t) for t in generator.get_sequence(0)]
-        if new != args.new_tokens or len(sequence) != total:
-            raise RuntimeError(f"generated {new} tokens ({len(sequence)} in all), "
-                               f"wanted {args.new_tokens}")
-        run.last = sequence[len(ids):]  # type: ignore[attr-defined]
-        ttft = first - start
-        return {"setup_s": setup - start, "ttft_s": ttft,
-                "prefill_tokens_per_s": len(ids) / ttft,
-                "decode_s": end - first,
-                "decode_tokens_per_s": (new - 1) / (end - first)}
-
-    samples = {}
-    for precision, model in models.items():
-        run(model)  # warm-up, full length
-        text = og.Tokenizer(model).decode(run.last)  # type: ignore[attr-defined]
-        samples[precision] = {"tokens": run.last[:16], "text": text[:300]}  # type: ignore[attr-defined]
-    runs: dict[str, list[dict[str, float]]] = {p: [] for p in PRECISIONS}
-    loads = []
-    for _ in range(args.repeats):
-        loads.append([round(x, 2) for x in os.getloadavg()])
-        for precision, model in models.items():
-            runs[precision].append(run(model))
-    median = {p: {k: statistics.median(r[k] for r in values) for k in values[0]}
-              for p, values in runs.items()}
-    json.dump({
-        "versions": {"onnxruntime_genai": og.__version__, "onnxruntime": onnxruntime.__version__,
-                     "python_genai_venv": platform.python_version()},
-        "prompt_tokens": len(ids),
-        "new_tokens": args.new_tokens,
-        "threads": {"intra_op_num_threads": args.threads, "inter_op_num_threads": 1,
-                    "how": "og.Config.overlay of model.decoder.session_options"},
-        "repeats": args.repeats,
-        "greedy": True,
-        "eos": "held off with min_length = max_length = prompt + new tokens",
-        "tokenizer": "transformers AutoTokenizer of .cache/smollm2-hf (the GGUF's tokenizer)",
-        "genai_tokenizer_matches": tokenizer_match,
-        "loadavg_per_repeat": loads,
-        "median": {p: {k: round(v, 4) for k, v in m.items()} for p, m in median.items()},
-        "runs": {p: [{k: round(v, 4) for k, v in r.items()} for r in values]
-                 for p, values in runs.items()},
-        "first_tokens": samples,
-    }, sys.stdout)
+            log(f"kept {model_dir(precision)} (--rebuild builds it again)")
 
 
 if __name__ == "__main__":

@@ -39,8 +39,7 @@ from typing import Any
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serve_concurrency import start_server  # the one launcher of bench servers
+from llmopt.bench.targets.server_process import launch_server  # the one launcher of servers
 
 ROOT = Path(__file__).resolve().parents[1]
 ENCODER, DECODER = "minilm", "smollm2-int4"
@@ -268,8 +267,9 @@ def main() -> None:
     models = [{"encoder": ENCODER, "decoder": DECODER}[m] for m in args.models.split(",")]
 
     repo = build_packages(args.work_dir, models)
-    proc, address = start_server(repo)
-    sampler = Sampler(proc.pid, args.sample).start()
+    server = launch_server(["--model-repository", str(repo), "--port", "0", "--no-metrics"])
+    address = str(server.address)
+    sampler = Sampler(server.pid, args.sample).start()
     phases: list[dict[str, Any]] = []
     try:
         for model in models:
@@ -295,8 +295,7 @@ def main() -> None:
         time.sleep(args.sample)
     finally:
         sampler.stop()
-        proc.terminate()
-        proc.wait(60)
+        server.close(60)
     report = {
         "command": shlex.join([sys.executable, *sys.argv]),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.python_version()}",

@@ -63,10 +63,9 @@ def evaluate(package: str | os.PathLike[str] | Package,
     return result
 
 
-def _window_logits(runner: Any, tokens: list[int], max_length: int) -> list[np.ndarray]:
+def _window_logits(model: Any, tokens: list[int], max_length: int) -> list[np.ndarray]:
     from llmopt.runtime.kv import position_ids
 
-    model = runner.model
     out = []
     for start in range(0, len(tokens) - 1, max_length):
         window = np.array([tokens[start:start + max_length]], dtype=np.int64)
@@ -76,6 +75,31 @@ def _window_logits(runner: Any, tokens: list[int], max_length: int) -> list[np.n
         logits, _ = model.forward(window, mask, position_ids(mask), model.empty_past(1))
         out.append(logits[0].astype(np.float64))
     return out
+
+
+def _scores(model: Any, tokens: list[int], max_length: int
+            ) -> tuple[float, int, list[np.ndarray]]:
+    """Negative log-likelihood of ``tokens`` in windows of ``max_length``, the scored token
+    count and each window's next-token predictions."""
+    nll, count = 0.0, 0
+    predictions = []
+    for i, logits in enumerate(_window_logits(model, tokens, max_length)):
+        targets = np.array(tokens[i * max_length + 1: i * max_length + logits.shape[0] + 1])
+        scores = logits[: len(targets)]
+        logz = np.log(np.exp(scores - scores.max(-1, keepdims=True)).sum(-1)) + scores.max(-1)
+        nll += float((logz - scores[np.arange(len(targets)), targets]).sum())
+        count += len(targets)
+        predictions.append(logits.argmax(-1))
+    return nll, count, predictions
+
+
+def perplexity(model: Any, tokenizer: Any, max_length: int = 512) -> dict[str, Any]:
+    """Perplexity of any decoder with llmopt's ``forward(ids, mask, positions, past)`` and
+    ``empty_past(batch)`` (a package's model, or an adapter over another runtime's graph) on
+    the evaluation text, tokenized by ``tokenizer``: the number ``evaluate`` reports."""
+    tokens = list(tokenizer(eval_text())["input_ids"])
+    nll, count, _ = _scores(model, tokens, max_length)
+    return {"perplexity": math.exp(nll / count), "eval_tokens": count}
 
 
 # A reference package's measurements, kept while its model file is unchanged: quantizing one
@@ -91,15 +115,7 @@ def _measure(runner: Any, max_length: int, greedy_tokens: int, cache: bool) -> d
     if cache and key in _REFERENCE_CACHE:
         return _REFERENCE_CACHE[key]
     tokens = list(runner.tokenizer(eval_text())["input_ids"])
-    nll, count = 0.0, 0
-    predictions = []
-    for i, logits in enumerate(_window_logits(runner, tokens, max_length)):
-        targets = np.array(tokens[i * max_length + 1: i * max_length + logits.shape[0] + 1])
-        scores = logits[: len(targets)]
-        logz = np.log(np.exp(scores - scores.max(-1, keepdims=True)).sum(-1)) + scores.max(-1)
-        nll += float((logz - scores[np.arange(len(targets)), targets]).sum())
-        count += len(targets)
-        predictions.append(logits.argmax(-1))
+    nll, count, predictions = _scores(runner.model, tokens, max_length)
     answers = []
     if greedy_tokens:
         kwargs = {"chat": bool(getattr(runner.tokenizer, "chat_template", None)),

@@ -84,8 +84,17 @@ def run_bench(config: BenchConfig, out_dir: str | os.PathLike[str] | None = None
                  f"{config.run.repetitions} measured) rounds")
     started = time.time()
     env = fingerprint()
+    analysis = None
+    if config.analysis.enabled:
+        from llmopt.bench.analysis import Analysis
+
+        analysis = Analysis(config, progress or (lambda message: None))
+        analysis.probe_bandwidth("before the sweep")
     results = Sweep(config, packages, points, progress).run()
     env["load_average_end"] = load_average()
+    records = build_records(results, packages)
+    if analysis is not None:
+        analysis.probe_bandwidth("after the sweep")
     document = {
         "schema_version": SCHEMA_VERSION,
         "kind": KIND,
@@ -95,8 +104,10 @@ def run_bench(config: BenchConfig, out_dir: str | os.PathLike[str] | None = None
         "command": command or " ".join(["llmopt", *sys.argv[1:]]),
         "config": dict(config.raw),
         "fingerprint": env,
-        "records": build_records(results, packages),
+        "records": records,
     }
+    if analysis is not None:
+        document["analysis"] = analysis.finish(packages, records)
     files: list[Path] = []
     if out_dir is not None:
         from llmopt.bench.report import write_reports
@@ -106,6 +117,4 @@ def run_bench(config: BenchConfig, out_dir: str | os.PathLike[str] | None = None
 
 
 def _context(info: PackageInfo) -> int:
-    from llmopt.package import Package
-
-    return Package.open(info.path).manifest.context_length
+    return info.context_length or 1 << 30

@@ -13,7 +13,17 @@ before anything runs, so a typo fails in a second rather than after a half-hour 
     sweeps:                         # optional: several matrices, each overriding `matrix`
       - {targets: [inprocess], concurrency: [1, 2, 4]}
     run: {warmup: 1, repetitions: 3, max_seconds_per_point: 120}
+    analysis:                       # optional: facts beside the timings (llmopt.bench.analysis)
+      bandwidth: true               # the machine's read-bandwidth limit, in the same run
+      bytes_per_token: true         # from each decoder's graph; with bandwidth: % of the limit
+      perplexity: true              # decoders, on llmopt's evaluation text
+      cosine: true                  # encoders, against the reference package
+      memory: true                  # peak RSS of a process running only that package
+      reference: fp32               # the package deltas are taken against
+      compare: {int4: genai_int4}   # ratio rows: package -> the package it is measured against
 
+A package with ``runtime: genai`` is an ONNX Runtime GenAI model folder, measured by the
+``genai`` target in GenAI's own Python (``genai: {python: .venv-genai/bin/python}``).
 Relative package paths are relative to the directory the bench runs from.
 """
 
@@ -28,9 +38,9 @@ from typing import Any
 
 from llmopt.errors import InvalidInputError
 
-TARGETS = ("pytorch", "inprocess", "server")
+TARGETS = ("pytorch", "inprocess", "server", "genai")
 TOP_KEYS = ("name", "description", "packages", "providers", "matrix", "sweeps", "run", "server",
-            "pytorch", "engine")
+            "pytorch", "engine", "genai", "analysis")
 MATRIX_DEFAULTS: dict[str, list[Any]] = {
     "targets": ["inprocess"],
     "packages": [],          # empty: every package
@@ -41,7 +51,8 @@ MATRIX_DEFAULTS: dict[str, list[Any]] = {
     "concurrency": [1],
     "request_rates": [None],  # None: closed loop (each worker sends its next request at once)
 }
-PACKAGE_KEYS = ("path", "prepare")
+PACKAGE_KEYS = ("path", "prepare", "runtime", "title")
+RUNTIMES = ("llmopt", "genai")
 NULLABLE = ("max_seconds_per_point", "warmup_new_tokens")  # None: no limit
 PROVIDER_KEYS = ("name", "options", "label")
 
@@ -102,10 +113,38 @@ class EngineOptions:
 
 
 @dataclass(frozen=True)
+class GenaiOptions:
+    """Where ONNX Runtime GenAI lives: a Python with onnxruntime-genai installed (its own
+    environment: it brings its own onnxruntime)."""
+
+    python: str = ".venv-genai/bin/python"
+
+
+@dataclass(frozen=True)
+class AnalysisOptions:
+    """What the run computes besides timings (see :mod:`llmopt.bench.analysis`)."""
+
+    bandwidth: bool = False
+    bytes_per_token: bool = False
+    perplexity: bool = False
+    cosine: bool = False
+    memory: bool = False
+    reference: str | None = None
+    compare: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def enabled(self) -> bool:
+        return any((self.bandwidth, self.bytes_per_token, self.perplexity, self.cosine,
+                    self.memory, self.compare))
+
+
+@dataclass(frozen=True)
 class PackageSpec:
     label: str
     path: Path
     prepare: Mapping[str, Any] | None = None
+    runtime: str = "llmopt"
+    title: str | None = None  # how comparison tables name it (default: "llmopt LABEL")
 
 
 @dataclass(frozen=True)
@@ -137,6 +176,8 @@ class BenchConfig:
     server: ServerOptions = ServerOptions()
     pytorch: PytorchOptions = PytorchOptions()
     engine: EngineOptions = EngineOptions()
+    genai: GenaiOptions = GenaiOptions()
+    analysis: AnalysisOptions = AnalysisOptions()
     description: str = ""
     raw: Mapping[str, Any] = field(default_factory=dict)  # as given, for the report
 
@@ -172,7 +213,7 @@ def with_overrides(data: Mapping[str, Any], overrides: Mapping[str, Any]) -> dic
     for key in ("packages", "providers", "name"):
         if key in overrides:
             merged[key] = overrides[key]
-    for key in ("run", "server", "pytorch", "engine"):
+    for key in ("run", "server", "pytorch", "engine", "genai"):
         if key in overrides:
             base = merged.get(key) or {}
             merged[key] = {**(base if isinstance(base, Mapping) else {}), **overrides[key]}
@@ -219,7 +260,9 @@ def parse_config(data: Mapping[str, Any], where: str = "bench config") -> BenchC
         packages=packages, providers=providers, sweeps=sweeps, run=run,
         server=_options(ServerOptions, data.get("server"), f"{where}: server"),
         pytorch=_options(PytorchOptions, data.get("pytorch"), f"{where}: pytorch"),
-        engine=engine, raw=copy.deepcopy(dict(data)),
+        engine=engine, genai=_options(GenaiOptions, data.get("genai"), f"{where}: genai"),
+        analysis=_analysis(data.get("analysis"), packages, f"{where}: analysis"),
+        raw=copy.deepcopy(dict(data)),
     )
 
 
@@ -253,8 +296,42 @@ def _packages(data: Any, where: str) -> dict[str, PackageSpec]:
         if prepare is not None and not isinstance(prepare, Mapping):
             raise InvalidInputError(f"{where}: packages.{label}.prepare must be a mapping",
                                     fix="e.g. prepare: {export: fetch:smollm2-135m-instruct}")
-        out[str(label)] = PackageSpec(str(label), Path(str(spec["path"])).expanduser(), prepare)
+        runtime = str(spec.get("runtime") or "llmopt")
+        if runtime not in RUNTIMES:
+            raise InvalidInputError(f"{where}: packages.{label}.runtime {runtime!r} is unknown",
+                                    fix=f"runtimes are {', '.join(RUNTIMES)}")
+        if runtime == "genai" and prepare is not None:
+            raise InvalidInputError(f"{where}: packages.{label} is a GenAI model folder, which "
+                                    "the bench cannot prepare",
+                                    fix="build it with `python bench/reference_genai.py`")
+        title = spec.get("title")
+        out[str(label)] = PackageSpec(str(label), Path(str(spec["path"])).expanduser(), prepare,
+                                      runtime, None if title is None else str(title))
     return out
+
+
+def _analysis(data: Any, packages: dict[str, PackageSpec], where: str) -> AnalysisOptions:
+    if data is None:
+        return AnalysisOptions()
+    valid = tuple(f.name for f in fields(AnalysisOptions))
+    _check_keys(data, valid, where)
+    flags = {k: v for k, v in data.items() if k not in ("reference", "compare")}
+    bad = [k for k, v in flags.items() if not isinstance(v, bool)]
+    if bad:
+        raise InvalidInputError(f"{where}: {', '.join(bad)} must be true or false",
+                                fix="e.g. analysis: {perplexity: true}")
+    reference = data.get("reference")
+    compare = data.get("compare") or {}
+    if not isinstance(compare, Mapping):
+        raise InvalidInputError(f"{where}: compare must map a package to the package it is "
+                                "measured against", fix="e.g. compare: {int4: genai_int4}")
+    named = [str(x) for x in (reference, *compare, *compare.values()) if x is not None]
+    unknown = [x for x in named if x not in packages]
+    if unknown:
+        raise InvalidInputError(f"{where}: {', '.join(unknown)} not defined",
+                                fix=f"defined packages: {', '.join(packages)}")
+    return AnalysisOptions(**flags, reference=None if reference is None else str(reference),
+                           compare={str(k): str(v) for k, v in compare.items()})
 
 
 def _providers(data: Any, where: str) -> dict[str, ProviderSpec]:

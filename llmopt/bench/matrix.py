@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from llmopt.bench.config import BenchConfig
+from llmopt.bench.genai import genai_precision, read_genai_config
 from llmopt.errors import PackageError
 from llmopt.manifest import Manifest
 
@@ -32,6 +33,8 @@ class PackageInfo:
     steps: tuple[str, ...]     # export, optimize, quantize ...
     precision: str
     missing: str | None = None  # why the package is absent (its points are then skipped)
+    runtime: str = "llmopt"     # or "genai": an ONNX Runtime GenAI model folder
+    context_length: int | None = None
 
     @property
     def is_decoder(self) -> bool:
@@ -80,6 +83,9 @@ def inspect_packages(config: BenchConfig, allow_missing: bool = False) -> dict[s
     infos: dict[str, PackageInfo] = {}
     for label, spec in config.packages.items():
         try:
+            if spec.runtime == "genai":
+                infos[label] = describe_genai(label, spec.path)
+                continue
             package = Package.open(spec.path)
         except PackageError as exc:
             if not allow_missing:
@@ -102,8 +108,15 @@ def describe(label: str, package: Any) -> PackageInfo:
     if reference and source["gguf_file"] and source["kind"] == "gguf":
         reference = str(Path(reference))
     return PackageInfo(label, package.path, package.task, reference, manifest.stages,
-                       _precision(manifest))
+                       _precision(manifest), context_length=manifest.context_length)
 
+
+def describe_genai(label: str, path: Path) -> PackageInfo:
+    """An ONNX Runtime GenAI folder as the harness sees a package: a decoder."""
+    decoder = read_genai_config(path)
+    return PackageInfo(label, Path(path), "text-generation", None, ("genai-builder",),
+                       genai_precision(path), runtime="genai",
+                       context_length=decoder.context_length)
 
 def _precision(manifest: Manifest) -> str:
     """The quantize method (int8_dynamic, int4 ...), else fp16 / fp32, from the last step that
@@ -111,11 +124,22 @@ def _precision(manifest: Manifest) -> str:
     if manifest.quantization is not None:
         return manifest.quantization
     for step in reversed(manifest.steps):
-        text = " ".join(str(v) for v in step.values()).lower()
+        text = _words(step).lower()
         for name in ("int4", "int8", "float16", "fp16"):
             if name in text:
                 return "fp16" if name in ("float16", "fp16") else name
     return "fp32"
+
+
+def _words(value: Any) -> str:
+    """The words of a step record, leaving out options that are off (``fp16: None`` is not
+    fp16)."""
+    if isinstance(value, dict):
+        return " ".join(f"{k} {_words(v)}" for k, v in value.items()
+                        if v not in (None, False) and k != "time")
+    if isinstance(value, list | tuple):
+        return " ".join(_words(v) for v in value)
+    return str(value)
 
 
 def expand(config: BenchConfig, packages: dict[str, PackageInfo]) -> list[Point]:
@@ -131,6 +155,9 @@ def expand(config: BenchConfig, packages: dict[str, PackageInfo]) -> list[Point]
             info = packages[label]
             tokens = 0 if not info.is_decoder and info.missing is None else new
             package, runs_on = label, provider
+            if (target == "genai") != (info.runtime == "genai"):
+                dropped.add("the genai target runs GenAI model folders and only they run on it")
+                continue
             if target == "pytorch":
                 if conc > 1 or rate is not None:
                     dropped.add("the PyTorch baseline is measured at concurrency 1 without a "

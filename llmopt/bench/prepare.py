@@ -5,6 +5,7 @@ A package's ``prepare`` says how:
     prepare: {export: fetch:smollm2-135m-instruct}          # or a .gguf file, directory, hub id
     prepare: {optimize: {from: fp32, level: 2}}               # OptimizeOptions(level=...)
     prepare: {quantize: {from: fused, preset: int8_dynamic}}  # QuantizeOptions.<preset>()
+    prepare: {ort_dynamic: {from: fused}}                     # ONNX Runtime's quantize_dynamic
 
 Packages are made in dependency order; one that cannot be made (for instance because this llmopt
 has no quantizer yet) is reported and left missing.
@@ -13,7 +14,9 @@ has no quantizer yet) is reported and left missing.
 from __future__ import annotations
 
 import logging
+import shutil
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from llmopt.bench.config import BenchConfig, PackageSpec
@@ -55,9 +58,10 @@ def _make_one(config: BenchConfig, spec: PackageSpec, need: Callable[[str], None
               progress: Callable[[str], None]) -> None:
     steps = dict(spec.prepare or {})
     kinds = set(steps) - {"options"}
-    if set(steps) - {"export", "optimize", "quantize", "options"} or len(kinds) != 1:
+    if set(steps) - {"export", "optimize", "quantize", "ort_dynamic", "options"} \
+            or len(kinds) != 1:
         raise InvalidInputError(f"packages.{spec.label}.prepare needs exactly one of export, "
-                                "optimize, quantize (and optionally options)",
+                                "optimize, quantize, ort_dynamic (and optionally options)",
                                 fix="e.g. prepare: {export: fetch:smollm2-135m-instruct}")
     options = dict(steps.get("options") or {})
     if "export" in steps:
@@ -70,7 +74,8 @@ def _make_one(config: BenchConfig, spec: PackageSpec, need: Callable[[str], None
     kind = kinds.pop()
     step = steps[kind]
     example = {"optimize": "optimize: {from: fp32, level: 2}",
-               "quantize": "quantize: {from: fp32, preset: int8_dynamic}"}[kind]
+               "quantize": "quantize: {from: fp32, preset: int8_dynamic}",
+               "ort_dynamic": "ort_dynamic: {from: fused}"}[kind]
     if not isinstance(step, dict) or "from" not in step or (
             kind == "quantize" and "preset" not in step):
         raise InvalidInputError(f"packages.{spec.label}.prepare.{kind} needs from"
@@ -81,6 +86,11 @@ def _make_one(config: BenchConfig, spec: PackageSpec, need: Callable[[str], None
         raise InvalidInputError(f"packages.{spec.label}: {kind} from unknown package {base!r}",
                                 fix=f"defined packages: {', '.join(config.packages)}")
     need(base)
+    if kind == "ort_dynamic":
+        progress(f"prepare: {spec.label}: ONNX Runtime quantize_dynamic of {base} to "
+                 f"{spec.path}")
+        ort_quantize_dynamic(config.packages[base].path, spec.path)
+        return
     if kind == "optimize":
         from llmopt.optimizer import OptimizeOptions, optimize
 
@@ -95,6 +105,23 @@ def _make_one(config: BenchConfig, spec: PackageSpec, need: Callable[[str], None
                                 fix="use a QuantizeOptions preset, e.g. int8_dynamic or int4")
     progress(f"prepare: {spec.label}: quantizing {base} ({step['preset']}) to {spec.path}")
     quantize(config.packages[base].path, spec.path, preset(**options))
+
+
+def ort_quantize_dynamic(base: Path, out: Path) -> Path:
+    """ONNX Runtime's own ``quantize_dynamic`` with its defaults (per-tensor int8 weights, as
+    optimum's ``avx512_vnni`` dynamic config) on every weight MatMul of ``base``, written as a
+    package beside it (same tokenizer and manifest): the reference int8 of other tools."""
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    if (out / "model.onnx").is_file():
+        return out
+    shutil.copytree(base, out, ignore=shutil.ignore_patterns("model.onnx*"))
+    quantize_dynamic(base / "model.onnx", out / "model.onnx", op_types_to_quantize=["MatMul"],
+                     weight_type=QuantType.QInt8,
+                     extra_options={"MatMulConstBOnly": True,
+                                    "DefaultTensorType": onnx.TensorProto.FLOAT})
+    return out
 
 
 def _quantizer() -> tuple[Any, Any]:

@@ -26,6 +26,13 @@ TEXT = (
     "ordinary laptops, where every millisecond of latency and every byte of memory counts. "
 )
 ROW_OFFSET = 7  # tokens between the starts of two rows of a batch
+# Short chat questions, for the scripts in bench/ that drive a server with chat requests.
+CHAT_QUESTIONS = (
+    "What is the capital of France?", "Write a short poem about the sea.",
+    "Explain in two sentences why the sky is blue.", "List three fruits.",
+    "How do airplanes fly?", "Give me a tip for learning Python.",
+    "What is photosynthesis?", "Describe a cat in one paragraph.",
+)
 
 
 def decoder_prompts(tokenizer: Any, length: int, batch: int) -> list[list[int]]:

@@ -40,7 +40,7 @@ RECORD_SCHEMA: dict[str, Any] = {
             "properties": {"type": {"type": "string"}, "message": {"type": "string"},
                            "phase": {"enum": ["setup", "load", "warmup", "measure"]},
                            "traceback": {"type": "string"}}}]},
-        "target": {"enum": ["pytorch", "inprocess", "server"]},
+        "target": {"enum": ["pytorch", "inprocess", "server", "genai"]},
         "package": {"type": "string"},
         "package_path": {"type": "string"},
         "task": {"type": "string"},
@@ -115,5 +115,6 @@ SCHEMA: dict[str, Any] = {
             },
         },
         "records": {"type": "array", "items": RECORD_SCHEMA},
+        "analysis": {"type": "object"},
     },
 }

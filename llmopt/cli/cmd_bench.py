@@ -1,5 +1,6 @@
 """``llmopt bench CONFIG.yaml`` runs a sweep; ``llmopt bench compare A.json B.json`` compares
-two runs. Flags override the config (or define the whole run without one)."""
+two runs; ``llmopt bench readme RESULTS [README.md]`` writes a run's comparison table into the
+README. Flags override the config (or define the whole run without one)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-TARGETS = ("pytorch", "inprocess", "server")
+TARGETS = ("pytorch", "inprocess", "server", "genai")
 
 
 def add_parser(subparsers: Any) -> None:
@@ -17,15 +18,19 @@ def add_parser(subparsers: Any) -> None:
         "bench", help="benchmark packages (PyTorch baseline, in-process, served)",
         description="Run a benchmark sweep from a YAML config and/or flags, writing "
         "results.json, results.csv, summary.md and plots/ to --out. "
-        "`llmopt bench compare A.json B.json` compares two runs.",
+        "`llmopt bench compare A.json B.json` compares two runs; "
+        "`llmopt bench readme RESULTS [README.md]` writes a run's comparison table between "
+        "the README's markers.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="examples:\n"
         "  llmopt bench bench/configs/smollm2_cpu.yaml --prepare --out bench/results/x\n"
         "  llmopt bench --package fp32=build/bench/smollm2-fp32 --target inprocess "
         "--batch-sizes 1,4\n"
-        "  llmopt bench compare bench/results/a/results.json bench/results/b/results.json")
-    p.add_argument("inputs", nargs="*", metavar="CONFIG | compare A B",
-                   help="a YAML bench config, or `compare` and two results files")
+        "  llmopt bench compare bench/results/a/results.json bench/results/b/results.json\n"
+        "  llmopt bench readme bench/results/vs_genai README.md")
+    p.add_argument("inputs", nargs="*", metavar="CONFIG | compare A B | readme RESULTS [README]",
+                   help="a YAML bench config, `compare` and two results files, or `readme`, "
+                   "a results file (or its folder) and the README to rewrite")
     p.add_argument("-o", "--out", help="output directory (default bench-results/NAME)")
     p.add_argument("--name", help="run name (default: the config file's name)")
     p.add_argument("--package", action="append", metavar="[LABEL=]DIR",
@@ -64,6 +69,11 @@ def run(args: argparse.Namespace) -> int:
             raise InvalidInputError("compare takes two results files",
                                     fix="llmopt bench compare A/results.json B/results.json")
         return _compare(args.inputs[1], args.inputs[2], args.threshold)
+    if args.inputs[:1] == ["readme"]:
+        if len(args.inputs) not in (2, 3):
+            raise InvalidInputError("readme takes a results file and optionally the README",
+                                    fix="llmopt bench readme bench/results/vs_genai README.md")
+        return _readme(args.inputs[1], args.inputs[2] if len(args.inputs) == 3 else "README.md")
     if len(args.inputs) > 1:
         raise InvalidInputError(f"one config file expected, got {len(args.inputs)}",
                                 fix="llmopt bench CONFIG.yaml [flags]")
@@ -108,6 +118,15 @@ def _compare(a: str, b: str, threshold: float) -> int:
     env, rows, notes = compare(read_results(a), read_results(b), threshold)
     print(f"A: {a}\nB: {b}\n")
     print(format_table(env, rows, notes))
+    return 0
+
+
+def _readme(results: str, readme: str) -> int:
+    from llmopt.bench.report import read_results
+    from llmopt.bench.report.readme import update_readme
+
+    changed = update_readme(read_results(results), readme)
+    print(f"{readme}: table {'rewritten' if changed else 'already up to date'} from {results}")
     return 0
 
 

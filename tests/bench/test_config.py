@@ -51,6 +51,17 @@ sweeps:
      "repetitions must be int"),
     ("packages: {a: X}\nmatrix: {request_rates: [-1]}\n", InvalidInputError, "positive"),
     ("matrix: {}\n", InvalidInputError, "no packages"),
+    ("packages: {a: {path: X, runtime: tensorrt-llm}}\n", InvalidInputError,
+     "runtime 'tensorrt-llm' is unknown"),
+    ("packages: {a: {path: X, runtime: genai, prepare: {export: m}}}\n", InvalidInputError,
+     "cannot prepare"),
+    ("packages: {a: X}\nanalysis: {perplexity: yes please}\n", InvalidInputError,
+     "perplexity must be true or false"),
+    ("packages: {a: X}\nanalysis: {compare: {a: genai}}\n", InvalidInputError,
+     "genai not defined"),
+    ("packages: {a: X}\nanalysis: {reference: b}\n", InvalidInputError, "b not defined"),
+    ("packages: {a: X}\nanalysis: {speed: true}\n", InvalidInputError,
+     "analysis: unknown key(s) speed"),
     ("packages: [a\n", InvalidInputError, "not valid YAML"),
 ])
 def test_bad_configs_fail_with_the_fix(tmp_path: Path, text: str, error: type,
@@ -110,3 +121,38 @@ def test_cli_dry_run_lists_points(tiny_package: Path, capsys: pytest.CaptureFixt
                  "--batch-sizes", "1,4", "--prompt-lengths", "8", "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "inprocess/t/cpu/b1/p8/n64/c1" in out and "inprocess/t/cpu/b4/p8/n64/c1" in out
+
+
+def test_a_genai_folder_is_a_package_only_the_genai_target_runs(tiny_package: Path,
+                                                                 tmp_path: Path) -> None:
+    from tests.bench.genai_fixtures import write_genai_folder
+
+    folder = write_genai_folder(tmp_path / "genai")
+    config = load_config(_write(tmp_path, f"""
+packages:
+  tiny: {tiny_package}
+  theirs: {{path: {folder}, runtime: genai}}
+matrix: {{targets: [pytorch, inprocess, genai], prompt_lengths: [8], new_tokens: [4]}}
+analysis: {{perplexity: true, reference: tiny, compare: {{tiny: theirs}}}}
+"""))
+    assert config.packages["theirs"].runtime == "genai"
+    assert config.analysis.compare == {"tiny": "theirs"} and config.analysis.enabled
+    packages, points = plan(config)
+    assert packages["theirs"].runtime == "genai" and packages["theirs"].is_decoder
+    assert packages["theirs"].context_length == 64
+    assert sorted(p.id for p in points) == ["genai/theirs/cpu/b1/p8/n4/c1",
+                                            "inprocess/tiny/cpu/b1/p8/n4/c1",
+                                            "pytorch/tiny/torch-cpu/b1/p8/n4/c1"]
+
+
+@pytest.mark.parametrize(("steps", "precision"), [
+    ([{"stage": "export"}, {"stage": "optimize", "options": {"level": 2, "fp16": None}}], "fp32"),
+    ([{"stage": "optimize", "options": {"fp16": True}}], "fp16"),
+    ([{"stage": "optimize", "options": {"fp16": None}},
+      {"stage": "quantize", "method": "int8_dynamic", "options": {}}], "int8_dynamic"),
+])
+def test_a_package_is_labelled_by_the_step_that_changed_its_weights(
+        steps: list[dict[str, object]], precision: str) -> None:
+    from llmopt.bench.matrix import _precision
+
+    assert _precision({"steps": steps}) == precision

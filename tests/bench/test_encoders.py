@@ -50,3 +50,25 @@ def test_encoder_sweep(tiny_encoder: Path, tmp_path: Path) -> None:
     assert "latency p50 ms" in summary
     assert (tmp_path / "plots" / "encoder_latency_vs_batch.png").is_file()
     assert (tmp_path / "plots" / "throughput_vs_concurrency.png").is_file()
+
+
+def test_encoder_comparison_records_cosine_and_ratios(tiny_encoder: Path, tmp_path: Path) -> None:
+    from llmopt.bench.report import to_markdown
+    from llmopt.quantizer import QuantizeOptions, quantize
+
+    int8 = tmp_path / "int8"
+    quantize(tiny_encoder, int8, QuantizeOptions.int8_dynamic().with_(evaluate=False))
+    config = parse_config({
+        "packages": {"fp32": str(tiny_encoder), "int8": str(int8)},
+        "run": {"warmup": 0, "repetitions": 1},
+        "matrix": {"targets": ["inprocess"], "batch_sizes": [2], "prompt_lengths": [8]},
+        "analysis": {"cosine": True, "reference": "fp32", "compare": {"int8": "fp32"}}})
+    run = run_bench(config, None, progress=None)
+    jsonschema.validate(run.results, SCHEMA)
+    facts = run.results["analysis"]["packages"]
+    assert facts["fp32"]["cosine_min"] == pytest.approx(1.0, abs=1e-6)  # itself
+    assert 0.5 < facts["int8"]["cosine_min"] <= facts["int8"]["cosine_mean"] < 1.0 + 1e-6
+    assert facts["int8"]["cosine_sentences"] == 50
+    (ratio,) = run.results["analysis"]["ratios"]
+    assert ratio["against"] == "fp32" and ratio["sequences_per_s"] > 0
+    assert "vs fp32" in to_markdown(run.results)

@@ -6,6 +6,8 @@ import csv
 import io
 from typing import Any
 
+from llmopt.bench.report.comparison import comparison_markdown
+
 WORKLOAD = ("batch_size", "prompt_tokens", "new_tokens", "concurrency", "request_rate")
 LATENCIES = ("ttft_s", "itl_s", "e2e_s", "latency_s")
 RATES = ("prefill_tokens_per_s", "decode_tokens_per_s", "output_tokens_per_s", "requests_per_s",
@@ -101,6 +103,9 @@ def to_markdown(results: dict[str, Any]) -> str:
                 f"{_f(m['sequences_per_s']['mean'], 1)} | {_mib(r)} | "
                 f"{_speedup(r, 'latency')} |")
         lines.append("")
+    comparison = comparison_markdown(results)
+    if comparison:
+        lines += [comparison]
     bad = [r for r in records if r["status"] != "ok"]
     if bad:
         lines += ["Points not measured:", ""]
@@ -120,7 +125,8 @@ def _ms(value: float | None) -> str:
 
 def _mib(rec: dict[str, Any]) -> str:
     mem = rec.get("memory") or {}
-    value = mem.get("server_peak_rss_bytes") if rec["target"] == "server" else None
+    value = mem.get("server_peak_rss_bytes") if rec["target"] == "server" else \
+        mem.get("worker_peak_rss_bytes") if rec["target"] == "genai" else None
     value = value or mem.get("peak_rss_bytes")
     return "-" if not value else f"{value / 2**20:.0f}"
 

@@ -76,6 +76,11 @@ class TargetPool:
                                  "baseline; set pytorch.source in the config")
             return PytorchTarget(source, info.task, self.config.pytorch)
         provider = self.config.providers[point.provider]
+        if point.target == "genai":
+            from llmopt.bench.targets.genai import GenaiTarget
+
+            return GenaiTarget(info.path, provider, self.config.genai,
+                               self.tokenizer(point.package))
         if point.target == "inprocess":
             from llmopt.bench.targets.inprocess import InProcessTarget
 

@@ -1,37 +1,115 @@
-"""Start ``llmopt serve`` in a child process over a repository of the benchmarked packages.
+"""Start ``llmopt serve`` in a child process: the one launcher of bench servers.
 
-The server runs in its own process (as in production), so its Python threads do not share the
-bench client's interpreter lock. The repository is a temporary folder of links to the package
-files plus a ``llmopt-serve.yaml`` per model with the provider under test; the packages
-themselves are never written to.
+:func:`launch_server` runs ``llmopt serve`` with the arguments given (``--port 0`` lets the
+kernel pick a free port) and waits for the address the server announces on its first lines
+(``listening on HOST:PORT``, and ``http on URL`` when the HTTP door is on), so nothing races
+for a port and nothing reads the CLI's parser. :class:`ServerProcess` is the bench target's
+server: it serves a temporary repository of links to the benchmarked packages, each with a
+``llmopt-serve.yaml`` naming the provider under test (the packages are never written to). The
+server runs in its own process (as in production), so its Python threads do not share the
+bench client's interpreter lock.
 """
 
 from __future__ import annotations
 
-import argparse
-import importlib
-import importlib.util
+import collections
 import os
-import socket
+import re
 import subprocess
 import sys
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
 from llmopt.bench import memory
 from llmopt.bench.config import ProviderSpec, ServerOptions
-from llmopt.errors import LlmoptError, UnsupportedError
+from llmopt.errors import LlmoptError
+
+GRPC_ANNOUNCE = re.compile(r"listening on (\S+)")
+HTTP_ANNOUNCE = re.compile(r"http on (\S+)")
+
+
+class LaunchedServer:
+    """A running ``llmopt serve``: its process, gRPC address and (if on) HTTP URL. Its output
+    goes to ``log_path`` when given; its last lines are kept for error messages."""
+
+    def __init__(self, process: subprocess.Popen[str], want_http: bool,
+                 log_path: Path | None) -> None:
+        self.process = process
+        self.address: str | None = None
+        self.http_url: str | None = None
+        self._want_http = want_http
+        self._tail: collections.deque[str] = collections.deque(maxlen=20)
+        self._log = log_path.open("w") if log_path else None
+        self._announced = threading.Event()
+        self._drain = threading.Thread(target=self._read, name="llmopt-serve-log", daemon=True)
+        self._drain.start()
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def wait_announced(self, timeout: float) -> None:
+        if not self._announced.wait(timeout):
+            self.close()
+            raise LlmoptError(f"llmopt serve announced no address within {timeout:.0f} s: "
+                              f"{self.log_tail()}", fix="see the server's output above")
+        if self.address is None or (self._want_http and self.http_url is None):
+            self.close()
+            raise LlmoptError(f"llmopt serve exited with code {self.process.returncode} before "
+                              f"listening: {self.log_tail()}", fix="see the server's error above")
+
+    def log_tail(self, lines: int = 5) -> str:
+        return " | ".join(list(self._tail)[-lines:])
+
+    def check_alive(self) -> None:
+        if self.process.poll() is not None:
+            raise LlmoptError(f"the llmopt server exited with code {self.process.returncode}: "
+                              f"{self.log_tail()}", fix="see the server's error above")
+
+    def close(self, timeout: float = 30.0) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._drain.join(timeout=5)
+
+    def _read(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            self._tail.append(line.rstrip())
+            if self._log is not None:
+                self._log.write(line)
+                self._log.flush()
+            grpc, http = GRPC_ANNOUNCE.search(line), HTTP_ANNOUNCE.search(line)
+            self.address = self.address or (grpc.group(1) if grpc else None)
+            self.http_url = self.http_url or (http.group(1) if http else None)
+            if self.address and (self.http_url or not self._want_http):
+                self._announced.set()
+        if self._log is not None:
+            self._log.close()
+        self._announced.set()  # the server exited: wait_announced says so
+
+
+def launch_server(args: list[str], *, log_path: Path | None = None, timeout: float = 300.0,
+                  env: dict[str, str] | None = None) -> LaunchedServer:
+    """Run ``llmopt serve ARGS`` and return once it announced its address (and its HTTP URL
+    when ``--http-port`` is among ``args``). Pass ``--port 0`` for a free port."""
+    command = [sys.executable, "-m", "llmopt.cli.main", "serve", *args]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True, env={**(env or os.environ), "PYTHONUNBUFFERED": "1"})
+    server = LaunchedServer(process, "--http-port" in args, log_path)
+    server.wait_announced(timeout)
+    return server
 
 
 class ServerProcess:
     def __init__(self, packages: dict[str, Path], provider: ProviderSpec,
                  options: ServerOptions, strict: bool) -> None:
-        if importlib.util.find_spec("llmopt.cli.cmd_serve") is None:
-            raise UnsupportedError(
-                "this llmopt has no `llmopt serve` command yet, so the harness cannot start a "
-                "server", fix="set server.address to a running llmopt server, or leave the "
-                "server target out")
         import yaml
 
         self._dir = tempfile.TemporaryDirectory(prefix="llmopt-bench-repo-")
@@ -47,28 +125,24 @@ class ServerProcess:
                      "max_batch_size": options.max_batch_size, "max_queue": 4096,
                      "warmup": True}
             (model / "llmopt-serve.yaml").write_text(yaml.safe_dump(serve))
-        port = _free_port()
-        self.address = f"127.0.0.1:{port}"
         self.log_path = repo / "server.log"
-        command = [sys.executable, "-m", "llmopt.cli.main", "serve",
-                   *_serve_args(str(repo), port)]
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        self._log = self.log_path.open("wb")
-        self.process = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT,
-                                        env=env)
+        try:
+            # --no-metrics: the metrics port is fixed, and would clash between servers
+            self.server = launch_server(
+                ["--model-repository", str(repo), "--port", "0", "--no-metrics"],
+                log_path=self.log_path, timeout=options.startup_timeout_s)
+        except BaseException:
+            self._dir.cleanup()
+            raise
+        self.process = self.server.process
+        self.address = str(self.server.address)
         self.models = list(packages)
 
     def check_alive(self) -> None:
-        if self.process.poll() is not None:
-            raise LlmoptError(f"the llmopt server exited with code {self.process.returncode}: "
-                              f"{self.log_tail()}", fix="see the server's error above")
+        self.server.check_alive()
 
     def log_tail(self, lines: int = 5) -> str:
-        try:
-            text = self.log_path.read_text(errors="replace").strip().splitlines()
-        except OSError:
-            return ""
-        return " | ".join(text[-lines:])
+        return self.server.log_tail(lines)
 
     def memory(self) -> dict[str, Any]:
         pid = self.process.pid
@@ -80,37 +154,5 @@ class ServerProcess:
         return memory.reset_peak(self.process.pid)
 
     def close(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self._log.close()
+        self.server.close()
         self._dir.cleanup()
-
-
-def _serve_args(repo: str, port: int) -> list[str]:
-    """Arguments for ``llmopt serve``, read off its parser (so a renamed flag fails loudly)."""
-    module = importlib.import_module("llmopt.cli.cmd_serve")
-    parser = argparse.ArgumentParser()
-    module.add_parser(parser.add_subparsers())
-    serve = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    flags = {s for a in serve.choices["serve"]._actions for s in a.option_strings}
-    args = ["--model-repository", repo] if "--model-repository" in flags else [repo]
-    if "--no-metrics" in flags:
-        args.append("--no-metrics")  # its fixed default port would clash between servers
-    if "--address" in flags:
-        return [*args, "--address", f"127.0.0.1:{port}"]
-    if "--port" in flags:
-        host = ["--host", "127.0.0.1"] if "--host" in flags else []
-        return [*args, *host, "--port", str(port)]
-    raise UnsupportedError("`llmopt serve` takes neither --address nor --port",
-                           fix="start the server yourself and set server.address")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
