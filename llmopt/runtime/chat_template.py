@@ -87,7 +87,10 @@ def render_chat(tokenizer: Any, messages: Sequence[Mapping[str, Any]],
 
 def _checked(message: Mapping[str, Any]) -> dict[str, Any]:
     role = message.get("role") if isinstance(message, Mapping) else None
-    if not isinstance(role, str) or not isinstance(message.get("content", ""), str | None):
+    content = message.get("content") if isinstance(message, Mapping) else None
+    # content may be left out (or None) only where the message is a call
+    if not isinstance(role, str) or not (isinstance(content, str) or (
+            content is None and message.get("tool_calls"))):
         raise InvalidInputError("each chat message needs a string 'role' and 'content'",
                                 fix='e.g. {"role": "user", "content": "Hello"}')
     if role not in CHAT_ROLES:

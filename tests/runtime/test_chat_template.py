@@ -79,6 +79,11 @@ def test_without_tool_support_the_tools_go_in_a_system_message(tokenizer: Any) -
     assert "<|tool|> sunny </s> <|assistant|> " in text
 
 
+def test_a_call_may_leave_its_content_out(tokenizer: Any) -> None:
+    call = {**HISTORY[1], "content": None}
+    assert render_chat(tokenizer, [HISTORY[0], call]) == render_chat(tokenizer, HISTORY[:2])
+
+
 def test_the_offer_joins_an_existing_system_message_and_says_the_choice(tokenizer: Any) -> None:
     messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
     named = {"type": "function", "function": {"name": "get_time"}}
@@ -94,6 +99,7 @@ def test_the_offer_joins_an_existing_system_message_and_says_the_choice(tokenize
 @pytest.mark.parametrize(("messages", "message"), [
     ([{"role": "wizard", "content": "hi"}], "unknown chat role 'wizard'"),
     ([{"role": "user", "content": 5}], "string 'role' and 'content'"),
+    ([{"role": "user"}], "string 'role' and 'content'"),  # only a call may leave content out
     (["hello"], "string 'role' and 'content'"),
 ])
 def test_bad_messages_name_the_fix(tokenizer: Any, messages: Any, message: str) -> None:
