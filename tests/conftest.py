@@ -176,11 +176,13 @@ def tiny_gguf(tmp_path_factory: pytest.TempPathFactory) -> Any:
 @pytest.fixture(scope="session")
 def byte_level_decoder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny llama exported with a byte-level BPE tokenizer (every byte is a token), the
-    tokenizer kind grammar-constrained decoding reads (tests/tiny_tokenizers.py)."""
+    tokenizer kind grammar-constrained decoding reads (tests/tiny_tokenizers.py). Its context
+    is 1024 tokens: tool specs rendered into a prompt take a token per byte."""
     from llmopt.exporter import export
     from tests import tiny_decoders, tiny_tokenizers
 
     root = tmp_path_factory.mktemp("byte-level-decoder")
     source = tiny_decoders.build("llama", root / "source",
-                                 make_tokenizer=tiny_tokenizers.byte_level_tokenizer)
+                                 make_tokenizer=tiny_tokenizers.byte_level_tokenizer,
+                                 max_position_embeddings=1024)
     return export(source, root / "package").path

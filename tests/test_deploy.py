@@ -202,17 +202,35 @@ def kserve_problems(runtime: Doc, isvc: Doc) -> list[str]:
     problems: list[str] = []
     spec = runtime["spec"]
     c = container(spec, KSERVE_CONTAINER)
-    ports = c.get("ports", [])
-    if len(ports) != 1 or ports[0].get("name") != "h2c":
-        problems.append("the runtime container should declare one port named h2c (gRPC over "
-                        "HTTP/2 cleartext): Knative allows one port, KServe serves the first")
-    grpc_port = ports[0].get("containerPort") if ports else None
-    if spec.get("protocolVersions") != ["grpc-v2"]:
-        problems.append(f"protocolVersions {spec.get('protocolVersions')}: llmopt serves the v2 "
-                        "protocol over gRPC only (grpc-v2)")
     predictor = isvc["spec"]["predictor"]
+    model = predictor["model"]
     # KServe runs the runtime's args followed by the model's (argparse: the last one wins)
-    c = {**c, "args": [*c.get("args", []), *predictor["model"].get("args", [])]}
+    c = {**c, "args": [*c.get("args", []), *model.get("args", [])]}
+    args, _ = serve_args(c.get("args", []))
+    ports = c.get("ports", [])
+    if len(ports) != 1 or ports[0].get("name") != "http1":
+        problems.append("the runtime container should declare one port named http1 (OpenAI and "
+                        "KServe v2 REST): Knative allows one port, KServe serves the first")
+    elif args is not None and ports[0].get("containerPort") != args.http_port:
+        problems.append(f"the runtime declares port {ports[0].get('containerPort')}, llmopt "
+                        f"serves HTTP on {args.http_port}")
+    if spec.get("protocolVersions") != ["v2", "grpc-v2"]:
+        problems.append(f"protocolVersions {spec.get('protocolVersions')}: llmopt serves the v2 "
+                        "protocol over HTTP (v2) and gRPC (grpc-v2)")
+    for name in PROBES:
+        if not isinstance(c.get(name, {}).get("httpGet", {}).get("port"), int):
+            problems.append(f"{name} should GET the HTTP port by number: an InferenceService "
+                            "that declares ports replaces the runtime's names")
+    # an InferenceService on gRPC declares the h2c port in place of the runtime's
+    own_ports = model.get("ports")
+    grpc_port = args.port if args is not None else None
+    if own_ports is not None or model.get("protocolVersion") == "grpc-v2":
+        if model.get("protocolVersion") != "grpc-v2" or not own_ports or len(own_ports) != 1 \
+                or own_ports[0].get("name") != "h2c":
+            problems.append("an InferenceService on gRPC says protocolVersion grpc-v2 and "
+                            "declares one port, h2c, the gRPC port")
+        else:
+            grpc_port = own_ports[0].get("containerPort")
     grace = predictor.get("terminationGracePeriodSeconds", DEFAULT_GRACE_S)
     problems += serving_problems(c, grpc_port, KSERVE_MODEL_DIR, grace)
     args, _ = serve_args(c.get("args", []))
@@ -225,7 +243,6 @@ def kserve_problems(runtime: Doc, isvc: Doc) -> list[str]:
         if annotations.get(key) != "/metrics":
             problems.append(f"annotation {key} should be /metrics")
 
-    model = predictor["model"]
     if model.get("runtime") != runtime["metadata"]["name"]:
         problems.append(f"the InferenceService names runtime {model.get('runtime')!r}, the "
                         f"ServingRuntime is {runtime['metadata']['name']!r}")
@@ -477,13 +494,14 @@ DEP_C = "spec.template.spec.containers.0"
 SCHEMA_BREAKS: list[tuple[str, str, Callable[[Doc], None]]] = [
     (SR, "protocolVersion instead of protocolVersions",
      rename("spec.protocolVersions", "protocolVersion")),
-    (SR, "grpc.prot instead of grpc.port", rename(f"{SR_C}.readinessProbe.grpc.port", "prot")),
+    (SR, "httpGet.prot instead of httpGet.port",
+     rename(f"{SR_C}.readinessProbe.httpGet.port", "prot")),
     (SR, "containerPort as a string", setv(f"{SR_C}.ports.0.containerPort", "8001")),
     (SR, "an unknown protocol", setv("spec.protocolVersions", ["grpc-v3"])),
     (SR, "no kserve-container", setv(f"{SR_C}.name", "server")),
     (SR, "an annotation that is a number",
      setv(("spec", "annotations", "prometheus.io/port"), 8002)),
-    (SR, "a probe with two handlers", add(f"{SR_C}.livenessProbe", "tcpSocket", {"port": 8001})),
+    (SR, "a probe with two handlers", add(f"{SR_C}.livenessProbe", "tcpSocket", {"port": 8000})),
     (SR, "autoselect in lower case", rename("spec.supportedModelFormats.0.autoSelect",
                                             "autoselect")),
     (IS, "storageURI instead of storageUri", rename("spec.predictor.model.storageUri",
@@ -519,9 +537,13 @@ def test_every_schema_has_a_broken_copy() -> None:
 
 
 CONSISTENCY_BREAKS: list[tuple[str, str, Callable[[Doc], None]]] = [
-    (SR, "a probe on the metrics port", setv(f"{SR_C}.readinessProbe.grpc.port", 8002)),
-    (SR, "a health service the server does not register",
-     setv(f"{SR_C}.livenessProbe.grpc.service", "liveness")),
+    (SR, "a probe on the metrics port", setv(f"{SR_C}.readinessProbe.httpGet.port", 8002)),
+    (SR, "a probe of a route llmopt lacks", setv(f"{SR_C}.livenessProbe.httpGet.path", "/ok")),
+    (SR, "a probe naming the port", setv(f"{SR_C}.startupProbe.httpGet.port", "http1")),
+    (SR, "the HTTP port changed in one place", setv(f"{SR_C}.ports.0.containerPort", 8080)),
+    (SR, "the gRPC port declared instead", setv(f"{SR_C}.ports.0", {
+        "name": "h2c", "containerPort": 8001, "protocol": "TCP"})),
+    (SR, "HTTP turned off", extend(f"{SR_C}.args", ["--no-http"])),
     (SR, "a flag llmopt serve does not have", setv(f"{SR_C}.args.0", "--models=/mnt/models")),
     (SR, "an abbreviated flag", setv(f"{SR_C}.args.0", "--model-repo=/mnt/models")),
     (SR, "the repository somewhere else", setv(f"{SR_C}.args.0", "--model-repository=/models")),
@@ -529,7 +551,11 @@ CONSISTENCY_BREAKS: list[tuple[str, str, Callable[[Doc], None]]] = [
     (SR, "a drain longer than the grace period", setv(f"{SR_C}.args.4", "--grace=60")),
     (SR, "the metrics annotation on another port",
      setv(("spec", "annotations", "prometheus.kserve.io/port"), "9091")),
-    (SR, "an HTTP protocol it does not serve", setv("spec.protocolVersions", ["v2", "grpc-v2"])),
+    (SR, "a protocol it does not serve", setv("spec.protocolVersions", ["v1", "v2", "grpc-v2"])),
+    (SR, "gRPC not offered", setv("spec.protocolVersions", ["v2"])),
+    (IS, "gRPC without its port", setv("spec.predictor.model.protocolVersion", "grpc-v2")),
+    (IS, "the gRPC port declared under another name", add("spec.predictor.model", "ports", [
+        {"name": "grpc", "containerPort": 8001}])),
     (IS, "a longer drain in the model's args", add("spec.predictor.model", "args",
                                                      ["--grace=45"])),
     (IS, "another runtime", setv("spec.predictor.model.runtime", "kserve-tritonserver")),
@@ -585,3 +611,16 @@ def test_dockerfile_check_rejects_a_broken_copy(what: str, old: str, new: str) -
     assert old in text
     problems = dockerfile_problems(text.replace(old, new), {8001}, {8002}, run_as_users())
     assert problems, f"the Dockerfile check accepts {what}"
+
+
+def test_an_inference_service_on_grpc_declares_the_grpc_port() -> None:
+    """The variant inferenceservice.yaml describes in its comments: protocolVersion grpc-v2 and
+    the h2c port in place of the runtime's; the wrong port number is caught."""
+    isvc = one("InferenceService")
+    model = isvc["spec"]["predictor"]["model"]
+    model.update(protocolVersion="grpc-v2",
+                 ports=[{"name": "h2c", "containerPort": 8001, "protocol": "TCP"}])
+    assert schema_errors(isvc) == []
+    assert kserve_problems(one("ServingRuntime"), isvc) == []
+    model["ports"][0]["containerPort"] = 8000
+    assert any("binds port 8001" in p for p in kserve_problems(one("ServingRuntime"), isvc))

@@ -44,6 +44,17 @@ DECODER_CHAT_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|> {% endif %}"
 )
+# a template that renders tools and earlier calls itself, as tool-trained models' templates do
+TOOLS_CHAT_TEMPLATE = (
+    "{% if tools %}<|system|> tools: {% for tool in tools %}{{ tool.function.name }} "
+    "{{ tool.function.parameters | tojson }}; {% endfor %}</s> {% endif %}"
+    "{% for message in messages %}"
+    "<|{{ message['role'] }}|> {{ message['content'] }}"
+    "{% for call in message.tool_calls or [] %}<call> {{ call.function.name }} "
+    "{{ call.function.arguments | tojson }}{% endfor %} </s> "
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|> {% endif %}"
+)
 
 
 def vocabulary(special: tuple[str, ...], continuations: tuple[str, ...] = ()) -> dict[str, int]:

@@ -88,9 +88,10 @@ class ResponseFormat:
 
     @classmethod
     def tool_call(cls, tools: Sequence[Mapping[str, Any]], tool_choice: Any = "auto",
-                  answer: ResponseFormat | None = None) -> ResponseFormat:
+                  answer: ResponseFormat | None = None, parallel: bool = False) -> ResponseFormat:
         """A call of one of OpenAI-shaped ``tools``, as ``{"name": ..., "arguments": {...}}``
-        (:func:`parse_tool_call` reads it back).
+        (:func:`parse_tool_calls` reads it back); with ``parallel``, one or more calls, a line
+        each.
 
         ``tool_choice`` ``"required"`` forces a call, ``{"type": "function", "function":
         {"name": N}}`` a call of N, ``"auto"`` lets the model answer in text instead (or in
@@ -101,15 +102,16 @@ class ResponseFormat:
                                     fix="drop the tools or use a json_schema response format")
         return cls("lark", tool_call_grammar(tools, tool_choice,
                                              None if answer is None else answer.schema,
-                                             JSON_LAYOUT))
+                                             JSON_LAYOUT, parallel))
 
     @classmethod
     def from_openai(cls, response_format: Mapping[str, Any] | None, tools: Any = None,
-                    tool_choice: Any = None) -> ResponseFormat | None:
+                    tool_choice: Any = None, parallel: bool = False) -> ResponseFormat | None:
         """The constraint of an OpenAI chat/completions request, or None where it has none.
 
         ``response_format`` is ``{"type": "text" | "json_object" | "json_schema", ...}``;
-        ``tools`` and ``tool_choice`` as in the chat route (``"none"`` disables the tools).
+        ``tools`` and ``tool_choice`` as in the chat route (``"none"`` disables the tools),
+        ``parallel`` its ``parallel_tool_calls``.
         Raises :class:`~llmopt.errors.InvalidInputError` naming the fix for a bad shape.
         """
         answer = _from_openai_format(response_format)
@@ -121,7 +123,7 @@ class ResponseFormat:
         choice = "auto" if tool_choice is None else tool_choice
         if choice == "none":
             return answer
-        return cls.tool_call(tools, choice, answer)
+        return cls.tool_call(tools, choice, answer, parallel)
 
     # -- views ---------------------------------------------------------------------------------
 

@@ -80,7 +80,8 @@ class EngineConfig:
 
 
 class Request:
-    """A submitted generation: iterate it for text deltas; ``result()`` waits for the end."""
+    """A submitted generation: iterate it for text deltas (or :meth:`chunks` for deltas with
+    their token counts); ``result()`` waits for the end."""
 
     _ids = itertools.count(1)
 
@@ -91,18 +92,27 @@ class Request:
         self.events: queue.Queue[Any] = queue.Queue()
         self.cancelled = threading.Event()
         self.finished = threading.Event()
-        state.on_delta = self.events.put
+        state.on_delta = self._delta
 
     def cancel(self) -> None:
         """Stop generating; the slot is freed at the next step boundary."""
         self.cancelled.set()
 
     def __iter__(self) -> Iterator[str]:
+        for text, _ in self.chunks():
+            yield text
+
+    def chunks(self) -> Iterator[tuple[str, int]]:
+        """Text deltas, each with the number of tokens generated when it was emitted (so a
+        stream can send each token's log-probability with the text it produced)."""
         while True:
             item = self.events.get()
             if item is _END:
                 return
             yield item
+
+    def _delta(self, text: str) -> None:
+        self.events.put((text, len(self.state.generated)))
 
     def result(self, timeout: float | None = None) -> GenerationResult:
         if not self.finished.wait(timeout):

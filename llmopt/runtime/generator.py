@@ -19,14 +19,14 @@ from typing import Any
 import numpy as np
 
 from llmopt.errors import InvalidInputError
+from llmopt.runtime.chat_template import render_chat
 from llmopt.runtime.kv import DecoderModel, left_pad, position_ids
 from llmopt.runtime.kv_cache import KVPlacement
 from llmopt.runtime.sampling import SamplingParams
 from llmopt.runtime.sequence import DecodeState, GenerationResult
 from llmopt.runtime.session import SessionInfo
 
-Prompt = str | Sequence[dict[str, str]] | Sequence[int]
-CHAT_ROLES = ("system", "user", "assistant", "tool")  # what chat templates render
+Prompt = str | Sequence[dict[str, Any]] | Sequence[int]
 
 
 class TextStream:
@@ -90,13 +90,13 @@ class Generator:
             if not prompt.strip():
                 raise InvalidInputError("the prompt is empty", fix="pass some text to continue")
             if chat:
-                return self._render_chat([{"role": "user", "content": prompt}])
+                return self.render_chat([{"role": "user", "content": prompt}])
             return list(self.tokenizer(prompt)["input_ids"])
         items = list(prompt)
         if not items:
             raise InvalidInputError("the prompt is empty", fix="pass text, messages or token ids")
         if all(isinstance(m, dict) for m in items):
-            return self._render_chat(items)  # type: ignore[arg-type]
+            return self.render_chat(items)  # type: ignore[arg-type]
         if all(isinstance(t, int | np.integer) for t in items):
             vocab = self.vocab_size
             ids = [int(t) for t in items]  # type: ignore[call-overload]
@@ -114,20 +114,13 @@ class Generator:
         """Rows of the logits: token ids (prompt, eos) must lie below it."""
         return int(self.package.manifest.vocab_size)
 
-    def _render_chat(self, messages: list[dict[str, str]]) -> list[int]:
-        if not getattr(self.tokenizer, "chat_template", None):
-            raise InvalidInputError("this package's tokenizer has no chat template",
-                                    fix="pass plain text instead of messages")
-        for message in messages:
-            if not isinstance(message.get("role"), str) or not isinstance(
-                    message.get("content"), str):
-                raise InvalidInputError("each chat message needs string 'role' and 'content'",
-                                        fix='e.g. {"role": "user", "content": "Hello"}')
-            if message["role"] not in CHAT_ROLES:
-                raise InvalidInputError(f"unknown chat role {message['role'][:50]!r}",
-                                        fix=f"use one of {', '.join(CHAT_ROLES)}")
-        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
-                                                  tokenize=False)
+    def render_chat(self, messages: Sequence[dict[str, Any]],
+                    tools: Sequence[dict[str, Any]] | None = None,
+                    tool_choice: Any = "auto") -> list[int]:
+        """Token ids of chat ``messages`` rendered by the chat template, ending with the
+        assistant's turn; ``tools`` (OpenAI-shaped) are offered to the model as
+        :func:`~llmopt.runtime.chat_template.render_chat` explains."""
+        text = render_chat(self.tokenizer, messages, tools, tool_choice)
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     # -- generation ----------------------------------------------------------------------------

@@ -11,8 +11,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import time
-import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
@@ -21,8 +19,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from llmopt.errors import UnsupportedError
-from llmopt.runtime.sequence import GenerationResult, TokenLogprob
-from llmopt.runtime.tool_calls import parse_tool_call
+from llmopt.runtime.generator import Prompt
 from llmopt.server.http_context import HttpContext, json_body
 from llmopt.server.http_errors import openai_body
 from llmopt.server.llmopt_api import Generation
@@ -34,10 +31,8 @@ from llmopt.server.openai_params import (
     completion_request,
     embedding_request,
 )
+from llmopt.server.openai_reply import Reply
 from llmopt.server.rpc import as_llmopt
-
-FINISH = {"eos": "stop", "stop": "stop", "length": "length", "context": "length",
-          "cancelled": "stop"}
 
 
 async def chat_completions(request: Request, ctx: HttpContext) -> Response:
@@ -107,7 +102,7 @@ def _model_name(body: Any, request: Request) -> str:
 async def _generate(request: Request, ctx: HttpContext, model: Decoder,
                     spec: GenerateRequest) -> Response:
     generations = await ctx.blocking(_submit, ctx, model, spec)
-    reply = _Reply(spec, model)
+    reply = Reply(spec, model)
     if spec.stream:
         return StreamingResponse(_events(request, ctx, generations, reply),
                                  media_type="text/event-stream",
@@ -125,14 +120,24 @@ def _submit(ctx: HttpContext, model: Decoder, spec: GenerateRequest) -> list[Gen
     generations: list[Generation] = []
     try:
         for prompt in spec.prompts:
+            tokens = _rendered(model, spec, prompt)  # once for the n choices
             for index in range(spec.n):
-                generations.append(Generation(model, prompt, spec.choice_params(index),
-                                              chat=spec.chat, metrics=ctx.metrics,
+                generations.append(Generation(model, tokens, spec.choice_params(index),
+                                              chat=False, metrics=ctx.metrics,
                                               timeout=model.config.request_timeout_s))
     except Exception:
         _cancel(generations)  # one refused (queue full, too long): drop them all
         raise
     return generations
+
+
+def _rendered(model: Decoder, spec: GenerateRequest, prompt: Prompt) -> Prompt:
+    """Chat messages as token ids, the tools offered rendered with them (the chat template's
+    way, or a system message where the template has none); other prompts as they are."""
+    if not spec.chat:
+        return prompt
+    return model.generator.render_chat(prompt, spec.tools or None,  # type: ignore[arg-type]
+                                       spec.tool_choice)
 
 
 def _cancel(generations: list[Generation]) -> None:
@@ -157,19 +162,22 @@ async def _on_disconnect(request: Request, generations: list[Generation]) -> Non
 
 
 async def _events(request: Request, ctx: HttpContext, generations: list[Generation],
-                  reply: _Reply) -> AsyncIterator[str]:
+                  reply: Reply) -> AsyncIterator[str]:
     """SSE chunks of each choice in turn (they generate together; later ones are buffered).
     Cancelled (the client left) or failed, every request is cancelled before this returns."""
     results = []
     try:
         yield _sse(reply.first_chunk())
         for index, generation in enumerate(generations):
-            deltas, waiting = iter(generation.request), generation.request.events.qsize
-            while (text := await ctx.blocking(_take_text, deltas, waiting)) is not None:
-                yield _sse(reply.delta_chunk(index, text))
+            choice = reply.choice_stream(index, generation.request.state.logprobs)
+            chunks, waiting = generation.request.chunks(), generation.request.events.qsize
+            while (piece := await ctx.blocking(_take_text, chunks, waiting)) is not None:
+                for chunk in choice.delta(*piece):
+                    yield _sse(chunk)
             result = await ctx.blocking(generation.result)
             results.append(result)
-            yield _sse(reply.final_chunk(index, result))
+            for chunk in choice.final(result):
+                yield _sse(chunk)
         if reply.spec.include_usage:
             yield _sse(reply.usage_chunk(results))
         yield "data: [DONE]\n\n"
@@ -180,117 +188,26 @@ async def _events(request: Request, ctx: HttpContext, generations: list[Generati
         _release(ctx, generations)
 
 
-def _take_text(deltas: Iterator[str], waiting: Callable[[], int]) -> str | None:
-    """The next delta joined with every delta already waiting, None at the end: when the
-    client falls behind the engine, it gets fewer, longer chunks instead of a growing lag."""
-    first = next(deltas, None)
+def _take_text(chunks: Iterator[tuple[str, int]], waiting: Callable[[], int]
+               ) -> tuple[str, int] | None:
+    """The next delta joined with every delta already waiting (with the token count of the
+    last), None at the end: when the client falls behind the engine, it gets fewer, longer
+    chunks instead of a growing lag."""
+    first = next(chunks, None)
     if first is None:
         return None
-    parts = [first]
+    parts, tokens = [first[0]], first[1]
     while waiting():  # items are queued, so next() does not block (this is the one reader)
-        item = next(deltas, None)
+        item = next(chunks, None)
         if item is None:
             break
-        parts.append(item)
-    return "".join(parts)
+        parts.append(item[0])
+        tokens = item[1]
+    return "".join(parts), tokens
 
 
 def _sse(data: dict[str, Any]) -> str:
     return f"data: {json.dumps(data, separators=(',', ':'))}\n\n"
-
-
-class _Reply:
-    """Builds one request's response objects, chat or completions shape."""
-
-    def __init__(self, spec: GenerateRequest, model: Decoder) -> None:
-        self.spec = spec
-        self.chat = spec.chat
-        self.model = model
-        self.id = ("chatcmpl-" if spec.chat else "cmpl-") + uuid.uuid4().hex
-        self.created = int(time.time())
-        self.object = "chat.completion" if spec.chat else "text_completion"
-
-    def _head(self, chunk: bool) -> dict[str, Any]:
-        name = self.object + (".chunk" if chunk and self.chat else "")
-        head = {"id": self.id, "object": name, "created": self.created, "model": self.spec.model}
-        if chunk and self.spec.include_usage:
-            head["usage"] = None
-        return head
-
-    def whole(self, results: list[GenerationResult]) -> dict[str, Any]:
-        choices = []
-        for index, result in enumerate(results):
-            choice: dict[str, Any] = {"index": index,
-                                      "finish_reason": FINISH[result.finish_reason]}
-            call = parse_tool_call(result.text) if self.spec.tool_calls else None
-            if call is not None:
-                choice["message"] = {"role": "assistant", "content": None, "tool_calls": [
-                    {"id": "call_" + uuid.uuid4().hex[:24], "type": "function",
-                     "function": call}]}
-                choice["finish_reason"] = "tool_calls"
-            elif self.chat:
-                choice["message"] = {"role": "assistant", "content": result.text}
-            else:
-                choice["text"] = result.text
-            choice["logprobs"] = self._logprobs(result.logprobs)
-            choices.append(choice)
-        return {**self._head(False), "choices": choices, "usage": self._usage(results)}
-
-    def first_chunk(self) -> dict[str, Any]:
-        if not self.chat:
-            return {**self._head(True), "choices": []}
-        return {**self._head(True), "choices": [
-            {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-             "finish_reason": None} for i in range(len(self.spec.prompts) * self.spec.n)]}
-
-    def delta_chunk(self, index: int, text: str) -> dict[str, Any]:
-        choice: dict[str, Any] = {"index": index, "logprobs": None, "finish_reason": None}
-        choice["delta" if self.chat else "text"] = {"content": text} if self.chat else text
-        return {**self._head(True), "choices": [choice]}
-
-    def final_chunk(self, index: int, result: GenerationResult) -> dict[str, Any]:
-        choice: dict[str, Any] = {"index": index, "logprobs": None,
-                                  "finish_reason": FINISH[result.finish_reason]}
-        choice["delta" if self.chat else "text"] = {} if self.chat else ""
-        return {**self._head(True), "choices": [choice]}
-
-    def usage_chunk(self, results: list[GenerationResult]) -> dict[str, Any]:
-        return {**self._head(True), "choices": [], "usage": self._usage(results)}
-
-    def _usage(self, results: list[GenerationResult]) -> dict[str, int]:
-        # each prompt is counted once however many choices it has, as OpenAI counts it
-        prompt = sum(r.stats.prompt_tokens for r in results[::self.spec.n])
-        completion = sum(r.stats.generated_tokens for r in results)
-        return {"prompt_tokens": prompt, "completion_tokens": completion,
-                "total_tokens": prompt + completion}
-
-    def _logprobs(self, logprobs: list[TokenLogprob] | None) -> Any:
-        if logprobs is None:
-            return None
-        text: Callable[[int], str] = self._token_text
-        if self.chat:
-            def entry(token: int, value: float) -> dict[str, Any]:
-                piece = text(token)
-                return {"token": piece, "logprob": value, "bytes": list(piece.encode())}
-
-            return {"content": [{**entry(lp.token_id, lp.logprob),
-                                 "top_logprobs": [entry(t, v) for t, v in lp.top]}
-                                for lp in logprobs]}
-        tokens = [text(lp.token_id) for lp in logprobs]
-        return {"tokens": tokens, "token_logprobs": [lp.logprob for lp in logprobs],
-                "top_logprobs": [{text(t): v for t, v in lp.top} for lp in logprobs],
-                "text_offset": list(_offsets(tokens))}
-
-    def _token_text(self, token: int) -> str:
-        tokenizer = self.model.tokenizer
-        return str(token) if tokenizer is None else str(tokenizer.decode([token]))
-
-
-def _offsets(tokens: list[str]) -> Iterator[int]:
-    offset = 0
-    for token in tokens:
-        yield offset
-        offset += len(token)
 
 
 ROUTES = (

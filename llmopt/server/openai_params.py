@@ -8,6 +8,7 @@ completions, as OpenAI documents.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -18,12 +19,13 @@ from llmopt.runtime.sampling import MAX_TOP_LOGPROBS, SamplingParams
 
 MAX_STOP = 4  # OpenAI's limit on stop sequences
 MAX_COMPLETION_LOGPROBS = 5  # the legacy completions route's limit
-INERT = frozenset({"user", "metadata", "store", "service_tier", "parallel_tool_calls"})
+INERT = frozenset({"user", "metadata", "store", "service_tier"})
 EXTENSIONS = frozenset({"ignore_eos"})  # not OpenAI's; vLLM's name, for benchmarks
 CHAT_FIELDS = frozenset({
     "model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "n",
     "stream", "stream_options", "stop", "seed", "presence_penalty", "frequency_penalty",
-    "logprobs", "top_logprobs", "response_format", "tools", "tool_choice"}) | INERT | EXTENSIONS
+    "logprobs", "top_logprobs", "response_format", "tools", "tool_choice",
+    "parallel_tool_calls"}) | INERT | EXTENSIONS
 COMPLETION_FIELDS = frozenset({
     "model", "prompt", "max_tokens", "temperature", "top_p", "n", "stream", "stream_options",
     "stop", "seed", "presence_penalty", "frequency_penalty", "logprobs", "echo", "best_of",
@@ -57,7 +59,17 @@ class GenerateRequest:
     stream: bool
     include_usage: bool
     top_logprobs: int | None  # None: no logprobs asked for
-    tool_calls: bool = False  # tools offered: a generated call is answered as tool_calls
+    tools: tuple[dict[str, Any], ...] = ()  # offered (tool_choice not "none"): calls answer
+    tool_choice: Any = "auto"
+
+    @property
+    def tool_calls(self) -> bool:
+        """Tools are offered: a generated call is answered as ``tool_calls``."""
+        return bool(self.tools)
+
+    @property
+    def tool_names(self) -> list[str]:
+        return [tool["function"]["name"] for tool in self.tools]
 
     def choice_params(self, index: int) -> SamplingParams:
         """Choice ``index`` of a seeded request gets its own seed, so n > 1 choices differ."""
@@ -127,10 +139,28 @@ def embedding_request(body: Any, max_batch: int) -> EmbeddingRequest:
 
 
 def constraints(body: dict[str, Any]) -> ResponseFormat | None:
-    """The request's output constraint (``response_format``, ``tools``, ``tool_choice``) for
-    SamplingParams, or None: enforced by constrained decoding (docs/structured-output.md)."""
-    return ResponseFormat.from_openai(body.get("response_format"), tools=body.get("tools"),
-                                      tool_choice=body.get("tool_choice"))
+    """The request's output constraint (``response_format``, ``tools``, ``tool_choice``,
+    ``parallel_tool_calls``) for SamplingParams, or None: enforced by constrained decoding
+    (docs/structured-output.md). A bad one is a 400 naming the field at fault."""
+    parallel = _opt_bool(body, "parallel_tool_calls") or False
+    try:
+        return ResponseFormat.from_openai(body.get("response_format"), tools=body.get("tools"),
+                                          tool_choice=body.get("tool_choice"), parallel=parallel)
+    except ParamError:
+        raise
+    except InvalidInputError as exc:
+        raise ParamError(_constraint_param(body, exc.message), exc.message, fix=exc.fix) \
+            from None
+
+
+def _constraint_param(body: dict[str, Any], message: str) -> str:
+    """Which field a constraint error is about, for the error's ``param`` (on the error path
+    only: the answer format alone is compiled again to see whether it is the one at fault)."""
+    try:
+        ResponseFormat.from_openai(body.get("response_format"))
+    except InvalidInputError:
+        return "response_format"
+    return "tool_choice" if "tool_choice" in message else "tools"
 
 
 def _generate(body: dict[str, Any], prompts: tuple[Prompt, ...], *, chat: bool, max_n: int,
@@ -148,9 +178,6 @@ def _generate(body: dict[str, Any], prompts: tuple[Prompt, ...], *, chat: bool, 
         raise ParamError("stream_options", "stream_options must be an object, and only with "
                          "stream: true", fix='e.g. "stream_options": {"include_usage": true}')
     include_usage = bool(_opt_bool(options or {}, "include_usage", "stream_options."))
-    if stream and top_logprobs is not None:
-        raise _unsupported("logprobs", "logprobs with stream: true is not supported",
-                           "ask for logprobs without streaming")
     values: dict[str, Any] = {
         "max_new_tokens": max_tokens,
         "temperature": _opt_float(body, "temperature", 0.0, 2.0, 1.0),
@@ -164,16 +191,17 @@ def _generate(body: dict[str, Any], prompts: tuple[Prompt, ...], *, chat: bool, 
     }
     if values["top_p"] == 0.0:
         raise ParamError("top_p", "top_p must be above 0", fix="use 1 to disable, or e.g. 0.9")
-    constraint = constraints(body) if chat else None
+    constraint = constraints(body) if chat else None  # checks tools and tool_choice
     if constraint is not None:
         values["response_format"] = constraint
     try:
         params = SamplingParams(**values)
     except InvalidInputError as exc:
         raise ParamError("max_tokens", exc.message, fix=exc.fix) from None
+    choice = body.get("tool_choice") or "auto"
+    offered = tuple(body.get("tools") or ()) if chat and choice != "none" else ()
     return GenerateRequest(_model(body), prompts, chat, params, n, stream, include_usage,
-                           top_logprobs, tool_calls=chat and bool(body.get("tools"))
-                           and body.get("tool_choice") != "none")
+                           top_logprobs, offered, choice)
 
 
 def _object(body: Any, allowed: frozenset[str]) -> dict[str, Any]:
@@ -195,7 +223,7 @@ def _model(body: dict[str, Any]) -> str:
     return model
 
 
-def _messages(raw: Any) -> list[dict[str, str]]:
+def _messages(raw: Any) -> list[dict[str, Any]]:
     if not isinstance(raw, list) or not raw:
         raise ParamError("messages", "messages must be a non-empty list",
                          fix='e.g. "messages": [{"role": "user", "content": "Hello"}]')
@@ -208,9 +236,46 @@ def _messages(raw: Any) -> list[dict[str, str]]:
         if role not in ROLES:
             raise ParamError(f"{where}.role", f"{where}.role must be one of {', '.join(ROLES)}, "
                              f"not {_short(role)}")
-        out.append({"role": "system" if role == "developer" else role,
-                    "content": _content(message.get("content"), where)})
+        item: dict[str, Any] = {"role": "system" if role == "developer" else role,
+                                "content": _content(message.get("content"), where)}
+        if role == "assistant" and message.get("tool_calls") is not None:
+            item["tool_calls"] = _history_calls(message["tool_calls"], f"{where}.tool_calls")
+        if role == "tool":
+            call_id = message.get("tool_call_id")
+            if not isinstance(call_id, str) or not call_id:
+                raise ParamError(f"{where}.tool_call_id", f"{where} (a tool result) needs the "
+                                 "tool_call_id of the call it answers",
+                                 fix='e.g. "tool_call_id": "call_abc123", the id from the '
+                                     "assistant message's tool_calls")
+            item["tool_call_id"] = call_id
+        out.append(item)
     return out
+
+
+def _history_calls(raw: Any, where: str) -> list[dict[str, Any]]:
+    """An assistant message's earlier ``tool_calls``, arguments parsed into an object (what
+    chat templates render)."""
+    example = ('e.g. [{"id": "call_1", "type": "function", "function": {"name": "get_weather", '
+               '"arguments": "{\\"city\\": \\"Paris\\"}"}}]')
+    if not isinstance(raw, list):
+        raise ParamError(where, f"{where} must be a list of calls", fix=example)
+    calls = []
+    for index, call in enumerate(raw):
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict) or call.get("type", "function") != "function" \
+                or not isinstance(function.get("name"), str) \
+                or not isinstance(function.get("arguments"), str):
+            raise ParamError(f"{where}[{index}]", f"{where}[{index}] must be a function call "
+                             "with a name and its arguments as JSON text", fix=example)
+        try:
+            arguments = json.loads(function["arguments"])
+        except ValueError:
+            raise ParamError(f"{where}[{index}].function.arguments",
+                             f"{where}[{index}].function.arguments is not JSON text",
+                             fix="send the arguments exactly as the reply gave them") from None
+        calls.append({"id": str(call.get("id") or f"call_{index}"), "type": "function",
+                      "function": {"name": function["name"], "arguments": arguments}})
+    return calls
 
 
 def _content(content: Any, where: str) -> str:

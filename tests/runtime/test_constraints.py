@@ -13,7 +13,14 @@ import pytest
 from llmopt.errors import InvalidInputError
 from llmopt.runtime.constraints import ResponseFormat, TokenConstraint, grammar_tokenizer
 from llmopt.runtime.sampling import SamplingParams
-from llmopt.runtime.tool_calls import parse_tool_call
+from llmopt.runtime.tool_calls import (
+    ArgumentsDelta,
+    CallStarted,
+    ContentDelta,
+    ToolCallStream,
+    parse_tool_call,
+    parse_tool_calls,
+)
 from tests import tiny_tokenizers
 
 EOS = 2
@@ -218,3 +225,70 @@ def test_auto_tool_choice_with_a_json_answer(tokenizer: Any) -> None:
     assert follow(fmt, tokenizer, '{"name": "get_weather", "arguments": {"city": "x"}}').complete
     with pytest.raises(InvalidInputError, match="not regex"):
         ResponseFormat.tool_call([WEATHER], "auto", ResponseFormat.regex("a"))
+
+
+CALLS = ('{"name": "get_weather", "arguments": {"city": "Pa}ri\\"s", "days": [1.50, 2]}}\n'
+         '{"name": "get_time", "arguments": {}}')
+
+
+def test_parallel_calls_are_one_per_line_and_only_when_asked(tokenizer: Any) -> None:
+    parallel = ResponseFormat.from_openai(None, [WEATHER, TIME], "required", parallel=True)
+    single = ResponseFormat.from_openai(None, [WEATHER, TIME], "required")
+    assert parallel is not None and single is not None
+    first = '{"name": "get_time", "arguments": {}}'
+    assert follow(single, tokenizer, first).complete  # one call, then the end
+    after_one = follow(parallel, tokenizer, first)
+    assert after_one.allowed(len(tokenizer))[EOS] and allows(parallel, tokenizer, first, "\n")
+    assert follow(parallel, tokenizer, first + "\n" + first).allowed(len(tokenizer))[EOS]
+    assert not allows(parallel, tokenizer, first + "\n", "H")  # a call follows a newline
+
+
+def test_calls_are_read_back_with_their_arguments_as_generated() -> None:
+    calls = parse_tool_calls(CALLS)
+    assert calls == [{"name": "get_weather",
+                      "arguments": '{"city": "Pa}ri\\"s", "days": [1.50, 2]}'},
+                     {"name": "get_time", "arguments": "{}"}]
+    assert parse_tool_call(CALLS) is None  # two calls are not one
+    assert parse_tool_calls(CALLS + "\nand some text") is None
+    assert parse_tool_calls('{"arguments": {}, "name": "x"}') == [  # another layout: re-written
+        {"name": "x", "arguments": "{}"}]
+
+
+def events_of(text: str, step: int, names: list[str]) -> list[Any]:
+    stream = ToolCallStream(names)
+    events = [e for i in range(0, len(text), step) for e in stream.push(text[i:i + step])]
+    return events + list(stream.finish())
+
+
+@pytest.mark.parametrize("step", [1, 2, 5, 17, 1000])
+def test_a_streamed_call_adds_up_to_the_whole_one(step: int) -> None:
+    events = events_of(CALLS, step, ["get_weather", "get_time"])
+    calls: list[dict[str, str]] = []
+    for event in events:
+        assert not isinstance(event, ContentDelta)
+        if isinstance(event, CallStarted):
+            assert event.index == len(calls)
+            calls.append({"name": event.name, "arguments": ""})
+        else:
+            assert isinstance(event, ArgumentsDelta)
+            calls[event.index]["arguments"] += event.text
+    assert calls == parse_tool_calls(CALLS)
+    if step == 1:  # arguments stream as they come, held back by one character only
+        assert sum(isinstance(e, ArgumentsDelta) for e in events) > 10
+
+
+@pytest.mark.parametrize("text", ["Hello {there}", '{"reply": "a JSON answer"}',
+                                  '{"name": "get_weathe"}', '{"name": "other", "arguments": {}}'])
+def test_answer_text_streams_as_content(text: str) -> None:
+    for step in (1, 4):
+        events = events_of(text, step, ["get_weather"])
+        assert all(isinstance(e, ContentDelta) for e in events)
+        assert "".join(e.text for e in events) == text
+    assert events_of("Hi there", 1, ["get_weather"])[0] == ContentDelta("H")  # not held back
+
+
+def test_a_call_cut_short_streams_what_was_generated() -> None:
+    cut = '{"name": "get_weather", "arguments": {"city": "Pa'
+    events = events_of(cut, 3, ["get_weather"])
+    assert events[0] == CallStarted(0, "get_weather")
+    assert "".join(e.text for e in events[1:]) == '{"city": "Pa'

@@ -107,6 +107,25 @@ def start_server(tmp_path: Path) -> Iterator[Callable[..., Any]]:
         srv.stop(0)
 
 
+def openai_client(server: Any) -> Any:
+    """The real ``openai`` SDK on a server's HTTP door (no retries, so errors show at once)."""
+    import openai
+
+    return openai.OpenAI(base_url=server.http_url + "/v1", api_key="unused", max_retries=0,
+                         timeout=60)
+
+
+@pytest.fixture
+def byte_level_oai(byte_level_decoder: Path, start_server: Callable[..., Any],
+                   tmp_path: Path) -> Any:
+    """The ``openai`` SDK on a server over a tiny decoder whose byte-level tokenizer the grammar
+    library reads (served as "bytes")."""
+    from llmopt.server import ServerConfig
+
+    repo = make_repository(tmp_path / "repo", {"bytes": byte_level_decoder}, ["bytes"])
+    return openai_client(start_server(repo, ServerConfig(http_port=0)))
+
+
 def slow_steps(model: Any, seconds: float) -> None:
     """Make a served decoder take ``seconds`` per forward pass, so that a test can act while a
     generation is surely running (the tiny model does 255 tokens in a fraction of a second)."""

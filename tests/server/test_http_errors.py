@@ -79,6 +79,49 @@ def test_bad_chat_requests_are_4xx_in_openai_shape(server: Any, body: Any, statu
     assert ok == 200 and reply["choices"][0]["message"]["role"] == "assistant"
 
 
+TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}}}}
+BAD_TOOLS = [
+    ("tools not a list", {"tools": {"type": "function"}}, "tools"),
+    ("tool without function", {"tools": [{"type": "function"}]}, "tools"),
+    ("tool name with spaces", {"tools": [{"type": "function", "function": {"name": "a b"}}]},
+     "tools"),
+    ("two tools one name", {"tools": [TOOL, TOOL]}, "tools"),
+    ("parameters not a schema", {"tools": [{"type": "function", "function": {
+        "name": "f", "parameters": "object"}}]}, "tools"),
+    ("invalid parameters schema", {"tools": [{"type": "function", "function": {
+        "name": "f", "parameters": {"type": "no-such-type"}}}]}, "tools"),
+    ("choice of an unknown tool", {"tools": [TOOL], "tool_choice": {
+        "type": "function", "function": {"name": "nope"}}}, "tool_choice"),
+    ("choice not understood", {"tools": [TOOL], "tool_choice": "sometimes"}, "tool_choice"),
+    ("required without tools", {"tool_choice": "required"}, "tool_choice"),
+    ("parallel_tool_calls not a bool", {"tools": [TOOL], "parallel_tool_calls": "yes"},
+     "parallel_tool_calls"),
+    ("bad answer format beside tools", {"tools": [TOOL], "response_format": {
+        "type": "json_schema", "json_schema": {"schema": {"type": "no-such-type"}}}},
+     "response_format"),
+    ("history call not JSON", {"messages": [
+        {"role": "assistant", "content": None, "tool_calls": [{"id": "c", "type": "function",
+         "function": {"name": "get_weather", "arguments": "{city"}}]}]},
+     "messages[0].tool_calls[0].function.arguments"),
+    ("history calls not a list", {"messages": [
+        {"role": "assistant", "content": None, "tool_calls": "get_weather"}]},
+     "messages[0].tool_calls"),
+    ("tool result without its call id", {"messages": [{"role": "tool", "content": "sunny"}]},
+     "messages[0].tool_call_id"),
+]
+
+
+@pytest.mark.parametrize(("extra", "param"), [(b, p) for _, b, p in BAD_TOOLS],
+                         ids=[name for name, _, _ in BAD_TOOLS])
+def test_bad_tool_specs_are_400_naming_the_field(server: Any, extra: dict[str, Any],
+                                                 param: str) -> None:
+    status, answer = call(server, "/v1/chat/completions", {**CHAT, **extra})
+    assert_openai_error(status, answer, 400)
+    assert answer["error"]["param"] == param, answer
+    assert call(server, "/v1/chat/completions", CHAT)[0] == 200
+
+
 def test_other_routes_refuse_bad_input(server: Any) -> None:
     assert_openai_error(*call(server, "/v1/completions", {"model": DECODER, "prompt": 5}), 400)
     assert_openai_error(*call(server, "/v1/completions", {"model": DECODER, "prompt": "x",
@@ -97,7 +140,8 @@ def test_fuzzed_bodies_get_4xx_and_the_server_keeps_serving(server: Any) -> None
     rng = random.Random(13)
     fields = ["model", "messages", "prompt", "input", "max_tokens", "temperature", "top_p", "n",
               "stop", "stream", "logprobs", "top_logprobs", "seed", "presence_penalty",
-              "encoding_format", "stream_options", "echo", "response_format"]
+              "encoding_format", "stream_options", "echo", "response_format", "tools",
+              "tool_choice", "parallel_tool_calls"]
     values: list[Any] = [None, True, -1, 0, 3, 1e300, -0.5, "", "x", DECODER, ENCODER, [],
                          [1, 2], ["a"], {}, {"role": "user"}, [{"role": "user", "content": 7}],
                          [{"role": "user", "content": "hi"}], 2**70, "\u0000\udfff"[:1]]

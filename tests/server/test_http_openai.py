@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import base64
 import time
-from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -13,15 +11,14 @@ import openai
 import pytest
 
 from llmopt.runtime.sampling import SamplingParams
-from tests.server.conftest import CLASSIFIER, DECODER, ENCODER, make_repository, sample
+from tests.server.conftest import CLASSIFIER, DECODER, ENCODER, openai_client, sample
 
 MESSAGES = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello there"}]
 
 
 @pytest.fixture
 def oai(server: Any) -> openai.OpenAI:
-    return openai.OpenAI(base_url=server.http_url + "/v1", api_key="unused", max_retries=0,
-                         timeout=60)
+    return openai_client(server)
 
 
 def test_chat_greedy_equals_in_process(oai: openai.OpenAI, generator: Any) -> None:
@@ -118,6 +115,37 @@ def test_logprobs_match_the_raw_logits(oai: openai.OpenAI, generator: Any) -> No
     assert content[0].logprob == pytest.approx(direct.logprobs[0].logprob, abs=1e-5)
 
 
+def test_streamed_chat_logprobs_equal_the_whole_replys(oai: openai.OpenAI) -> None:
+    asked: dict[str, Any] = {"model": DECODER, "messages": MESSAGES, "temperature": 0,
+                             "max_tokens": 12, "logprobs": True, "top_logprobs": 2}
+    reply = oai.chat.completions.create(**asked)
+    whole = reply.choices[0]
+    chunks = [c for c in oai.chat.completions.create(**asked, stream=True) if c.choices]
+    streamed = [entry for c in chunks if c.choices[0].logprobs
+                for entry in c.choices[0].logprobs.content or []]
+    assert whole.logprobs is not None and whole.logprobs.content
+    assert len(streamed) == reply.usage.completion_tokens  # type: ignore[union-attr]
+    assert [e.model_dump() for e in streamed] == [e.model_dump()
+                                                  for e in whole.logprobs.content]
+    # each token's logprob goes out with the text it made, not all at the end
+    text_chunks = [c for c in chunks if c.choices[0].delta.content]
+    assert all(c.choices[0].logprobs and c.choices[0].logprobs.content for c in text_chunks)
+
+
+def test_streamed_completion_logprobs_equal_the_whole_replys(oai: openai.OpenAI) -> None:
+    asked: dict[str, Any] = {"model": DECODER, "prompt": "one two three", "temperature": 0,
+                             "max_tokens": 10, "logprobs": 3}
+    whole = oai.completions.create(**asked).choices[0].logprobs
+    assert whole is not None
+    joined: dict[str, list[Any]] = {"tokens": [], "token_logprobs": [], "top_logprobs": [],
+                                    "text_offset": []}
+    for chunk in oai.completions.create(**asked, stream=True):
+        if chunk.choices and chunk.choices[0].logprobs:
+            for key, values in joined.items():
+                values.extend(getattr(chunk.choices[0].logprobs, key))
+    assert joined == {key: getattr(whole, key) for key in joined}  # offsets run on, too
+
+
 def test_penalties_change_greedy_output(oai: openai.OpenAI) -> None:
     def text(**extra: Any) -> str:
         reply = oai.completions.create(model=DECODER, prompt="one two", temperature=0,
@@ -150,18 +178,6 @@ def test_models_list_and_get(oai: openai.OpenAI) -> None:
     assert oai.models.retrieve(ENCODER).id == ENCODER
     with pytest.raises(openai.NotFoundError):
         oai.models.retrieve("no-such-model")
-
-
-@pytest.fixture
-def byte_level_oai(byte_level_decoder: Path, start_server: Callable[..., Any],
-                   tmp_path: Path) -> openai.OpenAI:
-    """A server over a tiny decoder whose byte-level tokenizer the grammar library reads."""
-    from llmopt.server import ServerConfig
-
-    repo = make_repository(tmp_path / "repo", {"bytes": byte_level_decoder}, ["bytes"])
-    srv = start_server(repo, ServerConfig(http_port=0))
-    return openai.OpenAI(base_url=srv.http_url + "/v1", api_key="unused", max_retries=0,
-                         timeout=60)
 
 
 def test_json_schema_responses_parse_and_validate(byte_level_oai: openai.OpenAI) -> None:
