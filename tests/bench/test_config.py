@@ -154,5 +154,6 @@ analysis: {{perplexity: true, reference: tiny, compare: {{tiny: theirs}}}}
 def test_a_package_is_labelled_by_the_step_that_changed_its_weights(
         steps: list[dict[str, object]], precision: str) -> None:
     from llmopt.bench.matrix import _precision
+    from llmopt.manifest import Manifest
 
-    assert _precision({"steps": steps}) == precision
+    assert _precision(Manifest({"steps": steps})) == precision
