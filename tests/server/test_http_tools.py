@@ -177,3 +177,29 @@ def test_a_template_that_takes_tools_renders_them(byte_level_decoder: Path, tmp_
     expected = llmopt.load(package).render_chat(MESSAGES, TOOLS)
     assert reply.usage.prompt_tokens == len(expected)
     assert valid_calls(reply.choices[0].message)
+
+
+@pytest.mark.real_model
+def test_smollm2_calls_the_tool_its_prompt_offers(smollm2_package: Path, tmp_path: Path,
+                                                  start_server: Callable[..., Any]) -> None:
+    """SmolLM2's template takes no tools, so they reach it in the system message; it reads
+    them and the question, and calls the tool with the city asked about."""
+    from llmopt.server import ServerConfig
+
+    weather = {"type": "function", "function": {
+        "name": "get_weather", "description": "Get the current weather in a city",
+        "parameters": {**CITY, "properties": {"city": {"type": "string", "maxLength": 40}}}}}
+    srv = start_server(make_repository(tmp_path / "repo", {"smollm2": smollm2_package},
+                                       ["smollm2"]), ServerConfig(http_port=0))
+    client = openai_client(srv)
+    asked: dict[str, Any] = {
+        "model": "smollm2", "temperature": 0, "max_tokens": 48, "tools": [weather],
+        "tool_choice": "required",
+        "messages": [{"role": "user", "content": "What is the weather like in Paris today?"}]}
+    whole = client.chat.completions.create(**asked).choices[0]
+    (call,) = whole.message.tool_calls or []
+    assert call.function.name == "get_weather"
+    assert json.loads(call.function.arguments) == {"city": "Paris"}
+    with client.chat.completions.stream(**asked) as stream:
+        (streamed,) = stream.get_final_completion().choices[0].message.tool_calls or []
+    assert streamed.function.arguments == call.function.arguments
