@@ -38,8 +38,16 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
-sys.path.insert(0, str(ROOT / "bench"))
-from serve_concurrency import QUESTIONS  # noqa: E402  (bench/ is scripts, not a package)
+
+
+def chat_questions() -> list[str]:
+    """llmopt's bench chat questions. Workers get them as JSON from the parent: the ``before``
+    worker imports an llmopt that may predate ``llmopt.bench.prompts.CHAT_QUESTIONS``."""
+    if "LLMOPT_BENCH_QUESTIONS" in os.environ:
+        return list(json.loads(os.environ["LLMOPT_BENCH_QUESTIONS"]))
+    from llmopt.bench.prompts import CHAT_QUESTIONS
+
+    return list(CHAT_QUESTIONS)
 
 
 def measure(package: str, streams: int, duration: float, new_tokens: int) -> dict[str, Any]:
@@ -51,6 +59,7 @@ def measure(package: str, streams: int, duration: float, new_tokens: int) -> dic
     from llmopt.runtime.engine import Engine, EngineConfig
     from llmopt.runtime.sampling import SamplingParams
 
+    questions = chat_questions()
     generator = llmopt.load(package, ["cpu"])
     token_times: dict[int, list[float]] = {}
     step = sequence.DecodeState.step
@@ -64,7 +73,7 @@ def measure(package: str, streams: int, duration: float, new_tokens: int) -> dic
     engine = Engine(generator, EngineConfig(max_batch_size=max(streams, 8)))
     engine.start()
     params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
-    engine.submit(QUESTIONS[0], params, chat=True).result()  # first-run allocations: not timed
+    engine.submit(questions[0], params, chat=True).result()  # first-run allocations: not timed
     token_times.clear()
     tokens: list[int] = []
     lock = threading.Lock()
@@ -75,7 +84,7 @@ def measure(package: str, streams: int, duration: float, new_tokens: int) -> dic
         time.sleep(0.05 * index)  # staggered: later streams join running batches
         n = index
         while time.perf_counter() < stop_at:
-            result = engine.submit(QUESTIONS[n % len(QUESTIONS)], params, chat=True).result()
+            result = engine.submit(questions[n % len(questions)], params, chat=True).result()
             n += streams
             with lock:
                 tokens.append(result.stats.generated_tokens)
@@ -106,7 +115,8 @@ def extract(ref: str, into: Path) -> Path:
 
 def run_worker(code_root: Path, package: Path, streams: int, args: argparse.Namespace
                ) -> dict[str, Any]:
-    env = {**os.environ, "PYTHONPATH": str(code_root)}
+    env = {**os.environ, "PYTHONPATH": str(code_root),
+           "LLMOPT_BENCH_QUESTIONS": json.dumps(chat_questions())}
     command = [sys.executable, str(Path(__file__).resolve()), "--worker", "--package",
                str(package), "--streams", str(streams), "--duration", str(args.duration),
                "--new-tokens", str(args.new_tokens)]
