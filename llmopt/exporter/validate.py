@@ -66,8 +66,10 @@ def graph_errors() -> tuple[type[BaseException], ...]:
     """The exceptions ONNX Runtime raises when a graph fails on its inputs."""
     from onnxruntime.capi import onnxruntime_pybind11_state as state
 
+    from llmopt.runtime.kv import GraphRunError
+
     names = ("Fail", "InvalidArgument", "RuntimeException", "NotImplemented", "InvalidGraph")
-    return tuple(getattr(state, name) for name in names if hasattr(state, name))
+    return (GraphRunError, *(getattr(state, name) for name in names if hasattr(state, name)))
 
 
 def _first_line(error: BaseException) -> str:

@@ -28,6 +28,12 @@ ALL_POSITIONS = np.array(0, np.int64)  # logits_to_keep: every position's logits
 LAST_POSITION = np.array(1, np.int64)  # logits_to_keep: the last position's, all decoding needs
 
 
+class GraphRunError(RuntimeError):
+    """The graph failed on its inputs (a shape or value it cannot take). ONNX Runtime raises its
+    typed errors (Fail, InvalidArgument) from ``run`` but a bare RuntimeError from
+    ``run_with_iobinding``; this names the case so callers can tell it from other failures."""
+
+
 class DecoderModel:
     """One decoder session and its KV-cache layout."""
 
@@ -109,7 +115,10 @@ class DecoderModel:
             binding.bind_cpu_input("logits_to_keep", ALL_POSITIONS if all_logits
                                    else LAST_POSITION)
         binding.bind_output("logits", "cpu")  # a new shape each step: unallocated again
-        self.session.run_with_iobinding(binding)
+        try:
+            self.session.run_with_iobinding(binding)
+        except RuntimeError as exc:  # ONNX Runtime's own error types do not survive IOBinding
+            raise GraphRunError(str(exc)) from exc
         outputs = binding.get_outputs()
         cache.advance(list(outputs[1:]))
         return np.asarray(outputs[0].numpy())

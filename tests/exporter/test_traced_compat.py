@@ -87,13 +87,15 @@ def test_every_expert_computes_what_the_expert_loop_computes(model_type: str) ->
     blocks = [m for m in model.modules()
               if type(m).__name__ in traced_compat.SOFTMAX_TOP_K_BLOCKS.values()]
     assert len(blocks) == 2
+    seeded = torch.Generator().manual_seed(0)
     for tokens in (1, 9):
-        hidden = torch.randn(1, tokens, 64)
+        hidden = torch.randn(1, tokens, 64, generator=seeded)
         with torch.no_grad():
             want, want_logits = blocks[0](hidden)
             with traced_compat.every_expert(model):
                 got, got_logits = blocks[0](hidden)
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        # every expert summed in a different order: float32 rounding, never a wrong expert
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(got_logits, want_logits)
     with pytest.raises(RuntimeError), traced_compat.every_expert(model):
         blocks[1](torch.randn(1, 2, 7))  # wrong width: the dense forward raises

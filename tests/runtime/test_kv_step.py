@@ -119,6 +119,20 @@ def test_validation_and_the_generator_run_the_same_step(
     assert sum(w == "validation" for w, _ in calls) == STEPS
 
 
+def test_a_step_the_graph_cannot_take_is_a_graph_error(generator: Generator) -> None:
+    """run_with_iobinding raises a bare RuntimeError where run raises ONNX Runtime's typed
+    errors; the step names it, so export validation records a failed case (a ValidationError)
+    rather than crashing on a graph that runs on the example's shapes only."""
+    from llmopt.exporter.validate import graph_errors
+
+    ids = np.array([PROMPTS[0]])
+    cache = generator.model.copying_cache(1)
+    wrong_positions = np.zeros((2, ids.shape[1] + 3), np.int64)  # batch and length both off
+    with pytest.raises(kv.GraphRunError) as info:
+        generator.model.step(ids, np.ones_like(ids), wrong_positions, cache)
+    assert isinstance(info.value, graph_errors())
+
+
 def test_slot_joins_and_leaves_write_their_own_slots(generator: Generator,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     if not generator.shared_kv:  # the engine keeps past-sized rows instead (PastRows)
