@@ -48,10 +48,11 @@ class RunningBatch(Generic[R]):
     """
 
     def __init__(self, generator: Generator, slots: int = 1,
-                 copier: SlotCopier | None = None) -> None:
+                 copier: SlotCopier | None = None, max_positions: int | None = None) -> None:
         self.generator = generator
         self.ragged = generator.model.ragged
-        self.slots = slots  # rows the in-place store holds before it must grow
+        self.slots = slots  # the most rows the in-place store grows to hold (by doubling)
+        self.max_positions = max_positions  # slots x capacity beyond which growth is exact
         self.copier = copier
         self.requests: list[R] = []
         self.mask = np.zeros((0, 0), np.int64)
@@ -97,25 +98,60 @@ class RunningBatch(Generic[R]):
     def _make_room(self, width: int, rows: int, joining: list[R]) -> None:
         """A slot store for ``rows`` rows of ``width`` positions plus every row's remaining
         tokens; rows already there move only when it must grow or shift (a wider row joins)."""
-        remaining = max(r.state.limit - len(r.state.generated)
-                        for r in [*self.requests, *joining])
-        need = width + remaining + 1
         cache = self.cache if isinstance(self.cache, SlotCache) else None
         shift = width - self.width if self.requests and not self.ragged else 0
-        if cache is not None and rows <= cache.slots and need <= cache.capacity and not shift:
+        slots, capacity = self._store_shape(width, rows, joining)
+        if cache is not None and (slots, capacity) == (cache.slots, cache.capacity) and not shift:
             return
         gen = self.generator
         if self.copier is None:
             self.copier = SlotCopier(gen.model.layout, gen.placement)
-        slots = max(rows, self.slots, cache.slots if cache is not None else 0)
-        capacity = need if cache is None else cache.capacity
-        if need > capacity:  # doubling: a batch regrows O(log length) times
-            capacity = min(max(need, 2 * capacity), max(need, gen.context_length + 1))
         if cache is None or not self.requests:
             self.cache = SlotCache(gen.session, gen.model.layout, slots, capacity,
                                    gen.placement, self.copier)
         else:
             self.cache = cache.moved(slots, capacity, 0, self.width, shift)
+
+    def _store_shape(self, width: int, rows: int, joining: list[R]) -> tuple[int, int]:
+        """(slots, capacity) of the store that holds ``rows`` rows of ``width`` positions plus
+        every row's remaining tokens: the present store where it does; else a new one whose
+        rows and positions double (up to :attr:`slots` rows and the context), so a batch
+        regrows O(log) times and a lone row does not hold a whole batch's memory."""
+        remaining = max(r.state.limit - len(r.state.generated)
+                        for r in [*self.requests, *joining])
+        need = width + remaining + 1
+        cache = self.cache if isinstance(self.cache, SlotCache) else None
+        if cache is None:
+            return rows, need
+        slots = cache.slots if rows <= cache.slots else max(rows, min(self.slots,
+                                                                     2 * cache.slots))
+        capacity = cache.capacity if need <= cache.capacity else min(
+            max(need, 2 * cache.capacity), max(need, self.generator.context_length + 1))
+        if self.max_positions is not None and slots * capacity > self.max_positions:
+            # doubling would pass the memory budget: a store of exactly what the rows need
+            slots, capacity = rows, need
+        return slots, capacity
+
+    @property
+    def kv_positions(self) -> int:
+        """Cache positions this batch holds in memory (slots x capacity of its store)."""
+        if isinstance(self.cache, SlotCache):
+            return self.cache.slots * self.cache.capacity
+        return len(self) * self.width
+
+    def kv_positions_after(self, joining: list[R], width: int) -> int:
+        """:attr:`kv_positions` once ``joining`` (prefilled to ``width`` positions) merged,
+        counted to the end of every row's token limit."""
+        width = max(self.width, width)
+        rows = len(self) + len(joining)
+        if not rows:
+            return 0
+        if not self.generator.shared_kv:  # the copying cache grows by one column per step
+            remaining = max(r.state.limit - len(r.state.generated)
+                            for r in [*self.requests, *joining])
+            return rows * (width + remaining + 1)
+        slots, capacity = self._store_shape(width, rows, joining)
+        return slots * capacity
 
     def forward(self) -> np.ndarray:
         """One decode step of every row (the last tokens in); returns the logits."""

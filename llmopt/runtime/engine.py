@@ -54,7 +54,8 @@ class EngineConfig:
 
     max_batch_size: int = 8
     max_queue: int = 64
-    kv_budget_bytes: int | None = None  # None: no limit beyond max_batch_size
+    # bytes the KV stores may hold (preallocated slots and positions counted); None: no limit
+    kv_budget_bytes: int | None = None
     max_prefill_batch: int = 4
     # rows never padded: same greedy tokens whatever else runs (False: one shared padded batch)
     batch_invariant: bool = True
@@ -260,7 +261,6 @@ class Engine:
         and (with chunking) one chunk padded to the longest, or one longer prompt alone."""
         taken: list[Request] = []
         free = self.config.max_batch_size - len(self._running)
-        width = max((b.width for b in self._batches), default=0)
         chunk = self.config.chunk
         longest = 0
         while self._waiting and len(taken) < min(free, self.config.max_prefill_batch):
@@ -274,14 +274,42 @@ class Engine:
             longest = max(longest, len(request.state.prompt))
             if chunk is not None and taken and (len(taken) + 1) * longest > chunk:
                 break  # a longer prompt starts its own (chunked) group next
-            rows = len(self._running) + len(taken) + 1
-            need = max(width, len(request.state.prompt)) + 1
             budget = self.config.kv_budget_bytes
-            if budget is not None and rows * need * self.kv_bytes_per_token > budget and (
-                    self._running or taken):
+            if budget is not None and (self._running or self._prefills or taken) and \
+                    self._kv_bytes_after([*taken, request]) > budget:
                 break  # wait for memory to free up (a lone request is always admitted)
             taken.append(self._waiting.popleft())
         return taken
+
+    @property
+    def kv_bytes(self) -> int:
+        """Bytes of KV cache the running batches' stores hold (their preallocated slots and
+        positions included); what ``kv_budget_bytes`` bounds."""
+        # a batch whose rows all left is dropped at the end of this step, its store with it
+        return sum(b.kv_positions for b in self._batches if len(b)) * self.kv_bytes_per_token
+
+    def _kv_bytes_after(self, admitted: list[Request]) -> int:
+        """An upper bound of :attr:`kv_bytes` once ``admitted`` (and the prefills queued
+        before them) joined their batches and every row ran to its token limit: into the one
+        running batch where all rows share one, else each into a batch of its own."""
+        joining = [*(r for p in self._prefills for r in p.members), *admitted]
+        live = [b for b in self._batches if len(b)]
+        positions = sum(b.kv_positions_after([], 0) for b in live)
+        if (self._ragged or not self.config.batch_invariant) and not self._rows_couple:
+            target = live[0] if live else self._new_batch()
+            width = max(len(r.state.prompt) for r in joining)
+            positions += target.kv_positions_after(joining, width) - (
+                target.kv_positions_after([], 0))
+        else:
+            positions += sum(self._new_batch().kv_positions_after([r], len(r.state.prompt))
+                             for r in joining)
+        return positions * self.kv_bytes_per_token
+
+    def _new_batch(self) -> RunningBatch[Request]:
+        budget = self.config.kv_budget_bytes
+        return RunningBatch[Request](
+            self.generator, self.config.max_batch_size, self._copier,
+            None if budget is None else budget // self.kv_bytes_per_token)
 
     def _expired(self, request: Request) -> bool:
         return request.deadline is not None and time.monotonic() > request.deadline
@@ -340,8 +368,7 @@ class Engine:
         batch = place(self._batches, prefill.mask.shape[1], self.config.batch_invariant,
                       self._rows_couple, self._ragged)
         if batch is None:
-            batch = RunningBatch[Request](self.generator, self.config.max_batch_size,
-                                          self._copier)
+            batch = self._new_batch()
             self._batches.append(batch)
         batch.merge(requests, prefill.mask, prefill.positions[:, -1], last, prefill.present)
         self._retire()

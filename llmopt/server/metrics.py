@@ -130,9 +130,13 @@ class _LiveCollector:
                                   labels=["model"])
         ready = GaugeMetricFamily("llmopt_model_ready", "1 when the model serves requests",
                                   labels=["model"])
+        kv = GaugeMetricFamily("llmopt_kv_cache_bytes",
+                               "Bytes the decoder's KV stores hold (preallocated slots counted; "
+                               "what kv_budget_bytes bounds)", labels=["model"])
         for model in self.repository.loaded():
             queue.add_metric([model.name], model.queue_depth())
             batch.add_metric([model.name], model.batch_size())
+            kv.add_metric([model.name], model.kv_cache_bytes())
         for entry in self.repository.index():
             ready.add_metric([entry.name], 1.0 if entry.state == "READY" else 0.0)
-        yield from (queue, batch, ready)
+        yield from (queue, batch, ready, kv)

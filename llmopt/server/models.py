@@ -45,6 +45,9 @@ class ServedModel:
     def batch_size(self) -> int:
         return 0
 
+    def kv_cache_bytes(self) -> int:
+        return 0
+
     def warmup(self) -> None:
         raise NotImplementedError
 
@@ -86,6 +89,9 @@ class Decoder(ServedModel):
 
     def batch_size(self) -> int:
         return self.engine.batch_size
+
+    def kv_cache_bytes(self) -> int:
+        return self.engine.kv_bytes
 
     def warmup(self) -> None:
         prompt = [0, 0] if self.tokenizer is None else "Hello"  # packages may lack a tokenizer

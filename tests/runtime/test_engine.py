@@ -90,20 +90,41 @@ def test_full_queue_fails_fast(generator: Generator) -> None:
 
 
 def test_kv_budget_limits_the_batch(generator: Generator) -> None:
+    """The budget bounds the memory the KV stores hold (preallocated slots and positions
+    included), not an estimate of the rows' lengths: at every step the stores stay within it,
+    and it still lets more than one request run."""
     per_token = Engine(generator).kv_bytes_per_token
-    engine = Engine(generator, EngineConfig(max_batch_size=8, kv_budget_bytes=per_token * 40))
+    budget = per_token * 60
+    seen: list[tuple[int, int]] = []
+    engine = Engine(generator, EngineConfig(max_batch_size=8, kv_budget_bytes=budget))
+    engine.on_step = lambda record: seen.append((engine.batch_size, engine.kv_bytes))
     engine.start()
     try:
-        peak = 0
         requests = [engine.submit(p, SamplingParams(max_new_tokens=12, ignore_eos=True))
                     for p in PROMPTS]
-        while not all(r.finished.is_set() for r in requests):
-            peak = max(peak, engine.batch_size)
-            time.sleep(0.001)
-        assert 1 <= peak < len(PROMPTS)
-        assert all(r.result().stats.generated_tokens == 12 for r in requests)
+        results = [r.result(timeout=60) for r in requests]
     finally:
         engine.close()
+    assert all(r.stats.generated_tokens == 12 for r in results)
+    peak = max(rows for rows, _ in seen)
+    assert 2 <= peak < len(PROMPTS)
+    assert max(held for _, held in seen) <= budget, seen
+
+
+def test_a_lone_row_does_not_hold_a_whole_batch_of_slots(generator: Generator) -> None:
+    """The slot store grows with the rows (doubling up to max_batch_size), so one request
+    on a server configured for 64 holds one row's cache, not 64."""
+    engine = Engine(generator, EngineConfig(max_batch_size=64))
+    seen: list[int] = []
+    engine.on_step = lambda record: seen.append(engine.kv_bytes)
+    engine.start()
+    try:
+        engine.submit(PROMPTS[0], SamplingParams(max_new_tokens=6, ignore_eos=True)).result(
+            timeout=60)
+    finally:
+        engine.close()
+    prompt = len(generator.encode(PROMPTS[0]))
+    assert 0 < max(seen) <= (prompt + 6 + 1) * engine.kv_bytes_per_token
 
 
 def test_bad_input_fails_in_the_callers_thread(generator: Generator) -> None:

@@ -68,6 +68,7 @@ def test_metrics_over_http(server: Any) -> None:
                  f'llmopt_request_duration_seconds_bucket{{le="+Inf",method="Embed",model="{ENCODER}"}}',
                  f'llmopt_queue_depth{{model="{DECODER}"}} 0.0',
                  f'llmopt_batch_size{{model="{DECODER}"}} 0.0',
+                 f'llmopt_kv_cache_bytes{{model="{DECODER}"}} 0.0',  # idle: the stores are gone
                  f'llmopt_model_ready{{model="{CLASSIFIER}"}} 1.0'):
         assert line in text, line
     assert "nope" not in text  # made-up names never become labels
