@@ -24,6 +24,7 @@ from llmopt.runtime.kv_cache import (
     KVPlacement,
 )
 
+_NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 ALL_POSITIONS = np.array(0, np.int64)  # logits_to_keep: every position's logits
 LAST_POSITION = np.array(1, np.int64)  # logits_to_keep: the last position's, all decoding needs
 
@@ -66,6 +67,12 @@ class DecoderModel:
                                self.num_kv_heads, self.head_dim, self.kv_dtype)
         # packages exported before logits_to_keep existed compute every position's logits
         self.keeps_logits = "logits_to_keep" in {i.name for i in session.get_inputs()}
+        # logits written straight into an array of ours, where the graph says their type and
+        # vocabulary: a step on an in-place cache then reads no output back from the binding
+        logits = next((o for o in session.get_outputs() if o.name == "logits"), None)
+        vocab = logits.shape[-1] if logits is not None and logits.shape else None
+        self._logits_type = _NUMPY_TYPES.get(logits.type) if logits is not None else None
+        self._vocab = vocab if isinstance(vocab, int) else None
 
     # -- caches ----------------------------------------------------------------------------------
 
@@ -114,14 +121,32 @@ class DecoderModel:
         if self.keeps_logits:
             binding.bind_cpu_input("logits_to_keep", ALL_POSITIONS if all_logits
                                    else LAST_POSITION)
-        binding.bind_output("logits", "cpu")  # a new shape each step: unallocated again
+        logits = self._logits_array(input_ids.shape, all_logits) \
+            if cache.in_place else None
+        if logits is None:
+            binding.bind_output("logits", "cpu")  # a new shape each step: unallocated again
+        else:  # host memory of ours, written in place (kept alive by ``logits``)
+            binding.bind_output("logits", "cpu", 0, logits.dtype, list(logits.shape),
+                                logits.ctypes.data)
         try:
             self.session.run_with_iobinding(binding)
         except RuntimeError as exc:  # ONNX Runtime's own error types do not survive IOBinding
             raise GraphRunError(str(exc)) from exc
+        if logits is not None:  # the presents are the cache's own buffers
+            return logits
         outputs = binding.get_outputs()
         cache.advance(list(outputs[1:]))
         return np.asarray(outputs[0].numpy())
+
+    def _logits_array(self, input_shape: tuple[int, ...], all_logits: bool
+                      ) -> np.ndarray | None:
+        """A host array for this step's logits ([B, positions, vocab]), or None where the graph
+        does not say their vocabulary or type. Wrapping it as the bound output spares the step
+        reading every output back (``get_outputs`` wraps each of the 2 x layers presents)."""
+        if self._vocab is None or self._logits_type is None:
+            return None
+        positions = 1 if self.keeps_logits and not all_logits else input_shape[1]
+        return np.empty((input_shape[0], positions, self._vocab), self._logits_type)
 
     def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray,
                 position_ids: np.ndarray, past: list[np.ndarray]

@@ -69,6 +69,10 @@ HOST = KVPlacement()  # the default: the cache in host memory
 class KVCache(Protocol):
     """What :meth:`DecoderModel.step` needs of a cache."""
 
+    in_place: bool
+    """The graph writes the new positions into the bound buffers, so a step needs none of its
+    outputs back but the logits."""
+
     def binding(self, restart: bool) -> Any:
         """An IO binding with ``logits`` bound first and every cache input and output bound.
         ``restart``: the step runs the whole sequence, so the cache starts empty."""
@@ -80,6 +84,8 @@ class KVCache(Protocol):
 class CopyingCache:
     """Past-sized cache tensors: each step's presents (past plus the new positions, allocated
     by the session on the placement's device) become the next step's past."""
+
+    in_place = False
 
     def __init__(self, session: Any, layout: KVLayout, batch: int,
                  placement: KVPlacement = HOST,
@@ -129,6 +135,8 @@ class InPlaceCache:
     """The cache of a ``shared_buffer`` graph: one [batch, kv_heads, capacity, head_dim] buffer
     per cache tensor, bound once as both past and present; GroupQueryAttention writes the new
     positions into it, so a step copies nothing but its token inputs."""
+
+    in_place = True
 
     def __init__(self, session: Any, layout: KVLayout, batch: int, capacity: int,
                  placement: KVPlacement = HOST) -> None:

@@ -89,6 +89,8 @@ class SlotCache:
     """A running batch's in-place cache: ``slots`` preallocated rows of ``capacity`` positions
     per cache tensor, of which the first ``rows`` are bound (see the module docstring)."""
 
+    in_place = True
+
     def __init__(self, session: Any, layout: KVLayout, slots: int, capacity: int,
                  placement: KVPlacement, copier: SlotCopier) -> None:
         import onnxruntime as ort
@@ -174,6 +176,8 @@ class SlotCache:
 class PastRows:
     """The copying fallback of :class:`SlotCache` for graphs without a shared buffer: the
     batch's past-sized cache tensors, joined, dropped and shifted as host arrays."""
+
+    in_place = False
 
     def __init__(self, session: Any, layout: KVLayout, placement: KVPlacement) -> None:
         self.cache = CopyingCache(session, layout, 0, placement, past=[

@@ -202,10 +202,11 @@ class _RecordingBinding:
         self._binding = binding
         self._devices = devices
 
-    def bind_output(self, name: str, device_type: str = "cpu", device_id: int = 0) -> None:
+    def bind_output(self, name: str, device_type: str = "cpu", device_id: int = 0,
+                    *buffer: Any) -> None:  # buffer: element type, shape, pointer (host logits)
         if name != "logits":
             self._devices.append((device_type, device_id))
-        self._binding.bind_output(name, "cpu", 0)
+        self._binding.bind_output(name, "cpu", 0, *buffer)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._binding, name)
@@ -224,6 +225,7 @@ def test_device_id_reaches_every_kv_binding_and_allocation(
                                                                    devices),
                               run_with_iobinding=cpu.session.run_with_iobinding,
                               get_inputs=cpu.session.get_inputs,
+                              get_outputs=cpu.session.get_outputs,
                               get_modelmeta=cpu.session.get_modelmeta)
     from_numpy, from_shape = ort.OrtValue.ortvalue_from_numpy, \
         ort.OrtValue.ortvalue_from_shape_and_type
