@@ -17,8 +17,9 @@ port, then for each model, client and concurrency level runs that many closed-lo
 
 Every --sample seconds the server process's RSS, threads and open fds are recorded; the report
 gives errors, requests/s (and tokens/s for the decoder), p50/p99 latency per phase, the RSS
-slope after the first phase (warm-up), and threads/fds at start and end. Writes --out.json and
---out.md. Not a test: nothing here asserts a speed.
+slope after the first phase (the warm-up; the first minute where a model runs one phase), and
+threads/fds at start and end. Writes --out.json and --out.md. Not a test: nothing here asserts
+a speed.
 """
 
 from __future__ import annotations
@@ -229,16 +230,21 @@ def perf_analyzer(address: str, workers: int, duration: float) -> dict[str, Any]
             "command": shlex.join(command)}
 
 
-def slopes_after_warmup(samples: list[dict[str, Any]], models: list[str]) -> dict[str, Any]:
+def slopes_after_warmup(samples: list[dict[str, Any]], models: list[str],
+                        warmup_s: float = 60.0) -> dict[str, Any]:
     """RSS slope per model over its phases after its first one (the warm-up: sessions and
-    arenas reach their working size), and over the whole run after the first phase."""
-    def after_first(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        first = rows[0]["phase"] if rows else ""
-        return [r for r in rows if r["phase"] != first]
+    arenas reach their working size), and over the whole run after the first phase. Where a
+    model ran a single phase, its first ``warmup_s`` seconds are the warm-up instead."""
+    def after_warmup(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        if not rows:
+            return rows
+        first = rows[0]["phase"]
+        later = [r for r in rows if r["phase"] != first]
+        return later or [r for r in rows if r["t_s"] >= rows[0]["t_s"] + warmup_s]
 
-    slopes: dict[str, Any] = {m: rss_slope(after_first(
+    slopes: dict[str, Any] = {m: rss_slope(after_warmup(
         [s for s in samples if s["phase"].startswith(m + " ")])) for m in models}
-    slopes["whole run"] = rss_slope(after_first(samples[1:]))
+    slopes["whole run"] = rss_slope(after_warmup(samples[1:]))
     return slopes
 
 
