@@ -140,6 +140,7 @@ def main() -> int:
                                  args.new_tokens)), flush=True)
         return 0
     command = "python bench/engine_slots.py " + shlex.join(sys.argv[1:])
+    args.package = [p.resolve() for p in args.package]  # workers run from another directory
     load_before = os.getloadavg()[0]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
