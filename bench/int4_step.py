@@ -11,9 +11,9 @@ GroupQueryAttention) and builds variants of its graph that each drop one of thos
   each block's float zero point rounded to the nearest integer (ONNX Runtime's fast path takes
   those). Timing only: that rounding is what the correction avoids (it costs +29.4% perplexity
   on llmopt's evaluation text, against +0.52% for the shipped graph: ``drop_correction`` on a
-  copy of the package, then ``llmopt eval COPY --against FUSED``). A first version of this script dropped the
-  correction outright: the activations went out of range and GroupQueryAttention ran 1.8x
-  slower on them, which hid the gain.
+  copy of the package, then ``llmopt eval COPY --against FUSED``). A first version of this
+  script dropped the correction outright: the activations went out of range and
+  GroupQueryAttention ran 1.8x slower on them, which hid the gain.
 - ``no attention bias``: GroupQueryAttention without the bias input that masks left padding
   (right for unpadded rows only).
 - ``4-bit LM head``: the 8-bit head re-quantized to 4-bit symmetric (timing; ``llmopt quantize
