@@ -43,6 +43,8 @@ from typing import Any
 
 import numpy as np
 
+from llmopt.quantizer.blockwise import pack_codes, set_nodes
+
 ROOT = Path(__file__).resolve().parents[1]
 PAST = 120
 
@@ -87,7 +89,7 @@ def drop_correction(model: Any) -> None:
         attrs["N"].i = n
         node.output[0] = add.output[0]
         dropped |= {id(split), id(correction), id(add)}
-    _keep(graph, [n for n in graph.node if id(n) not in dropped], added)
+    set_nodes(model, [n for n in graph.node if id(n) not in dropped], added)
 
 
 def drop_attention_bias(model: Any) -> None:
@@ -114,14 +116,13 @@ def head_4bit(model: Any) -> None:
         weight = (codes.astype(np.float32) - 128) * scales[..., None]
         scale4 = np.abs(weight).max(-1) / 7 + 1e-12
         q = np.clip(np.round(weight / scale4[..., None]) + 8, 0, 15).astype(np.uint8)
-        added += [numpy_helper.from_array(np.ascontiguousarray(q[..., 0::2] | (q[..., 1::2] << 4)),
-                                          node.input[1] + ".4bit"),
+        added += [numpy_helper.from_array(pack_codes(q, 4), node.input[1] + ".4bit"),
                   numpy_helper.from_array(scale4.astype(np.float32).reshape(-1),
                                           node.input[2] + ".4bit")]
         node.input[1], node.input[2] = added[-2].name, added[-1].name
         del node.input[3:]
         attrs["bits"].i = 4
-    _keep(graph, list(graph.node), added)
+    set_nodes(model, list(graph.node), added)
 
 
 def rotary_in_attention(model: Any) -> None:
@@ -147,17 +148,7 @@ def rotary_in_attention(model: Any) -> None:
         node.input.extend(inputs)
         node.attribute.extend([helper.make_attribute("do_rotary", 1),
                                helper.make_attribute("rotary_interleaved", 0)])
-    _keep(graph, [n for n in graph.node if id(n) not in dropped], added)
-
-
-def _keep(graph: Any, nodes: list[Any], added: list[Any]) -> None:
-    del graph.node[:]
-    graph.node.extend(nodes)
-    graph.initializer.extend(added)
-    used = {i for n in graph.node for i in n.input}
-    kept = [t for t in graph.initializer if t.name in used]
-    del graph.initializer[:]
-    graph.initializer.extend(kept)
+    set_nodes(model, [n for n in graph.node if id(n) not in dropped], added)
 
 
 VARIANTS: dict[str, list[Callable[[Any], None]]] = {
