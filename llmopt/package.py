@@ -173,7 +173,10 @@ def _write_derived(parent: Package, out_dir: str | os.PathLike[str], proto: Any,
         for item in parent.path.iterdir():
             if item.is_file() and not item.name.startswith(SIDE_FILE_EXCLUDES):
                 shutil.copy2(item, tmp / item.name)
-        external_data = save_model(proto, tmp / MODEL_NAME)
+        # int4 kernels that a prompt session runs too: their weights beside the graph, so that
+        # session opens the graph without the weights (llmopt.runtime.prompt_graph)
+        external_data = save_model(proto, tmp / MODEL_NAME,
+                                   True if float_prompt_nodes(proto) else None)
         opset = max((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")),
                     default=None)
         onnx_file = {"file": MODEL_NAME,
@@ -199,6 +202,22 @@ def save_model(proto: Any, path: Path, external_data: bool | None = None) -> boo
     else:
         onnx.save_model(proto, str(path))
     return external_data
+
+
+INT8_COMPUTE = 4  # MatMulNBits accuracy_level: int8 activations
+
+
+def float_prompt_nodes(proto: Any) -> list[Any]:
+    """The MatMulNBits nodes of ``proto`` that a prompt session computes in float32
+    (:mod:`llmopt.runtime.prompt_graph`): 4-bit codes at accuracy level 4."""
+    found = []
+    for node in proto.graph.node:
+        if node.op_type != "MatMulNBits":
+            continue
+        attrs = {a.name: a.i for a in node.attribute}
+        if attrs.get("bits") == 4 and attrs.get("accuracy_level") == INT8_COMPUTE:
+            found.append(node)
+    return found
 
 
 def fits_in_protobuf(proto: Any) -> bool:

@@ -1,6 +1,7 @@
 """Peak RSS of a process that loads one package and runs one request of the workload.
 
     python -m llmopt.bench.rss_probe PACKAGE --prompt-tokens 100 --new-tokens 128 [--threads N]
+        [--cpu-option NAME=VALUE ...]
 
 The sweep loads every package into one process (to interleave them), so its peak RSS is the
 sum of them all. A fresh process per package gives the number to set beside a GenAI worker's
@@ -40,12 +41,18 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--threads", type=int)
+    parser.add_argument("--cpu-option", action="append", default=[], metavar="NAME=VALUE",
+                        help="a CPUOptions field, e.g. float_prompts=false (JSON values)")
     args = parser.parse_args()
 
     import llmopt
     from llmopt.bench import memory, prompts
 
-    options = {"cpu": {"intra_op_threads": args.threads}} if args.threads else None
+    cpu: dict[str, Any] = {"intra_op_threads": args.threads} if args.threads else {}
+    for option in args.cpu_option:
+        name, _, value = option.partition("=")
+        cpu[name] = json.loads(value)
+    options = {"cpu": cpu} if cpu else None
     runner: Any = llmopt.load(args.package, ["cpu"], provider_options=options)
     if hasattr(runner, "generate"):
         ids = prompts.decoder_prompts(runner.tokenizer, args.prompt_tokens, args.batch_size)

@@ -5,17 +5,25 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 from llmopt.package import Package
 from llmopt.runtime.constraints import ResponseFormat
 from llmopt.runtime.embedder import Embedder
 from llmopt.runtime.generator import Generator, TextStream
-from llmopt.runtime.memory import decoder_provider_options
+from llmopt.runtime.memory import decoder_provider_options, trim_heap
+from llmopt.runtime.prompt_graph import PromptGraph, prompt_model
 from llmopt.runtime.providers import CPUOptions, CUDAOptions, ShapeRange, TensorRTOptions
 from llmopt.runtime.sampling import SamplingParams
 from llmopt.runtime.sequence import GenerationResult, GenerationStats
-from llmopt.runtime.session import GPU_PROVIDERS, ProviderSpec, SessionInfo, create_session
+from llmopt.runtime.session import (
+    GPU_PROVIDERS,
+    ProviderSpec,
+    SessionInfo,
+    create_session,
+    resolve_providers,
+)
 
 __all__ = [
     "CPUOptions",
@@ -48,19 +56,48 @@ def load(package: str | os.PathLike[str] | Package,
     (:mod:`llmopt.runtime.memory`).
     """
     pkg = package if isinstance(package, Package) else Package.open(package)
+    prompt_graph = None
     if pkg.is_decoder:
         provider_options = decoder_provider_options(provider_options)
+        prompt_graph = float_prompt_graph(pkg, providers, provider_options)
+    shared = prompt_graph.values() if prompt_graph is not None else {}
     fingerprint = f"{pkg.manifest.source['sha256']}:{pkg.manifest.steps}"
     session, info = create_session(pkg.model_path, providers, provider_options, strict,
                                    signature=pkg.manifest.signature,
                                    model_fingerprint=fingerprint,
-                                   context_length=pkg.manifest.context_length)
+                                   context_length=pkg.manifest.context_length,
+                                   initializers=shared)
     if info.active and info.active[0] in GPU_PROVIDERS:
         warn_cpu_bound_quantization(pkg, info.active[0])
     tokenizer = load_tokenizer(pkg.path)
-    if pkg.is_decoder:
-        return Generator(pkg, session, info, tokenizer)
-    return Embedder(pkg, session, info, tokenizer)
+    if not pkg.is_decoder:
+        return Embedder(pkg, session, info, tokenizer)
+    prompts = None
+    if prompt_graph is not None and info.active and info.active[0] == "cpu":
+        # its threads must not busy-wait after a prompt: they would take the decode session's
+        # cores for the first steps (a prompt step is long enough not to need spinning)
+        cpu = dict(resolve_providers(providers, provider_options)).get("cpu")
+        quiet = replace(cpu, spin=False) if isinstance(cpu, CPUOptions) else CPUOptions(spin=False)
+        prompts, _ = create_session(pkg.model_path, [("cpu", quiet)],
+                                    model_bytes=prompt_graph.model, initializers=shared)
+        prompt_graph.model = b""  # read (and, with its weights where embedded, serialized) once
+    generator = Generator(pkg, session, info, tokenizer, prompt_session=prompts)
+    generator.shared_initializers = (prompt_graph, shared)  # as long as the sessions live
+    trim_heap()
+    return generator
+
+
+def float_prompt_graph(package: Package, providers: Sequence[ProviderSpec] | None,
+                       provider_options: Mapping[str, Any] | None) -> PromptGraph | None:
+    """The graph of the session that runs an int4 package's prompts on CPU (its 4-bit MatMuls
+    in float32, :mod:`llmopt.runtime.prompt_graph`), or None: another package, a GPU first,
+    or ``CPUOptions(float_prompts=False)``."""
+    resolved = resolve_providers(providers, provider_options)
+    if resolved[0][0] != "cpu" or not getattr(resolved[0][1], "float_prompts", False):
+        return None
+    if not package.manifest.onnx.get("external_data"):
+        return None  # weights inside model.onnx: not read twice (see prompt_model)
+    return prompt_model(package.model_path)
 
 
 def warn_cpu_bound_quantization(package: Package, provider: str) -> None:

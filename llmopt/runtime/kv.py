@@ -38,8 +38,12 @@ class GraphRunError(RuntimeError):
 class DecoderModel:
     """One decoder session and its KV-cache layout."""
 
-    def __init__(self, session: Any, kv_cache: dict[str, Any]) -> None:
+    def __init__(self, session: Any, kv_cache: dict[str, Any], prompt_session: Any = None
+                 ) -> None:
         self.session = session
+        # prompt steps run here when given: the same graph and cache, other kernels
+        # (an int4 package's 4-bit MatMuls in float32 on CPU: llmopt.runtime.prompt_graph)
+        self.prompt_session = prompt_session
         self.num_layers = int(kv_cache["num_layers"])
         self.num_kv_heads = int(kv_cache["num_kv_heads"])
         self.head_dim = int(kv_cache["head_dim"])
@@ -106,14 +110,23 @@ class DecoderModel:
     # -- the step --------------------------------------------------------------------------------
 
     def step(self, input_ids: np.ndarray, attention_mask: np.ndarray,
-             position_ids: np.ndarray, cache: KVCache, all_logits: bool = False) -> np.ndarray:
+             position_ids: np.ndarray, cache: KVCache, all_logits: bool = False,
+             prompt: bool | None = None) -> np.ndarray:
         """Run ``input_ids`` (prefill, a prefill chunk or one decode token per row) on top of
         ``cache``, which then holds ``attention_mask.shape[1]`` positions. Returns the last
         position's logits ([B, 1, vocab]), or every position's with ``all_logits`` (packages
         exported without ``logits_to_keep`` always return every position's). A step whose
-        ``input_ids`` are the whole sequence starts the cache afresh."""
+        ``input_ids`` are the whole sequence starts the cache afresh.
+
+        ``prompt``: the step runs prompt tokens, so it goes to :attr:`prompt_session` where
+        there is one (default: when it runs more than one token per row). Callers that prefill
+        in chunks say so, so a one-token chunk runs where the rest of its prompt ran."""
         restart = input_ids.shape[1] == attention_mask.shape[1]
-        binding = cache.binding(restart)
+        if prompt is None:
+            prompt = input_ids.shape[1] > 1
+        session = self.prompt_session if prompt and self.prompt_session is not None \
+            else self.session
+        binding = cache.binding(restart, session)
         binding.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, dtype=np.int64))
         binding.bind_cpu_input("attention_mask",
                                np.ascontiguousarray(attention_mask, dtype=np.int64))
@@ -129,7 +142,7 @@ class DecoderModel:
             binding.bind_output("logits", "cpu", 0, logits.dtype, list(logits.shape),
                                 logits.ctypes.data)
         try:
-            self.session.run_with_iobinding(binding)
+            session.run_with_iobinding(binding)
         except RuntimeError as exc:  # ONNX Runtime's own error types do not survive IOBinding
             raise GraphRunError(str(exc)) from exc
         if logits is not None:  # the presents are the cache's own buffers
@@ -152,9 +165,12 @@ class DecoderModel:
                 position_ids: np.ndarray, past: list[np.ndarray]
                 ) -> tuple[np.ndarray, list[np.ndarray]]:
         """:meth:`step` on a copying cache that starts at ``past``: every position's logits and
-        the presents as host arrays (scoring, calibration, comparisons)."""
+        the presents as host arrays (scoring, calibration, comparisons). It runs on the decode
+        session, never the prompt session: a scored position gets the logits a generated token
+        would (perplexity measures what decoding computes)."""
         cache = self.copying_cache(input_ids.shape[0], past=past)
-        logits = self.step(input_ids, attention_mask, position_ids, cache, all_logits=True)
+        logits = self.step(input_ids, attention_mask, position_ids, cache, all_logits=True,
+                           prompt=False)
         return logits, cache.arrays()
 
 
@@ -190,7 +206,7 @@ def greedy(model: DecoderModel, prompts: Sequence[Sequence[int]], max_new_tokens
     done = np.zeros(len(prompts), dtype=bool)
     eos = set(eos_ids)
     for _ in range(max_new_tokens):
-        logits = model.step(ids, mask, positions, cache)
+        logits = model.step(ids, mask, positions, cache, prompt=ids.shape[1] == mask.shape[1])
         next_ids = logits[:, -1, :].argmax(axis=-1)
         for row, token in enumerate(next_ids):
             if not done[row]:

@@ -73,9 +73,11 @@ class KVCache(Protocol):
     """The graph writes the new positions into the bound buffers, so a step needs none of its
     outputs back but the logits."""
 
-    def binding(self, restart: bool) -> Any:
+    def binding(self, restart: bool, session: Any = None) -> Any:
         """An IO binding with ``logits`` bound first and every cache input and output bound.
-        ``restart``: the step runs the whole sequence, so the cache starts empty."""
+        ``restart``: the step runs the whole sequence, so the cache starts empty.
+        ``session``: the session the step runs on, when not the cache's own (a package's
+        prompt session, :attr:`DecoderModel.prompt_session`, over the same cache)."""
 
     def advance(self, presents: list[Any]) -> None:
         """Take the step's presents (in the order of the layout's present names)."""
@@ -109,10 +111,10 @@ class CopyingCache:
         """Positions cached."""
         return int(_shape(self.past[0])[2]) if self.past else 0
 
-    def binding(self, restart: bool) -> Any:
+    def binding(self, restart: bool, session: Any = None) -> Any:
         if restart:
             self.past = self._empty()
-        binding = self.session.io_binding()
+        binding = (session or self.session).io_binding()
         binding.bind_output("logits", "cpu")
         for name, value in zip(self.layout.past_names, self.past, strict=True):
             if isinstance(value, np.ndarray):
@@ -149,16 +151,20 @@ class InPlaceCache:
         self.buffers = [ort.OrtValue.ortvalue_from_shape_and_type(
             layout.shape(batch, capacity), layout.dtype, placement.device, placement.device_id)
             for _ in layout.past_names]
-        self._binding = session.io_binding()
-        self._binding.bind_output("logits", "cpu")  # first: get_outputs() keeps that order
-        for past, present, buffer in zip(layout.past_names, layout.present_names, self.buffers,
-                                         strict=True):
-            self._binding.bind_ortvalue_input(past, buffer)
-            self._binding.bind_ortvalue_output(present, buffer)
+        self._bindings: dict[int, Any] = {}  # one per session that runs on these buffers
 
-    def binding(self, restart: bool) -> Any:
+    def binding(self, restart: bool, session: Any = None) -> Any:
         # GroupQueryAttention writes a whole sequence from position 0: nothing to reset
-        return self._binding
+        session = session or self.session
+        binding = self._bindings.get(id(session))
+        if binding is None:
+            binding = self._bindings[id(session)] = session.io_binding()
+            binding.bind_output("logits", "cpu")  # first: get_outputs() keeps that order
+            for past, present, buffer in zip(self.layout.past_names, self.layout.present_names,
+                                             self.buffers, strict=True):
+                binding.bind_ortvalue_input(past, buffer)
+                binding.bind_ortvalue_output(present, buffer)
+        return binding
 
     def advance(self, presents: list[Any]) -> None:
         pass  # the graph wrote into the bound buffers

@@ -37,14 +37,17 @@ def trim_heap() -> bool:
     return bool(trim(0)) if trim is not None else False
 
 
-def resident_mb() -> float:
-    """This process's resident set size in MiB (Linux ``/proc``; NaN elsewhere)."""
+def resident_mb(field: str = "VmRSS") -> float:
+    """This process's resident set size in MiB (Linux ``/proc``; NaN elsewhere). ``field``:
+    ``VmRSS`` (all of it), ``RssAnon`` (heap and other anonymous memory: what a long prompt can
+    pin) or ``RssFile`` (mapped files: int4 packages map their weights file, whose pages come in
+    as rows of the embedding are read, bounded by its size, and can be reclaimed)."""
     try:
         status = Path("/proc/self/status").read_text()
     except OSError:
         return float("nan")
-    kib = next((line.split()[1] for line in status.splitlines() if line.startswith("VmRSS")),
-               None)
+    kib = next((line.split()[1] for line in status.splitlines()
+                if line.startswith(field + ":")), None)
     return int(kib) / 1024 if kib is not None else float("nan")
 
 

@@ -82,7 +82,7 @@ class Prefill(Generic[Member]):
         end = self.width if self.chunk is None else min(self.width, self.done + self.chunk)
         logits = self.generator.model.step(
             self.ids[:, self.done:end], self.mask[:, :end], self.positions[:, self.done:end],
-            self.cache)
+            self.cache, prompt=True)
         ran = (end - self.done) * len(self.members)
         self.done = end
         if self.finished:

@@ -76,6 +76,9 @@ class CPUOptions:
     inter_op_threads: int | None = None
     arena: bool = True
     spin: bool | None = None  # busy-wait between ops: lower latency, burns idle CPU
+    # int4 packages: prompts run on a second session whose 4-bit MatMuls compute in float32
+    # (faster for prompts, exact to the weights; llmopt.runtime.prompt_graph)
+    float_prompts: bool = True
 
     def __post_init__(self) -> None:
         for name in ("intra_op_threads", "inter_op_threads"):

@@ -22,6 +22,7 @@ from typing import Any
 from llmopt.errors import ProviderError
 from llmopt.runtime import providers as P
 from llmopt.runtime.placement import RECORD_PLACEMENT, Placement, node_placement
+from llmopt.runtime.prompt_graph import EXTERNAL_FOLDER
 
 log = logging.getLogger("llmopt.runtime")
 
@@ -89,10 +90,16 @@ def create_session(model_path: str | Path, providers: Sequence[ProviderSpec] | N
                    options: Mapping[str, Any] | None = None, strict: bool = False,
                    signature: Mapping[str, Any] | None = None,
                    model_fingerprint: str = "",
-                   context_length: int | None = None) -> tuple[Any, SessionInfo]:
+                   context_length: int | None = None,
+                   model_bytes: bytes | None = None,
+                   initializers: Mapping[str, Any] | None = None) -> tuple[Any, SessionInfo]:
     """An ``InferenceSession`` on the first provider that loads, and what happened.
 
     ``signature`` and ``context_length`` (the package's) size TensorRT's shape profile.
+    ``model_bytes``: a serialized variant of the graph at ``model_path`` to open instead (its
+    external initializers, if any, are read from ``model_path``'s folder). ``initializers``:
+    OrtValues that replace the graph's initializers of those names, unowned (they must
+    outlive the session; two sessions over one graph share them this way).
     """
     import onnxruntime as ort
 
@@ -104,6 +111,10 @@ def create_session(model_path: str | Path, providers: Sequence[ProviderSpec] | N
     session_options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     session_options.log_severity_level = 3
     session_options.add_session_config_entry(RECORD_PLACEMENT, "1")
+    if model_bytes is not None:
+        session_options.add_session_config_entry(EXTERNAL_FOLDER, str(Path(model_path).parent))
+    for name, value in (initializers or {}).items():
+        session_options.add_initializer(name, value)
     ort_providers: list[tuple[str, dict[str, str]]] = []
     for short, opts in resolved:
         opts.apply(session_options)
@@ -111,8 +122,9 @@ def create_session(model_path: str | Path, providers: Sequence[ProviderSpec] | N
             opts, signature, model_fingerprint, context_length)))
     try:
         with _captured_stderr() as captured:
-            session = ort.InferenceSession(str(model_path), session_options,
-                                           providers=ort_providers)
+            session = ort.InferenceSession(
+                str(model_path) if model_bytes is None else model_bytes, session_options,
+                providers=ort_providers)
     except Exception as exc:  # noqa: BLE001  (onnxruntime's exception types are not public)
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ProviderError(
@@ -120,6 +132,10 @@ def create_session(model_path: str | Path, providers: Sequence[ProviderSpec] | N
             fix="re-export the package if the model file is at fault; otherwise check the "
             "provider's libraries (CUDA, cuDNN, TensorRT) or use providers=['cpu']",
         ) from None
+    if model_bytes is not None and hasattr(session, "_model_bytes"):
+        # onnxruntime's Python session keeps the bytes to rebuild itself on a provider
+        # fallback (GPU only); on CPU that is a second copy of the graph and its weights
+        session._model_bytes = None
     reverse = {v: k for k, v in P.ORT_NAMES.items()}
     active = [reverse.get(p, p) for p in session.get_providers()]
     primary = requested[0]

@@ -116,7 +116,8 @@ class SlotCache:
 
     # -- the KVCache protocol --------------------------------------------------------------------
 
-    def binding(self, restart: bool) -> Any:
+    def binding(self, restart: bool, session: Any = None) -> Any:
+        # decode steps only (prompts are prefilled on a copying cache): the cache's session
         if self._bound_rows != self.rows:  # rebind only when rows joined or left
             device, device_id = self.placement.device, self.placement.device_id
             self._binding = self.session.io_binding()
@@ -187,8 +188,8 @@ class PastRows:
     def rows(self) -> int:
         return int(self.arrays()[0].shape[0])
 
-    def binding(self, restart: bool) -> Any:
-        return self.cache.binding(restart=False)
+    def binding(self, restart: bool, session: Any = None) -> Any:
+        return self.cache.binding(restart=False, session=session)
 
     def advance(self, presents: list[Any]) -> None:
         self.cache.advance(presents)
