@@ -16,7 +16,7 @@ from llmopt.exporter import export
 from llmopt.optimizer import optimize
 from llmopt.package import INT8_COMPUTE
 from llmopt.quantizer import QuantizeOptions, quantize
-from llmopt.runtime import CPUOptions
+from llmopt.runtime import CPUOptions, float_prompt_graph
 from llmopt.runtime.engine import Engine, EngineConfig
 from llmopt.runtime.generator import Generator
 from llmopt.runtime.kv import left_pad, position_ids
@@ -149,3 +149,12 @@ def test_float_prompts_compute_what_the_int8_kernel_approximates(packages: dict[
         assert a.shape == b.shape and np.isfinite(a).all()
         assert float(np.abs(a - b).max()) < 0.05 * scale
     assert not np.array_equal(got[0][0], got[1][0])  # the prompt did run other kernels
+
+
+def test_no_prompt_graph_is_read_for_a_gpu_session(packages: dict[str, Path]) -> None:
+    """GPU sessions run prompts on their own kernels: the graph is not even read (a GPU need
+    not exist for this: the decision comes from the providers asked for)."""
+    package = llmopt.Package.open(packages["int4"])
+    assert float_prompt_graph(package, ["cpu"], None) is not None
+    assert float_prompt_graph(package, ["cuda", "cpu"], None) is None
+    assert float_prompt_graph(package, [("cpu", CPUOptions(float_prompts=False))], None) is None
