@@ -56,10 +56,11 @@ def load(package: str | os.PathLike[str] | Package,
     (:mod:`llmopt.runtime.memory`).
     """
     pkg = package if isinstance(package, Package) else Package.open(package)
-    prompt_graph = None
+    prompt_options = prompt_graph = None
     if pkg.is_decoder:
         provider_options = decoder_provider_options(provider_options)
-        prompt_graph = float_prompt_graph(pkg, providers, provider_options)
+        prompt_options = prompt_session_options(providers, provider_options)
+        prompt_graph = float_prompt_graph(pkg, prompt_options)
     shared = prompt_graph.values() if prompt_graph is not None else {}
     fingerprint = f"{pkg.manifest.source['sha256']}:{pkg.manifest.steps}"
     session, info = create_session(pkg.model_path, providers, provider_options, strict,
@@ -74,28 +75,30 @@ def load(package: str | os.PathLike[str] | Package,
         return Embedder(pkg, session, info, tokenizer)
     prompts = None
     if prompt_graph is not None and info.active and info.active[0] == "cpu":
-        # its threads must not busy-wait after a prompt: they would take the decode session's
-        # cores for the first steps (a prompt step is long enough not to need spinning)
-        cpu = dict(resolve_providers(providers, provider_options)).get("cpu")
-        quiet = replace(cpu, spin=False) if isinstance(cpu, CPUOptions) else CPUOptions(spin=False)
-        prompts, _ = create_session(pkg.model_path, [("cpu", quiet)],
+        prompts, _ = create_session(pkg.model_path, [("cpu", prompt_options)],
                                     model_bytes=prompt_graph.model, initializers=shared)
-        prompt_graph.model = b""  # read (and, with its weights where embedded, serialized) once
-    generator = Generator(pkg, session, info, tokenizer, prompt_session=prompts)
-    generator.shared_initializers = (prompt_graph, shared)  # as long as the sessions live
+    del prompt_graph  # its serialized graph is read; ``shared`` holds the mapped tables
     trim_heap()
-    return generator
+    return Generator(pkg, session, info, tokenizer, prompt_session=prompts, initializers=shared)
 
 
-def float_prompt_graph(package: Package, providers: Sequence[ProviderSpec] | None,
-                       provider_options: Mapping[str, Any] | None) -> PromptGraph | None:
-    """The graph of the session that runs an int4 package's prompts on CPU (its 4-bit MatMuls
-    in float32, :mod:`llmopt.runtime.prompt_graph`), or None: another package, a GPU first,
-    or ``CPUOptions(float_prompts=False)``."""
-    resolved = resolve_providers(providers, provider_options)
-    if resolved[0][0] != "cpu" or not getattr(resolved[0][1], "float_prompts", False):
+def prompt_session_options(providers: Sequence[ProviderSpec] | None,
+                           provider_options: Mapping[str, Any] | None) -> CPUOptions | None:
+    """The CPU options of the session that runs a decoder's prompts beside its decode session
+    (:mod:`llmopt.runtime.prompt_graph`): the decode session's, without spinning (its threads
+    busy-waiting after a prompt would take the decode session's cores for the first steps; a
+    prompt step is long enough not to need it). None where a GPU comes first or
+    ``CPUOptions(float_prompts=False)``."""
+    name, options = resolve_providers(providers, provider_options)[0]
+    if name != "cpu" or not isinstance(options, CPUOptions) or not options.float_prompts:
         return None
-    if not package.manifest.onnx.get("external_data"):
+    return replace(options, spin=False)
+
+
+def float_prompt_graph(package: Package, options: CPUOptions | None) -> PromptGraph | None:
+    """The graph of the session that runs an int4 package's prompts on CPU (its 4-bit MatMuls
+    in float32), or None: no ``options`` (:func:`prompt_session_options`), or another package."""
+    if options is None or not package.manifest.onnx.get("external_data"):
         return None  # weights inside model.onnx: not read twice (see prompt_model)
     return prompt_model(package.model_path)
 

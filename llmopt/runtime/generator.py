@@ -56,14 +56,15 @@ class Generator:
     """Text generation over a decoder package (created by :func:`llmopt.load`)."""
 
     def __init__(self, package: Any, session: Any, info: SessionInfo, tokenizer: Any,
-                 prompt_session: Any = None) -> None:
+                 prompt_session: Any = None, initializers: dict[str, Any] | None = None
+                 ) -> None:
         self.package = package
         self.session = session
         self.session_info = info
         self.tokenizer = tokenizer
         self.model = DecoderModel(session, package.kv_cache, prompt_session)
-        # OrtValues the sessions read without owning (llmopt.runtime.prompt_graph)
-        self.shared_initializers: Any = None
+        # OrtValues the sessions read without owning (llmopt.runtime.prompt_graph): held here
+        self.initializers = initializers or {}
         self.eos_token_ids = package.manifest.eos_token_ids
         self.pad_token_id = package.manifest.pad_token_id
         self.context_length = package.manifest.context_length
@@ -219,8 +220,7 @@ class Generator:
         for state in states:
             state.prefill_started = prefill_started
         while True:
-            logits = self.model.step(ids, mask, positions, cache,
-                                     prompt=ids.shape[1] == mask.shape[1])
+            logits = self.model.step(ids, mask, positions, cache)
             next_ids = np.full(batch, self.pad_token_id, dtype=np.int64)
             for row, state in enumerate(states):
                 if not state.done:

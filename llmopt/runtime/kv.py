@@ -119,11 +119,12 @@ class DecoderModel:
         ``input_ids`` are the whole sequence starts the cache afresh.
 
         ``prompt``: the step runs prompt tokens, so it goes to :attr:`prompt_session` where
-        there is one (default: when it runs more than one token per row). Callers that prefill
-        in chunks say so, so a one-token chunk runs where the rest of its prompt ran."""
+        there is one (default: when it runs the whole sequence or more than one token per
+        row). Callers that prefill in chunks say so, so a one-token chunk runs where the rest
+        of its prompt ran."""
         restart = input_ids.shape[1] == attention_mask.shape[1]
         if prompt is None:
-            prompt = input_ids.shape[1] > 1
+            prompt = restart or input_ids.shape[1] > 1
         session = self.prompt_session if prompt and self.prompt_session is not None \
             else self.session
         binding = cache.binding(restart, session)
@@ -206,7 +207,7 @@ def greedy(model: DecoderModel, prompts: Sequence[Sequence[int]], max_new_tokens
     done = np.zeros(len(prompts), dtype=bool)
     eos = set(eos_ids)
     for _ in range(max_new_tokens):
-        logits = model.step(ids, mask, positions, cache, prompt=ids.shape[1] == mask.shape[1])
+        logits = model.step(ids, mask, positions, cache)
         next_ids = logits[:, -1, :].argmax(axis=-1)
         for row, token in enumerate(next_ids):
             if not done[row]:

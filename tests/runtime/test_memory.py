@@ -7,8 +7,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import onnx
 import pytest
 
 import llmopt
@@ -16,6 +14,7 @@ from llmopt.runtime import engine as engine_module
 from llmopt.runtime import memory
 from llmopt.runtime.engine import Engine, EngineConfig
 from llmopt.runtime.generator import Generator
+from llmopt.runtime.prompt_graph import prompt_model
 from llmopt.runtime.providers import CPUOptions
 from llmopt.runtime.sampling import SamplingParams
 
@@ -75,9 +74,8 @@ def test_rss_after_a_long_prompt_and_idle_is_back_near_warm(smollm2_demo: dict[s
         idle = {f: memory.resident_mb(f) for f in ("VmRSS", "RssAnon")}
     finally:
         engine.close()
-    graph = onnx.load(str(path / "model.onnx"), load_external_data=False)
-    mapped = sum(int(np.prod(t.dims)) * 4 for t in graph.graph.initializer
-                 if t.data_location == onnx.TensorProto.EXTERNAL
-                 and t.name in {n.input[0] for n in graph.graph.node if n.op_type == "Gather"})
+    graph = prompt_model(path / "model.onnx")
+    assert graph is not None
+    mapped = sum(table.nbytes for table in graph.shared.values())
     assert idle["RssAnon"] <= warm["RssAnon"] + MARGIN_MB, (warm, idle)
     assert idle["VmRSS"] <= warm["VmRSS"] + MARGIN_MB + mapped / 2**20, (warm, idle, mapped)

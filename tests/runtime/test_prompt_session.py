@@ -16,7 +16,7 @@ from llmopt.exporter import export
 from llmopt.optimizer import optimize
 from llmopt.package import INT8_COMPUTE
 from llmopt.quantizer import QuantizeOptions, quantize
-from llmopt.runtime import CPUOptions, float_prompt_graph
+from llmopt.runtime import CPUOptions, float_prompt_graph, prompt_session_options
 from llmopt.runtime.engine import Engine, EngineConfig
 from llmopt.runtime.generator import Generator
 from llmopt.runtime.kv import left_pad, position_ids
@@ -155,6 +155,11 @@ def test_no_prompt_graph_is_read_for_a_gpu_session(packages: dict[str, Path]) ->
     """GPU sessions run prompts on their own kernels: the graph is not even read (a GPU need
     not exist for this: the decision comes from the providers asked for)."""
     package = llmopt.Package.open(packages["int4"])
-    assert float_prompt_graph(package, ["cpu"], None) is not None
-    assert float_prompt_graph(package, ["cuda", "cpu"], None) is None
-    assert float_prompt_graph(package, [("cpu", CPUOptions(float_prompts=False))], None) is None
+
+    def graph(providers: list[Any]) -> Any:
+        return float_prompt_graph(package, prompt_session_options(providers, None))
+
+    assert graph(["cpu"]) is not None
+    assert prompt_session_options(["cpu"], None) == CPUOptions(spin=False)
+    assert graph(["cuda", "cpu"]) is None
+    assert graph([("cpu", CPUOptions(float_prompts=False))]) is None
