@@ -64,6 +64,7 @@ def build_packages() -> dict[str, Path]:
         "per-token + SmoothQuant 0.5, layers 0-1 FFN out float": QuantizeOptions.int8_encoder(
             keep_float=("layer.0.output.dense.", "layer.1.output.dense.")),
         "int8_encoder (preset)": QuantizeOptions.int8_encoder(),
+        "int8_encoder split activations": QuantizeOptions.int8_encoder(split_activations=True),
     }
     out = {"fp32": fp32, "fused": fused}
     for name, options in presets.items():

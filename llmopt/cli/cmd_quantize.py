@@ -54,6 +54,10 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--quantize-embeddings", action="store_true", default=None)
     p.add_argument("--smooth-alpha", type=float,
                    help="int8-per-token: SmoothQuant strength in [0, 1] (preset: 0.5)")
+    p.add_argument("--split-activations", action="store_true", default=None,
+                   help="int8-per-token: each activation as an int8 code plus one of its "
+                   "rounding residual (two integer GEMMs, about 16-bit activations): the "
+                   "faithful encoder preset, no smoothing and no float layer unless asked")
     p.add_argument("--calibration", help="minmax (preset), entropy or percentile")
     p.add_argument("--calibration-file", help="text file (default: built-in corpus)")
     p.add_argument("--samples", type=int, help="calibration windows (preset: 16)")
@@ -65,9 +69,16 @@ def add_parser(subparsers: Any) -> None:
 def options_from(args: argparse.Namespace, default: QuantizeOptions) -> QuantizeOptions:
     """The options ``args`` ask for: ``--method``'s preset (``default`` without one) with the
     flags that were given applied."""
+    from llmopt.errors import InvalidInputError
     from llmopt.quantizer import QuantizeOptions
 
     base = QuantizeOptions.preset(args.method.replace("-", "_")) if args.method else default
+    if args.split_activations:
+        if args.method not in (None, "int8-per-token"):
+            raise InvalidInputError(f"--split-activations is an int8-per-token option, not "
+                                    f"{args.method}'s", fix="drop --method, or use "
+                                    "--method int8-per-token")
+        base = QuantizeOptions.int8_encoder(split_activations=True)
     changes: dict[str, Any] = {field: getattr(args, flag) for flag, field in FIELDS.items()
                                if getattr(args, flag) is not None}
     if args.keep_float is not None:

@@ -21,6 +21,7 @@ import onnx
 
 from llmopt.errors import UnsupportedError
 from llmopt.exporter.decoder_graph import WEIGHT_PREFIX, build_decoder
+from llmopt.exporter.graph import SKIP_LAYER_NORM_CPU
 from llmopt.exporter.ops import Initializers, Linear, concat_linear, state_linear, to_numpy
 from llmopt.exporter.weights import DecoderDims, DecoderWeights, LayerWeights, MoeWeights, Norm
 from llmopt.package import Package
@@ -535,7 +536,9 @@ def reemit(arch: DecoderArch, package: Package, tensors: Mapping[str, np.ndarray
         notes["rotary"] = "not applicable: learned absolute positions"
     if arch.norm == "layer" and "norm" in fusions:
         notes["norm"] = "not applicable: LayerNormalization is already one op"
-    if "skip_norm" in fusions and dims.parallel_residual:
+    if "skip_norm" in fusions and arch.norm == "layer" and np.dtype(dtype) == np.float32:
+        notes["skip_norm"] = SKIP_LAYER_NORM_CPU
+    elif "skip_norm" in fusions and dims.parallel_residual:
         notes["skip_norm"] = ("parallel attention + MLP: one residual Add + norm a layer to "
                               "fuse; attention and MLP outputs are summed by a plain Add")
     if "activation" in fusions and not dims.activation.startswith("gelu"):

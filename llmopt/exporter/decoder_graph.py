@@ -276,7 +276,8 @@ class _DecoderGraph:
                   name: str) -> tuple[str, str]:
         """(norm(x + residual), x + residual): one op when fused."""
         b, d = self.b, self.d
-        if "skip_norm" not in self.fusions or weights_ is None:
+        if "skip_norm" not in self.fusions or weights_ is None or (
+                self.norm_kind == "layer" and self.dt == np.float32):  # SKIP_LAYER_NORM_CPU
             total = b.op("Add", x, residual, name=f"{name.rsplit('.', 1)[-1]}_residual")
             return self.norm(total, weights_, name), total
         weight = self.w(f"{name}.weight", weights_.weight)

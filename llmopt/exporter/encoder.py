@@ -45,6 +45,7 @@ from llmopt.exporter.encoder_graph import (
     WORD_EMBED,
     build_encoder,
 )
+from llmopt.exporter.graph import SKIP_LAYER_NORM_CPU
 from llmopt.exporter.ops import Initializers, Linear
 from llmopt.exporter.ops import concat_linear as _concat
 from llmopt.exporter.ops import state_linear as _linear
@@ -306,6 +307,8 @@ def reemit(arch: EncoderArch, package: Package, tensors: Mapping[str, np.ndarray
     notes = {}
     if "norm" in fusions:
         notes["norm"] = "not applicable: LayerNormalization is already one op"
+    if "skip_norm" in fusions and np.dtype(dtype) == np.float32:
+        notes["skip_norm"] = SKIP_LAYER_NORM_CPU
     if "activation" in fusions and not dims.activation.startswith("gelu"):
         notes["activation"] = f"not applicable: {dims.activation} is already one op"
     return build_encoder(dims, weights, np.dtype(dtype), fusions), notes

@@ -182,13 +182,16 @@ def _per_token(options: QuantizeOptions, src: Path, targets: list[str],
         weight = numpy_helper.to_array(inits[node.input[1]])
         smooth = None if options.smooth_alpha is None else \
             per_token.smoothing(amax[node.input[0]], weight, options.smooth_alpha)
-        more, new = per_token.replace_matmul(node, weight, smooth, opset)
+        replace = per_token.replace_matmul_split if options.split_activations else \
+            per_token.replace_matmul
+        more, new = replace(node, weight, smooth, opset)
         nodes += more
         added += new
     blockwise.set_nodes(model, nodes, added)
     if not any(o.domain == "com.microsoft" for o in model.opset_import):
         model.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
-    return model, {"smooth_alpha": options.smooth_alpha}
+    return model, {"smooth_alpha": options.smooth_alpha,
+                   "split_activations": options.split_activations}
 
 
 def _gguf_blocks_usable(parent: Package, options: QuantizeOptions) -> bool:

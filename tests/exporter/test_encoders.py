@@ -251,7 +251,7 @@ def test_mpnet_relative_position_bias_is_in_the_graph(tmp_path: Path) -> None:
     fused = llmopt.optimize(package, tmp_path / "fused")
     assert fused.manifest["validation"]["passed"], fused.manifest["validation"]
     ops = {n.op_type for n in onnx.load(str(fused.model_path)).graph.node}
-    assert {"Attention", "SkipLayerNormalization"} <= ops
+    assert {"Attention", "LayerNormalization"} <= ops and "SkipLayerNormalization" not in ops
 
 
 def test_roberta_position_ids_follow_padding_idx(tmp_path: Path) -> None:

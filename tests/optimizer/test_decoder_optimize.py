@@ -14,6 +14,7 @@ import pytest
 
 import llmopt
 from llmopt.exporter import export, registry, traced
+from llmopt.exporter.graph import SKIP_LAYER_NORM_CPU
 from llmopt.optimizer import OptimizeOptions, optimize
 from tests import tiny_decoders
 
@@ -46,15 +47,21 @@ def test_level2_fuses_and_still_matches(packages: dict[str, Path], arch: str,
     limit = 0.7 if getattr(desc, "positions", "rotary") == "learned" else 0.6
     if arch in ("mixtral", "qwen3_moe"):
         limit = 0.75
+    if desc.norm == "layer":  # Add + LayerNormalization stay two ops in float32
+        limit += 0.05
     assert step["stage"] == "optimize" and step["nodes_after"] < step["nodes_before"] * limit
     assert result.manifest["validation"]["passed"]
     assert all(g["match"] for g in result.manifest["validation"]["generation"])
     ops = _ops(result.path)
     assert "GroupQueryAttention" in ops and "Attention" not in ops  # float32: the in-place cache
     assert result.manifest["kv_cache"]["shared_buffer"] is True
-    assert {"SkipSimplifiedLayerNormalization", "SkipLayerNormalization"} & ops
     fusions = step["fusions"]
-    assert fusions["attention"]["fired"] and fusions["skip_norm"]["fired"]
+    assert fusions["attention"]["fired"]
+    if desc.norm == "layer":  # float32 keeps Add + LayerNormalization: faster on the CPU
+        assert "SkipLayerNormalization" not in ops
+        assert fusions["skip_norm"] == {"fired": False, "reason": SKIP_LAYER_NORM_CPU}
+    else:
+        assert "SkipSimplifiedLayerNormalization" in ops and fusions["skip_norm"]["fired"]
     config = json.loads((packages[arch] / "config.json").read_text())
     act = str(config.get(getattr(desc, "act_attr", "hidden_act")))
     # a GELU MLP fuses (tanh forms to FastGelu); silu and relu are left to ONNX Runtime

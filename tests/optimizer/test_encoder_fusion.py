@@ -17,6 +17,7 @@ from llmopt.errors import UnsupportedError
 from llmopt.exporter import ExportOptions, export, registry
 from llmopt.exporter.encoder import read_dims, weights_from_onnx
 from llmopt.exporter.encoder_graph import WORD_EMBED, build_encoder
+from llmopt.exporter.graph import SKIP_LAYER_NORM_CPU
 from llmopt.optimizer import OptimizeOptions, optimize
 from llmopt.optimizer.check import FP16_TOLERANCE
 from llmopt.optimizer.graphs import initializers
@@ -88,8 +89,8 @@ def test_level2_fuses_and_validates_against_the_parent(packages: dict, model_typ
     assert step["stage"] == "optimize"
     fusions = step["fusions"]
     assert fusions["attention"] == {"fired": True, "ops": {"Attention": LAYERS}}
-    assert fusions["skip_norm"] == {"fired": True,
-                                    "ops": {"SkipLayerNormalization": 2 * LAYERS + 1}}
+    # float32 keeps Add + LayerNormalization (faster on the CPU), and says so
+    assert fusions["skip_norm"] == {"fired": False, "reason": SKIP_LAYER_NORM_CPU}
     assert fusions["norm"]["fired"] is False
     assert fusions["norm"]["reason"].startswith("not applicable")
     activation = AutoConfig.from_pretrained(exported.path).to_dict().get("hidden_act", "relu")
@@ -103,9 +104,10 @@ def test_level2_fuses_and_validates_against_the_parent(packages: dict, model_typ
 
     before, after = ops(exported), ops(fused)
     assert step["nodes_before"] == sum(before.values())
-    assert step["nodes_after"] == sum(after.values()) < 0.6 * step["nodes_before"]
-    assert after["Attention"] == LAYERS and after["SkipLayerNormalization"] == 2 * LAYERS + 1
-    assert after["LayerNormalization"] == after["Softmax"] == 0
+    # (LayerNorm and its residual Add stay two ops in float32)
+    assert step["nodes_after"] == sum(after.values()) < 0.75 * step["nodes_before"]
+    assert after["Attention"] == LAYERS and after["SkipLayerNormalization"] == 0
+    assert after["LayerNormalization"] == 2 * LAYERS + 1 and after["Softmax"] == 0
     # no per-layer Transpose is left; MPNet's relative bias is laid out for all layers once
     assert after["Transpose"] == (1 if model_type == "mpnet" else 0)
     assert before["Attention"] == before["SkipLayerNormalization"] == 0
@@ -244,7 +246,7 @@ def test_minilm_level2_embeddings_match_pytorch(minilm_dir: Path, tmp_path: Path
     fused = optimize(exported, tmp_path / "level2", OptimizeOptions(level=2))
     assert fused.manifest["validation"]["passed"], fused.manifest["validation"]
     step = fused.manifest["steps"][-1]
-    assert all(step["fusions"][f]["fired"] for f in ("attention", "skip_norm", "activation"))
+    assert all(step["fusions"][f]["fired"] for f in ("attention", "activation"))
     embedder = load(fused)
     assert (embedder.pooling, embedder.normalize) == ("mean", True)
     model = torch_model(minilm_dir, "feature-extraction")

@@ -1,5 +1,6 @@
 """int8 per token (the encoder preset): the subgraph computes exactly per-token x per-channel
-int8, smoothing changes nothing in float, and quantize() picks it for encoders by default."""
+int8, smoothing changes nothing in float, and quantize() picks it for encoders by default;
+split activations compute exactly a per-tensor code plus its residual's."""
 
 from __future__ import annotations
 
@@ -29,9 +30,10 @@ def encoder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root / "package"
 
 
-def _one_matmul(weight: np.ndarray, opset: int) -> bytes:
+def _one_matmul(weight: np.ndarray, opset: int, split: bool = False) -> bytes:
     node = helper.make_node("MatMul", ["x", "w"], ["y"], "/layer/MatMul")
-    nodes, inits = per_token.replace_matmul(node, weight, None, opset)
+    replace = per_token.replace_matmul_split if split else per_token.replace_matmul
+    nodes, inits = replace(node, weight, None, opset)
     k, n = weight.shape
     graph = helper.make_graph(
         nodes, "one", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, None, k])],
@@ -65,6 +67,57 @@ def test_subgraph_is_per_token_int8(tmp_path: Path, opset: int) -> None:
     exact = x @ weight
     quiet = np.abs(exact[0, 1:] - got[0, 1:]).max() / np.abs(exact[0, 1:]).max()
     assert quiet < 0.02, quiet  # the outlier row did not cost the others their resolution
+
+
+def _split_reference(x: np.ndarray, weight: np.ndarray) -> np.ndarray:
+    """DynamicQuantizeLinear's u8 code of ``x``, then its residual's at 1/254 of the step,
+    both against per-column int8 weights, in numpy."""
+    codes, scale = per_token.quantize_columns(weight)
+    step = (max(x.max(), 0) - min(x.min(), 0)) / 255
+    zero = np.clip(np.rint(-min(x.min(), 0) / step), 0, 255)
+    q = np.clip(np.rint(x / step) + zero, 0, 255)
+    residual = x - (q - zero) * np.float32(step)
+    fine = np.float32(step) * np.float32(1 / 254)
+    r = np.clip(np.rint(residual / fine) + 128, 0, 255)
+    activation = (q - zero) * np.float64(np.float32(step)) + (r - 128) * np.float64(fine)
+    return (activation @ codes.astype(np.float64)) * scale
+
+
+def test_split_activations_leave_only_the_weights_rounding(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    weight = rng.normal(size=(64, 48)).astype(np.float32)
+    x = rng.normal(size=(2, 5, 64)).astype(np.float32)
+    x[0, 0] *= 100  # the same outlier token: one scale for the tensor, yet no lost resolution
+    path = tmp_path / "split.onnx"
+    path.write_bytes(_one_matmul(weight, 18, split=True))
+    session = cpu_session(path)
+    ops = [n.op_type for n in onnx.load(str(path)).graph.node]
+    assert ops.count("MatMulIntegerToFloat") == 2 and "DynamicQuantizeLinear" in ops
+    (got,) = session.run(None, {"x": x})
+    np.testing.assert_allclose(got, _split_reference(x, weight), rtol=1e-4, atol=1e-3)
+    codes, scale = per_token.quantize_columns(weight)
+    weights_only = x @ (codes * scale)  # float activations, the same int8 weights
+    split_error = np.abs(got[0, 1:] - weights_only[0, 1:]).max()
+    per_token_error = np.abs(_reference(x, weight)[0, 1:] - weights_only[0, 1:]).max()
+    assert split_error < per_token_error / 2, (split_error, per_token_error)
+    assert split_error < 2e-3 * np.abs(weights_only[0, 1:]).max()
+
+
+def test_split_activations_package(encoder: Path, tmp_path: Path) -> None:
+    options = QuantizeOptions.int8_encoder(split_activations=True)
+    assert (options.smooth_alpha, options.keep_float) == (None, ())
+    result = quantize(encoder, tmp_path / "q", options)
+    step = result.manifest["steps"][-1]
+    assert step["split_activations"] is True and step["smooth_alpha"] is None
+    nodes = onnx.load(str(result.path / "model.onnx")).graph.node
+    ops = [n.op_type for n in nodes]
+    assert ops.count("MatMulIntegerToFloat") == 2 * step["quantized_matmuls"] > 0
+    assert not [n for n in nodes if n.name.endswith("/Smooth")]
+    per_tok = quantize(encoder, tmp_path / "p", QuantizeOptions.int8_encoder())
+    split_min = result.manifest["fidelity"]["cosine_min"]
+    assert split_min >= 0.999 and split_min >= per_tok.manifest["fidelity"]["cosine_min"]
+    with pytest.raises(llmopt.InvalidInputError, match="int8_per_token"):
+        QuantizeOptions.int8().with_(split_activations=True)
 
 
 def test_smoothing_moves_scale_into_the_weight() -> None:
@@ -129,3 +182,14 @@ def test_cli_picks_the_encoder_preset(encoder: Path, tmp_path: Path) -> None:
     bad = subprocess.run([*cli, "quantize", str(encoder), "-o", str(tmp_path / "x"),
                           "--smooth-alpha", "2"], capture_output=True, text=True, check=False)
     assert bad.returncode == 1 and "smooth_alpha" in bad.stderr and "Traceback" not in bad.stderr
+    split = subprocess.run([*cli, "quantize", str(encoder), "-o", str(tmp_path / "s"),
+                            "--split-activations", "--no-eval"], capture_output=True, text=True,
+                           check=False)
+    assert split.returncode == 0, split.stderr
+    step = llmopt.Package.open(tmp_path / "s").manifest["steps"][-1]
+    assert step["split_activations"] is True and step["kept_float"] == []
+    wrong = subprocess.run([*cli, "quantize", str(encoder), "-o", str(tmp_path / "w"),
+                            "--method", "int4", "--split-activations"], capture_output=True,
+                           text=True, check=False)
+    assert wrong.returncode == 1 and "--method int8-per-token" in wrong.stderr
+    assert "Traceback" not in wrong.stderr
