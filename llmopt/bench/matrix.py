@@ -119,27 +119,11 @@ def describe_genai(label: str, path: Path) -> PackageInfo:
                        context_length=decoder.context_length)
 
 def _precision(manifest: Manifest) -> str:
-    """The quantize method (int8_dynamic, int4 ...), else fp16 / fp32, from the last step that
-    changed the weights."""
+    """The quantize method (int8_dynamic, int4 ...), else fp16 / fp32 from the graph's float
+    type."""
     if manifest.quantization is not None:
         return manifest.quantization
-    for step in reversed(manifest.steps):
-        text = _words(step).lower()
-        for name in ("int4", "int8", "float16", "fp16"):
-            if name in text:
-                return "fp16" if name in ("float16", "fp16") else name
-    return "fp32"
-
-
-def _words(value: Any) -> str:
-    """The words of a step record, leaving out options that are off (``fp16: None`` is not
-    fp16)."""
-    if isinstance(value, dict):
-        return " ".join(f"{k} {_words(v)}" for k, v in value.items()
-                        if v not in (None, False) and k != "time")
-    if isinstance(value, list | tuple):
-        return " ".join(_words(v) for v in value)
-    return str(value)
+    return "fp16" if manifest.dtype == "float16" else "fp32"
 
 
 def expand(config: BenchConfig, packages: dict[str, PackageInfo]) -> list[Point]:

@@ -14,7 +14,6 @@ has no quantizer yet) is reported and left missing.
 from __future__ import annotations
 
 import logging
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -110,17 +109,29 @@ def _make_one(config: BenchConfig, spec: PackageSpec, need: Callable[[str], None
 def ort_quantize_dynamic(base: Path, out: Path) -> Path:
     """ONNX Runtime's own ``quantize_dynamic`` with its defaults (per-tensor int8 weights, as
     optimum's ``avx512_vnni`` dynamic config) on every weight MatMul of ``base``, written as a
-    package beside it (same tokenizer and manifest): the reference int8 of other tools."""
+    package beside it (same tokenizer; its manifest records an ``int8_dynamic`` quantize step
+    made by that tool): the reference int8 of other tools."""
+    import tempfile
+
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
+    from llmopt.package import Package
+
     if (out / "model.onnx").is_file():
         return out
-    shutil.copytree(base, out, ignore=shutil.ignore_patterns("model.onnx*"))
-    quantize_dynamic(base / "model.onnx", out / "model.onnx", op_types_to_quantize=["MatMul"],
-                     weight_type=QuantType.QInt8,
-                     extra_options={"MatMulConstBOnly": True,
-                                    "DefaultTensorType": onnx.TensorProto.FLOAT})
+    parent = Package.open(base)
+    options = {"tool": "onnxruntime.quantization.quantize_dynamic", "weight_type": "QInt8",
+               "per_channel": False, "op_types_to_quantize": ["MatMul"],
+               "extra_options": {"MatMulConstBOnly": True}}
+    with tempfile.TemporaryDirectory(prefix="llmopt-ort-dynamic-") as tmp:
+        quantized = Path(tmp) / "model.onnx"
+        quantize_dynamic(parent.model_path, quantized, op_types_to_quantize=["MatMul"],
+                         weight_type=QuantType.QInt8,
+                         extra_options={"MatMulConstBOnly": True,
+                                        "DefaultTensorType": onnx.TensorProto.FLOAT})
+        Package.derive(parent, out, "quantize", onnx.load(str(quantized)),
+                       method="int8_dynamic", options=options, kept_float=[])
     return out
 
 

@@ -72,3 +72,23 @@ def test_encoder_comparison_records_cosine_and_ratios(tiny_encoder: Path, tmp_pa
     (ratio,) = run.results["analysis"]["ratios"]
     assert ratio["against"] == "fp32" and ratio["sequences_per_s"] > 0
     assert "vs fp32" in to_markdown(run.results)
+
+
+def test_onnx_runtime_dynamic_int8_is_recorded_as_a_quantize_step(tiny_encoder: Path,
+                                                                   tmp_path: Path) -> None:
+    """The reference int8 made with ONNX Runtime's own quantize_dynamic is labelled by what it
+    is (a bench table once called it by its parent's float type)."""
+    import onnx
+
+    from llmopt.bench.matrix import describe
+    from llmopt.bench.prepare import ort_quantize_dynamic
+    from llmopt.package import Package
+
+    out = ort_quantize_dynamic(tiny_encoder, tmp_path / "ort-int8")
+    package = Package.open(out)
+    assert package.manifest.stages == ("export", "quantize")
+    assert package.manifest.last_step["options"]["tool"] == (
+        "onnxruntime.quantization.quantize_dynamic")
+    ops = {node.op_type for node in onnx.load(str(package.model_path)).graph.node}
+    assert {"DynamicQuantizeLinear", "MatMulInteger"} <= ops
+    assert describe("ort", package).precision == "int8_dynamic"
