@@ -13,7 +13,7 @@ from llmopt.runtime.constraints import ResponseFormat
 from llmopt.runtime.embedder import Embedder
 from llmopt.runtime.generator import Generator, TextStream
 from llmopt.runtime.memory import decoder_provider_options, trim_heap
-from llmopt.runtime.prompt_graph import PromptGraph, prompt_model
+from llmopt.runtime.prompt_graph import PromptGraph, float_kernel_pays, prompt_model
 from llmopt.runtime.providers import CPUOptions, CUDAOptions, ShapeRange, TensorRTOptions
 from llmopt.runtime.sampling import SamplingParams
 from llmopt.runtime.sequence import GenerationResult, GenerationStats
@@ -90,17 +90,22 @@ def prompt_session_options(providers: Sequence[ProviderSpec] | None,
     prompt step is long enough not to need it). None where a GPU comes first or
     ``CPUOptions(float_prompts=False)``."""
     name, options = resolve_providers(providers, provider_options)[0]
-    if name != "cpu" or not isinstance(options, CPUOptions) or not options.float_prompts:
+    if name != "cpu" or not isinstance(options, CPUOptions) or options.float_prompts is False:
         return None
     return replace(options, spin=False)
 
 
 def float_prompt_graph(package: Package, options: CPUOptions | None) -> PromptGraph | None:
     """The graph of the session that runs an int4 package's prompts on CPU (its 4-bit MatMuls
-    in float32), or None: no ``options`` (:func:`prompt_session_options`), or another package."""
+    in float32), or None: no ``options`` (:func:`prompt_session_options`), another package,
+    or ``float_prompts=None`` on a machine where that kernel is not the faster one
+    (:func:`~llmopt.runtime.prompt_graph.float_kernel_pays`)."""
     if options is None or not package.manifest.onnx.get("external_data"):
         return None  # weights inside model.onnx: not read twice (see prompt_model)
-    return prompt_model(package.model_path)
+    graph = prompt_model(package.model_path)
+    if graph is None or options.float_prompts or float_kernel_pays(options.intra_op_threads):
+        return graph
+    return None
 
 
 def warn_cpu_bound_quantization(package: Package, provider: str) -> None:

@@ -77,8 +77,9 @@ class CPUOptions:
     arena: bool = True
     spin: bool | None = None  # busy-wait between ops: lower latency, burns idle CPU
     # int4 packages: prompts run on a second session whose 4-bit MatMuls compute in float32
-    # (faster for prompts, exact to the weights; llmopt.runtime.prompt_graph)
-    float_prompts: bool = True
+    # (exact to the weights; llmopt.runtime.prompt_graph). None: where that kernel measures
+    # faster on this machine (prompt_graph.float_kernel_pays); True/False: always/never
+    float_prompts: bool | None = None
 
     def __post_init__(self) -> None:
         for name in ("intra_op_threads", "inter_op_threads"):

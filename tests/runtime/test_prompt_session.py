@@ -38,6 +38,9 @@ def packages(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def load(path: Path, **cpu: Any) -> Generator:
+    """The package on CPU; the prompt session forced on (its default is measured: see
+    test_the_default_follows_the_faster_kernel) unless ``cpu`` says."""
+    cpu = {"float_prompts": True, **cpu}
     runner = llmopt.load(path, provider_options={"cpu": CPUOptions(arena=False, **cpu)})
     assert isinstance(runner, Generator)
     return runner
@@ -159,7 +162,43 @@ def test_no_prompt_graph_is_read_for_a_gpu_session(packages: dict[str, Path]) ->
     def graph(providers: list[Any]) -> Any:
         return float_prompt_graph(package, prompt_session_options(providers, None))
 
-    assert graph(["cpu"]) is not None
+    assert graph([("cpu", CPUOptions(float_prompts=True))]) is not None
     assert prompt_session_options(["cpu"], None) == CPUOptions(spin=False)
     assert graph(["cuda", "cpu"]) is None
     assert graph([("cpu", CPUOptions(float_prompts=False))]) is None
+
+
+@pytest.mark.parametrize(("float_s", "int8_s", "second_session"), [
+    (1.0, 1.5, True),    # the float32 kernel clearly faster (Sapphire Rapids measured so)
+    (1.0, 1.05, False),  # within the margin: not worth a second session's memory
+    (1.4, 1.0, False),   # the int8-compute kernel faster (Zen 4 measured so)
+])
+def test_the_default_follows_the_faster_kernel(packages: dict[str, Path],
+                                               monkeypatch: pytest.MonkeyPatch, float_s: float,
+                                               int8_s: float, second_session: bool) -> None:
+    from llmopt.runtime import prompt_graph
+
+    asked: list[int | None] = []
+
+    def timings(threads: int | None) -> dict[int, float]:
+        asked.append(threads)
+        return {FLOAT_COMPUTE: float_s, INT8_COMPUTE: int8_s}
+
+    monkeypatch.setattr(prompt_graph, "kernel_timings", timings)
+    runner = load(packages["int4"], float_prompts=None, intra_op_threads=1)
+    assert (runner.model.prompt_session is not None) == second_session
+    assert asked == [1]  # timed on the session's own thread count
+    asked.clear()
+    load(packages["fused"], float_prompts=None)  # nothing to choose: nothing timed
+    load(packages["int4"], float_prompts=False)
+    load(packages["int4"], float_prompts=True)
+    assert asked == []
+
+
+def test_the_kernel_probe_times_both_compute_types_once_per_process() -> None:
+    from llmopt.runtime.prompt_graph import kernel_timings
+
+    first = kernel_timings(1)
+    assert set(first) == {FLOAT_COMPUTE, INT8_COMPUTE}
+    assert all(0 < seconds < 1 for seconds in first.values()), first
+    assert kernel_timings(1) is first  # cached: a second load costs nothing
