@@ -66,7 +66,12 @@ class RunOptions:
     ``repetitions`` rounds, interleaved over the points (round-robin) unless ``interleave`` is
     off. A point stops early once its measured rounds took ``max_seconds_per_point``. A round
     issues ``concurrency x requests_per_worker`` requests. ``strict_providers``: a provider
-    fallback fails the point instead of silently measuring another provider.
+    fallback fails the point instead of silently measuring another provider. ``settle_s``: a
+    pause before a round on another runtime (session, process) than the round before, so that
+    runtime's threads (ONNX Runtime's and OpenMP's keep spinning after a run) are idle when the
+    round's first request starts: without it,
+    a 108-token prefill right after another session's run took 154 ms instead of 133 on 2
+    cores (it measured the neighbour, not the point).
     """
 
     warmup: int = 1
@@ -78,6 +83,7 @@ class RunOptions:
     strict_providers: bool = True
     request_timeout_s: float = 600.0
     seed: int = 0
+    settle_s: float = 0.25
 
 
 @dataclass(frozen=True)
@@ -251,9 +257,11 @@ def parse_config(data: Mapping[str, Any], where: str = "bench config") -> BenchC
         raise InvalidInputError(f"{where}: engine.use must be auto, always or never",
                                 fix="e.g. engine: {use: auto}")
     run = _options(RunOptions, data.get("run"), f"{where}: run")
-    if run.warmup < 0 or run.repetitions < 1 or run.requests_per_worker < 1:
-        raise InvalidInputError(f"{where}: run needs warmup >= 0, repetitions >= 1 and "
-                                "requests_per_worker >= 1", fix="e.g. run: {repetitions: 3}")
+    if run.warmup < 0 or run.repetitions < 1 or run.requests_per_worker < 1 or \
+            not 0 <= run.settle_s <= 60:
+        raise InvalidInputError(f"{where}: run needs warmup >= 0, repetitions >= 1, "
+                                "requests_per_worker >= 1 and settle_s between 0 and 60",
+                                fix="e.g. run: {repetitions: 3, settle_s: 0.25}")
     return BenchConfig(
         name=str(data.get("name") or "bench"),
         description=str(data.get("description") or ""),

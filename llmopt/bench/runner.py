@@ -67,6 +67,7 @@ class Sweep:
         self.rng = random.Random(config.run.seed)
         self._inputs: dict[str, Any] = {}
         self._load_rss: dict[tuple[str, str, str], int] = {}
+        self._last_group: tuple[str, str, str] | None = None  # the runtime of the last round
         for result in self.results:
             missing = packages[result.point.package].missing
             if missing:
@@ -151,6 +152,9 @@ class Sweep:
         servers = self.pool.servers() if point.target == "server" else []
         scoped = memory.reset_peak() and all(s.reset_peak() for s in servers)
         count = point.concurrency * self.config.run.requests_per_worker
+        if point.group != self._last_group:  # another runtime's spinning threads go idle first
+            time.sleep(self.config.run.settle_s)
+        self._last_group = point.group
         round_ = run_round(request, count, point.concurrency, point.request_rate, self.rng)
         self._record_memory(result, target, scoped)
         if not result.info:

@@ -20,8 +20,8 @@ instead of 342 MB (the float kernel packs its own copy of the 4-bit weights), an
 of a second of loading.
 
 Which kernel is faster for prompts depends on the CPU: on a Sapphire Rapids (AMX) the float32
-kernel took TTFT from 219 to 153 ms, on a Zen 4 it went the other way (197 ms with the
-int8-compute kernel, 211 ms with the float32 one; 797 and 913 ms at 512 prompt tokens;
+kernel took TTFT from 219 to 153 ms, on a Zen 4 it went the other way (136 ms with the
+int8-compute kernel, 187 ms with the float32 one; 700 and 848 ms at 512 prompt tokens;
 ``bench/results/prompt_session*``). So unless
 ``CPUOptions(float_prompts=...)`` says, :func:`float_kernel_pays` times one prompt-shaped
 MatMulNBits in both compute types once per process (about 50 ms) and the second session is

@@ -50,6 +50,7 @@ sweeps:
     ("packages: {a: X}\nrun: {repetitions: three}\n", InvalidInputError,
      "repetitions must be int"),
     ("packages: {a: X}\nmatrix: {request_rates: [-1]}\n", InvalidInputError, "positive"),
+    ("packages: {a: X}\nrun: {settle_s: -1}\n", InvalidInputError, "settle_s between 0 and 60"),
     ("matrix: {}\n", InvalidInputError, "no packages"),
     ("packages: {a: {path: X, runtime: tensorrt-llm}}\n", InvalidInputError,
      "runtime 'tensorrt-llm' is unknown"),

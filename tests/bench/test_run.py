@@ -175,3 +175,31 @@ def test_served_target_through_a_server_the_harness_starts(tiny_package: Path,
         w = rec["workload"]
         assert rec["metrics"]["output_tokens_per_request"] == w["batch_size"] * 4
         assert rec["metrics"]["ttft_s"]["n"] == w["batch_size"] * w["concurrency"] * 2
+
+
+def test_a_round_on_another_runtime_starts_after_a_settle_pause(
+        tiny_package: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Interleaved rounds pause before switching runtime (the last one's threads spin on and
+    would share the cores with the next round's first request), never between two rounds of
+    the same runtime."""
+    import llmopt.bench.runner as runner
+
+    real_sleep = runner.time.sleep
+    pauses: list[float] = []
+
+    def sleep(seconds: float) -> None:
+        pauses.append(seconds)
+        real_sleep(0)
+
+    monkeypatch.setattr(runner.time, "sleep", sleep)
+    config = parse_config({
+        "name": "t", "packages": {"tiny": str(tiny_package)},
+        "providers": [{"name": "cpu", "options": {"intra_op_threads": 1}}],
+        "pytorch": {"threads": 1}, "run": {**FAST, "settle_s": 0.125},
+        "matrix": {"targets": ["pytorch", "inprocess"], "batch_sizes": [1, 2],
+                   "prompt_lengths": [8], "new_tokens": [2]}})
+    run = run_bench(config, None, progress=None)
+    assert {r["status"] for r in run.records} == {"ok"}
+    # 2 rounds x (pytorch b1, pytorch b2, inprocess b1, inprocess b2): pytorch -> inprocess in
+    # each round, inprocess -> pytorch between them, and the first round of all
+    assert pauses.count(0.125) == 4
