@@ -20,8 +20,8 @@ instead of 342 MB (the float kernel packs its own copy of the 4-bit weights), an
 of a second of loading.
 
 Which kernel is faster for prompts depends on the CPU: on a Sapphire Rapids (AMX) the float32
-kernel took TTFT from 219 to 153 ms, on a Zen 4 it went the other way (136 ms with the
-int8-compute kernel, 187 ms with the float32 one; 700 and 848 ms at 512 prompt tokens;
+kernel took TTFT from 219 to 153 ms, on a Zen 4 it went the other way (153 ms with the
+int8-compute kernel, 172 ms with the float32 one; 771 and 880 ms at 512 prompt tokens;
 ``bench/results/prompt_session*``). So unless
 ``CPUOptions(float_prompts=...)`` says, :func:`float_kernel_pays` times one prompt-shaped
 MatMulNBits in both compute types once per process (about 50 ms) and the second session is
@@ -124,7 +124,7 @@ def float_kernel_pays(threads: int | None) -> bool:
 
 
 @functools.lru_cache(maxsize=8)
-def kernel_timings(threads: int | None, rounds: int = 5) -> dict[int, float]:
+def kernel_timings(threads: int | None, rounds: int = 9) -> dict[int, float]:
     """Seconds per run of one MatMulNBits (:data:`PROBE_ROWS` rows, ``PROBE_K x PROBE_N``
     4-bit weight) at each accuracy level, the best of ``rounds`` interleaved runs on
     ``threads`` intra-op threads (None: ONNX Runtime's default)."""
@@ -132,6 +132,8 @@ def kernel_timings(threads: int | None, rounds: int = 5) -> dict[int, float]:
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    # threads that spin after a run would share the cores with the other kernel's next run
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if threads:
         options.intra_op_num_threads = threads
     sessions = {level: ort.InferenceSession(_probe_model(level), options,
