@@ -76,6 +76,9 @@ class CPUOptions:
     inter_op_threads: int | None = None
     arena: bool = True
     spin: bool | None = None  # busy-wait between ops: lower latency, burns idle CPU
+    # threads stop spinning when a run ends, so another session (a second model, the prompt
+    # session) or Python's own work between steps gets the cores (bench/results/spin_stop.md)
+    stop_spinning: bool = True
     # int4 packages: prompts run on a second session whose 4-bit MatMuls compute in float32
     # (exact to the weights; llmopt.runtime.prompt_graph). None: where that kernel measures
     # faster on this machine (prompt_graph.float_kernel_pays); True/False: always/never
@@ -97,6 +100,8 @@ class CPUOptions:
         if self.inter_op_threads is not None:
             session_options.inter_op_num_threads = self.inter_op_threads
         session_options.enable_cpu_mem_arena = self.arena
+        if self.stop_spinning:
+            session_options.add_session_config_entry("session.force_spinning_stop", "1")
         if self.spin is not None:
             flag = "1" if self.spin else "0"
             session_options.add_session_config_entry("session.intra_op.allow_spinning", flag)
