@@ -130,12 +130,12 @@ def kernel_timings(threads: int | None, rounds: int = 9) -> dict[int, float]:
     ``threads`` intra-op threads (None: ONNX Runtime's default)."""
     import onnxruntime as ort
 
+    from llmopt.runtime.providers import CPUOptions
+
     options = ort.SessionOptions()
     options.log_severity_level = 3
     # threads that spin after a run would share the cores with the other kernel's next run
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    if threads:
-        options.intra_op_num_threads = threads
+    CPUOptions(intra_op_threads=threads or None, spin=False).apply(options)
     sessions = {level: ort.InferenceSession(_probe_model(level), options,
                                             providers=["CPUExecutionProvider"])
                 for level in (FLOAT_COMPUTE, INT8_COMPUTE)}
