@@ -69,9 +69,9 @@ class RunOptions:
     fallback fails the point instead of silently measuring another provider. ``settle_s``: a
     pause before a round on another runtime (session, process) than the round before, so that
     runtime's threads (ONNX Runtime's and OpenMP's keep spinning after a run) are idle when the
-    round's first request starts: without it,
-    a 108-token prefill right after another session's run took 154 ms instead of 133 on 2
-    cores (it measured the neighbour, not the point).
+    round's first request starts: without it, a 108-token prefill right after another
+    session's run took 154 ms instead of 133 on 2 cores (it measured the neighbour, not the
+    point).
     """
 
     warmup: int = 1

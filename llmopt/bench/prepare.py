@@ -121,15 +121,15 @@ def ort_quantize_dynamic(base: Path, out: Path) -> Path:
     if (out / "model.onnx").is_file():
         return out
     parent = Package.open(base)
-    options = {"tool": "onnxruntime.quantization.quantize_dynamic", "weight_type": "QInt8",
-               "per_channel": False, "op_types_to_quantize": ["MatMul"],
-               "extra_options": {"MatMulConstBOnly": True}}
+    op_types, extra = ["MatMul"], {"MatMulConstBOnly": True}
     with tempfile.TemporaryDirectory(prefix="llmopt-ort-dynamic-") as tmp:
         quantized = Path(tmp) / "model.onnx"
-        quantize_dynamic(parent.model_path, quantized, op_types_to_quantize=["MatMul"],
+        quantize_dynamic(parent.model_path, quantized, op_types_to_quantize=op_types,
                          weight_type=QuantType.QInt8,
-                         extra_options={"MatMulConstBOnly": True,
-                                        "DefaultTensorType": onnx.TensorProto.FLOAT})
+                         extra_options={**extra, "DefaultTensorType": onnx.TensorProto.FLOAT})
+        options = {"tool": "onnxruntime.quantization.quantize_dynamic",
+                   "weight_type": QuantType.QInt8.name, "per_channel": False,
+                   "op_types_to_quantize": op_types, "extra_options": extra}
         Package.derive(parent, out, "quantize", onnx.load(str(quantized)),
                        method="int8_dynamic", options=options, kept_float=[])
     return out
