@@ -21,6 +21,9 @@ GroupQueryAttention) and builds variants of its graph that each drop one of thos
 - ``rotary in attention``: GroupQueryAttention's ``do_rotary`` with cos/sin caches instead of
   the Split and two RotaryEmbedding nodes (positions from seqlens_k: unpadded rows only).
 - ``all four``, and GenAI's int4 graph of the same model.
+- ``MatMulQ kernel``: the shipped graph as llmopt's runtime opens it on CPU, every MatMulNBits
+  and its correction on llmopt's own kernel (``llmopt.runtime.kernels``; same weights, same
+  perplexity).
 
 Every graph runs one decode step (batch 1, 120 cached positions) in plain ONNX Runtime with the
 same session options, interleaved over --rounds rounds of 100 steps; the median ms per step is
@@ -151,6 +154,16 @@ def rotary_in_attention(model: Any) -> None:
     set_nodes(model, [n for n in graph.node if id(n) not in dropped], added)
 
 
+PACKAGE: list[Path] = []  # the package folder (its weights file), set by main
+THREADS: list[int] = []
+
+
+def kernel_graph(model: Any) -> None:
+    from llmopt.runtime import kernels
+
+    kernels.kernel_model(model, PACKAGE[0], THREADS[0])
+
+
 VARIANTS: dict[str, list[Callable[[Any], None]]] = {
     "llmopt int4 as shipped": [],
     "integer zero points": [drop_correction],
@@ -158,8 +171,8 @@ VARIANTS: dict[str, list[Callable[[Any], None]]] = {
     "4-bit LM head": [head_4bit],
     "rotary in attention": [rotary_in_attention],
     "all four": [drop_correction, drop_attention_bias, head_4bit, rotary_in_attention],
+    "MatMulQ kernel": [kernel_graph],
 }
-
 
 # -- timing ---------------------------------------------------------------------------------------
 
@@ -189,6 +202,10 @@ def session(path: Path, threads: int, profile: str | None = None) -> Any:
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.log_severity_level = 3
+    from llmopt.runtime import kernels
+
+    if kernels.library() is not None:  # the MatMulQ graph needs it; the others ignore it
+        options.register_custom_ops_library(str(kernels.library()))
     if profile:
         options.enable_profiling = True
         options.profile_file_prefix = profile
@@ -219,6 +236,8 @@ def main() -> None:
     parser.add_argument("--out", default="int4_step")
     args = parser.parse_args()
 
+    PACKAGE[:] = [args.package]
+    THREADS[:] = [args.threads]
     manifest = json.loads((args.package / "llmopt.json").read_text())
     kv = (int(manifest["kv_cache"]["num_kv_heads"]), int(manifest["kv_cache"]["head_dim"]))
     work = Path(tempfile.mkdtemp(prefix="int4_step_"))
@@ -262,8 +281,8 @@ def main() -> None:
               "rounds": args.rounds, "threads": args.threads, "past": PAST, "rows": rows}
     out = ROOT / "bench" / "results" / args.out
     out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    top = ["MatMulNBits", "GroupQueryAttention", "MatMul", "Split", "Add", "RotaryEmbedding",
-           "SkipSimplifiedLayerNormalization"]
+    top = ["MatMulNBits", "MatMulQ", "GroupQueryAttention", "MatMul", "Split", "Add",
+           "RotaryEmbedding", "SkipSimplifiedLayerNormalization"]
     lines = [f"# {__doc__.splitlines()[0]}", "", f"Command: `{command}`", "",
              f"{args.threads} threads, batch 1, {PAST} cached positions, {args.rounds} "
              f"interleaved rounds of 100 steps, plain ONNX Runtime; load average at start "

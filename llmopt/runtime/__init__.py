@@ -9,6 +9,7 @@ from dataclasses import replace
 from typing import Any
 
 from llmopt.package import Package
+from llmopt.runtime import kernels
 from llmopt.runtime.constraints import ResponseFormat
 from llmopt.runtime.embedder import Embedder
 from llmopt.runtime.generator import Generator, TextStream
@@ -63,11 +64,17 @@ def load(package: str | os.PathLike[str] | Package,
         prompt_graph = float_prompt_graph(pkg, prompt_options)
     shared = prompt_graph.values() if prompt_graph is not None else {}
     fingerprint = f"{pkg.manifest.source['sha256']}:{pkg.manifest.steps}"
+    kernel_graph = kernels.decode_graph(pkg, cpu_options(providers, provider_options)) \
+        if pkg.is_decoder else None
     session, info = create_session(pkg.model_path, providers, provider_options, strict,
                                    signature=pkg.manifest.signature,
                                    model_fingerprint=fingerprint,
                                    context_length=pkg.manifest.context_length,
-                                   initializers=shared)
+                                   model_bytes=kernel_graph[0] if kernel_graph else None,
+                                   initializers=shared,
+                                   custom_ops=kernels.library() if kernel_graph else None)
+    info.kernels = kernel_graph[1] if kernel_graph else 0
+    del kernel_graph
     if info.active and info.active[0] in GPU_PROVIDERS:
         warn_cpu_bound_quantization(pkg, info.active[0])
     tokenizer = load_tokenizer(pkg.path)
@@ -80,6 +87,13 @@ def load(package: str | os.PathLike[str] | Package,
     del prompt_graph  # its serialized graph is read; ``shared`` holds the mapped tables
     trim_heap()
     return Generator(pkg, session, info, tokenizer, prompt_session=prompts, initializers=shared)
+
+
+def cpu_options(providers: Sequence[ProviderSpec] | None,
+                provider_options: Mapping[str, Any] | None) -> CPUOptions | None:
+    """The CPU options of a session whose first provider is the CPU, else None."""
+    name, options = resolve_providers(providers, provider_options)[0]
+    return options if name == "cpu" and isinstance(options, CPUOptions) else None
 
 
 def prompt_session_options(providers: Sequence[ProviderSpec] | None,

@@ -83,6 +83,10 @@ class CPUOptions:
     # (exact to the weights; llmopt.runtime.prompt_graph). None: where that kernel measures
     # faster on this machine (prompt_graph.float_kernel_pays); True/False: always/never
     float_prompts: bool | None = None
+    # llmopt's own CPU kernel (MatMulQ, llmopt.runtime.kernels) for int8-compute MatMulNBits:
+    # None: where it builds and this CPU runs it; True: required (an error where it cannot);
+    # False: never (ONNX Runtime's kernels only)
+    kernels: bool | None = None
 
     def __post_init__(self) -> None:
         for name in ("intra_op_threads", "inter_op_threads"):

@@ -41,11 +41,13 @@ class SessionInfo:
     provider_options: dict[str, dict[str, str]] = field(default_factory=dict)
     placement: Placement = field(default_factory=Placement)
     device_id: int = 0  # the GPU the primary provider runs on (0 on CPU)
+    kernels: int = 0  # nodes on llmopt's own CPU kernels (llmopt.runtime.kernels)
 
     def as_dict(self) -> dict[str, Any]:
         return {"requested": self.requested, "active": self.active, "fallback": self.fallback,
                 "reason": self.reason, "provider_options": self.provider_options,
-                "placement": self.placement.as_dict(), "device_id": self.device_id}
+                "placement": self.placement.as_dict(), "device_id": self.device_id,
+                "kernels": self.kernels}
 
 
 def resolve_providers(specs: Sequence[ProviderSpec] | None,
@@ -92,14 +94,16 @@ def create_session(model_path: str | Path, providers: Sequence[ProviderSpec] | N
                    model_fingerprint: str = "",
                    context_length: int | None = None,
                    model_bytes: bytes | None = None,
-                   initializers: Mapping[str, Any] | None = None) -> tuple[Any, SessionInfo]:
+                   initializers: Mapping[str, Any] | None = None,
+                   custom_ops: str | Path | None = None) -> tuple[Any, SessionInfo]:
     """An ``InferenceSession`` on the first provider that loads, and what happened.
 
     ``signature`` and ``context_length`` (the package's) size TensorRT's shape profile.
     ``model_bytes``: a serialized variant of the graph at ``model_path`` to open instead (its
     external initializers, if any, are read from ``model_path``'s folder). ``initializers``:
     OrtValues that replace the graph's initializers of those names, unowned (they must
-    outlive the session; two sessions over one graph share them this way).
+    outlive the session; two sessions over one graph share them this way). ``custom_ops``: a
+    custom-op library the graph needs (llmopt's CPU kernels, :mod:`llmopt.runtime.kernels`).
     """
     import onnxruntime as ort
 
@@ -113,6 +117,8 @@ def create_session(model_path: str | Path, providers: Sequence[ProviderSpec] | N
     session_options.add_session_config_entry(RECORD_PLACEMENT, "1")
     if model_bytes is not None:
         session_options.add_session_config_entry(EXTERNAL_FOLDER, str(Path(model_path).parent))
+    if custom_ops is not None:
+        session_options.register_custom_ops_library(str(custom_ops))
     for name, value in (initializers or {}).items():
         session_options.add_initializer(name, value)
     ort_providers: list[tuple[str, dict[str, str]]] = []

@@ -1,0 +1,569 @@
+// llmopt's CPU kernel library for ONNX Runtime (custom-op domain ai.llmopt), two matrix
+// products that stream their weights once per pass of up to 8 rows:
+//
+// MatMulQ: block-quantized weights (4- or 8-bit codes, blocks of 32 along K) whose blocks are
+// affine, w = s * q + m with a float s and a float m per block and output column. ONNX Runtime's
+// MatMulNBits runs its fast int8-activation path only for integer zero points, so llmopt's GGUF
+// Q4_1 (and HQQ) weights, whose zero points are floats, ran as a symmetric MatMulNBits plus a
+// block-sum correction of three more nodes (Split, MatMul, Add). MatMulQ does both in one pass:
+//
+//   y[r, n] = sum_b sx[r, b] * (s[n, b] * sum_{k in b} q[n, k] * xq[r, k] + m[n, b] * isum[r, b])
+//
+// where xq are x's values rounded to int8 per block of 32 (scale sx = max|x| / 127, as
+// MatMulNBits does at accuracy level 4) and isum their sum, so the m term sees the same rounded
+// activations as the q term (w * x_rounded, exactly, up to float rounding).
+//
+// MatMulF: float32 weights in tiles of 16 columns (see below).
+//
+// MatMulQ's weight layout (built by llmopt/runtime/kernels.py), one uint8 tensor [tiles, blocks, stride]:
+// 16 output columns per tile; per (tile, block) the codes, then s and m for its 16 columns, in
+// float16 where that holds them (GGUF's scales are float16) or float32 (scale_bits).
+// 4-bit: 4 chunks of 64 bytes; byte 4 * col + j of chunk c holds k = 8c + j in its low nibble
+// and k = 8c + 4 + j in its high one, so one AVX-512 VNNI dpbusd multiplies 4 k of 16 columns
+// by 4 broadcast int8 activations. 8-bit: 8 chunks of 64 bytes, byte 4 * col + j of chunk g
+// holds k = 4g + j.
+//
+// The ONNX Runtime C API is used through a handful of entries of its function table, declared
+// below by their documented positions (the table only ever grows), so no ONNX Runtime header is
+// needed to build this file.
+
+#include <immintrin.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include <algorithm>
+#include <climits>
+#include <vector>
+
+namespace {
+
+struct OrtStatus;
+struct OrtApi;
+struct OrtKernelInfo;
+struct OrtKernelContext;
+struct OrtValue;
+struct OrtTensorTypeAndShapeInfo;
+struct OrtSessionOptions;
+struct OrtCustomOpDomain;
+using Status = OrtStatus*;
+
+// ---- the ONNX Runtime C API entries used (index into OrtApi, which is a table of pointers) ----
+
+enum ApiSlot : size_t {
+  kCreateStatus = 0,
+  kCreateCustomOpDomain = 26,
+  kCustomOpDomainAdd = 27,
+  kAddCustomOpDomain = 28,
+  kGetTensorMutableData = 51,
+  kGetDimensionsCount = 61,
+  kGetDimensions = 62,
+  kGetTensorTypeAndShape = 65,
+  kKernelInfoGetAttributeInt64 = 86,
+  kKernelContextGetInput = 90,
+  kKernelContextGetOutput = 91,
+  kReleaseTensorTypeAndShapeInfo = 99,
+  kKernelContextParallelFor = 274,
+};
+constexpr uint32_t kApiVersion = 17;  // the first with KernelContext_ParallelFor
+constexpr int kFail = 1;              // OrtErrorCode ORT_FAIL
+constexpr int kInvalidArgument = 2;   // OrtErrorCode ORT_INVALID_ARGUMENT
+constexpr int kFloat = 1, kUint8 = 2;  // ONNXTensorElementDataType
+
+template <typename F>
+F entry(const OrtApi* api, ApiSlot slot) {
+  return reinterpret_cast<F>(reinterpret_cast<void* const*>(api)[slot]);
+}
+
+struct Api {
+  const OrtApi* api = nullptr;
+
+  Status error(int code, const char* message) const {
+    return entry<Status (*)(int, const char*)>(api, kCreateStatus)(code, message);
+  }
+  Status input(const OrtKernelContext* ctx, size_t i, const OrtValue** out) const {
+    return entry<Status (*)(const OrtKernelContext*, size_t, const OrtValue**)>(
+        api, kKernelContextGetInput)(ctx, i, out);
+  }
+  Status output(OrtKernelContext* ctx, size_t i, const int64_t* dims, size_t n,
+                OrtValue** out) const {
+    return entry<Status (*)(OrtKernelContext*, size_t, const int64_t*, size_t, OrtValue**)>(
+        api, kKernelContextGetOutput)(ctx, i, dims, n, out);
+  }
+  Status data(const OrtValue* value, void** out) const {
+    return entry<Status (*)(const OrtValue*, void**)>(api, kGetTensorMutableData)(value, out);
+  }
+  Status shape(const OrtValue* value, std::vector<int64_t>* dims) const {
+    OrtTensorTypeAndShapeInfo* info = nullptr;
+    Status status = entry<Status (*)(const OrtValue*, OrtTensorTypeAndShapeInfo**)>(
+        api, kGetTensorTypeAndShape)(value, &info);
+    if (status) return status;
+    size_t rank = 0;
+    status = entry<Status (*)(const OrtTensorTypeAndShapeInfo*, size_t*)>(
+        api, kGetDimensionsCount)(info, &rank);
+    if (!status) {
+      dims->assign(rank, 0);
+      status = entry<Status (*)(const OrtTensorTypeAndShapeInfo*, int64_t*, size_t)>(
+          api, kGetDimensions)(info, dims->data(), rank);
+    }
+    entry<void (*)(OrtTensorTypeAndShapeInfo*)>(api, kReleaseTensorTypeAndShapeInfo)(info);
+    return status;
+  }
+  Status attribute(const OrtKernelInfo* info, const char* name, int64_t* out) const {
+    return entry<Status (*)(const OrtKernelInfo*, const char*, int64_t*)>(
+        api, kKernelInfoGetAttributeInt64)(info, name, out);
+  }
+  // fn(data, i) for i < total, in `batches` contiguous runs on the session's intra-op threads
+  Status parallel_for(const OrtKernelContext* ctx, void (*fn)(void*, size_t), size_t total,
+                      size_t batches, void* data) const {
+    return entry<Status (*)(const OrtKernelContext*, void (*)(void*, size_t), size_t, size_t,
+                            void*)>(api, kKernelContextParallelFor)(ctx, fn, total, batches,
+                                                                     data);
+  }
+};
+
+// ---- the kernel ----
+
+constexpr int kBlock = 32;
+constexpr int kTile = 16;
+constexpr int kMaxRows = 8;  // rows computed together per pass over a tile's weights
+// MatMulQ prefetches the weights this far ahead of the block it reads (SmolLM2 int4 step on 2
+// threads: 5.87 ms without, 5.63 with 8 KB, 5.60 with 16 KB)
+constexpr int kPrefetchBytes = 8192;
+
+constexpr int codes_bytes(int bits) { return kTile * kBlock * bits / 8; }
+constexpr int stride_bytes(int bits, int scale_bits) {
+  return codes_bytes(bits) + 2 * kTile * scale_bits / 8;
+}
+
+struct Work {
+  const uint8_t* weights;
+  const int8_t* xq;     // [rows, K]
+  const float* sx;      // [rows, blocks]
+  const float* isum;    // [rows, blocks]
+  float* y;             // [rows, N]
+  int64_t rows, k, n, blocks, tiles;
+  int bits, scale_bits;
+};
+
+template <bool HALF>
+inline __m512 load_scales(const uint8_t* p) {
+  if constexpr (HALF)
+    return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  else
+    return _mm512_loadu_ps(reinterpret_cast<const float*>(p));
+}
+
+template <int R, int BITS, bool HALF>
+void tile_rows(const Work& w, int64_t tile, int64_t row0) {
+  constexpr int kStride = stride_bytes(BITS, HALF ? 16 : 32);
+  const uint8_t* base = w.weights + tile * w.blocks * kStride;
+  const int32_t* x4[R];
+  const float* sx[R];
+  const float* isum[R];
+  for (int r = 0; r < R; ++r) {
+    x4[r] = reinterpret_cast<const int32_t*>(w.xq + (row0 + r) * w.k);
+    sx[r] = w.sx + (row0 + r) * w.blocks;
+    isum[r] = w.isum + (row0 + r) * w.blocks;
+  }
+  __m512 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+  const __m512i low4 = _mm512_set1_epi8(0x0F);
+  for (int64_t b = 0; b < w.blocks; ++b) {
+    const uint8_t* blk = base + b * kStride;
+    for (int line = 0; line < kStride; line += 64)
+      _mm_prefetch(reinterpret_cast<const char*>(blk + kPrefetchBytes + line), _MM_HINT_T0);
+    __m512i dot[R];
+    for (int r = 0; r < R; ++r) dot[r] = _mm512_setzero_si512();
+    if constexpr (BITS == 4) {
+      for (int c = 0; c < 4; ++c) {
+        const __m512i v = _mm512_loadu_si512(blk + 64 * c);
+        const __m512i lo = _mm512_and_si512(v, low4);
+        const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
+        for (int r = 0; r < R; ++r) {
+          dot[r] = _mm512_dpbusd_epi32(dot[r], lo, _mm512_set1_epi32(x4[r][8 * b + 2 * c]));
+          dot[r] = _mm512_dpbusd_epi32(dot[r], hi, _mm512_set1_epi32(x4[r][8 * b + 2 * c + 1]));
+        }
+      }
+    } else {
+      for (int g = 0; g < 8; ++g) {
+        const __m512i v = _mm512_loadu_si512(blk + 64 * g);
+        for (int r = 0; r < R; ++r)
+          dot[r] = _mm512_dpbusd_epi32(dot[r], v, _mm512_set1_epi32(x4[r][8 * b + g]));
+      }
+    }
+    const uint8_t* scales = blk + codes_bytes(BITS);
+    const __m512 s = load_scales<HALF>(scales);
+    const __m512 m = load_scales<HALF>(scales + kTile * (HALF ? 2 : 4));
+    for (int r = 0; r < R; ++r) {
+      __m512 t = _mm512_mul_ps(s, _mm512_cvtepi32_ps(dot[r]));
+      t = _mm512_fmadd_ps(m, _mm512_set1_ps(isum[r][b]), t);
+      acc[r] = _mm512_fmadd_ps(t, _mm512_set1_ps(sx[r][b]), acc[r]);
+    }
+  }
+  const int64_t col0 = tile * kTile;
+  const int64_t valid = std::min<int64_t>(kTile, w.n - col0);
+  const __mmask16 mask = static_cast<__mmask16>((1u << valid) - 1u);
+  for (int r = 0; r < R; ++r) _mm512_mask_storeu_ps(w.y + (row0 + r) * w.n + col0, mask, acc[r]);
+}
+
+template <int BITS, bool HALF>
+void tile(const Work& w, int64_t t) {
+  int64_t row = 0;
+  for (; row + kMaxRows <= w.rows; row += kMaxRows) tile_rows<kMaxRows, BITS, HALF>(w, t, row);
+  switch (w.rows - row) {
+    case 7: tile_rows<7, BITS, HALF>(w, t, row); break;
+    case 6: tile_rows<6, BITS, HALF>(w, t, row); break;
+    case 5: tile_rows<5, BITS, HALF>(w, t, row); break;
+    case 4: tile_rows<4, BITS, HALF>(w, t, row); break;
+    case 3: tile_rows<3, BITS, HALF>(w, t, row); break;
+    case 2: tile_rows<2, BITS, HALF>(w, t, row); break;
+    case 1: tile_rows<1, BITS, HALF>(w, t, row); break;
+    default: break;
+  }
+}
+
+void run_tile(void* data, size_t t) {
+  const Work& w = *static_cast<const Work*>(data);
+  const auto i = static_cast<int64_t>(t);
+  if (w.bits == 4)
+    w.scale_bits == 16 ? tile<4, true>(w, i) : tile<4, false>(w, i);
+  else
+    w.scale_bits == 16 ? tile<8, true>(w, i) : tile<8, false>(w, i);
+}
+
+// x rounded to int8 per block of 32 (scale max|x| / 127, nearest even), with each block's scale
+// and code sum.
+void quantize_rows(const float* x, int64_t rows, int64_t k, int8_t* xq, float* sx, float* isum) {
+  const int64_t blocks = k / kBlock;
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t b = 0; b < blocks; ++b) {
+      const float* src = x + r * k + b * kBlock;
+      const __m512 a = _mm512_loadu_ps(src), c = _mm512_loadu_ps(src + 16);
+      const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(c)));
+      const float scale = amax / 127.0f;
+      const __m512 inv = _mm512_set1_ps(amax > 0.0f ? 127.0f / amax : 0.0f);
+      const __m512i qa = _mm512_cvtps_epi32(_mm512_mul_ps(a, inv));
+      const __m512i qc = _mm512_cvtps_epi32(_mm512_mul_ps(c, inv));
+      int8_t* dst = xq + r * k + b * kBlock;
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), _mm512_cvtsepi32_epi8(qa));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + 16), _mm512_cvtsepi32_epi8(qc));
+      sx[r * blocks + b] = scale;
+      isum[r * blocks + b] = static_cast<float>(_mm512_reduce_add_epi32(_mm512_add_epi32(qa, qc)));
+    }
+  }
+}
+
+struct Kernel {
+  Api api;
+  int64_t k = 0, n = 0, bits = 0, scale_bits = 0;
+  int64_t threads = 1;  // the session's intra-op threads: one contiguous run of tiles each
+
+  Status compute(OrtKernelContext* ctx) const {
+    const OrtValue *x_value = nullptr, *w_value = nullptr;
+    if (Status s = api.input(ctx, 0, &x_value)) return s;
+    if (Status s = api.input(ctx, 1, &w_value)) return s;
+    std::vector<int64_t> dims, wdims;
+    if (Status s = api.shape(x_value, &dims)) return s;
+    if (Status s = api.shape(w_value, &wdims)) return s;
+    const int64_t blocks = k / kBlock, tiles = (n + kTile - 1) / kTile;
+    if (dims.empty() || dims.back() != k)
+      return api.error(kInvalidArgument, "MatMulQ: the input's last dimension is not K");
+    if (wdims.size() != 3 || wdims[0] != tiles || wdims[1] != blocks ||
+        wdims[2] != stride_bytes(static_cast<int>(bits), static_cast<int>(scale_bits)))
+      return api.error(kInvalidArgument, "MatMulQ: the weights are not [N/16, K/32, stride]");
+    int64_t rows = 1;
+    for (size_t i = 0; i + 1 < dims.size(); ++i) rows *= dims[i];
+    std::vector<int64_t> out_dims(dims);
+    out_dims.back() = n;
+    OrtValue* y_value = nullptr;
+    if (Status s = api.output(ctx, 0, out_dims.data(), out_dims.size(), &y_value)) return s;
+    if (rows == 0) return nullptr;
+    void *x = nullptr, *w = nullptr, *y = nullptr;
+    if (Status s = api.data(x_value, &x)) return s;
+    if (Status s = api.data(w_value, &w)) return s;
+    if (Status s = api.data(y_value, &y)) return s;
+    std::vector<int8_t> xq(static_cast<size_t>(rows * k));
+    std::vector<float> sx(static_cast<size_t>(rows * blocks)), isum(sx.size());
+    quantize_rows(static_cast<const float*>(x), rows, k, xq.data(), sx.data(), isum.data());
+    Work work{static_cast<const uint8_t*>(w), xq.data(), sx.data(), isum.data(),
+              static_cast<float*>(y), rows, k, n, blocks, tiles, static_cast<int>(bits),
+              static_cast<int>(scale_bits)};
+    const size_t batches = static_cast<size_t>(std::min<int64_t>(std::max<int64_t>(threads, 1),
+                                                                   tiles));
+    return api.parallel_for(ctx, run_tile, static_cast<size_t>(tiles), batches, &work);
+  }
+};
+
+// ---- MatMulF: float32 weights in tiles of 16 columns, [tiles, K, 16] ----
+//
+// y[r, n] = sum_k x[r, k] * w[k, n], the weights streamed once per pass of up to 8 rows. Each
+// row is summed the same way whatever the rows beside it (two accumulators, even and odd k), so
+// a row's result does not depend on its batch.
+
+struct WorkF {
+  const float* weights;  // [tiles, K, 16]
+  const float* x;        // [rows, K]
+  float* y;              // [rows, N]
+  int64_t rows, k, n, tiles;
+};
+
+template <int R>
+void tile_rows_f(const WorkF& w, int64_t tile, int64_t row0) {
+  const float* base = w.weights + tile * w.k * kTile;
+  const float* x[R];
+  for (int r = 0; r < R; ++r) x[r] = w.x + (row0 + r) * w.k;
+  __m512 even[R], odd[R];
+  for (int r = 0; r < R; ++r) even[r] = odd[r] = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 2 <= w.k; k += 2) {
+    const __m512 a = _mm512_loadu_ps(base + k * kTile);
+    const __m512 b = _mm512_loadu_ps(base + (k + 1) * kTile);
+    for (int r = 0; r < R; ++r) {
+      even[r] = _mm512_fmadd_ps(_mm512_set1_ps(x[r][k]), a, even[r]);
+      odd[r] = _mm512_fmadd_ps(_mm512_set1_ps(x[r][k + 1]), b, odd[r]);
+    }
+  }
+  if (k < w.k) {
+    const __m512 a = _mm512_loadu_ps(base + k * kTile);
+    for (int r = 0; r < R; ++r) even[r] = _mm512_fmadd_ps(_mm512_set1_ps(x[r][k]), a, even[r]);
+  }
+  const int64_t col0 = tile * kTile;
+  const int64_t valid = std::min<int64_t>(kTile, w.n - col0);
+  const __mmask16 mask = static_cast<__mmask16>((1u << valid) - 1u);
+  for (int r = 0; r < R; ++r)
+    _mm512_mask_storeu_ps(w.y + (row0 + r) * w.n + col0, mask, _mm512_add_ps(even[r], odd[r]));
+}
+
+void run_tile_f(void* data, size_t t) {
+  const WorkF& w = *static_cast<const WorkF*>(data);
+  const auto tile = static_cast<int64_t>(t);
+  int64_t row = 0;
+  for (; row + kMaxRows <= w.rows; row += kMaxRows) tile_rows_f<kMaxRows>(w, tile, row);
+  switch (w.rows - row) {
+    case 7: tile_rows_f<7>(w, tile, row); break;
+    case 6: tile_rows_f<6>(w, tile, row); break;
+    case 5: tile_rows_f<5>(w, tile, row); break;
+    case 4: tile_rows_f<4>(w, tile, row); break;
+    case 3: tile_rows_f<3>(w, tile, row); break;
+    case 2: tile_rows_f<2>(w, tile, row); break;
+    case 1: tile_rows_f<1>(w, tile, row); break;
+    default: break;
+  }
+}
+
+struct KernelF {
+  Api api;
+  int64_t k = 0, n = 0, threads = 1;
+
+  Status compute(OrtKernelContext* ctx) const {
+    const OrtValue *x_value = nullptr, *w_value = nullptr;
+    if (Status s = api.input(ctx, 0, &x_value)) return s;
+    if (Status s = api.input(ctx, 1, &w_value)) return s;
+    std::vector<int64_t> dims, wdims;
+    if (Status s = api.shape(x_value, &dims)) return s;
+    if (Status s = api.shape(w_value, &wdims)) return s;
+    const int64_t tiles = (n + kTile - 1) / kTile;
+    if (dims.empty() || dims.back() != k)
+      return api.error(kInvalidArgument, "MatMulF: the input's last dimension is not K");
+    if (wdims.size() != 3 || wdims[0] != tiles || wdims[1] != k || wdims[2] != kTile)
+      return api.error(kInvalidArgument, "MatMulF: the weights are not [N/16, K, 16]");
+    int64_t rows = 1;
+    for (size_t i = 0; i + 1 < dims.size(); ++i) rows *= dims[i];
+    std::vector<int64_t> out_dims(dims);
+    out_dims.back() = n;
+    OrtValue* y_value = nullptr;
+    if (Status s = api.output(ctx, 0, out_dims.data(), out_dims.size(), &y_value)) return s;
+    if (rows == 0) return nullptr;
+    void *x = nullptr, *w = nullptr, *y = nullptr;
+    if (Status s = api.data(x_value, &x)) return s;
+    if (Status s = api.data(w_value, &w)) return s;
+    if (Status s = api.data(y_value, &y)) return s;
+    WorkF work{static_cast<const float*>(w), static_cast<const float*>(x),
+               static_cast<float*>(y), rows, k, n, tiles};
+    const size_t batches = static_cast<size_t>(std::min<int64_t>(std::max<int64_t>(threads, 1),
+                                                                   tiles));
+    return api.parallel_for(ctx, run_tile_f, static_cast<size_t>(tiles), batches, &work);
+  }
+};
+
+// ---- the custom-op table ONNX Runtime reads (OrtCustomOp, version 17 fields) ----
+
+struct OrtCustomOpAbi {
+  uint32_t version;
+  void* (*CreateKernel)(const OrtCustomOpAbi*, const OrtApi*, const OrtKernelInfo*);
+  const char* (*GetName)(const OrtCustomOpAbi*);
+  const char* (*GetExecutionProviderType)(const OrtCustomOpAbi*);
+  int (*GetInputType)(const OrtCustomOpAbi*, size_t);
+  size_t (*GetInputTypeCount)(const OrtCustomOpAbi*);
+  int (*GetOutputType)(const OrtCustomOpAbi*, size_t);
+  size_t (*GetOutputTypeCount)(const OrtCustomOpAbi*);
+  void (*KernelCompute)(void*, OrtKernelContext*);
+  void (*KernelDestroy)(void*);
+  int (*GetInputCharacteristic)(const OrtCustomOpAbi*, size_t);
+  int (*GetOutputCharacteristic)(const OrtCustomOpAbi*, size_t);
+  int (*GetInputMemoryType)(const OrtCustomOpAbi*, size_t);
+  int (*GetVariadicInputMinArity)(const OrtCustomOpAbi*);
+  int (*GetVariadicInputHomogeneity)(const OrtCustomOpAbi*);
+  int (*GetVariadicOutputMinArity)(const OrtCustomOpAbi*);
+  int (*GetVariadicOutputHomogeneity)(const OrtCustomOpAbi*);
+  Status (*CreateKernelV2)(const OrtCustomOpAbi*, const OrtApi*, const OrtKernelInfo*, void**);
+  Status (*KernelComputeV2)(void*, OrtKernelContext*);
+  Status (*InferOutputShapeFn)(const OrtCustomOpAbi*, void*);
+  int (*GetStartVersion)(const OrtCustomOpAbi*);
+  int (*GetEndVersion)(const OrtCustomOpAbi*);
+};
+
+Status create_kernel(const OrtCustomOpAbi*, const OrtApi* api, const OrtKernelInfo* info,
+                     void** out) {
+  auto* kernel = new Kernel;
+  kernel->api.api = api;
+  Status s = kernel->api.attribute(info, "K", &kernel->k);
+  if (!s) s = kernel->api.attribute(info, "N", &kernel->n);
+  if (!s) s = kernel->api.attribute(info, "bits", &kernel->bits);
+  if (!s) s = kernel->api.attribute(info, "scale_bits", &kernel->scale_bits);
+  if (!s) s = kernel->api.attribute(info, "threads", &kernel->threads);
+  if (!s && (kernel->k <= 0 || kernel->k % kBlock || kernel->n <= 0 ||
+             (kernel->bits != 4 && kernel->bits != 8) ||
+             (kernel->scale_bits != 16 && kernel->scale_bits != 32)))
+    s = kernel->api.error(kInvalidArgument,
+                          "MatMulQ: K must be a multiple of 32, bits 4 or 8, scale_bits 16 or 32");
+  if (s) {
+    delete kernel;
+    return s;
+  }
+  *out = kernel;
+  return nullptr;
+}
+
+Status create_kernel_f(const OrtCustomOpAbi*, const OrtApi* api, const OrtKernelInfo* info,
+                       void** out) {
+  auto* kernel = new KernelF;
+  kernel->api.api = api;
+  Status s = kernel->api.attribute(info, "K", &kernel->k);
+  if (!s) s = kernel->api.attribute(info, "N", &kernel->n);
+  if (!s) s = kernel->api.attribute(info, "threads", &kernel->threads);
+  if (!s && (kernel->k <= 0 || kernel->n <= 0))
+    s = kernel->api.error(kInvalidArgument, "MatMulF: K and N must be positive");
+  if (s) {
+    delete kernel;
+    return s;
+  }
+  *out = kernel;
+  return nullptr;
+}
+
+template <Status (*Create)(const OrtCustomOpAbi*, const OrtApi*, const OrtKernelInfo*, void**)>
+void* create_v1(const OrtCustomOpAbi* op, const OrtApi* api, const OrtKernelInfo* info) {
+  void* kernel = nullptr;
+  return Create(op, api, info, &kernel) ? nullptr : kernel;
+}
+
+template <typename K>
+Status compute(void* kernel, OrtKernelContext* ctx) {
+  return static_cast<const K*>(kernel)->compute(ctx);
+}
+template <typename K>
+void compute_v1(void* kernel, OrtKernelContext* ctx) { (void)compute<K>(kernel, ctx); }
+template <typename K>
+void destroy(void* kernel) { delete static_cast<K*>(kernel); }
+
+template <typename K, Status (*Create)(const OrtCustomOpAbi*, const OrtApi*, const OrtKernelInfo*,
+                                        void**)>
+constexpr OrtCustomOpAbi op(const char* (*name)(const OrtCustomOpAbi*),
+                            int (*input_type)(const OrtCustomOpAbi*, size_t)) {
+  return {
+      17,
+      create_v1<Create>,
+      name,
+      [](const OrtCustomOpAbi*) { return "CPUExecutionProvider"; },
+      input_type,
+      [](const OrtCustomOpAbi*) { return size_t{2}; },
+      [](const OrtCustomOpAbi*, size_t) { return kFloat; },
+      [](const OrtCustomOpAbi*) { return size_t{1}; },
+      compute_v1<K>,
+      destroy<K>,
+      [](const OrtCustomOpAbi*, size_t) { return 0; },  // required
+      [](const OrtCustomOpAbi*, size_t) { return 0; },
+      [](const OrtCustomOpAbi*, size_t) { return 0; },  // OrtMemTypeDefault
+      [](const OrtCustomOpAbi*) { return 1; },
+      [](const OrtCustomOpAbi*) { return 1; },
+      [](const OrtCustomOpAbi*) { return 1; },
+      [](const OrtCustomOpAbi*) { return 1; },
+      Create,
+      compute<K>,
+      nullptr,
+      [](const OrtCustomOpAbi*) { return 1; },
+      [](const OrtCustomOpAbi*) { return INT_MAX; },
+  };
+}
+
+const OrtCustomOpAbi kMatMulQ = op<Kernel, create_kernel>(
+    [](const OrtCustomOpAbi*) { return "MatMulQ"; },
+    [](const OrtCustomOpAbi*, size_t i) { return i == 0 ? kFloat : kUint8; });
+const OrtCustomOpAbi kMatMulF = op<KernelF, create_kernel_f>(
+    [](const OrtCustomOpAbi*) { return "MatMulF"; },
+    [](const OrtCustomOpAbi*, size_t) { return kFloat; });
+
+}  // namespace
+
+extern "C" {
+
+struct OrtApiBase {
+  const OrtApi* (*GetApi)(uint32_t version);
+  const char* (*GetVersionString)();
+};
+
+// 1 when this CPU runs the kernel (AVX-512 F/BW/VL with VNNI and F16C), else 0.
+__attribute__((visibility("default"))) int llmopt_kernels_supported() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni") &&
+         __builtin_cpu_supports("f16c");
+}
+
+// Reference entry for tests: y = MatMulQ(x) without ONNX Runtime (one thread).
+__attribute__((visibility("default"))) int llmopt_matmul_q(const float* x, int64_t rows,
+                                                           int64_t k, const uint8_t* weights,
+                                                           int64_t n, int bits, int scale_bits,
+                                                           float* y) {
+  if (k % kBlock || (bits != 4 && bits != 8) || (scale_bits != 16 && scale_bits != 32))
+    return kFail;
+  const int64_t blocks = k / kBlock, tiles = (n + kTile - 1) / kTile;
+  std::vector<int8_t> xq(static_cast<size_t>(rows * k));
+  std::vector<float> sx(static_cast<size_t>(rows * blocks)), isum(sx.size());
+  quantize_rows(x, rows, k, xq.data(), sx.data(), isum.data());
+  Work work{weights, xq.data(), sx.data(), isum.data(), y, rows, k, n, blocks, tiles, bits,
+            scale_bits};
+  for (int64_t t = 0; t < tiles; ++t) run_tile(&work, static_cast<size_t>(t));
+  return 0;
+}
+
+// Reference entry for tests: y = MatMulF(x) without ONNX Runtime (one thread).
+__attribute__((visibility("default"))) int llmopt_matmul_f(const float* x, int64_t rows,
+                                                           int64_t k, const float* weights,
+                                                           int64_t n, float* y) {
+  const int64_t tiles = (n + kTile - 1) / kTile;
+  WorkF work{weights, x, y, rows, k, n, tiles};
+  for (int64_t t = 0; t < tiles; ++t) run_tile_f(&work, static_cast<size_t>(t));
+  return 0;
+}
+
+__attribute__((visibility("default"))) OrtStatus* RegisterCustomOps(OrtSessionOptions* options,
+                                                                     const OrtApiBase* base) {
+  const OrtApi* api = base->GetApi(kApiVersion);
+  if (!api) return nullptr;  // an ONNX Runtime older than 1.17: the op stays unknown
+  OrtCustomOpDomain* domain = nullptr;
+  if (Status s = entry<Status (*)(const char*, OrtCustomOpDomain**)>(api, kCreateCustomOpDomain)(
+          "ai.llmopt", &domain))
+    return s;
+  if (Status s = entry<Status (*)(OrtCustomOpDomain*, const OrtCustomOpAbi*)>(
+          api, kCustomOpDomainAdd)(domain, &kMatMulQ))
+    return s;
+  if (Status s = entry<Status (*)(OrtCustomOpDomain*, const OrtCustomOpAbi*)>(
+          api, kCustomOpDomainAdd)(domain, &kMatMulF))
+    return s;
+  return entry<Status (*)(OrtSessionOptions*, OrtCustomOpDomain*)>(api, kAddCustomOpDomain)(
+      options, domain);
+}
+
+}  // extern "C"

@@ -1,0 +1,234 @@
+"""llmopt's CPU kernels (MatMulQ and MatMulF, llmopt/kernels/cpu_kernels.cc): their layouts and
+arithmetic against numpy, the graph rewrite on fp32, int4 (integer and float zero points) and
+int8 packages, and the runtime's choice to use them."""
+
+from __future__ import annotations
+
+import ctypes
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import pytest
+
+import llmopt
+from llmopt.errors import ProviderError
+from llmopt.exporter import export
+from llmopt.optimizer import optimize
+from llmopt.quantizer import QuantizeOptions, quantize
+from llmopt.runtime import CPUOptions, kernels
+from llmopt.runtime.generator import Generator
+from tests import tiny_decoders
+
+needs_kernels = pytest.mark.skipif(kernels.library() is None,
+                                   reason=f"llmopt's CPU kernels: {kernels.unavailable()}")
+PROMPT = [5, 9, 13, 2, 44, 7, 31, 8, 17, 3]
+
+
+def int8_rounded(x: np.ndarray) -> np.ndarray:
+    """x as the kernel sees it: rounded to int8 per block of 32 (scale max|x| / 127)."""
+    blocks = x.reshape(*x.shape[:-1], -1, kernels.BLOCK)
+    scale = np.abs(blocks).max(-1, keepdims=True) / 127
+    codes = np.round(blocks / np.where(scale == 0, 1, scale))
+    return (codes * scale).reshape(x.shape)
+
+
+def reference_call(x: np.ndarray, blob: np.ndarray, n: int, bits: int, scale_bits: int
+                   ) -> np.ndarray:
+    lib = ctypes.CDLL(str(kernels.library()))
+    x = np.ascontiguousarray(x, np.float32)
+    rows, k = x.shape
+    y = np.zeros((rows, n), np.float32)
+    rc = lib.llmopt_matmul_q(x.ctypes.data_as(ctypes.c_void_p), ctypes.c_int64(rows),
+                             ctypes.c_int64(k), blob.ctypes.data_as(ctypes.c_void_p),
+                             ctypes.c_int64(n), ctypes.c_int(bits), ctypes.c_int(scale_bits),
+                             y.ctypes.data_as(ctypes.c_void_p))
+    assert rc == 0
+    return y
+
+
+@needs_kernels
+@pytest.mark.parametrize(("bits", "precision"), [(4, 16), (8, 16), (4, 32), (8, 32)])
+@pytest.mark.parametrize(("rows", "k", "n"), [(1, 64, 16), (3, 96, 33), (9, 128, 40),
+                                              (17, 64, 7)])
+def test_the_kernel_computes_the_affine_blocks_on_int8_activations(
+        bits: int, precision: int, rows: int, k: int, n: int) -> None:
+    """Row counts across the 8-row passes, column counts off the 16-column tiles: every output
+    is the product of the blocks with the int8-rounded input."""
+    rng = np.random.default_rng(bits * 100 + rows)
+    nblocks = k // kernels.BLOCK
+    codes = rng.integers(0, 1 << bits, (n, nblocks, kernels.BLOCK)).astype(np.uint8)
+    scales = (rng.random((n, nblocks)) * 0.05).astype(np.float32)
+    offsets = (rng.standard_normal((n, nblocks)) * 0.1).astype(np.float32)
+    if precision == 16:
+        scales, offsets = (a.astype(np.float16).astype(np.float32) for a in (scales, offsets))
+    assert kernels.scale_bits(scales, offsets) == precision
+    weight = (codes * scales[..., None] + offsets[..., None]).reshape(n, k)
+    x = rng.standard_normal((rows, k)).astype(np.float32)
+    x[0, :kernels.BLOCK] = 0  # an all-zero block: scale 0, no division by it
+    blob = kernels.pack(codes, scales, offsets, bits, precision)
+    got = reference_call(x, blob, n, bits, precision)
+    want = int8_rounded(x) @ weight.T
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * float(np.abs(want).max()))
+
+
+@needs_kernels
+@pytest.mark.parametrize(("rows", "k", "n"), [(1, 64, 16), (3, 97, 33), (9, 128, 40),
+                                              (17, 5, 7)])
+def test_the_float_kernel_computes_the_product(rows: int, k: int, n: int) -> None:
+    rng = np.random.default_rng(rows)
+    weight = rng.standard_normal((k, n)).astype(np.float32)
+    x = rng.standard_normal((rows, k)).astype(np.float32)
+    lib = ctypes.CDLL(str(kernels.library()))
+    y = np.zeros((rows, n), np.float32)
+    blob = kernels.pack_float(weight)
+    assert blob.shape == (-(-n // 16), k, 16)
+    lib.llmopt_matmul_f(x.ctypes.data_as(ctypes.c_void_p), ctypes.c_int64(rows),
+                        ctypes.c_int64(k), blob.ctypes.data_as(ctypes.c_void_p),
+                        ctypes.c_int64(n), y.ctypes.data_as(ctypes.c_void_p))
+    np.testing.assert_allclose(y, x.astype(np.float64) @ weight, rtol=1e-5, atol=1e-5)
+    # a row's result does not depend on the rows computed beside it
+    alone = np.zeros((1, n), np.float32)
+    lib.llmopt_matmul_f(x[-1:].ctypes.data_as(ctypes.c_void_p), ctypes.c_int64(1),
+                        ctypes.c_int64(k), blob.ctypes.data_as(ctypes.c_void_p),
+                        ctypes.c_int64(n), alone.ctypes.data_as(ctypes.c_void_p))
+    np.testing.assert_array_equal(alone[0], y[-1])
+
+
+def test_pack_lays_out_tiles_of_16_columns() -> None:
+    n, nblocks = 20, 2
+    codes = (np.arange(n * nblocks * 32) % 16).astype(np.uint8).reshape(n, nblocks, 32)
+    scales = np.full((n, nblocks), 0.5, np.float32)
+    blob = kernels.pack(codes, scales, -scales, 4)
+    assert blob.shape == (2, nblocks, 256 + 64) and blob.dtype == np.uint8
+    # tile 0, block 1, chunk 0: byte 4 * col + j holds k = j (low) and k = 4 + j (high)
+    col, j = 3, 2
+    byte = blob[0, 1, 4 * col + j]
+    assert byte & 0x0F == codes[col, 1, j] and byte >> 4 == codes[col, 1, 4 + j]
+    tail = blob[0, 1, 256:].view(np.float16)
+    assert list(tail[:16]) == [0.5] * 16 and list(tail[16:]) == [-0.5] * 16
+    assert not blob[1, :, 256:].view(np.float16)[:, 4:16].any()  # padded columns weigh 0
+
+
+# -- packages --------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def packages(tmp_path_factory: pytest.TempPathFactory, tiny_gguf: Any) -> dict[str, Path]:
+    """int4 with integer zero points (round to nearest) and symmetric int8 of a float model;
+    int4 with the float zero points of GGUF Q4_K blocks (their correction nodes)."""
+    root = tmp_path_factory.mktemp("kernels")
+    fused = optimize(export(tiny_decoders.build("llama", root / "source", hidden_size=64,
+                                                intermediate_size=128),
+                            root / "package"), root / "fused")
+    quiet = {"evaluate": False}
+    _, gguf_fp32 = tiny_gguf("Q4_K")
+    gguf_fused = optimize(gguf_fp32, root / "gguf-fused")
+    return {
+        "fused": fused.path,
+        "int4": quantize(fused, root / "int4",
+                         QuantizeOptions.int4(algorithm="rtn").with_(**quiet)).path,
+        "int8": quantize(fused, root / "int8", QuantizeOptions.int8().with_(**quiet)).path,
+        "int4_gguf": quantize(gguf_fused, root / "int4-gguf",
+                              QuantizeOptions.int4().with_(**quiet)).path,
+    }
+
+
+def load(path: Path, **cpu: Any) -> Generator:
+    runner = llmopt.load(path, provider_options={"cpu": CPUOptions(float_prompts=False, **cpu)})
+    assert isinstance(runner, Generator)
+    return runner
+
+
+@needs_kernels
+@pytest.mark.parametrize("name", ["int4", "int8", "int4_gguf"])
+def test_the_rewrite_replaces_every_int8_compute_matmul(packages: dict[str, Path],
+                                                        name: str) -> None:
+    path = packages[name] / "model.onnx"
+    shipped = onnx.load(str(path), load_external_data=False)
+    proto = onnx.load(str(path), load_external_data=False)
+    rewritten = kernels.kernel_model(proto, path.parent, threads=2, float_weights=False)
+    matmuls = [n for n in shipped.graph.node if n.op_type == "MatMulNBits"]
+    assert rewritten == len(matmuls) > 0
+    ops = [n.op_type for n in proto.graph.node]
+    assert "MatMulNBits" not in ops and ops.count(kernels.OP) == rewritten
+    corrections = sum(n.op_type == "Split" and n.name.endswith("/BlockSums")
+                      for n in shipped.graph.node)
+    assert (corrections > 0) == (name == "int4_gguf")
+    zero_points = [shipped_init for shipped_init in shipped.graph.initializer
+                   if shipped_init.name.endswith(".zero_points")]
+    assert (len(zero_points) > 0) == (name == "int4")
+    # the correction's three nodes go with it; its weights are not kept beside the blobs
+    assert len(proto.graph.node) == len(shipped.graph.node) - 3 * corrections
+    names = {t.name for t in proto.graph.initializer}
+    assert not any(n.endswith((".zero_point_correction", ".sum_split")) for n in names)
+
+
+@needs_kernels
+@pytest.mark.parametrize("name", ["int4", "int8", "int4_gguf"])
+def test_the_kernel_decodes_what_onnx_runtime_decodes(packages: dict[str, Path],
+                                                      name: str) -> None:
+    """The same weights and the same int8 rounding of activations: the same greedy tokens."""
+    ours, theirs = load(packages[name]), load(packages[name], kernels=False)
+    assert ours.session_info.kernels > 0 and theirs.session_info.kernels == 0
+    a = ours.generate(PROMPT, max_new_tokens=12, temperature=0)
+    b = theirs.generate(PROMPT, max_new_tokens=12, temperature=0)
+    assert a.token_ids == b.token_ids
+
+
+@needs_kernels
+@needs_kernels
+def test_fp32_packages_run_their_matmuls_on_the_float_kernel(packages: dict[str, Path]) -> None:
+    """Every MatMul by a weight; the same logits up to float summation order."""
+    path = packages["fused"] / "model.onnx"
+    shipped = onnx.load(str(path), load_external_data=False)
+    proto = onnx.load(str(path), load_external_data=False)
+    weights = {t.name for t in shipped.graph.initializer}
+    matmuls = [n for n in shipped.graph.node if n.op_type == "MatMul" and n.input[1] in weights]
+    assert kernels.kernel_model(proto, path.parent, threads=2) == len(matmuls) > 0
+    assert [n.op_type for n in proto.graph.node].count(kernels.FLOAT_OP) == len(matmuls)
+    ours, theirs = load(packages["fused"]), load(packages["fused"], kernels=False)
+    assert ours.session_info.kernels == len(matmuls)
+    a = ours.generate(PROMPT, max_new_tokens=12, temperature=0, logprobs=0)
+    b = theirs.generate(PROMPT, max_new_tokens=12, temperature=0, logprobs=0)
+    assert a.token_ids == b.token_ids
+    assert a.logprobs is not None and b.logprobs is not None
+    np.testing.assert_allclose([t.logprob for t in a.logprobs], [t.logprob for t in b.logprobs],
+                               atol=1e-4)
+
+
+def test_rows_of_a_batch_do_not_change_each_other(packages: dict[str, Path]) -> None:
+    """Each row is rounded and summed on its own, in the same order whatever the batch: a
+    prompt's tokens beside others equal its tokens alone, bit for bit in its logits."""
+    runner = load(packages["int4_gguf"])
+    alone = runner.generate(PROMPT, max_new_tokens=8, temperature=0)
+    batch = runner.generate_batch([PROMPT, PROMPT[:4], list(reversed(PROMPT))],
+                                  max_new_tokens=8, temperature=0)
+    assert batch[0].token_ids == alone.token_ids
+
+
+def test_kernels_false_keeps_onnx_runtimes_kernels(packages: dict[str, Path]) -> None:
+    assert load(packages["int4"], kernels=False).session_info.kernels == 0
+
+
+def test_required_kernels_that_cannot_run_are_an_error(packages: dict[str, Path],
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(kernels, "_built", lambda: (None, "no C++ compiler found"))
+    with pytest.raises(ProviderError, match=r"no C\+\+ compiler found") as raised:
+        load(packages["int4"], kernels=True)
+    assert "kernels=False" in str(raised.value.fix)
+    # not required: the package runs on ONNX Runtime's kernels
+    assert load(packages["int4"]).session_info.kernels == 0
+
+
+def test_a_failed_build_says_what_the_compiler_said(monkeypatch: pytest.MonkeyPatch,
+                                                    tmp_path: Path) -> None:
+    monkeypatch.setenv("LLMOPT_CACHE", str(tmp_path))
+    monkeypatch.setenv("CXX", "false")  # a "compiler" that fails
+    monkeypatch.setattr(kernels, "compiler", lambda: "false")
+    kernels._built.cache_clear()
+    try:
+        path, reason = kernels._built()
+        assert path is None and reason is not None and "failed" in reason
+    finally:
+        kernels._built.cache_clear()
