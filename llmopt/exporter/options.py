@@ -21,7 +21,8 @@ class ExportOptions:
       model's config).
     - ``dtype``: float32, or float16 (for GPUs; validated on CPU with a looser tolerance).
     - ``external_data``: store weights beside the graph in ``model.onnx.data``; ``None`` does
-      so only where the model exceeds protobuf's 2 GB limit.
+      so for decoders (the CPU runtime reads their graph without the weights) and where the
+      model exceeds protobuf's 2 GB limit.
     - ``validate``: compare against PyTorch (keep it on; off only for quick experiments).
     - ``tolerance``: override the architecture's validation tolerance.
     - ``generation_tokens``: tokens of greedy generation compared with PyTorch.

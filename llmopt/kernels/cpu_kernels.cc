@@ -296,9 +296,10 @@ struct Kernel {
 
 // ---- MatMulF: float32 weights in tiles of 16 columns, [tiles, K, 16] ----
 //
-// y[r, n] = sum_k x[r, k] * w[k, n], the weights streamed once per pass of up to 8 rows. Each
-// row is summed the same way whatever the rows beside it (two accumulators, even and odd k), so
-// a row's result does not depend on its batch.
+// y[r, n] = sum_k x[r, k] * w[k, n], two tiles (32 columns) at a time, the weights streamed once
+// per pass of up to 8 rows: per k, 2 weight loads and 8 broadcasts feed 16 FMAs. Each row is
+// summed in k order into one accumulator per tile whatever the rows beside it, so a row's result
+// does not depend on its batch.
 
 struct WorkF {
   const float* weights;  // [tiles, K, 16]
@@ -307,49 +308,58 @@ struct WorkF {
   int64_t rows, k, n, tiles;
 };
 
-template <int R>
-void tile_rows_f(const WorkF& w, int64_t tile, int64_t row0) {
-  const float* base = w.weights + tile * w.k * kTile;
+template <int R, int T>
+void tile_rows_f(const WorkF& w, int64_t tile0, int64_t row0) {
+  const float* base[T];
+  for (int t = 0; t < T; ++t) base[t] = w.weights + (tile0 + t) * w.k * kTile;
   const float* x[R];
   for (int r = 0; r < R; ++r) x[r] = w.x + (row0 + r) * w.k;
-  __m512 even[R], odd[R];
-  for (int r = 0; r < R; ++r) even[r] = odd[r] = _mm512_setzero_ps();
-  int64_t k = 0;
-  for (; k + 2 <= w.k; k += 2) {
-    const __m512 a = _mm512_loadu_ps(base + k * kTile);
-    const __m512 b = _mm512_loadu_ps(base + (k + 1) * kTile);
+  __m512 acc[R][T];
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < T; ++t) acc[r][t] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < w.k; ++k) {
+    __m512 v[T];
+    for (int t = 0; t < T; ++t) v[t] = _mm512_loadu_ps(base[t] + k * kTile);
     for (int r = 0; r < R; ++r) {
-      even[r] = _mm512_fmadd_ps(_mm512_set1_ps(x[r][k]), a, even[r]);
-      odd[r] = _mm512_fmadd_ps(_mm512_set1_ps(x[r][k + 1]), b, odd[r]);
+      const __m512 xv = _mm512_set1_ps(x[r][k]);
+      for (int t = 0; t < T; ++t) acc[r][t] = _mm512_fmadd_ps(xv, v[t], acc[r][t]);
     }
   }
-  if (k < w.k) {
-    const __m512 a = _mm512_loadu_ps(base + k * kTile);
-    for (int r = 0; r < R; ++r) even[r] = _mm512_fmadd_ps(_mm512_set1_ps(x[r][k]), a, even[r]);
+  for (int t = 0; t < T; ++t) {
+    const int64_t col0 = (tile0 + t) * kTile;
+    const int64_t valid = std::min<int64_t>(kTile, w.n - col0);
+    const __mmask16 mask = static_cast<__mmask16>((1u << valid) - 1u);
+    for (int r = 0; r < R; ++r) _mm512_mask_storeu_ps(w.y + (row0 + r) * w.n + col0, mask, acc[r][t]);
   }
-  const int64_t col0 = tile * kTile;
-  const int64_t valid = std::min<int64_t>(kTile, w.n - col0);
-  const __mmask16 mask = static_cast<__mmask16>((1u << valid) - 1u);
-  for (int r = 0; r < R; ++r)
-    _mm512_mask_storeu_ps(w.y + (row0 + r) * w.n + col0, mask, _mm512_add_ps(even[r], odd[r]));
 }
 
-void run_tile_f(void* data, size_t t) {
-  const WorkF& w = *static_cast<const WorkF*>(data);
-  const auto tile = static_cast<int64_t>(t);
+template <int T>
+void tiles_f(const WorkF& w, int64_t tile0) {
   int64_t row = 0;
-  for (; row + kMaxRows <= w.rows; row += kMaxRows) tile_rows_f<kMaxRows>(w, tile, row);
+  for (; row + kMaxRows <= w.rows; row += kMaxRows) tile_rows_f<kMaxRows, T>(w, tile0, row);
   switch (w.rows - row) {
-    case 7: tile_rows_f<7>(w, tile, row); break;
-    case 6: tile_rows_f<6>(w, tile, row); break;
-    case 5: tile_rows_f<5>(w, tile, row); break;
-    case 4: tile_rows_f<4>(w, tile, row); break;
-    case 3: tile_rows_f<3>(w, tile, row); break;
-    case 2: tile_rows_f<2>(w, tile, row); break;
-    case 1: tile_rows_f<1>(w, tile, row); break;
+    case 7: tile_rows_f<7, T>(w, tile0, row); break;
+    case 6: tile_rows_f<6, T>(w, tile0, row); break;
+    case 5: tile_rows_f<5, T>(w, tile0, row); break;
+    case 4: tile_rows_f<4, T>(w, tile0, row); break;
+    case 3: tile_rows_f<3, T>(w, tile0, row); break;
+    case 2: tile_rows_f<2, T>(w, tile0, row); break;
+    case 1: tile_rows_f<1, T>(w, tile0, row); break;
     default: break;
   }
 }
+
+// work item i: tiles 2i and 2i + 1 (the last item may hold one)
+void run_tile_f(void* data, size_t i) {
+  const WorkF& w = *static_cast<const WorkF*>(data);
+  const auto tile0 = static_cast<int64_t>(2 * i);
+  if (tile0 + 1 < w.tiles)
+    tiles_f<2>(w, tile0);
+  else
+    tiles_f<1>(w, tile0);
+}
+
+size_t pairs(int64_t tiles) { return static_cast<size_t>((tiles + 1) / 2); }
 
 struct KernelF {
   Api api;
@@ -380,9 +390,10 @@ struct KernelF {
     if (Status s = api.data(y_value, &y)) return s;
     WorkF work{static_cast<const float*>(w), static_cast<const float*>(x),
                static_cast<float*>(y), rows, k, n, tiles};
-    const size_t batches = static_cast<size_t>(std::min<int64_t>(std::max<int64_t>(threads, 1),
-                                                                   tiles));
-    return api.parallel_for(ctx, run_tile_f, static_cast<size_t>(tiles), batches, &work);
+    const size_t items = pairs(tiles);
+    const size_t batches = std::min<size_t>(static_cast<size_t>(std::max<int64_t>(threads, 1)),
+                                            items);
+    return api.parallel_for(ctx, run_tile_f, items, batches, &work);
   }
 };
 
@@ -544,7 +555,7 @@ __attribute__((visibility("default"))) int llmopt_matmul_f(const float* x, int64
                                                            int64_t n, float* y) {
   const int64_t tiles = (n + kTile - 1) / kTile;
   WorkF work{weights, x, y, rows, k, n, tiles};
-  for (int64_t t = 0; t < tiles; ++t) run_tile_f(&work, static_cast<size_t>(t));
+  for (size_t i = 0; i < pairs(tiles); ++i) run_tile_f(&work, i);
   return 0;
 }
 

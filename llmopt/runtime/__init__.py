@@ -66,15 +66,16 @@ def load(package: str | os.PathLike[str] | Package,
     fingerprint = f"{pkg.manifest.source['sha256']}:{pkg.manifest.steps}"
     kernel_graph = kernels.decode_graph(pkg, cpu_options(providers, provider_options)) \
         if pkg.is_decoder else None
+    blobs = kernel_graph.values() if kernel_graph else {}
     session, info = create_session(pkg.model_path, providers, provider_options, strict,
                                    signature=pkg.manifest.signature,
                                    model_fingerprint=fingerprint,
                                    context_length=pkg.manifest.context_length,
-                                   model_bytes=kernel_graph[0] if kernel_graph else None,
-                                   initializers=shared,
+                                   model_bytes=kernel_graph.model if kernel_graph else None,
+                                   initializers={**shared, **blobs},
                                    custom_ops=kernels.library() if kernel_graph else None)
-    info.kernels = kernel_graph[1] if kernel_graph else 0
-    del kernel_graph
+    info.kernels = kernel_graph.kernels if kernel_graph else 0
+    del kernel_graph  # its serialized graph is read; ``blobs`` hold the kernels' weights
     if info.active and info.active[0] in GPU_PROVIDERS:
         warn_cpu_bound_quantization(pkg, info.active[0])
     tokenizer = load_tokenizer(pkg.path)
@@ -86,7 +87,8 @@ def load(package: str | os.PathLike[str] | Package,
                                     model_bytes=prompt_graph.model, initializers=shared)
     del prompt_graph  # its serialized graph is read; ``shared`` holds the mapped tables
     trim_heap()
-    return Generator(pkg, session, info, tokenizer, prompt_session=prompts, initializers=shared)
+    return Generator(pkg, session, info, tokenizer, prompt_session=prompts,
+                     initializers={**shared, **blobs})
 
 
 def cpu_options(providers: Sequence[ProviderSpec] | None,

@@ -37,6 +37,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -201,14 +202,18 @@ def _zero_points(stored: np.ndarray | None, n: int, nblocks: int, bits: int) -> 
 
 # -- the graph rewrite -----------------------------------------------------------------------------
 
-def kernel_model(proto: Any, folder: str | Path, threads: int, float_weights: bool = True
-                 ) -> int:
+def kernel_model(proto: Any, folder: str | Path, threads: int, float_weights: bool = True,
+                 blobs: dict[str, np.ndarray] | None = None) -> int:
     """Rewrite ``proto`` (a decoder graph whose external weights live in ``folder``) in place:
     each int8-compute MatMulNBits in blocks of 32 (with its float-zero-point correction where it
     has one) becomes one MatMulQ; with ``float_weights``, each MatMul by a float32 [K, N] weight
     one MatMulF. Both split their output columns into ``threads`` runs (the session's intra-op
     threads: one contiguous run each measured faster than finer work items, 5.7 against 6.2 ms
-    per SmolLM2 int4 step on 2 threads). Returns how many nodes were rewritten."""
+    per SmolLM2 int4 step on 2 threads). Returns how many nodes were rewritten.
+
+    With ``blobs``, the new weights are not put in the graph: they land in ``blobs`` by name,
+    and the graph names them as external data for the session to take from memory
+    (:meth:`KernelGraph.values`), so opening it costs no serialized copy of them."""
     from onnx import helper
 
     graph = proto.graph
@@ -217,17 +222,23 @@ def kernel_model(proto: Any, folder: str | Path, threads: int, float_weights: bo
     replaced: dict[int, Any] = {}
     added: list[Any] = []
     used: set[str] = set()
-    for node in graph.node:
+    for node in graph.node:  # in topological order: a correction follows its MatMulNBits
+        if id(node) in dropped:
+            continue
         if float_weights and _float_weight(node, weights.inits):
             made = _matmul_f(node, weights, threads)
         elif _quantized(node, weights.inits):
             made = _matmul_q(node, weights, threads)
         else:
             continue
-        replaced[id(node)], blob, chain, names = made
-        added.append(blob)
+        replaced[id(node)], (name, blob), chain, names = made
+        added.append(_initializer(name, blob, blobs))
         used.update(names)
         dropped.update(id(x) for x in chain)
+        gone = {id(node), *(id(x) for x in chain)}
+        for read in names:  # weights inside the graph: their bytes go now, not at the end
+            if all(id(x) in gone for x in weights.readers.get(read, [])):
+                weights.inits[read].ClearField("raw_data")
     if not replaced:
         return 0
     nodes = [replaced.get(id(x), x) for x in graph.node if id(x) not in dropped]
@@ -260,7 +271,29 @@ class _Weights:
         return numpy_helper.to_array(self.inits[name], base_dir=self.folder)
 
 
-_Made = tuple[Any, Any, tuple[Any, ...], set[str]]  # node, its weights, nodes it replaces, reads
+# node, (its weights' name, array), nodes it replaces, initializers it read
+_Made = tuple[Any, tuple[str, np.ndarray], tuple[Any, ...], set[str]]
+# Where the graph says the kernels' weights are: ONNX Runtime checks that an external data file
+# exists before it looks at the initializers a session is given (KernelGraph.values), which
+# replace these unread. The package's graph file is the one file every package has.
+MEMORY_LOCATION = "model.onnx"
+
+
+def _initializer(name: str, array: np.ndarray, blobs: dict[str, np.ndarray] | None) -> Any:
+    from onnx import TensorProto, helper, numpy_helper
+
+    if blobs is None:
+        return numpy_helper.from_array(array, name)
+    blobs[name] = array
+    tensor = TensorProto(name=name, dims=array.shape,
+                         data_type=helper.np_dtype_to_tensor_dtype(array.dtype))
+    tensor.data_location = TensorProto.EXTERNAL
+    entry = tensor.external_data.add()
+    entry.key, entry.value = "location", MEMORY_LOCATION
+    return tensor
+
+
+
 
 
 def _float_weight(node: Any, inits: dict[str, Any]) -> bool:
@@ -278,11 +311,11 @@ def _quantized(node: Any, inits: dict[str, Any]) -> bool:
 
 
 def _matmul_f(node: Any, weights: _Weights, threads: int) -> _Made:
-    from onnx import helper, numpy_helper
+    from onnx import helper
 
     k, n = (int(d) for d in weights.inits[node.input[1]].dims)
     name = f"{node.input[1]}.matmul_f"
-    blob = numpy_helper.from_array(pack_float(weights.array(node.input[1])), name)
+    blob = name, pack_float(weights.array(node.input[1]))
     made = helper.make_node(FLOAT_OP, [node.input[0], name], [node.output[0]],
                             name=f"{node.name}/MatMulF", domain=DOMAIN, K=k, N=n,
                             threads=threads)
@@ -290,7 +323,7 @@ def _matmul_f(node: Any, weights: _Weights, threads: int) -> _Made:
 
 
 def _matmul_q(node: Any, weights: _Weights, threads: int) -> _Made:
-    from onnx import helper, numpy_helper
+    from onnx import helper
 
     attrs = {a.name: a.i for a in node.attribute}
     k, n, bits = attrs["K"], attrs["N"], attrs["bits"]
@@ -310,7 +343,7 @@ def _matmul_q(node: Any, weights: _Weights, threads: int) -> _Made:
         reads.update((split.input[1], matmul.input[1]))
     precision = scale_bits(scales, offsets)
     name = f"{node.input[1]}.matmul_q"
-    blob = numpy_helper.from_array(pack(codes, scales, offsets, bits, precision), name)
+    blob = name, pack(codes, scales, offsets, bits, precision)
     made = helper.make_node(OP, [node.input[0], name], [output], name=f"{node.name}/MatMulQ",
                             domain=DOMAIN, K=k, N=n, bits=bits, scale_bits=precision,
                             threads=threads)
@@ -338,12 +371,32 @@ def _correction(node: Any, readers: dict[str, list[Any]], inits: dict[str, Any],
     return split, matmul, adds[0]
 
 
-def decode_graph(package: Any, options: Any) -> tuple[bytes, int] | None:
-    """``package``'s graph with its int8-compute MatMulNBits on MatMulQ (serialized; its other
-    weights stay in the package's weights file) and how many, or None: not on CPU (``options``
-    None),
-    ``CPUOptions(kernels=False)``, nothing to rewrite, or the kernel cannot run here (then
-    ``kernels=True`` raises :class:`~llmopt.errors.ProviderError` instead)."""
+@dataclass
+class KernelGraph:
+    """A package's graph on llmopt's kernels: the serialized graph, how many nodes moved to
+    them, and their weights (:func:`kernel_model`'s ``blobs``) for the session to use in
+    place."""
+
+    model: bytes
+    kernels: int
+    blobs: dict[str, np.ndarray]
+
+    def values(self) -> dict[str, Any]:
+        """OrtValues over :attr:`blobs` for ``SessionOptions.add_initializer``: the session
+        computes on these arrays, uncopied, so they must outlive it. (ONNX Runtime's
+        ``add_external_initializers`` copies them: 1.39 GB instead of 0.87 GB after opening
+        SmolLM2 fused.)"""
+        import onnxruntime as ort
+
+        return {name: ort.OrtValue.ortvalue_from_numpy(a) for name, a in self.blobs.items()}
+
+
+def decode_graph(package: Any, options: Any) -> KernelGraph | None:
+    """``package``'s graph with its int8-compute MatMulNBits on MatMulQ and its float32 MatMuls
+    on MatMulF (its other weights stay where the package keeps them), or None: not on CPU
+    (``options`` None), ``CPUOptions(kernels=False)``, nothing to rewrite, or the kernels
+    cannot run here (then ``kernels=True`` raises :class:`~llmopt.errors.ProviderError`
+    instead)."""
     import onnx
 
     from llmopt.errors import ProviderError
@@ -360,8 +413,9 @@ def decode_graph(package: Any, options: Any) -> tuple[bytes, int] | None:
         return None
     proto = onnx.load(str(package.model_path), load_external_data=False)
     threads = options.intra_op_threads or len(os.sched_getaffinity(0))
-    rewritten = kernel_model(proto, package.path, threads)
+    blobs: dict[str, np.ndarray] = {}
+    rewritten = kernel_model(proto, package.path, threads, blobs=blobs)
     if not rewritten:
         return None
-    log.info("%d MatMulNBits on llmopt's MatMulQ kernel", rewritten)
-    return proto.SerializeToString(), rewritten
+    log.info("%d MatMuls on llmopt's CPU kernels", rewritten)
+    return KernelGraph(proto.SerializeToString(), rewritten, blobs)
