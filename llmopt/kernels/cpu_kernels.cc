@@ -135,14 +135,43 @@ constexpr int stride_bytes(int bits, int scale_bits) {
   return codes_bytes(bits) + 2 * kTile * scale_bits / 8;
 }
 
+constexpr int kNone = 0, kSiluMul = 1;  // the `activation` attribute: what follows the product
+
+// exp(x) to about 1e-7 relative: x = n ln2 + r, |r| <= ln2 / 2, a degree-6 polynomial in r
+inline __m512 exp_ps(__m512 x) {
+  x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.0f)), _mm512_set1_ps(-88.0f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f), r);
+  __m512 p = _mm512_set1_ps(1.0f / 720.0f);
+  for (const float c : {1.0f / 120.0f, 1.0f / 24.0f, 1.0f / 6.0f, 0.5f, 1.0f, 1.0f})
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+  return _mm512_scalef_ps(p, n);
+}
+
+// silu(g) * u = g / (1 + exp(-g)) * u: a SwiGLU MLP's gate and up halves
+inline __m512 silu_mul(__m512 g, __m512 u) {
+  const __m512 e = exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), g));
+  return _mm512_mul_ps(_mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), e)), u);
+}
+
+inline void store_rows(float* y, int64_t n, int64_t row0, int64_t col0, int rows,
+                       const __m512* acc) {
+  const int64_t valid = std::min<int64_t>(kTile, n - col0);
+  const __mmask16 mask = static_cast<__mmask16>((1u << valid) - 1u);
+  for (int r = 0; r < rows; ++r) _mm512_mask_storeu_ps(y + (row0 + r) * n + col0, mask, acc[r]);
+}
+
 struct Work {
   const uint8_t* weights;
   const int8_t* xq;     // [rows, K]
   const float* sx;      // [rows, blocks]
   const float* isum;    // [rows, blocks]
   float* y;             // [rows, N]
-  int64_t rows, k, n, blocks, tiles;
+  int64_t rows, k, n, blocks, tiles;  // n: output columns (N / 2 with the SiLU epilogue)
   int bits, scale_bits;
+  int epilogue;  // kNone, or kSiluMul: tiles come in (gate, up) pairs, y = silu(gate) * up
 };
 
 template <bool HALF>
@@ -154,7 +183,7 @@ inline __m512 load_scales(const uint8_t* p) {
 }
 
 template <int R, int BITS, bool HALF>
-void tile_rows(const Work& w, int64_t tile, int64_t row0) {
+void tile_rows(const Work& w, int64_t tile, int64_t row0, __m512* acc) {
   constexpr int kStride = stride_bytes(BITS, HALF ? 16 : 32);
   const uint8_t* base = w.weights + tile * w.blocks * kStride;
   const int32_t* x4[R];
@@ -165,7 +194,6 @@ void tile_rows(const Work& w, int64_t tile, int64_t row0) {
     sx[r] = w.sx + (row0 + r) * w.blocks;
     isum[r] = w.isum + (row0 + r) * w.blocks;
   }
-  __m512 acc[R];
   for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
   const __m512i low4 = _mm512_set1_epi8(0x0F);
   for (int64_t b = 0; b < w.blocks; ++b) {
@@ -200,24 +228,35 @@ void tile_rows(const Work& w, int64_t tile, int64_t row0) {
       acc[r] = _mm512_fmadd_ps(t, _mm512_set1_ps(sx[r][b]), acc[r]);
     }
   }
-  const int64_t col0 = tile * kTile;
-  const int64_t valid = std::min<int64_t>(kTile, w.n - col0);
-  const __mmask16 mask = static_cast<__mmask16>((1u << valid) - 1u);
-  for (int r = 0; r < R; ++r) _mm512_mask_storeu_ps(w.y + (row0 + r) * w.n + col0, mask, acc[r]);
+}
+
+// output tile `item` for rows [row0, row0 + R): one weight tile, or a (gate, up) pair
+template <int R, int BITS, bool HALF>
+void rows_out(const Work& w, int64_t item, int64_t row0) {
+  __m512 acc[R];
+  if (w.epilogue == kSiluMul) {
+    __m512 up[R];
+    tile_rows<R, BITS, HALF>(w, 2 * item, row0, acc);
+    tile_rows<R, BITS, HALF>(w, 2 * item + 1, row0, up);
+    for (int r = 0; r < R; ++r) acc[r] = silu_mul(acc[r], up[r]);
+  } else {
+    tile_rows<R, BITS, HALF>(w, item, row0, acc);
+  }
+  store_rows(w.y, w.n, row0, item * kTile, R, acc);
 }
 
 template <int BITS, bool HALF>
 void tile(const Work& w, int64_t t) {
   int64_t row = 0;
-  for (; row + kMaxRows <= w.rows; row += kMaxRows) tile_rows<kMaxRows, BITS, HALF>(w, t, row);
+  for (; row + kMaxRows <= w.rows; row += kMaxRows) rows_out<kMaxRows, BITS, HALF>(w, t, row);
   switch (w.rows - row) {
-    case 7: tile_rows<7, BITS, HALF>(w, t, row); break;
-    case 6: tile_rows<6, BITS, HALF>(w, t, row); break;
-    case 5: tile_rows<5, BITS, HALF>(w, t, row); break;
-    case 4: tile_rows<4, BITS, HALF>(w, t, row); break;
-    case 3: tile_rows<3, BITS, HALF>(w, t, row); break;
-    case 2: tile_rows<2, BITS, HALF>(w, t, row); break;
-    case 1: tile_rows<1, BITS, HALF>(w, t, row); break;
+    case 7: rows_out<7, BITS, HALF>(w, t, row); break;
+    case 6: rows_out<6, BITS, HALF>(w, t, row); break;
+    case 5: rows_out<5, BITS, HALF>(w, t, row); break;
+    case 4: rows_out<4, BITS, HALF>(w, t, row); break;
+    case 3: rows_out<3, BITS, HALF>(w, t, row); break;
+    case 2: rows_out<2, BITS, HALF>(w, t, row); break;
+    case 1: rows_out<1, BITS, HALF>(w, t, row); break;
     default: break;
   }
 }
@@ -230,6 +269,9 @@ void run_tile(void* data, size_t t) {
   else
     w.scale_bits == 16 ? tile<8, true>(w, i) : tile<8, false>(w, i);
 }
+
+// output tiles of a product: the weight tiles, or half of them with the SiLU epilogue
+int64_t out_tiles(int64_t tiles, int epilogue) { return epilogue == kSiluMul ? tiles / 2 : tiles; }
 
 // x rounded to int8 per block of 32 (scale max|x| / 127, nearest even), with each block's scale
 // and code sum.
@@ -255,7 +297,7 @@ void quantize_rows(const float* x, int64_t rows, int64_t k, int8_t* xq, float* s
 
 struct Kernel {
   Api api;
-  int64_t k = 0, n = 0, bits = 0, scale_bits = 0;
+  int64_t k = 0, n = 0, bits = 0, scale_bits = 0, activation = kNone;
   int64_t threads = 1;  // the session's intra-op threads: one contiguous run of tiles each
 
   Status compute(OrtKernelContext* ctx) const {
@@ -273,8 +315,9 @@ struct Kernel {
       return api.error(kInvalidArgument, "MatMulQ: the weights are not [N/16, K/32, stride]");
     int64_t rows = 1;
     for (size_t i = 0; i + 1 < dims.size(); ++i) rows *= dims[i];
+    const int epilogue = static_cast<int>(activation);
     std::vector<int64_t> out_dims(dims);
-    out_dims.back() = n;
+    out_dims.back() = epilogue == kSiluMul ? n / 2 : n;
     OrtValue* y_value = nullptr;
     if (Status s = api.output(ctx, 0, out_dims.data(), out_dims.size(), &y_value)) return s;
     if (rows == 0) return nullptr;
@@ -286,11 +329,12 @@ struct Kernel {
     std::vector<float> sx(static_cast<size_t>(rows * blocks)), isum(sx.size());
     quantize_rows(static_cast<const float*>(x), rows, k, xq.data(), sx.data(), isum.data());
     Work work{static_cast<const uint8_t*>(w), xq.data(), sx.data(), isum.data(),
-              static_cast<float*>(y), rows, k, n, blocks, tiles, static_cast<int>(bits),
-              static_cast<int>(scale_bits)};
+              static_cast<float*>(y), rows, k, out_dims.back(), blocks, tiles,
+              static_cast<int>(bits), static_cast<int>(scale_bits), epilogue};
+    const int64_t items = out_tiles(tiles, epilogue);
     const size_t batches = static_cast<size_t>(std::min<int64_t>(std::max<int64_t>(threads, 1),
-                                                                   tiles));
-    return api.parallel_for(ctx, run_tile, static_cast<size_t>(tiles), batches, &work);
+                                                                   items));
+    return api.parallel_for(ctx, run_tile, static_cast<size_t>(items), batches, &work);
   }
 };
 
@@ -304,8 +348,9 @@ struct Kernel {
 struct WorkF {
   const float* weights;  // [tiles, K, 16]
   const float* x;        // [rows, K]
-  float* y;              // [rows, N]
-  int64_t rows, k, n, tiles;
+  float* y;              // [rows, n]
+  int64_t rows, k, n, tiles;  // n: output columns (N / 2 with the SiLU epilogue)
+  int epilogue;               // kNone, or kSiluMul: each pair of tiles is (gate, up)
 };
 
 template <int R, int T>
@@ -325,11 +370,17 @@ void tile_rows_f(const WorkF& w, int64_t tile0, int64_t row0) {
       for (int t = 0; t < T; ++t) acc[r][t] = _mm512_fmadd_ps(xv, v[t], acc[r][t]);
     }
   }
+  __m512 out[R];
+  if constexpr (T == 2) {
+    if (w.epilogue == kSiluMul) {
+      for (int r = 0; r < R; ++r) out[r] = silu_mul(acc[r][0], acc[r][1]);
+      store_rows(w.y, w.n, row0, tile0 / 2 * kTile, R, out);
+      return;
+    }
+  }
   for (int t = 0; t < T; ++t) {
-    const int64_t col0 = (tile0 + t) * kTile;
-    const int64_t valid = std::min<int64_t>(kTile, w.n - col0);
-    const __mmask16 mask = static_cast<__mmask16>((1u << valid) - 1u);
-    for (int r = 0; r < R; ++r) _mm512_mask_storeu_ps(w.y + (row0 + r) * w.n + col0, mask, acc[r][t]);
+    for (int r = 0; r < R; ++r) out[r] = acc[r][t];
+    store_rows(w.y, w.n, row0, (tile0 + t) * kTile, R, out);
   }
 }
 
@@ -363,7 +414,7 @@ size_t pairs(int64_t tiles) { return static_cast<size_t>((tiles + 1) / 2); }
 
 struct KernelF {
   Api api;
-  int64_t k = 0, n = 0, threads = 1;
+  int64_t k = 0, n = 0, threads = 1, activation = kNone;
 
   Status compute(OrtKernelContext* ctx) const {
     const OrtValue *x_value = nullptr, *w_value = nullptr;
@@ -379,8 +430,9 @@ struct KernelF {
       return api.error(kInvalidArgument, "MatMulF: the weights are not [N/16, K, 16]");
     int64_t rows = 1;
     for (size_t i = 0; i + 1 < dims.size(); ++i) rows *= dims[i];
+    const int epilogue = static_cast<int>(activation);
     std::vector<int64_t> out_dims(dims);
-    out_dims.back() = n;
+    out_dims.back() = epilogue == kSiluMul ? n / 2 : n;
     OrtValue* y_value = nullptr;
     if (Status s = api.output(ctx, 0, out_dims.data(), out_dims.size(), &y_value)) return s;
     if (rows == 0) return nullptr;
@@ -389,7 +441,7 @@ struct KernelF {
     if (Status s = api.data(w_value, &w)) return s;
     if (Status s = api.data(y_value, &y)) return s;
     WorkF work{static_cast<const float*>(w), static_cast<const float*>(x),
-               static_cast<float*>(y), rows, k, n, tiles};
+               static_cast<float*>(y), rows, k, out_dims.back(), tiles, epilogue};
     const size_t items = pairs(tiles);
     const size_t batches = std::min<size_t>(static_cast<size_t>(std::max<int64_t>(threads, 1)),
                                             items);
@@ -433,11 +485,15 @@ Status create_kernel(const OrtCustomOpAbi*, const OrtApi* api, const OrtKernelIn
   if (!s) s = kernel->api.attribute(info, "bits", &kernel->bits);
   if (!s) s = kernel->api.attribute(info, "scale_bits", &kernel->scale_bits);
   if (!s) s = kernel->api.attribute(info, "threads", &kernel->threads);
+  if (!s) s = kernel->api.attribute(info, "activation", &kernel->activation);
   if (!s && (kernel->k <= 0 || kernel->k % kBlock || kernel->n <= 0 ||
              (kernel->bits != 4 && kernel->bits != 8) ||
-             (kernel->scale_bits != 16 && kernel->scale_bits != 32)))
+             (kernel->scale_bits != 16 && kernel->scale_bits != 32) ||
+             (kernel->activation != kNone && kernel->activation != kSiluMul) ||
+             (kernel->activation == kSiluMul && kernel->n % (2 * kTile))))
     s = kernel->api.error(kInvalidArgument,
-                          "MatMulQ: K must be a multiple of 32, bits 4 or 8, scale_bits 16 or 32");
+                          "MatMulQ: K must be a multiple of 32, bits 4 or 8, scale_bits 16 or 32, "
+                          "activation 0 or 1 (then N a multiple of 32)");
   if (s) {
     delete kernel;
     return s;
@@ -453,8 +509,12 @@ Status create_kernel_f(const OrtCustomOpAbi*, const OrtApi* api, const OrtKernel
   Status s = kernel->api.attribute(info, "K", &kernel->k);
   if (!s) s = kernel->api.attribute(info, "N", &kernel->n);
   if (!s) s = kernel->api.attribute(info, "threads", &kernel->threads);
-  if (!s && (kernel->k <= 0 || kernel->n <= 0))
-    s = kernel->api.error(kInvalidArgument, "MatMulF: K and N must be positive");
+  if (!s) s = kernel->api.attribute(info, "activation", &kernel->activation);
+  if (!s && (kernel->k <= 0 || kernel->n <= 0 ||
+             (kernel->activation != kNone && kernel->activation != kSiluMul) ||
+             (kernel->activation == kSiluMul && kernel->n % (2 * kTile))))
+    s = kernel->api.error(kInvalidArgument, "MatMulF: K and N must be positive, activation 0 "
+                          "or 1 (then N a multiple of 32)");
   if (s) {
     delete kernel;
     return s;
@@ -536,25 +596,27 @@ __attribute__((visibility("default"))) int llmopt_kernels_supported() {
 __attribute__((visibility("default"))) int llmopt_matmul_q(const float* x, int64_t rows,
                                                            int64_t k, const uint8_t* weights,
                                                            int64_t n, int bits, int scale_bits,
-                                                           float* y) {
-  if (k % kBlock || (bits != 4 && bits != 8) || (scale_bits != 16 && scale_bits != 32))
+                                                           int activation, float* y) {
+  if (k % kBlock || (bits != 4 && bits != 8) || (scale_bits != 16 && scale_bits != 32) ||
+      (activation == kSiluMul && n % (2 * kTile)))
     return kFail;
   const int64_t blocks = k / kBlock, tiles = (n + kTile - 1) / kTile;
   std::vector<int8_t> xq(static_cast<size_t>(rows * k));
   std::vector<float> sx(static_cast<size_t>(rows * blocks)), isum(sx.size());
   quantize_rows(x, rows, k, xq.data(), sx.data(), isum.data());
-  Work work{weights, xq.data(), sx.data(), isum.data(), y, rows, k, n, blocks, tiles, bits,
-            scale_bits};
-  for (int64_t t = 0; t < tiles; ++t) run_tile(&work, static_cast<size_t>(t));
+  Work work{weights,   xq.data(), sx.data(), isum.data(), y,          rows,      k,
+            activation == kSiluMul ? n / 2 : n, blocks, tiles, bits, scale_bits, activation};
+  for (int64_t t = 0; t < out_tiles(tiles, activation); ++t) run_tile(&work, static_cast<size_t>(t));
   return 0;
 }
 
 // Reference entry for tests: y = MatMulF(x) without ONNX Runtime (one thread).
 __attribute__((visibility("default"))) int llmopt_matmul_f(const float* x, int64_t rows,
                                                            int64_t k, const float* weights,
-                                                           int64_t n, float* y) {
+                                                           int64_t n, int activation, float* y) {
+  if (activation == kSiluMul && n % (2 * kTile)) return kFail;
   const int64_t tiles = (n + kTile - 1) / kTile;
-  WorkF work{weights, x, y, rows, k, n, tiles};
+  WorkF work{weights, x, y, rows, k, activation == kSiluMul ? n / 2 : n, tiles, activation};
   for (size_t i = 0; i < pairs(tiles); ++i) run_tile_f(&work, i);
   return 0;
 }

@@ -34,16 +34,16 @@ def int8_rounded(x: np.ndarray) -> np.ndarray:
     return (codes * scale).reshape(x.shape)
 
 
-def reference_call(x: np.ndarray, blob: np.ndarray, n: int, bits: int, scale_bits: int
-                   ) -> np.ndarray:
+def reference_call(x: np.ndarray, blob: np.ndarray, n: int, bits: int, scale_bits: int,
+                   activation: int = kernels.NONE) -> np.ndarray:
     lib = ctypes.CDLL(str(kernels.library()))
     x = np.ascontiguousarray(x, np.float32)
     rows, k = x.shape
-    y = np.zeros((rows, n), np.float32)
+    y = np.zeros((rows, n // 2 if activation else n), np.float32)
     rc = lib.llmopt_matmul_q(x.ctypes.data_as(ctypes.c_void_p), ctypes.c_int64(rows),
                              ctypes.c_int64(k), blob.ctypes.data_as(ctypes.c_void_p),
                              ctypes.c_int64(n), ctypes.c_int(bits), ctypes.c_int(scale_bits),
-                             y.ctypes.data_as(ctypes.c_void_p))
+                             ctypes.c_int(activation), y.ctypes.data_as(ctypes.c_void_p))
     assert rc == 0
     return y
 
@@ -86,14 +86,52 @@ def test_the_float_kernel_computes_the_product(rows: int, k: int, n: int) -> Non
     assert blob.shape == (-(-n // 16), k, 16)
     lib.llmopt_matmul_f(x.ctypes.data_as(ctypes.c_void_p), ctypes.c_int64(rows),
                         ctypes.c_int64(k), blob.ctypes.data_as(ctypes.c_void_p),
-                        ctypes.c_int64(n), y.ctypes.data_as(ctypes.c_void_p))
+                        ctypes.c_int64(n), ctypes.c_int(kernels.NONE),
+                        y.ctypes.data_as(ctypes.c_void_p))
     np.testing.assert_allclose(y, x.astype(np.float64) @ weight, rtol=1e-5, atol=1e-5)
     # a row's result does not depend on the rows computed beside it
     alone = np.zeros((1, n), np.float32)
     lib.llmopt_matmul_f(x[-1:].ctypes.data_as(ctypes.c_void_p), ctypes.c_int64(1),
                         ctypes.c_int64(k), blob.ctypes.data_as(ctypes.c_void_p),
-                        ctypes.c_int64(n), alone.ctypes.data_as(ctypes.c_void_p))
+                        ctypes.c_int64(n), ctypes.c_int(kernels.NONE),
+                        alone.ctypes.data_as(ctypes.c_void_p))
     np.testing.assert_array_equal(alone[0], y[-1])
+
+
+def silu_mul(y: np.ndarray) -> np.ndarray:
+    gate, up = np.split(y.astype(np.float64), 2, axis=-1)
+    return gate / (1 + np.exp(-gate)) * up
+
+
+@needs_kernels
+@pytest.mark.parametrize("rows", [1, 5, 11])
+def test_the_swiglu_epilogue_computes_silu_gate_times_up(rows: int) -> None:
+    """Both kernels with activation=1: the product's halves in (gate, up) tile pairs
+    (gate_up_order), out come silu(gate) * up, half as many columns."""
+    rng = np.random.default_rng(rows)
+    k, n = 64, 96
+    order = kernels.gate_up_order(n)
+    assert sorted(order) == list(range(n)) and list(order[16:32]) == list(range(48, 64))
+    x = rng.standard_normal((rows, k)).astype(np.float32)
+    weight = rng.standard_normal((k, n)).astype(np.float32) * 0.3
+    lib = ctypes.CDLL(str(kernels.library()))
+    y = np.zeros((rows, n // 2), np.float32)
+    assert lib.llmopt_matmul_f(x.ctypes.data_as(ctypes.c_void_p), ctypes.c_int64(rows),
+                               ctypes.c_int64(k),
+                               kernels.pack_float(weight[:, order]).ctypes.data_as(
+                                   ctypes.c_void_p),
+                               ctypes.c_int64(n), ctypes.c_int(kernels.SILU_MUL),
+                               y.ctypes.data_as(ctypes.c_void_p)) == 0
+    np.testing.assert_allclose(y, silu_mul(x.astype(np.float64) @ weight), rtol=1e-5,
+                               atol=1e-5)
+    nblocks = k // kernels.BLOCK
+    codes = rng.integers(0, 16, (n, nblocks, kernels.BLOCK)).astype(np.uint8)
+    scales = (rng.random((n, nblocks)) * 0.05).astype(np.float16).astype(np.float32)
+    offsets = (rng.standard_normal((n, nblocks)) * 0.1).astype(np.float16).astype(np.float32)
+    blocks = (codes * scales[..., None] + offsets[..., None]).reshape(n, k)
+    blob = kernels.pack(codes[order], scales[order], offsets[order], 4)
+    got = reference_call(x, blob, n, 4, 16, kernels.SILU_MUL)
+    np.testing.assert_allclose(got, silu_mul(int8_rounded(x) @ blocks.T), rtol=1e-4, atol=1e-4)
 
 
 def test_pack_lays_out_tiles_of_16_columns() -> None:
@@ -158,8 +196,12 @@ def test_the_rewrite_replaces_every_int8_compute_matmul(packages: dict[str, Path
     zero_points = [shipped_init for shipped_init in shipped.graph.initializer
                    if shipped_init.name.endswith(".zero_points")]
     assert (len(zero_points) > 0) == (name == "int4")
-    # the correction's three nodes go with it; its weights are not kept beside the blobs
-    assert len(proto.graph.node) == len(shipped.graph.node) - 3 * corrections
+    # the correction's three nodes go with it, and a SwiGLU's Split, Sigmoid, Mul and Mul
+    # with its gate_up product; their weights are not kept beside the blobs
+    swiglus = sum(n.op_type == "Sigmoid" for n in shipped.graph.node)
+    fused = [a.i for n in proto.graph.node for a in n.attribute if a.name == "activation"]
+    assert swiglus > 0 and fused.count(kernels.SILU_MUL) == swiglus
+    assert len(proto.graph.node) == len(shipped.graph.node) - 3 * corrections - 4 * swiglus
     names = {t.name for t in proto.graph.initializer}
     assert not any(n.endswith((".zero_point_correction", ".sum_split")) for n in names)
 
@@ -230,5 +272,18 @@ def test_a_failed_build_says_what_the_compiler_said(monkeypatch: pytest.MonkeyPa
     try:
         path, reason = kernels._built()
         assert path is None and reason is not None and "failed" in reason
+    finally:
+        kernels._built.cache_clear()
+
+
+def test_an_unwritable_cache_is_a_reason_not_a_crash(monkeypatch: pytest.MonkeyPatch,
+                                                     tmp_path: Path) -> None:
+    blocked = tmp_path / "file"
+    blocked.write_text("")  # a file where the cache folder would go
+    monkeypatch.setenv("LLMOPT_CACHE", str(blocked))
+    kernels._built.cache_clear()
+    try:
+        path, reason = kernels._built()
+        assert path is None and reason is not None and str(blocked) in reason
     finally:
         kernels._built.cache_clear()

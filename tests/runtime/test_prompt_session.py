@@ -185,14 +185,29 @@ def test_the_default_follows_the_faster_kernel(packages: dict[str, Path],
         return {FLOAT_COMPUTE: float_s, INT8_COMPUTE: int8_s}
 
     monkeypatch.setattr(prompt_graph, "kernel_timings", timings)
-    runner = load(packages["int4"], float_prompts=None, intra_op_threads=1)
+    # on ONNX Runtime's kernels only: with llmopt's (test_kernels_take_the_prompts) no probe
+    runner = load(packages["int4"], float_prompts=None, intra_op_threads=1, kernels=False)
     assert (runner.model.prompt_session is not None) == second_session
     assert asked == [1]  # timed on the session's own thread count
     asked.clear()
-    load(packages["fused"], float_prompts=None)  # nothing to choose: nothing timed
+    load(packages["fused"], float_prompts=None, kernels=False)  # nothing to choose: not timed
     load(packages["int4"], float_prompts=False)
     load(packages["int4"], float_prompts=True)
     assert asked == []
+
+
+def test_kernels_take_the_prompts(packages: dict[str, Path],
+                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """llmopt's MatMulQ runs prompts faster than either of ONNX Runtime's 4-bit kernels: by
+    default no second session and no probe; float_prompts=True still asks for one."""
+    from llmopt.runtime import kernels, prompt_graph
+
+    if kernels.library() is None:
+        pytest.skip(f"llmopt's CPU kernels: {kernels.unavailable()}")
+    monkeypatch.setattr(prompt_graph, "kernel_timings", lambda threads: pytest.fail("probed"))
+    runner = load(packages["int4"], float_prompts=None)
+    assert runner.session_info.kernels > 0 and runner.model.prompt_session is None
+    assert load(packages["int4"], float_prompts=True).model.prompt_session is not None
 
 
 def test_the_kernel_probe_times_both_compute_types_once_per_process() -> None:
