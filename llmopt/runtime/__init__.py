@@ -8,6 +8,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
+from llmopt.errors import PackageError
 from llmopt.package import Package
 from llmopt.runtime import kernels
 from llmopt.runtime.constraints import ResponseFormat
@@ -57,6 +58,7 @@ def load(package: str | os.PathLike[str] | Package,
     (:mod:`llmopt.runtime.memory`).
     """
     pkg = package if isinstance(package, Package) else Package.open(package)
+    check_weights_file(pkg)
     prompt_options = prompt_graph = kernel_graph = None
     if pkg.is_decoder:
         provider_options = decoder_provider_options(provider_options)
@@ -93,6 +95,19 @@ def load(package: str | os.PathLike[str] | Package,
     trim_heap()
     return Generator(pkg, session, info, tokenizer, prompt_session=prompts,
                      initializers={**shared, **blobs})
+
+
+def check_weights_file(package: Package) -> None:
+    """ONNX Runtime (and onnx) refuse a weights file behind a symbolic link or with several
+    hard links (a model repository assembled by linking package files): say so up front."""
+    name = package.manifest.onnx.get("external_data")
+    path = package.path / name if name else None
+    if path is None or not (path.is_symlink() or (path.is_file() and path.stat().st_nlink > 1)):
+        return
+    raise PackageError(f"{path} is a link: ONNX Runtime refuses weights files behind symbolic "
+                       "links or with several hard links",
+                       fix="copy the package's files instead of linking them (a symbolic link "
+                       "to the package folder itself is fine)")
 
 
 def cpu_options(providers: Sequence[ProviderSpec] | None,

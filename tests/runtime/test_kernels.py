@@ -287,3 +287,31 @@ def test_an_unwritable_cache_is_a_reason_not_a_crash(monkeypatch: pytest.MonkeyP
         assert path is None and reason is not None and str(blocked) in reason
     finally:
         kernels._built.cache_clear()
+
+
+@pytest.mark.parametrize("link", ["symbolic", "hard"])
+def test_a_linked_weights_file_is_refused_with_the_fix(packages: dict[str, Path], tmp_path: Path,
+                                                       link: str) -> None:
+    """ONNX Runtime and onnx refuse external weights behind a symbolic link or with several
+    hard links (a repository built by linking package files): the error says to copy them, and
+    a link to the package folder itself works."""
+    import os
+    import shutil
+
+    from llmopt.errors import PackageError
+
+    linked = tmp_path / "linked"
+    shutil.copytree(packages["int4"], linked)
+    data = linked / "model.onnx.data"
+    data.unlink()
+    if link == "symbolic":
+        data.symlink_to(packages["int4"] / "model.onnx.data")
+    else:
+        os.link(packages["int4"] / "model.onnx.data", data)
+    with pytest.raises(PackageError, match="is a link") as raised:
+        load(linked)
+    assert "copy the package's files" in str(raised.value.fix)
+    data.unlink()  # the package's own file is single again
+    folder = tmp_path / "folder-link"
+    folder.symlink_to(packages["int4"], target_is_directory=True)
+    assert load(folder).generate(PROMPT, max_new_tokens=2).token_ids

@@ -107,6 +107,18 @@ def launch_server(args: list[str], *, log_path: Path | None = None, timeout: flo
     return server
 
 
+def _link(source: Path, target: Path) -> None:
+    """``source`` in the repository: a copy for files (ONNX Runtime refuses a weights file,
+    model.onnx.data, behind a symbolic link or with more than one hard link), a symbolic
+    link for folders."""
+    import shutil
+
+    if source.is_dir():
+        target.symlink_to(source, target_is_directory=True)
+    else:
+        shutil.copy2(source, target)
+
+
 class ServerProcess:
     def __init__(self, packages: dict[str, Path], provider: ProviderSpec,
                  options: ServerOptions, strict: bool) -> None:
@@ -119,7 +131,7 @@ class ServerProcess:
             model.mkdir()
             for item in Path(path).resolve().iterdir():
                 if item.name != "llmopt-serve.yaml":
-                    (model / item.name).symlink_to(item)
+                    _link(item, model / item.name)
             serve = {"providers": [provider.name], "strict_providers": strict,
                      "provider_options": {provider.name: dict(provider.options)},
                      "max_batch_size": options.max_batch_size, "max_queue": 4096,
