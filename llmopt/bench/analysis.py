@@ -78,7 +78,7 @@ class Analysis:
         mine = [r for r in records if r["package"] == info.label and r["target"] != "pytorch"]
         decoder = info.is_decoder
         if decoder and self.options.bytes_per_token:
-            facts["traffic"] = _traffic(info).as_dict()
+            facts["traffic"] = _traffic(info, _cpu_kernels(self.config)).as_dict()
         if decoder and self.options.perplexity:
             self.progress(f"analysis: perplexity of {info.label}")
             facts.update(_perplexity(info, self.threads))
@@ -121,7 +121,20 @@ def _threads(config: BenchConfig) -> int:
     return config.pytorch.threads or 1
 
 
-def _traffic(info: PackageInfo) -> Any:
+def _cpu_kernels(config: BenchConfig) -> bool:
+    """Whether the run's CPU sessions ran on llmopt's kernels (built here, not turned off)."""
+    from llmopt.runtime import kernels
+
+    cpu = [p for p in config.providers.values() if p.name == "cpu"]
+    return bool(cpu) and all(p.options.get("kernels") is not False for p in cpu) \
+        and kernels.library() is not None
+
+
+def _traffic(info: PackageInfo, cpu_kernels: bool = False) -> Any:
+    """Bytes per token of the graph the session ran: with llmopt's CPU kernels, the rewritten
+    one (their weight layouts, without the correction nodes)."""
+    import onnx
+
     from llmopt.bench.traffic import model_traffic
 
     if info.runtime == "genai":
@@ -129,8 +142,14 @@ def _traffic(info: PackageInfo) -> Any:
 
         return genai_traffic(info.path)
     from llmopt.package import Package
+    from llmopt.runtime import kernels
 
-    return model_traffic(Package.open(info.path).model_path)
+    package = Package.open(info.path)
+    if not cpu_kernels:
+        return model_traffic(package.model_path)
+    proto = onnx.load(str(package.model_path), load_external_data=False)
+    kernels.kernel_model(proto, package.path, threads=1, blobs={})
+    return model_traffic(proto)
 
 
 def _perplexity(info: PackageInfo, threads: int) -> dict[str, Any]:

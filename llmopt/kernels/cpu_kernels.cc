@@ -131,8 +131,10 @@ constexpr int kMaxRows = 8;  // rows computed together per pass over a tile's we
 constexpr int kPrefetchBytes = 8192;
 
 constexpr int codes_bytes(int bits) { return kTile * kBlock * bits / 8; }
-constexpr int stride_bytes(int bits, int scale_bits) {
-  return codes_bytes(bits) + 2 * kTile * scale_bits / 8;
+// per (tile, block): the codes, the 16 scales, and the 16 offsets unless the blocks are
+// symmetric (then m = -zero_point * s, zero_point 8 or 128, nothing stored)
+constexpr int stride_bytes(int bits, int scale_bits, bool symmetric) {
+  return codes_bytes(bits) + (symmetric ? 1 : 2) * kTile * scale_bits / 8;
 }
 
 constexpr int kNone = 0, kSiluMul = 1;  // the `activation` attribute: what follows the product
@@ -172,6 +174,7 @@ struct Work {
   int64_t rows, k, n, blocks, tiles;  // n: output columns (N / 2 with the SiLU epilogue)
   int bits, scale_bits;
   int epilogue;  // kNone, or kSiluMul: tiles come in (gate, up) pairs, y = silu(gate) * up
+  int zero_point;  // 0: offsets stored; else symmetric blocks, m = -zero_point * s
 };
 
 template <bool HALF>
@@ -182,9 +185,9 @@ inline __m512 load_scales(const uint8_t* p) {
     return _mm512_loadu_ps(reinterpret_cast<const float*>(p));
 }
 
-template <int R, int BITS, bool HALF>
+template <int R, int BITS, bool HALF, bool SYM>
 void tile_rows(const Work& w, int64_t tile, int64_t row0, __m512* acc) {
-  constexpr int kStride = stride_bytes(BITS, HALF ? 16 : 32);
+  constexpr int kStride = stride_bytes(BITS, HALF ? 16 : 32, SYM);
   const uint8_t* base = w.weights + tile * w.blocks * kStride;
   const int32_t* x4[R];
   const float* sx[R];
@@ -221,7 +224,8 @@ void tile_rows(const Work& w, int64_t tile, int64_t row0, __m512* acc) {
     }
     const uint8_t* scales = blk + codes_bytes(BITS);
     const __m512 s = load_scales<HALF>(scales);
-    const __m512 m = load_scales<HALF>(scales + kTile * (HALF ? 2 : 4));
+    const __m512 m = SYM ? _mm512_mul_ps(s, _mm512_set1_ps(-static_cast<float>(w.zero_point)))
+                         : load_scales<HALF>(scales + kTile * (HALF ? 2 : 4));
     for (int r = 0; r < R; ++r) {
       __m512 t = _mm512_mul_ps(s, _mm512_cvtepi32_ps(dot[r]));
       t = _mm512_fmadd_ps(m, _mm512_set1_ps(isum[r][b]), t);
@@ -231,43 +235,49 @@ void tile_rows(const Work& w, int64_t tile, int64_t row0, __m512* acc) {
 }
 
 // output tile `item` for rows [row0, row0 + R): one weight tile, or a (gate, up) pair
-template <int R, int BITS, bool HALF>
+template <int R, int BITS, bool HALF, bool SYM>
 void rows_out(const Work& w, int64_t item, int64_t row0) {
   __m512 acc[R];
   if (w.epilogue == kSiluMul) {
     __m512 up[R];
-    tile_rows<R, BITS, HALF>(w, 2 * item, row0, acc);
-    tile_rows<R, BITS, HALF>(w, 2 * item + 1, row0, up);
+    tile_rows<R, BITS, HALF, SYM>(w, 2 * item, row0, acc);
+    tile_rows<R, BITS, HALF, SYM>(w, 2 * item + 1, row0, up);
     for (int r = 0; r < R; ++r) acc[r] = silu_mul(acc[r], up[r]);
   } else {
-    tile_rows<R, BITS, HALF>(w, item, row0, acc);
+    tile_rows<R, BITS, HALF, SYM>(w, item, row0, acc);
   }
   store_rows(w.y, w.n, row0, item * kTile, R, acc);
 }
 
-template <int BITS, bool HALF>
+template <int BITS, bool HALF, bool SYM>
 void tile(const Work& w, int64_t t) {
   int64_t row = 0;
-  for (; row + kMaxRows <= w.rows; row += kMaxRows) rows_out<kMaxRows, BITS, HALF>(w, t, row);
+  for (; row + kMaxRows <= w.rows; row += kMaxRows)
+    rows_out<kMaxRows, BITS, HALF, SYM>(w, t, row);
   switch (w.rows - row) {
-    case 7: rows_out<7, BITS, HALF>(w, t, row); break;
-    case 6: rows_out<6, BITS, HALF>(w, t, row); break;
-    case 5: rows_out<5, BITS, HALF>(w, t, row); break;
-    case 4: rows_out<4, BITS, HALF>(w, t, row); break;
-    case 3: rows_out<3, BITS, HALF>(w, t, row); break;
-    case 2: rows_out<2, BITS, HALF>(w, t, row); break;
-    case 1: rows_out<1, BITS, HALF>(w, t, row); break;
+    case 7: rows_out<7, BITS, HALF, SYM>(w, t, row); break;
+    case 6: rows_out<6, BITS, HALF, SYM>(w, t, row); break;
+    case 5: rows_out<5, BITS, HALF, SYM>(w, t, row); break;
+    case 4: rows_out<4, BITS, HALF, SYM>(w, t, row); break;
+    case 3: rows_out<3, BITS, HALF, SYM>(w, t, row); break;
+    case 2: rows_out<2, BITS, HALF, SYM>(w, t, row); break;
+    case 1: rows_out<1, BITS, HALF, SYM>(w, t, row); break;
     default: break;
   }
+}
+
+template <int BITS, bool HALF>
+void tile_sym(const Work& w, int64_t t) {
+  w.zero_point ? tile<BITS, HALF, true>(w, t) : tile<BITS, HALF, false>(w, t);
 }
 
 void run_tile(void* data, size_t t) {
   const Work& w = *static_cast<const Work*>(data);
   const auto i = static_cast<int64_t>(t);
   if (w.bits == 4)
-    w.scale_bits == 16 ? tile<4, true>(w, i) : tile<4, false>(w, i);
+    w.scale_bits == 16 ? tile_sym<4, true>(w, i) : tile_sym<4, false>(w, i);
   else
-    w.scale_bits == 16 ? tile<8, true>(w, i) : tile<8, false>(w, i);
+    w.scale_bits == 16 ? tile_sym<8, true>(w, i) : tile_sym<8, false>(w, i);
 }
 
 // output tiles of a product: the weight tiles, or half of them with the SiLU epilogue
@@ -297,7 +307,7 @@ void quantize_rows(const float* x, int64_t rows, int64_t k, int8_t* xq, float* s
 
 struct Kernel {
   Api api;
-  int64_t k = 0, n = 0, bits = 0, scale_bits = 0, activation = kNone;
+  int64_t k = 0, n = 0, bits = 0, scale_bits = 0, activation = kNone, zero_point = 0;
   int64_t threads = 1;  // the session's intra-op threads: one contiguous run of tiles each
 
   Status compute(OrtKernelContext* ctx) const {
@@ -311,7 +321,8 @@ struct Kernel {
     if (dims.empty() || dims.back() != k)
       return api.error(kInvalidArgument, "MatMulQ: the input's last dimension is not K");
     if (wdims.size() != 3 || wdims[0] != tiles || wdims[1] != blocks ||
-        wdims[2] != stride_bytes(static_cast<int>(bits), static_cast<int>(scale_bits)))
+        wdims[2] != stride_bytes(static_cast<int>(bits), static_cast<int>(scale_bits),
+                                 zero_point != 0))
       return api.error(kInvalidArgument, "MatMulQ: the weights are not [N/16, K/32, stride]");
     int64_t rows = 1;
     for (size_t i = 0; i + 1 < dims.size(); ++i) rows *= dims[i];
@@ -330,7 +341,8 @@ struct Kernel {
     quantize_rows(static_cast<const float*>(x), rows, k, xq.data(), sx.data(), isum.data());
     Work work{static_cast<const uint8_t*>(w), xq.data(), sx.data(), isum.data(),
               static_cast<float*>(y), rows, k, out_dims.back(), blocks, tiles,
-              static_cast<int>(bits), static_cast<int>(scale_bits), epilogue};
+              static_cast<int>(bits), static_cast<int>(scale_bits), epilogue,
+              static_cast<int>(zero_point)};
     const int64_t items = out_tiles(tiles, epilogue);
     const size_t batches = static_cast<size_t>(std::min<int64_t>(std::max<int64_t>(threads, 1),
                                                                    items));
@@ -486,14 +498,16 @@ Status create_kernel(const OrtCustomOpAbi*, const OrtApi* api, const OrtKernelIn
   if (!s) s = kernel->api.attribute(info, "scale_bits", &kernel->scale_bits);
   if (!s) s = kernel->api.attribute(info, "threads", &kernel->threads);
   if (!s) s = kernel->api.attribute(info, "activation", &kernel->activation);
+  if (!s) s = kernel->api.attribute(info, "zero_point", &kernel->zero_point);
   if (!s && (kernel->k <= 0 || kernel->k % kBlock || kernel->n <= 0 ||
              (kernel->bits != 4 && kernel->bits != 8) ||
+             kernel->zero_point < 0 || kernel->zero_point >= (int64_t{1} << kernel->bits) ||
              (kernel->scale_bits != 16 && kernel->scale_bits != 32) ||
              (kernel->activation != kNone && kernel->activation != kSiluMul) ||
              (kernel->activation == kSiluMul && kernel->n % (2 * kTile))))
     s = kernel->api.error(kInvalidArgument,
                           "MatMulQ: K must be a multiple of 32, bits 4 or 8, scale_bits 16 or 32, "
-                          "activation 0 or 1 (then N a multiple of 32)");
+                          "zero_point a code, activation 0 or 1 (then N a multiple of 32)");
   if (s) {
     delete kernel;
     return s;
@@ -596,7 +610,8 @@ __attribute__((visibility("default"))) int llmopt_kernels_supported() {
 __attribute__((visibility("default"))) int llmopt_matmul_q(const float* x, int64_t rows,
                                                            int64_t k, const uint8_t* weights,
                                                            int64_t n, int bits, int scale_bits,
-                                                           int activation, float* y) {
+                                                           int activation, int zero_point,
+                                                           float* y) {
   if (k % kBlock || (bits != 4 && bits != 8) || (scale_bits != 16 && scale_bits != 32) ||
       (activation == kSiluMul && n % (2 * kTile)))
     return kFail;
@@ -605,7 +620,8 @@ __attribute__((visibility("default"))) int llmopt_matmul_q(const float* x, int64
   std::vector<float> sx(static_cast<size_t>(rows * blocks)), isum(sx.size());
   quantize_rows(x, rows, k, xq.data(), sx.data(), isum.data());
   Work work{weights,   xq.data(), sx.data(), isum.data(), y,          rows,      k,
-            activation == kSiluMul ? n / 2 : n, blocks, tiles, bits, scale_bits, activation};
+            activation == kSiluMul ? n / 2 : n, blocks, tiles, bits, scale_bits, activation,
+            zero_point};
   for (int64_t t = 0; t < out_tiles(tiles, activation); ++t) run_tile(&work, static_cast<size_t>(t));
   return 0;
 }

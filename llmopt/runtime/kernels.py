@@ -140,11 +140,19 @@ def scale_bits(scales: np.ndarray, offsets: np.ndarray) -> int:
     return 16 if bool(np.all(error <= 1e-4 * np.abs(scales))) else 32
 
 
-def pack(codes: np.ndarray, scales: np.ndarray, offsets: np.ndarray, bits: int,
+def symmetric_zero_point(scales: np.ndarray, offsets: np.ndarray, bits: int) -> int:
+    """``2^(bits-1)`` where every offset is ``-2^(bits-1) * scale`` (symmetric blocks, such as
+    int8's and GGUF Q8_0's: MatMulQ then stores no offsets and derives them), else 0."""
+    middle = 1 << (bits - 1)
+    return middle if np.array_equal(offsets, np.float32(-middle) * scales) else 0
+
+
+def pack(codes: np.ndarray, scales: np.ndarray, offsets: np.ndarray | None, bits: int,
          scale_bits: int = 16) -> np.ndarray:
     """Affine blocks ``w[n, b*32 + i] = scales[n, b] * codes[n, b, i] + offsets[n, b]`` in
     MatMulQ's layout: uint8 [ceil(N/16), K/32, stride] (see cpu_kernels.cc), scales and offsets
-    in float16 or float32 (``scale_bits``)."""
+    in float16 or float32 (``scale_bits``); ``offsets`` None for symmetric blocks (the kernel's
+    ``zero_point``)."""
     n, nblocks, block = codes.shape
     if block != BLOCK or bits not in (4, 8):
         raise ValueError(f"MatMulQ takes blocks of {BLOCK} with 4 or 8 bits")
@@ -153,7 +161,8 @@ def pack(codes: np.ndarray, scales: np.ndarray, offsets: np.ndarray, bits: int,
     if pad:
         codes = np.concatenate([codes, np.zeros((pad, nblocks, block), codes.dtype)])
         scales = np.concatenate([scales, np.zeros((pad, nblocks), scales.dtype)])
-        offsets = np.concatenate([offsets, np.zeros((pad, nblocks), offsets.dtype)])
+        if offsets is not None:
+            offsets = np.concatenate([offsets, np.zeros((pad, nblocks), offsets.dtype)])
     c = codes.astype(np.uint8).reshape(tiles, TILE, nblocks, BLOCK).transpose(0, 2, 3, 1)
     # c: [tile, block, k, col]
     if bits == 4:  # chunk c: k = 8c + j low nibble, 8c + 4 + j high, byte 4 * col + j
@@ -164,7 +173,7 @@ def pack(codes: np.ndarray, scales: np.ndarray, offsets: np.ndarray, bits: int,
         body = body.reshape(tiles, nblocks, -1)
     dtype = np.float16 if scale_bits == 16 else np.float32
     parts = [a.astype(dtype).reshape(tiles, TILE, nblocks).transpose(0, 2, 1)
-             for a in (scales, offsets)]
+             for a in (scales, offsets) if a is not None]
     tail = np.ascontiguousarray(np.concatenate(parts, axis=2)).view(np.uint8)
     return np.ascontiguousarray(np.concatenate([body, tail], axis=2))
 
@@ -356,11 +365,13 @@ def _matmul_q(node: Any, weights: _Weights, threads: int) -> _Made:
         output = swiglu[-1].output[0]
         reads.update(swiglu[0].input[1:])
     precision = scale_bits(scales, offsets)
+    zero_point = symmetric_zero_point(scales, offsets, bits)
     name = f"{node.input[1]}.matmul_q"
-    blob = name, pack(codes, scales, offsets, bits, precision)
+    blob = name, pack(codes, scales, None if zero_point else offsets, bits, precision)
     made = helper.make_node(OP, [node.input[0], name], [output], name=f"{node.name}/MatMulQ",
                             domain=DOMAIN, K=k, N=n, bits=bits, scale_bits=precision,
-                            activation=SILU_MUL if swiglu else NONE, threads=threads)
+                            zero_point=zero_point, activation=SILU_MUL if swiglu else NONE,
+                            threads=threads)
     return made, blob, (*(chain or ()), *(swiglu or ())), reads
 
 

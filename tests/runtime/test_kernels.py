@@ -35,7 +35,7 @@ def int8_rounded(x: np.ndarray) -> np.ndarray:
 
 
 def reference_call(x: np.ndarray, blob: np.ndarray, n: int, bits: int, scale_bits: int,
-                   activation: int = kernels.NONE) -> np.ndarray:
+                   activation: int = kernels.NONE, zero_point: int = 0) -> np.ndarray:
     lib = ctypes.CDLL(str(kernels.library()))
     x = np.ascontiguousarray(x, np.float32)
     rows, k = x.shape
@@ -43,7 +43,8 @@ def reference_call(x: np.ndarray, blob: np.ndarray, n: int, bits: int, scale_bit
     rc = lib.llmopt_matmul_q(x.ctypes.data_as(ctypes.c_void_p), ctypes.c_int64(rows),
                              ctypes.c_int64(k), blob.ctypes.data_as(ctypes.c_void_p),
                              ctypes.c_int64(n), ctypes.c_int(bits), ctypes.c_int(scale_bits),
-                             ctypes.c_int(activation), y.ctypes.data_as(ctypes.c_void_p))
+                             ctypes.c_int(activation), ctypes.c_int(zero_point),
+                             y.ctypes.data_as(ctypes.c_void_p))
     assert rc == 0
     return y
 
@@ -70,6 +71,16 @@ def test_the_kernel_computes_the_affine_blocks_on_int8_activations(
     blob = kernels.pack(codes, scales, offsets, bits, precision)
     got = reference_call(x, blob, n, bits, precision)
     want = int8_rounded(x) @ weight.T
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * float(np.abs(want).max()))
+    # symmetric blocks: no offsets stored, the kernel derives -2^(bits-1) * scale
+    middle = 1 << (bits - 1)
+    symmetric = np.float32(-middle) * scales
+    assert kernels.symmetric_zero_point(scales, symmetric, bits) == middle
+    assert kernels.symmetric_zero_point(scales, offsets, bits) == 0
+    lean = kernels.pack(codes, scales, None, bits, precision)
+    assert lean.shape[2] == blob.shape[2] - 16 * precision // 8
+    got = reference_call(x, lean, n, bits, precision, zero_point=middle)
+    want = int8_rounded(x) @ (codes * scales[..., None] + symmetric[..., None]).reshape(n, k).T
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * float(np.abs(want).max()))
 
 
