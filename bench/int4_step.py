@@ -1,4 +1,4 @@
-"""Where llmopt's int4 decode step loses to GenAI's: one graph change at a time, timed.
+"""llmopt's int4 decode step against GenAI's: one graph change at a time, and on llmopt's kernel.
 
     python bench/int4_step.py --package build/bench/smollm2-int4-fused \\
         --genai .cache/genai/smollm2-135m-int4-cpu [--rounds 9] [--threads 2] [--out NAME]
