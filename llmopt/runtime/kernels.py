@@ -116,6 +116,12 @@ def _built() -> tuple[Path | None, str | None]:
     return (target, None) if supported else (None, "this CPU lacks AVX-512 VNNI (or F16C)")
 
 
+def usable_cpus() -> int:
+    """CPUs this process may run on (all of them where the OS does not say)."""
+    affinity = getattr(os, "sched_getaffinity", None)
+    return len(affinity(0)) if affinity else os.cpu_count() or 1
+
+
 def library() -> Path | None:
     """The built kernel library, or None where it cannot run (see :func:`unavailable`)."""
     return _built()[0]
@@ -491,7 +497,7 @@ def decode_graph(package: Any, options: Any) -> KernelGraph | None:
         log.info("llmopt CPU kernels off: %s", unavailable())
         return None
     proto = onnx.load(str(package.model_path), load_external_data=False)
-    threads = options.intra_op_threads or len(os.sched_getaffinity(0))
+    threads = options.intra_op_threads or usable_cpus()
     blobs: dict[str, np.ndarray] = {}
     rewritten = kernel_model(proto, package.path, threads, blobs=blobs)
     if not rewritten:
