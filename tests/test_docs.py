@@ -215,6 +215,8 @@ MESSAGES = (
     "cannot read {arch!r} models ",
     "dequantize for transformers: ",
     "strict providers (--strict-providers) to allow the fallback",
+    "llmopt's CPU kernels cannot run here: ",
+    "is a link: ONNX Runtime refuses weights files behind symbolic ",
     "was requested but onnxruntime could not load it",
     "is not installed in this onnxruntime build",
     "onnxruntime could not create a session on",
