@@ -15,7 +15,8 @@
 //
 // MatMulF: float32 weights in tiles of 16 columns (see below).
 //
-// MatMulQ's weight layout (built by llmopt/runtime/kernels.py), one uint8 tensor [tiles, blocks, stride]:
+// MatMulQ's weight layout (built by llmopt/runtime/kernels.py), one uint8 tensor
+// [tiles, blocks, stride]:
 // 16 output columns per tile; per (tile, block) the codes, then s and m for its 16 columns, in
 // float16 where that holds them (GGUF's scales are float16) or float32 (scale_bits).
 // 4-bit: 4 chunks of 64 bytes; byte 4 * col + j of chunk c holds k = 8c + j in its low nibble
@@ -33,6 +34,7 @@
 
 #include <algorithm>
 #include <climits>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -249,21 +251,29 @@ void rows_out(const Work& w, int64_t item, int64_t row0) {
   store_rows(w.y, w.n, row0, item * kTile, R, acc);
 }
 
-template <int BITS, bool HALF, bool SYM>
-void tile(const Work& w, int64_t t) {
+// pass(std::integral_constant<int, R>, row0) over `rows` rows in passes of up to kMaxRows
+template <typename Pass>
+void by_passes(int64_t rows, Pass&& pass) {
+  using std::integral_constant;
   int64_t row = 0;
-  for (; row + kMaxRows <= w.rows; row += kMaxRows)
-    rows_out<kMaxRows, BITS, HALF, SYM>(w, t, row);
-  switch (w.rows - row) {
-    case 7: rows_out<7, BITS, HALF, SYM>(w, t, row); break;
-    case 6: rows_out<6, BITS, HALF, SYM>(w, t, row); break;
-    case 5: rows_out<5, BITS, HALF, SYM>(w, t, row); break;
-    case 4: rows_out<4, BITS, HALF, SYM>(w, t, row); break;
-    case 3: rows_out<3, BITS, HALF, SYM>(w, t, row); break;
-    case 2: rows_out<2, BITS, HALF, SYM>(w, t, row); break;
-    case 1: rows_out<1, BITS, HALF, SYM>(w, t, row); break;
+  for (; row + kMaxRows <= rows; row += kMaxRows) pass(integral_constant<int, kMaxRows>{}, row);
+  switch (rows - row) {
+    case 7: pass(integral_constant<int, 7>{}, row); break;
+    case 6: pass(integral_constant<int, 6>{}, row); break;
+    case 5: pass(integral_constant<int, 5>{}, row); break;
+    case 4: pass(integral_constant<int, 4>{}, row); break;
+    case 3: pass(integral_constant<int, 3>{}, row); break;
+    case 2: pass(integral_constant<int, 2>{}, row); break;
+    case 1: pass(integral_constant<int, 1>{}, row); break;
     default: break;
   }
+}
+
+template <int BITS, bool HALF, bool SYM>
+void tile(const Work& w, int64_t t) {
+  by_passes(w.rows, [&](auto r, int64_t row) {
+    rows_out<decltype(r)::value, BITS, HALF, SYM>(w, t, row);
+  });
 }
 
 template <int BITS, bool HALF>
@@ -305,48 +315,93 @@ void quantize_rows(const float* x, int64_t rows, int64_t k, int8_t* xq, float* s
   }
 }
 
-struct Kernel {
+// What both products share: x [.., K] times packed weights into y [.., N] (N / 2 after the
+// SiLU epilogue), their output columns split into `threads` contiguous runs.
+struct Product {
   Api api;
-  int64_t k = 0, n = 0, bits = 0, scale_bits = 0, activation = kNone, zero_point = 0;
+  int64_t k = 0, n = 0, activation = kNone;
   int64_t threads = 1;  // the session's intra-op threads: one contiguous run of tiles each
 
-  Status compute(OrtKernelContext* ctx) const {
+  struct Io {
+    const float* x = nullptr;
+    const void* w = nullptr;
+    float* y = nullptr;
+    int64_t rows = 0, cols = 0;  // rows of x (all but its last axis), columns of y
+  };
+
+  // The attributes both take, and what is wrong with them (nullptr: nothing).
+  Status read(const OrtKernelInfo* info, const char* op) {
+    Status s = api.attribute(info, "K", &k);
+    if (!s) s = api.attribute(info, "N", &n);
+    if (!s) s = api.attribute(info, "threads", &threads);
+    if (!s) s = api.attribute(info, "activation", &activation);
+    if (!s && (k <= 0 || n <= 0 || (activation != kNone && activation != kSiluMul) ||
+               (activation == kSiluMul && n % (2 * kTile))))
+      s = api.error(kInvalidArgument, op);
+    return s;
+  }
+
+  // x and the weights (which must have the shape `weights`), and y allocated; io->rows 0: an
+  // empty input, nothing to compute.
+  Status open(OrtKernelContext* ctx, const int64_t (&weights)[3], const char* misshapen,
+              Io* io) const {
     const OrtValue *x_value = nullptr, *w_value = nullptr;
     if (Status s = api.input(ctx, 0, &x_value)) return s;
     if (Status s = api.input(ctx, 1, &w_value)) return s;
     std::vector<int64_t> dims, wdims;
     if (Status s = api.shape(x_value, &dims)) return s;
     if (Status s = api.shape(w_value, &wdims)) return s;
-    const int64_t blocks = k / kBlock, tiles = (n + kTile - 1) / kTile;
-    if (dims.empty() || dims.back() != k)
-      return api.error(kInvalidArgument, "MatMulQ: the input's last dimension is not K");
-    if (wdims.size() != 3 || wdims[0] != tiles || wdims[1] != blocks ||
-        wdims[2] != stride_bytes(static_cast<int>(bits), static_cast<int>(scale_bits),
-                                 zero_point != 0))
-      return api.error(kInvalidArgument, "MatMulQ: the weights are not [N/16, K/32, stride]");
-    int64_t rows = 1;
-    for (size_t i = 0; i + 1 < dims.size(); ++i) rows *= dims[i];
-    const int epilogue = static_cast<int>(activation);
+    if (dims.empty() || dims.back() != k || wdims.size() != 3 || wdims[0] != weights[0] ||
+        wdims[1] != weights[1] || wdims[2] != weights[2])
+      return api.error(kInvalidArgument, misshapen);
+    io->rows = 1;
+    for (size_t i = 0; i + 1 < dims.size(); ++i) io->rows *= dims[i];
+    io->cols = activation == kSiluMul ? n / 2 : n;
     std::vector<int64_t> out_dims(dims);
-    out_dims.back() = epilogue == kSiluMul ? n / 2 : n;
+    out_dims.back() = io->cols;
     OrtValue* y_value = nullptr;
     if (Status s = api.output(ctx, 0, out_dims.data(), out_dims.size(), &y_value)) return s;
-    if (rows == 0) return nullptr;
+    if (io->rows == 0) return nullptr;
     void *x = nullptr, *w = nullptr, *y = nullptr;
     if (Status s = api.data(x_value, &x)) return s;
     if (Status s = api.data(w_value, &w)) return s;
     if (Status s = api.data(y_value, &y)) return s;
-    std::vector<int8_t> xq(static_cast<size_t>(rows * k));
-    std::vector<float> sx(static_cast<size_t>(rows * blocks)), isum(sx.size());
-    quantize_rows(static_cast<const float*>(x), rows, k, xq.data(), sx.data(), isum.data());
-    Work work{static_cast<const uint8_t*>(w), xq.data(), sx.data(), isum.data(),
-              static_cast<float*>(y), rows, k, out_dims.back(), blocks, tiles,
-              static_cast<int>(bits), static_cast<int>(scale_bits), epilogue,
-              static_cast<int>(zero_point)};
-    const int64_t items = out_tiles(tiles, epilogue);
-    const size_t batches = static_cast<size_t>(std::min<int64_t>(std::max<int64_t>(threads, 1),
-                                                                   items));
-    return api.parallel_for(ctx, run_tile, static_cast<size_t>(items), batches, &work);
+    io->x = static_cast<const float*>(x);
+    io->w = w;
+    io->y = static_cast<float*>(y);
+    return nullptr;
+  }
+
+  Status run(OrtKernelContext* ctx, void (*fn)(void*, size_t), int64_t items, void* work) const {
+    const auto batches = std::min<int64_t>(std::max<int64_t>(threads, 1), items);
+    return api.parallel_for(ctx, fn, static_cast<size_t>(items), static_cast<size_t>(batches),
+                            work);
+  }
+};
+
+struct Kernel : Product {
+  int64_t bits = 0, scale_bits = 0, zero_point = 0;
+
+  Status compute(OrtKernelContext* ctx) const {
+    const int64_t blocks = k / kBlock, tiles = (n + kTile - 1) / kTile;
+    const int64_t weights[3] = {tiles, blocks,
+                                stride_bytes(static_cast<int>(bits), static_cast<int>(scale_bits),
+                                             zero_point != 0)};
+    Io io;
+    if (Status s = open(ctx, weights,
+                        "MatMulQ: the input's last dimension is not K, or the weights are not "
+                        "[N/16, K/32, stride]",
+                        &io))
+      return s;
+    if (io.rows == 0) return nullptr;
+    std::vector<int8_t> xq(static_cast<size_t>(io.rows * k));
+    std::vector<float> sx(static_cast<size_t>(io.rows * blocks)), isum(sx.size());
+    quantize_rows(io.x, io.rows, k, xq.data(), sx.data(), isum.data());
+    const int epilogue = static_cast<int>(activation);
+    Work work{static_cast<const uint8_t*>(io.w), xq.data(), sx.data(), isum.data(), io.y,
+              io.rows, k, io.cols, blocks, tiles, static_cast<int>(bits),
+              static_cast<int>(scale_bits), epilogue, static_cast<int>(zero_point)};
+    return run(ctx, run_tile, out_tiles(tiles, epilogue), &work);
   }
 };
 
@@ -398,18 +453,9 @@ void tile_rows_f(const WorkF& w, int64_t tile0, int64_t row0) {
 
 template <int T>
 void tiles_f(const WorkF& w, int64_t tile0) {
-  int64_t row = 0;
-  for (; row + kMaxRows <= w.rows; row += kMaxRows) tile_rows_f<kMaxRows, T>(w, tile0, row);
-  switch (w.rows - row) {
-    case 7: tile_rows_f<7, T>(w, tile0, row); break;
-    case 6: tile_rows_f<6, T>(w, tile0, row); break;
-    case 5: tile_rows_f<5, T>(w, tile0, row); break;
-    case 4: tile_rows_f<4, T>(w, tile0, row); break;
-    case 3: tile_rows_f<3, T>(w, tile0, row); break;
-    case 2: tile_rows_f<2, T>(w, tile0, row); break;
-    case 1: tile_rows_f<1, T>(w, tile0, row); break;
-    default: break;
-  }
+  by_passes(w.rows, [&](auto r, int64_t row) {
+    tile_rows_f<decltype(r)::value, T>(w, tile0, row);
+  });
 }
 
 // work item i: tiles 2i and 2i + 1 (the last item may hold one)
@@ -424,40 +470,19 @@ void run_tile_f(void* data, size_t i) {
 
 size_t pairs(int64_t tiles) { return static_cast<size_t>((tiles + 1) / 2); }
 
-struct KernelF {
-  Api api;
-  int64_t k = 0, n = 0, threads = 1, activation = kNone;
-
+struct KernelF : Product {
   Status compute(OrtKernelContext* ctx) const {
-    const OrtValue *x_value = nullptr, *w_value = nullptr;
-    if (Status s = api.input(ctx, 0, &x_value)) return s;
-    if (Status s = api.input(ctx, 1, &w_value)) return s;
-    std::vector<int64_t> dims, wdims;
-    if (Status s = api.shape(x_value, &dims)) return s;
-    if (Status s = api.shape(w_value, &wdims)) return s;
     const int64_t tiles = (n + kTile - 1) / kTile;
-    if (dims.empty() || dims.back() != k)
-      return api.error(kInvalidArgument, "MatMulF: the input's last dimension is not K");
-    if (wdims.size() != 3 || wdims[0] != tiles || wdims[1] != k || wdims[2] != kTile)
-      return api.error(kInvalidArgument, "MatMulF: the weights are not [N/16, K, 16]");
-    int64_t rows = 1;
-    for (size_t i = 0; i + 1 < dims.size(); ++i) rows *= dims[i];
-    const int epilogue = static_cast<int>(activation);
-    std::vector<int64_t> out_dims(dims);
-    out_dims.back() = epilogue == kSiluMul ? n / 2 : n;
-    OrtValue* y_value = nullptr;
-    if (Status s = api.output(ctx, 0, out_dims.data(), out_dims.size(), &y_value)) return s;
-    if (rows == 0) return nullptr;
-    void *x = nullptr, *w = nullptr, *y = nullptr;
-    if (Status s = api.data(x_value, &x)) return s;
-    if (Status s = api.data(w_value, &w)) return s;
-    if (Status s = api.data(y_value, &y)) return s;
-    WorkF work{static_cast<const float*>(w), static_cast<const float*>(x),
-               static_cast<float*>(y), rows, k, out_dims.back(), tiles, epilogue};
-    const size_t items = pairs(tiles);
-    const size_t batches = std::min<size_t>(static_cast<size_t>(std::max<int64_t>(threads, 1)),
-                                            items);
-    return api.parallel_for(ctx, run_tile_f, items, batches, &work);
+    Io io;
+    if (Status s = open(ctx, {tiles, k, kTile},
+                        "MatMulF: the input's last dimension is not K, or the weights are not "
+                        "[N/16, K, 16]",
+                        &io))
+      return s;
+    if (io.rows == 0) return nullptr;
+    WorkF work{static_cast<const float*>(io.w), io.x, io.y, io.rows, k, io.cols, tiles,
+               static_cast<int>(activation)};
+    return run(ctx, run_tile_f, static_cast<int64_t>(pairs(tiles)), &work);
   }
 };
 
@@ -492,22 +517,17 @@ Status create_kernel(const OrtCustomOpAbi*, const OrtApi* api, const OrtKernelIn
                      void** out) {
   auto* kernel = new Kernel;
   kernel->api.api = api;
-  Status s = kernel->api.attribute(info, "K", &kernel->k);
-  if (!s) s = kernel->api.attribute(info, "N", &kernel->n);
+  constexpr const char* kWrong =
+      "MatMulQ: K must be a multiple of 32, bits 4 or 8, scale_bits 16 or 32, zero_point a "
+      "code, activation 0 or 1 (then N a multiple of 32)";
+  Status s = kernel->read(info, kWrong);
   if (!s) s = kernel->api.attribute(info, "bits", &kernel->bits);
   if (!s) s = kernel->api.attribute(info, "scale_bits", &kernel->scale_bits);
-  if (!s) s = kernel->api.attribute(info, "threads", &kernel->threads);
-  if (!s) s = kernel->api.attribute(info, "activation", &kernel->activation);
   if (!s) s = kernel->api.attribute(info, "zero_point", &kernel->zero_point);
-  if (!s && (kernel->k <= 0 || kernel->k % kBlock || kernel->n <= 0 ||
-             (kernel->bits != 4 && kernel->bits != 8) ||
+  if (!s && (kernel->k % kBlock || (kernel->bits != 4 && kernel->bits != 8) ||
              kernel->zero_point < 0 || kernel->zero_point >= (int64_t{1} << kernel->bits) ||
-             (kernel->scale_bits != 16 && kernel->scale_bits != 32) ||
-             (kernel->activation != kNone && kernel->activation != kSiluMul) ||
-             (kernel->activation == kSiluMul && kernel->n % (2 * kTile))))
-    s = kernel->api.error(kInvalidArgument,
-                          "MatMulQ: K must be a multiple of 32, bits 4 or 8, scale_bits 16 or 32, "
-                          "zero_point a code, activation 0 or 1 (then N a multiple of 32)");
+             (kernel->scale_bits != 16 && kernel->scale_bits != 32)))
+    s = kernel->api.error(kInvalidArgument, kWrong);
   if (s) {
     delete kernel;
     return s;
@@ -520,16 +540,8 @@ Status create_kernel_f(const OrtCustomOpAbi*, const OrtApi* api, const OrtKernel
                        void** out) {
   auto* kernel = new KernelF;
   kernel->api.api = api;
-  Status s = kernel->api.attribute(info, "K", &kernel->k);
-  if (!s) s = kernel->api.attribute(info, "N", &kernel->n);
-  if (!s) s = kernel->api.attribute(info, "threads", &kernel->threads);
-  if (!s) s = kernel->api.attribute(info, "activation", &kernel->activation);
-  if (!s && (kernel->k <= 0 || kernel->n <= 0 ||
-             (kernel->activation != kNone && kernel->activation != kSiluMul) ||
-             (kernel->activation == kSiluMul && kernel->n % (2 * kTile))))
-    s = kernel->api.error(kInvalidArgument, "MatMulF: K and N must be positive, activation 0 "
-                          "or 1 (then N a multiple of 32)");
-  if (s) {
+  if (Status s = kernel->read(info, "MatMulF: K and N must be positive, activation 0 or 1 (then "
+                                    "N a multiple of 32)")) {
     delete kernel;
     return s;
   }
@@ -619,10 +631,11 @@ __attribute__((visibility("default"))) int llmopt_matmul_q(const float* x, int64
   std::vector<int8_t> xq(static_cast<size_t>(rows * k));
   std::vector<float> sx(static_cast<size_t>(rows * blocks)), isum(sx.size());
   quantize_rows(x, rows, k, xq.data(), sx.data(), isum.data());
-  Work work{weights,   xq.data(), sx.data(), isum.data(), y,          rows,      k,
+  Work work{weights, xq.data(), sx.data(), isum.data(), y, rows, k,
             activation == kSiluMul ? n / 2 : n, blocks, tiles, bits, scale_bits, activation,
             zero_point};
-  for (int64_t t = 0; t < out_tiles(tiles, activation); ++t) run_tile(&work, static_cast<size_t>(t));
+  for (int64_t t = 0; t < out_tiles(tiles, activation); ++t)
+    run_tile(&work, static_cast<size_t>(t));
   return 0;
 }
 

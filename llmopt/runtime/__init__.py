@@ -124,8 +124,8 @@ def prompt_session_options(providers: Sequence[ProviderSpec] | None,
     busy-waiting after a prompt would take the decode session's cores for the first steps; a
     prompt step is long enough not to need it). None where a GPU comes first or
     ``CPUOptions(float_prompts=False)``."""
-    name, options = resolve_providers(providers, provider_options)[0]
-    if name != "cpu" or not isinstance(options, CPUOptions) or options.float_prompts is False:
+    options = cpu_options(providers, provider_options)
+    if options is None or options.float_prompts is False:
         return None
     return replace(options, spin=False)
 

@@ -133,15 +133,10 @@ def create_session(model_path: str | Path, providers: Sequence[ProviderSpec] | N
                 providers=ort_providers)
     except Exception as exc:  # noqa: BLE001  (onnxruntime's exception types are not public)
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        if "symbolic link" in first or "hard links" in first:
-            fix = ("copy the package's files instead of linking them: ONNX Runtime refuses a "
-                   "weights file (model.onnx.data) behind a symbolic link or with several "
-                   "hard links")
-        else:
-            fix = ("re-export the package if the model file is at fault; otherwise check the "
-                   "provider's libraries (CUDA, cuDNN, TensorRT) or use providers=['cpu']")
         raise ProviderError(
-            f"onnxruntime could not create a session on {requested}: {first}", fix=fix,
+            f"onnxruntime could not create a session on {requested}: {first}",
+            fix="re-export the package if the model file is at fault; otherwise check the "
+            "provider's libraries (CUDA, cuDNN, TensorRT) or use providers=['cpu']",
         ) from None
     if model_bytes is not None and hasattr(session, "_model_bytes"):
         # onnxruntime's Python session keeps the bytes to rebuild itself on a provider

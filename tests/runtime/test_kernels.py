@@ -49,6 +49,20 @@ def reference_call(x: np.ndarray, blob: np.ndarray, n: int, bits: int, scale_bit
     return y
 
 
+def reference_float(x: np.ndarray, blob: np.ndarray, n: int,
+                    activation: int = kernels.NONE) -> np.ndarray:
+    lib = ctypes.CDLL(str(kernels.library()))
+    x = np.ascontiguousarray(x, np.float32)
+    rows, k = x.shape
+    y = np.zeros((rows, n // 2 if activation else n), np.float32)
+    rc = lib.llmopt_matmul_f(x.ctypes.data_as(ctypes.c_void_p), ctypes.c_int64(rows),
+                             ctypes.c_int64(k), blob.ctypes.data_as(ctypes.c_void_p),
+                             ctypes.c_int64(n), ctypes.c_int(activation),
+                             y.ctypes.data_as(ctypes.c_void_p))
+    assert rc == 0
+    return y
+
+
 @needs_kernels
 @pytest.mark.parametrize(("bits", "precision"), [(4, 16), (8, 16), (4, 32), (8, 32)])
 @pytest.mark.parametrize(("rows", "k", "n"), [(1, 64, 16), (3, 96, 33), (9, 128, 40),
@@ -91,22 +105,12 @@ def test_the_float_kernel_computes_the_product(rows: int, k: int, n: int) -> Non
     rng = np.random.default_rng(rows)
     weight = rng.standard_normal((k, n)).astype(np.float32)
     x = rng.standard_normal((rows, k)).astype(np.float32)
-    lib = ctypes.CDLL(str(kernels.library()))
-    y = np.zeros((rows, n), np.float32)
     blob = kernels.pack_float(weight)
     assert blob.shape == (-(-n // 16), k, 16)
-    lib.llmopt_matmul_f(x.ctypes.data_as(ctypes.c_void_p), ctypes.c_int64(rows),
-                        ctypes.c_int64(k), blob.ctypes.data_as(ctypes.c_void_p),
-                        ctypes.c_int64(n), ctypes.c_int(kernels.NONE),
-                        y.ctypes.data_as(ctypes.c_void_p))
+    y = reference_float(x, blob, n)
     np.testing.assert_allclose(y, x.astype(np.float64) @ weight, rtol=1e-5, atol=1e-5)
     # a row's result does not depend on the rows computed beside it
-    alone = np.zeros((1, n), np.float32)
-    lib.llmopt_matmul_f(x[-1:].ctypes.data_as(ctypes.c_void_p), ctypes.c_int64(1),
-                        ctypes.c_int64(k), blob.ctypes.data_as(ctypes.c_void_p),
-                        ctypes.c_int64(n), ctypes.c_int(kernels.NONE),
-                        alone.ctypes.data_as(ctypes.c_void_p))
-    np.testing.assert_array_equal(alone[0], y[-1])
+    np.testing.assert_array_equal(reference_float(x[-1:], blob, n)[0], y[-1])
 
 
 def silu_mul(y: np.ndarray) -> np.ndarray:
@@ -125,14 +129,7 @@ def test_the_swiglu_epilogue_computes_silu_gate_times_up(rows: int) -> None:
     assert sorted(order) == list(range(n)) and list(order[16:32]) == list(range(48, 64))
     x = rng.standard_normal((rows, k)).astype(np.float32)
     weight = rng.standard_normal((k, n)).astype(np.float32) * 0.3
-    lib = ctypes.CDLL(str(kernels.library()))
-    y = np.zeros((rows, n // 2), np.float32)
-    assert lib.llmopt_matmul_f(x.ctypes.data_as(ctypes.c_void_p), ctypes.c_int64(rows),
-                               ctypes.c_int64(k),
-                               kernels.pack_float(weight[:, order]).ctypes.data_as(
-                                   ctypes.c_void_p),
-                               ctypes.c_int64(n), ctypes.c_int(kernels.SILU_MUL),
-                               y.ctypes.data_as(ctypes.c_void_p)) == 0
+    y = reference_float(x, kernels.pack_float(weight[:, order]), n, kernels.SILU_MUL)
     np.testing.assert_allclose(y, silu_mul(x.astype(np.float64) @ weight), rtol=1e-5,
                                atol=1e-5)
     nblocks = k // kernels.BLOCK
