@@ -34,6 +34,7 @@
 
 #include <algorithm>
 #include <climits>
+#include <memory>
 #include <type_traits>
 #include <vector>
 
@@ -139,7 +140,8 @@ constexpr int stride_bytes(int bits, int scale_bits, bool symmetric) {
   return codes_bytes(bits) + (symmetric ? 1 : 2) * kTile * scale_bits / 8;
 }
 
-constexpr int kNone = 0, kSiluMul = 1;  // the `activation` attribute: what follows the product
+// the `activation` attribute: what follows the product (and its bias, when it has one)
+constexpr int kNone = 0, kSiluMul = 1, kGelu = 2;
 
 // exp(x) to about 1e-7 relative: x = n ln2 + r, |r| <= ln2 / 2, a degree-6 polynomial in r
 inline __m512 exp_ps(__m512 x) {
@@ -160,6 +162,50 @@ inline __m512 silu_mul(__m512 g, __m512 u) {
   return _mm512_mul_ps(_mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), e)), u);
 }
 
+// erf(x) to 1.5e-7 (Abramowitz and Stegun 7.1.26): 1 - t (a1 + t (a2 + ...)) exp(-x^2),
+// t = 1 / (1 + p |x|), odd in x
+inline __m512 erf_ps(__m512 x) {
+  const __m512 z = _mm512_abs_ps(x);
+  const __m512 t = _mm512_div_ps(_mm512_set1_ps(1.0f),
+                                 _mm512_fmadd_ps(z, _mm512_set1_ps(0.3275911f), _mm512_set1_ps(1.0f)));
+  __m512 p = _mm512_set1_ps(1.061405429f);
+  for (const float c : {-1.453152027f, 1.421413741f, -0.284496736f, 0.254829592f})
+    p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(c));
+  const __m512 e = exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_mul_ps(z, z)));
+  const __m512 y = _mm512_fnmadd_ps(_mm512_mul_ps(p, t), e, _mm512_set1_ps(1.0f));
+  return _mm512_castsi512_ps(_mm512_or_si512(  // copy x's sign onto y
+      _mm512_castps_si512(y),
+      _mm512_and_si512(_mm512_castps_si512(x), _mm512_set1_epi32(INT32_MIN))));
+}
+
+// gelu(x) = x / 2 * (1 + erf(x / sqrt(2))): BERT's (and BiasGelu's) exact GELU
+inline __m512 gelu(__m512 x) {
+  const __m512 e = erf_ps(_mm512_mul_ps(x, _mm512_set1_ps(0.70710678118654752f)));
+  return _mm512_mul_ps(_mm512_mul_ps(x, _mm512_set1_ps(0.5f)),
+                       _mm512_add_ps(e, _mm512_set1_ps(1.0f)));
+}
+
+// A product's epilogue on R rows of one output tile: acc (and up, the paired tile of a SwiGLU)
+// plus their bias where there is one (`bias`, `up_bias`: the tiles' 16 values, or nullptr), then
+// the activation.
+template <int R>
+inline void finish(int activation, const float* bias, const float* up_bias, __m512* acc,
+                   __m512* up) {
+  if (bias) {
+    const __m512 b = _mm512_loadu_ps(bias);
+    for (int r = 0; r < R; ++r) acc[r] = _mm512_add_ps(acc[r], b);
+  }
+  if (activation == kSiluMul) {
+    if (up_bias) {
+      const __m512 b = _mm512_loadu_ps(up_bias);
+      for (int r = 0; r < R; ++r) up[r] = _mm512_add_ps(up[r], b);
+    }
+    for (int r = 0; r < R; ++r) acc[r] = silu_mul(acc[r], up[r]);
+  } else if (activation == kGelu) {
+    for (int r = 0; r < R; ++r) acc[r] = gelu(acc[r]);
+  }
+}
+
 inline void store_rows(float* y, int64_t n, int64_t row0, int64_t col0, int rows,
                        const __m512* acc) {
   const int64_t valid = std::min<int64_t>(kTile, n - col0);
@@ -175,9 +221,15 @@ struct Work {
   float* y;             // [rows, N]
   int64_t rows, k, n, blocks, tiles;  // n: output columns (N / 2 with the SiLU epilogue)
   int bits, scale_bits;
-  int epilogue;  // kNone, or kSiluMul: tiles come in (gate, up) pairs, y = silu(gate) * up
+  // kNone, kGelu, or kSiluMul: tiles come in (gate, up) pairs, y = silu(gate) * up
+  int epilogue;
   int zero_point;  // 0: offsets stored; else symmetric blocks, m = -zero_point * s
+  const float* bias;  // [tiles * 16] in the weights' column order, or nullptr
 };
+
+inline const float* tile_bias(const float* bias, int64_t tile) {
+  return bias ? bias + tile * kTile : nullptr;
+}
 
 template <bool HALF>
 inline __m512 load_scales(const uint8_t* p) {
@@ -239,25 +291,27 @@ void tile_rows(const Work& w, int64_t tile, int64_t row0, __m512* acc) {
 // output tile `item` for rows [row0, row0 + R): one weight tile, or a (gate, up) pair
 template <int R, int BITS, bool HALF, bool SYM>
 void rows_out(const Work& w, int64_t item, int64_t row0) {
-  __m512 acc[R];
+  __m512 acc[R], up[R];
   if (w.epilogue == kSiluMul) {
-    __m512 up[R];
     tile_rows<R, BITS, HALF, SYM>(w, 2 * item, row0, acc);
     tile_rows<R, BITS, HALF, SYM>(w, 2 * item + 1, row0, up);
-    for (int r = 0; r < R; ++r) acc[r] = silu_mul(acc[r], up[r]);
+    finish<R>(w.epilogue, tile_bias(w.bias, 2 * item), tile_bias(w.bias, 2 * item + 1), acc, up);
   } else {
     tile_rows<R, BITS, HALF, SYM>(w, item, row0, acc);
+    finish<R>(w.epilogue, tile_bias(w.bias, item), nullptr, acc, up);
   }
   store_rows(w.y, w.n, row0, item * kTile, R, acc);
 }
 
-// pass(std::integral_constant<int, R>, row0) over `rows` rows in passes of up to kMaxRows
+// pass(std::integral_constant<int, R>, row) over rows [first, first + rows) in passes of up to
+// kMaxRows
 template <typename Pass>
-void by_passes(int64_t rows, Pass&& pass) {
+void by_passes(int64_t first, int64_t rows, Pass&& pass) {
   using std::integral_constant;
-  int64_t row = 0;
-  for (; row + kMaxRows <= rows; row += kMaxRows) pass(integral_constant<int, kMaxRows>{}, row);
-  switch (rows - row) {
+  const int64_t end = first + rows;
+  int64_t row = first;
+  for (; row + kMaxRows <= end; row += kMaxRows) pass(integral_constant<int, kMaxRows>{}, row);
+  switch (end - row) {
     case 7: pass(integral_constant<int, 7>{}, row); break;
     case 6: pass(integral_constant<int, 6>{}, row); break;
     case 5: pass(integral_constant<int, 5>{}, row); break;
@@ -270,24 +324,50 @@ void by_passes(int64_t rows, Pass&& pass) {
 }
 
 template <int BITS, bool HALF, bool SYM>
-void tile(const Work& w, int64_t t) {
-  by_passes(w.rows, [&](auto r, int64_t row) {
+void tile(const Work& w, int64_t t, int64_t row0, int64_t rows) {
+  by_passes(row0, rows, [&](auto r, int64_t row) {
     rows_out<decltype(r)::value, BITS, HALF, SYM>(w, t, row);
   });
 }
 
 template <int BITS, bool HALF>
-void tile_sym(const Work& w, int64_t t) {
-  w.zero_point ? tile<BITS, HALF, true>(w, t) : tile<BITS, HALF, false>(w, t);
+void tile_sym(const Work& w, int64_t t, int64_t row0, int64_t rows) {
+  w.zero_point ? tile<BITS, HALF, true>(w, t, row0, rows)
+               : tile<BITS, HALF, false>(w, t, row0, rows);
 }
 
-void run_tile(void* data, size_t t) {
-  const Work& w = *static_cast<const Work*>(data);
-  const auto i = static_cast<int64_t>(t);
+// output tile t of rows [row0, row0 + rows)
+void tile_q(const Work& w, int64_t t, int64_t row0, int64_t rows) {
   if (w.bits == 4)
-    w.scale_bits == 16 ? tile_sym<4, true>(w, i) : tile_sym<4, false>(w, i);
+    w.scale_bits == 16 ? tile_sym<4, true>(w, t, row0, rows) : tile_sym<4, false>(w, t, row0, rows);
   else
-    w.scale_bits == 16 ? tile_sym<8, true>(w, i) : tile_sym<8, false>(w, i);
+    w.scale_bits == 16 ? tile_sym<8, true>(w, t, row0, rows) : tile_sym<8, false>(w, t, row0, rows);
+}
+
+// A product's work for one thread: a contiguous run ("span") of its output items (a tile, or a
+// pair of tiles), taken over the rows a chunk of kRowChunk at a time, so that a chunk's
+// activations and the span's weights stay in cache while every item of the span reads them (a
+// prompt or an encoder batch has thousands of rows: item by item over all of them, each item
+// streamed every activation from memory again). A row's result is the same whatever chunk or
+// span it falls in.
+constexpr int64_t kRowChunk = 64;
+
+template <typename W>
+struct Spans {
+  const W* work;
+  void (*item)(const W&, int64_t item, int64_t row0, int64_t rows);
+  int64_t items, spans;
+};
+
+template <typename W>
+void run_span(void* data, size_t span) {
+  const Spans<W>& s = *static_cast<const Spans<W>*>(data);
+  const auto i = static_cast<int64_t>(span);
+  const int64_t first = i * s.items / s.spans, last = (i + 1) * s.items / s.spans;
+  for (int64_t row0 = 0; row0 < s.work->rows; row0 += kRowChunk) {
+    const int64_t rows = std::min(kRowChunk, s.work->rows - row0);
+    for (int64_t item = first; item < last; ++item) s.item(*s.work, item, row0, rows);
+  }
 }
 
 // output tiles of a product: the weight tiles, or half of them with the SiLU epilogue
@@ -315,16 +395,43 @@ void quantize_rows(const float* x, int64_t rows, int64_t k, int8_t* xq, float* s
   }
 }
 
+// x [rows, K] rounded per block (quantize_rows), in `parts` runs of rows: one per intra-op thread
+// for a prompt or a batch (SmolLM2's 108-token prompt, all-MiniLM-L6-v2 at 32 x 128 tokens), so
+// the other threads do not wait on one. The buffers are left uninitialized until then.
+struct Rounded {
+  const float* x;
+  int64_t rows, k, parts;
+  std::unique_ptr<int8_t[]> xq;
+  std::unique_ptr<float[]> sx, isum;
+
+  Rounded(const float* x_, int64_t rows_, int64_t k_, int64_t threads)
+      : x(x_), rows(rows_), k(k_),
+        parts(std::max<int64_t>(1, std::min(threads, (rows_ + kRowChunk - 1) / kRowChunk))),
+        xq(new int8_t[rows_ * k_]), sx(new float[rows_ * (k_ / kBlock)]),
+        isum(new float[rows_ * (k_ / kBlock)]) {}
+
+  static void part(void* data, size_t i) {
+    const Rounded& r = *static_cast<const Rounded*>(data);
+    const auto at = static_cast<int64_t>(i);
+    const int64_t first = at * r.rows / r.parts, last = (at + 1) * r.rows / r.parts;
+    const int64_t blocks = r.k / kBlock;
+    quantize_rows(r.x + first * r.k, last - first, r.k, r.xq.get() + first * r.k,
+                  r.sx.get() + first * blocks, r.isum.get() + first * blocks);
+  }
+};
+
 // What both products share: x [.., K] times packed weights into y [.., N] (N / 2 after the
-// SiLU epilogue), their output columns split into `threads` contiguous runs.
+// SiLU epilogue), plus a bias (a third input, [tiles * 16] in the weights' column order) where
+// `bias` is 1, their output columns split into `threads` contiguous runs.
 struct Product {
   Api api;
-  int64_t k = 0, n = 0, activation = kNone;
+  int64_t k = 0, n = 0, activation = kNone, bias = 0;
   int64_t threads = 1;  // the session's intra-op threads: one contiguous run of tiles each
 
   struct Io {
     const float* x = nullptr;
     const void* w = nullptr;
+    const float* bias = nullptr;
     float* y = nullptr;
     int64_t rows = 0, cols = 0;  // rows of x (all but its last axis), columns of y
   };
@@ -335,8 +442,9 @@ struct Product {
     if (!s) s = api.attribute(info, "N", &n);
     if (!s) s = api.attribute(info, "threads", &threads);
     if (!s) s = api.attribute(info, "activation", &activation);
-    if (!s && (k <= 0 || n <= 0 || (activation != kNone && activation != kSiluMul) ||
-               (activation == kSiluMul && n % (2 * kTile))))
+    if (!s) s = api.attribute(info, "bias", &bias);
+    if (!s && (k <= 0 || n <= 0 || activation < kNone || activation > kGelu ||
+               (bias != 0 && bias != 1) || (activation == kSiluMul && n % (2 * kTile))))
       s = api.error(kInvalidArgument, op);
     return s;
   }
@@ -362,20 +470,35 @@ struct Product {
     OrtValue* y_value = nullptr;
     if (Status s = api.output(ctx, 0, out_dims.data(), out_dims.size(), &y_value)) return s;
     if (io->rows == 0) return nullptr;
-    void *x = nullptr, *w = nullptr, *y = nullptr;
+    void *x = nullptr, *w = nullptr, *y = nullptr, *b = nullptr;
+    if (bias) {
+      const OrtValue* b_value = nullptr;
+      std::vector<int64_t> bdims;
+      if (Status s = api.input(ctx, 2, &b_value)) return s;
+      if (!b_value) return api.error(kInvalidArgument, misshapen);
+      if (Status s = api.shape(b_value, &bdims)) return s;
+      if (bdims.size() != 1 || bdims[0] != weights[0] * kTile)
+        return api.error(kInvalidArgument, misshapen);
+      if (Status s = api.data(b_value, &b)) return s;
+    }
     if (Status s = api.data(x_value, &x)) return s;
     if (Status s = api.data(w_value, &w)) return s;
     if (Status s = api.data(y_value, &y)) return s;
     io->x = static_cast<const float*>(x);
     io->w = w;
+    io->bias = static_cast<const float*>(b);
     io->y = static_cast<float*>(y);
     return nullptr;
   }
 
-  Status run(OrtKernelContext* ctx, void (*fn)(void*, size_t), int64_t items, void* work) const {
-    const auto batches = std::min<int64_t>(std::max<int64_t>(threads, 1), items);
-    return api.parallel_for(ctx, fn, static_cast<size_t>(items), static_cast<size_t>(batches),
-                            work);
+  // `items` output items of `work`, one span of them per intra-op thread (run_span)
+  template <typename W>
+  Status run(OrtKernelContext* ctx, void (*item)(const W&, int64_t, int64_t, int64_t),
+             int64_t items, const W& work) const {
+    const int64_t spans = std::min<int64_t>(std::max<int64_t>(threads, 1), items);
+    Spans<W> s{&work, item, items, spans};
+    return api.parallel_for(ctx, run_span<W>, static_cast<size_t>(spans),
+                            static_cast<size_t>(spans), &s);
   }
 };
 
@@ -389,19 +512,22 @@ struct Kernel : Product {
                                              zero_point != 0)};
     Io io;
     if (Status s = open(ctx, weights,
-                        "MatMulQ: the input's last dimension is not K, or the weights are not "
-                        "[N/16, K/32, stride]",
+                        "MatMulQ: the input's last dimension is not K, the weights are not "
+                        "[N/16, K/32, stride], or the bias is not [N/16 * 16]",
                         &io))
       return s;
     if (io.rows == 0) return nullptr;
-    std::vector<int8_t> xq(static_cast<size_t>(io.rows * k));
-    std::vector<float> sx(static_cast<size_t>(io.rows * blocks)), isum(sx.size());
-    quantize_rows(io.x, io.rows, k, xq.data(), sx.data(), isum.data());
+    Rounded x(io.x, io.rows, k, threads);
+    if (x.parts == 1)
+      Rounded::part(&x, 0);
+    else if (Status s = api.parallel_for(ctx, Rounded::part, static_cast<size_t>(x.parts),
+                                         static_cast<size_t>(x.parts), &x))
+      return s;
     const int epilogue = static_cast<int>(activation);
-    Work work{static_cast<const uint8_t*>(io.w), xq.data(), sx.data(), isum.data(), io.y,
+    Work work{static_cast<const uint8_t*>(io.w), x.xq.get(), x.sx.get(), x.isum.get(), io.y,
               io.rows, k, io.cols, blocks, tiles, static_cast<int>(bits),
-              static_cast<int>(scale_bits), epilogue, static_cast<int>(zero_point)};
-    return run(ctx, run_tile, out_tiles(tiles, epilogue), &work);
+              static_cast<int>(scale_bits), epilogue, static_cast<int>(zero_point), io.bias};
+    return run(ctx, tile_q, out_tiles(tiles, epilogue), work);
   }
 };
 
@@ -417,7 +543,8 @@ struct WorkF {
   const float* x;        // [rows, K]
   float* y;              // [rows, n]
   int64_t rows, k, n, tiles;  // n: output columns (N / 2 with the SiLU epilogue)
-  int epilogue;               // kNone, or kSiluMul: each pair of tiles is (gate, up)
+  int epilogue;               // kNone, kGelu, or kSiluMul: each pair of tiles is (gate, up)
+  const float* bias;          // [tiles * 16], or nullptr
 };
 
 template <int R, int T>
@@ -437,35 +564,36 @@ void tile_rows_f(const WorkF& w, int64_t tile0, int64_t row0) {
       for (int t = 0; t < T; ++t) acc[r][t] = _mm512_fmadd_ps(xv, v[t], acc[r][t]);
     }
   }
-  __m512 out[R];
+  __m512 out[R], up[R];
   if constexpr (T == 2) {
     if (w.epilogue == kSiluMul) {
-      for (int r = 0; r < R; ++r) out[r] = silu_mul(acc[r][0], acc[r][1]);
+      for (int r = 0; r < R; ++r) out[r] = acc[r][0], up[r] = acc[r][1];
+      finish<R>(w.epilogue, tile_bias(w.bias, tile0), tile_bias(w.bias, tile0 + 1), out, up);
       store_rows(w.y, w.n, row0, tile0 / 2 * kTile, R, out);
       return;
     }
   }
   for (int t = 0; t < T; ++t) {
     for (int r = 0; r < R; ++r) out[r] = acc[r][t];
+    finish<R>(w.epilogue, tile_bias(w.bias, tile0 + t), nullptr, out, up);
     store_rows(w.y, w.n, row0, (tile0 + t) * kTile, R, out);
   }
 }
 
 template <int T>
-void tiles_f(const WorkF& w, int64_t tile0) {
-  by_passes(w.rows, [&](auto r, int64_t row) {
+void tiles_f(const WorkF& w, int64_t tile0, int64_t row0, int64_t rows) {
+  by_passes(row0, rows, [&](auto r, int64_t row) {
     tile_rows_f<decltype(r)::value, T>(w, tile0, row);
   });
 }
 
-// work item i: tiles 2i and 2i + 1 (the last item may hold one)
-void run_tile_f(void* data, size_t i) {
-  const WorkF& w = *static_cast<const WorkF*>(data);
-  const auto tile0 = static_cast<int64_t>(2 * i);
+// item i: tiles 2i and 2i + 1 (the last item may hold one) of rows [row0, row0 + rows)
+void pair_f(const WorkF& w, int64_t i, int64_t row0, int64_t rows) {
+  const int64_t tile0 = 2 * i;
   if (tile0 + 1 < w.tiles)
-    tiles_f<2>(w, tile0);
+    tiles_f<2>(w, tile0, row0, rows);
   else
-    tiles_f<1>(w, tile0);
+    tiles_f<1>(w, tile0, row0, rows);
 }
 
 size_t pairs(int64_t tiles) { return static_cast<size_t>((tiles + 1) / 2); }
@@ -475,14 +603,14 @@ struct KernelF : Product {
     const int64_t tiles = (n + kTile - 1) / kTile;
     Io io;
     if (Status s = open(ctx, {tiles, k, kTile},
-                        "MatMulF: the input's last dimension is not K, or the weights are not "
-                        "[N/16, K, 16]",
+                        "MatMulF: the input's last dimension is not K, the weights are not "
+                        "[N/16, K, 16], or the bias is not [N/16 * 16]",
                         &io))
       return s;
     if (io.rows == 0) return nullptr;
     WorkF work{static_cast<const float*>(io.w), io.x, io.y, io.rows, k, io.cols, tiles,
-               static_cast<int>(activation)};
-    return run(ctx, run_tile_f, static_cast<int64_t>(pairs(tiles)), &work);
+               static_cast<int>(activation), io.bias};
+    return run(ctx, pair_f, static_cast<int64_t>(pairs(tiles)), work);
   }
 };
 
@@ -519,7 +647,7 @@ Status create_kernel(const OrtCustomOpAbi*, const OrtApi* api, const OrtKernelIn
   kernel->api.api = api;
   constexpr const char* kWrong =
       "MatMulQ: K must be a multiple of 32, bits 4 or 8, scale_bits 16 or 32, zero_point a "
-      "code, activation 0 or 1 (then N a multiple of 32)";
+      "code, activation 0, 1 (then N a multiple of 32) or 2, bias 0 or 1";
   Status s = kernel->read(info, kWrong);
   if (!s) s = kernel->api.attribute(info, "bits", &kernel->bits);
   if (!s) s = kernel->api.attribute(info, "scale_bits", &kernel->scale_bits);
@@ -540,8 +668,8 @@ Status create_kernel_f(const OrtCustomOpAbi*, const OrtApi* api, const OrtKernel
                        void** out) {
   auto* kernel = new KernelF;
   kernel->api.api = api;
-  if (Status s = kernel->read(info, "MatMulF: K and N must be positive, activation 0 or 1 (then "
-                                    "N a multiple of 32)")) {
+  if (Status s = kernel->read(info, "MatMulF: K and N must be positive, activation 0, 1 (then "
+                                    "N a multiple of 32) or 2, bias 0 or 1")) {
     delete kernel;
     return s;
   }
@@ -574,12 +702,13 @@ constexpr OrtCustomOpAbi op(const char* (*name)(const OrtCustomOpAbi*),
       name,
       [](const OrtCustomOpAbi*) { return "CPUExecutionProvider"; },
       input_type,
-      [](const OrtCustomOpAbi*) { return size_t{2}; },
+      [](const OrtCustomOpAbi*) { return size_t{3}; },  // x, weights, bias
       [](const OrtCustomOpAbi*, size_t) { return kFloat; },
       [](const OrtCustomOpAbi*) { return size_t{1}; },
       compute_v1<K>,
       destroy<K>,
-      [](const OrtCustomOpAbi*, size_t) { return 0; },  // required
+      // x and the weights required, the bias optional
+      [](const OrtCustomOpAbi*, size_t i) { return i < 2 ? 0 : 1; },
       [](const OrtCustomOpAbi*, size_t) { return 0; },
       [](const OrtCustomOpAbi*, size_t) { return 0; },  // OrtMemTypeDefault
       [](const OrtCustomOpAbi*) { return 1; },
@@ -596,7 +725,7 @@ constexpr OrtCustomOpAbi op(const char* (*name)(const OrtCustomOpAbi*),
 
 const OrtCustomOpAbi kMatMulQ = op<Kernel, create_kernel>(
     [](const OrtCustomOpAbi*) { return "MatMulQ"; },
-    [](const OrtCustomOpAbi*, size_t i) { return i == 0 ? kFloat : kUint8; });
+    [](const OrtCustomOpAbi*, size_t i) { return i == 1 ? kUint8 : kFloat; });
 const OrtCustomOpAbi kMatMulF = op<KernelF, create_kernel_f>(
     [](const OrtCustomOpAbi*) { return "MatMulF"; },
     [](const OrtCustomOpAbi*, size_t) { return kFloat; });
@@ -618,35 +747,39 @@ __attribute__((visibility("default"))) int llmopt_kernels_supported() {
          __builtin_cpu_supports("f16c");
 }
 
-// Reference entry for tests: y = MatMulQ(x) without ONNX Runtime (one thread).
+// Reference entry for tests: y = MatMulQ(x) (+ bias unless nullptr) without ONNX Runtime (one
+// thread).
 __attribute__((visibility("default"))) int llmopt_matmul_q(const float* x, int64_t rows,
                                                            int64_t k, const uint8_t* weights,
                                                            int64_t n, int bits, int scale_bits,
                                                            int activation, int zero_point,
-                                                           float* y) {
+                                                           const float* bias, float* y) {
   if (k % kBlock || (bits != 4 && bits != 8) || (scale_bits != 16 && scale_bits != 32) ||
-      (activation == kSiluMul && n % (2 * kTile)))
+      activation < kNone || activation > kGelu || (activation == kSiluMul && n % (2 * kTile)))
     return kFail;
   const int64_t blocks = k / kBlock, tiles = (n + kTile - 1) / kTile;
-  std::vector<int8_t> xq(static_cast<size_t>(rows * k));
-  std::vector<float> sx(static_cast<size_t>(rows * blocks)), isum(sx.size());
-  quantize_rows(x, rows, k, xq.data(), sx.data(), isum.data());
-  Work work{weights, xq.data(), sx.data(), isum.data(), y, rows, k,
+  Rounded rounded(x, rows, k, 1);
+  Rounded::part(&rounded, 0);
+  Work work{weights, rounded.xq.get(), rounded.sx.get(), rounded.isum.get(), y, rows, k,
             activation == kSiluMul ? n / 2 : n, blocks, tiles, bits, scale_bits, activation,
-            zero_point};
-  for (int64_t t = 0; t < out_tiles(tiles, activation); ++t)
-    run_tile(&work, static_cast<size_t>(t));
+            zero_point, bias};
+  Spans<Work> spans{&work, tile_q, out_tiles(tiles, activation), 1};
+  run_span<Work>(&spans, 0);
   return 0;
 }
 
-// Reference entry for tests: y = MatMulF(x) without ONNX Runtime (one thread).
+// Reference entry for tests: y = MatMulF(x) (+ bias unless nullptr) without ONNX Runtime (one
+// thread).
 __attribute__((visibility("default"))) int llmopt_matmul_f(const float* x, int64_t rows,
                                                            int64_t k, const float* weights,
-                                                           int64_t n, int activation, float* y) {
-  if (activation == kSiluMul && n % (2 * kTile)) return kFail;
+                                                           int64_t n, int activation,
+                                                           const float* bias, float* y) {
+  if (activation < kNone || activation > kGelu || (activation == kSiluMul && n % (2 * kTile)))
+    return kFail;
   const int64_t tiles = (n + kTile - 1) / kTile;
-  WorkF work{weights, x, y, rows, k, activation == kSiluMul ? n / 2 : n, tiles, activation};
-  for (size_t i = 0; i < pairs(tiles); ++i) run_tile_f(&work, i);
+  WorkF work{weights, x, y, rows, k, activation == kSiluMul ? n / 2 : n, tiles, activation, bias};
+  Spans<WorkF> spans{&work, pair_f, static_cast<int64_t>(pairs(tiles)), 1};
+  run_span<WorkF>(&spans, 0);
   return 0;
 }
 

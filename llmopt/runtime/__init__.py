@@ -59,10 +59,11 @@ def load(package: str | os.PathLike[str] | Package,
     """
     pkg = package if isinstance(package, Package) else Package.open(package)
     check_weights_file(pkg)
-    prompt_options = prompt_graph = kernel_graph = None
+    prompt_options = prompt_graph = None
     if pkg.is_decoder:
         provider_options = decoder_provider_options(provider_options)
-        kernel_graph = kernels.decode_graph(pkg, cpu_options(providers, provider_options))
+    kernel_graph = kernels.kernel_graph(pkg, cpu_options(providers, provider_options))
+    if pkg.is_decoder:
         prompt_options = prompt_session_options(providers, provider_options)
         if kernel_graph is not None and prompt_options is not None \
                 and prompt_options.float_prompts is None:
@@ -86,7 +87,7 @@ def load(package: str | os.PathLike[str] | Package,
         warn_cpu_bound_quantization(pkg, info.active[0])
     tokenizer = load_tokenizer(pkg.path)
     if not pkg.is_decoder:
-        return Embedder(pkg, session, info, tokenizer)
+        return Embedder(pkg, session, info, tokenizer, initializers=blobs)
     prompts = None
     if prompt_graph is not None and info.active and info.active[0] == "cpu":
         prompts, _ = create_session(pkg.model_path, [("cpu", prompt_options)],

@@ -28,9 +28,13 @@ class Classification:
 class Embedder:
     """Embeddings (feature-extraction packages) and labels (text-classification packages)."""
 
-    def __init__(self, package: Any, session: Any, info: SessionInfo, tokenizer: Any) -> None:
+    def __init__(self, package: Any, session: Any, info: SessionInfo, tokenizer: Any,
+                 initializers: dict[str, Any] | None = None) -> None:
         self.package = package
         self.session = session
+        # the weights the session computes on in place (llmopt's CPU kernels): they must live
+        # as long as it does
+        self.initializers = initializers or {}
         self.session_info = info
         self.tokenizer = tokenizer
         self.layout = dict(package.manifest.encoder or {})

@@ -51,7 +51,7 @@ SOURCE = Path(__file__).resolve().parents[1] / "kernels" / "cpu_kernels.cc"
 DOMAIN = "ai.llmopt"
 OP = "MatMulQ"
 FLOAT_OP = "MatMulF"
-NONE, SILU_MUL = 0, 1  # the kernels' ``activation``: what follows the product
+NONE, SILU_MUL, GELU = 0, 1, 2  # the kernels' ``activation``: what follows the product
 FLOAT = 1  # onnx.TensorProto.FLOAT
 BLOCK, TILE = 32, 16
 FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-fvisibility=hidden", "-mavx512f",
@@ -193,6 +193,14 @@ def pack_float(weight: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(padded.reshape(k, tiles, TILE).transpose(1, 0, 2))
 
 
+def pack_bias(bias: np.ndarray) -> np.ndarray:
+    """A [N] bias as the kernels read it: float32, zero-padded to whole tiles of 16."""
+    n = bias.shape[0]
+    out = np.zeros(-(-n // TILE) * TILE, np.float32)
+    out[:n] = bias
+    return out
+
+
 def unpack_codes(packed: np.ndarray, n: int, nblocks: int, bits: int) -> np.ndarray:
     """MatMulNBits' stored codes (two 4-bit codes per byte, low nibble first) as [N, nblocks,
     32] uint8."""
@@ -221,10 +229,11 @@ def _zero_points(stored: np.ndarray | None, n: int, nblocks: int, bits: int) -> 
 
 def kernel_model(proto: Any, folder: str | Path, threads: int, float_weights: bool = True,
                  blobs: dict[str, np.ndarray] | None = None) -> int:
-    """Rewrite ``proto`` (a decoder graph whose external weights live in ``folder``) in place:
+    """Rewrite ``proto`` (a graph whose external weights live in ``folder``) in place:
     each int8-compute MatMulNBits in blocks of 32 (with its float-zero-point correction where it
     has one) becomes one MatMulQ; with ``float_weights``, each MatMul by a float32 [K, N] weight
-    one MatMulF; a SwiGLU after either (:func:`_swiglu`) becomes its ``activation``. Both
+    one MatMulF; a bias Add, GELU or SwiGLU after either (:class:`_Epilogue`) goes into the
+    kernel's epilogue. Both
     split their output columns into ``threads`` runs (the session's intra-op
     threads: one contiguous run each measured faster than finer work items, 5.7 against 6.2 ms
     per SmolLM2 int4 step on 2 threads). Returns how many nodes were rewritten.
@@ -249,8 +258,8 @@ def kernel_model(proto: Any, folder: str | Path, threads: int, float_weights: bo
             made = _matmul_q(node, weights, threads)
         else:
             continue
-        replaced[id(node)], (name, blob), chain, names = made
-        added.append(_initializer(name, blob, blobs))
+        replaced[id(node)], made_weights, chain, names = made
+        added.extend(_initializer(name, blob, blobs) for name, blob in made_weights)
         used.update(names)
         dropped.update(id(x) for x in chain)
         gone = {id(node), *(id(x) for x in chain)}
@@ -277,6 +286,7 @@ class _Weights:
 
     def __init__(self, proto: Any, folder: str | Path) -> None:
         self.inits = {t.name: t for t in proto.graph.initializer}
+        self.outputs = {o.name for o in proto.graph.output}
         self.folder = str(folder)
         self.readers: dict[str, list[Any]] = {}
         for node in proto.graph.node:
@@ -289,8 +299,8 @@ class _Weights:
         return numpy_helper.to_array(self.inits[name], base_dir=self.folder)
 
 
-# node, (its weights' name, array), nodes it replaces, initializers it read
-_Made = tuple[Any, tuple[str, np.ndarray], tuple[Any, ...], set[str]]
+# node, its new initializers (name, array), nodes it replaces, initializers it read
+_Made = tuple[Any, list[tuple[str, np.ndarray]], tuple[Any, ...], set[str]]
 # Where the graph says the kernels' weights are: ONNX Runtime checks that an external data file
 # exists before it looks at the initializers a session is given (KernelGraph.values), which
 # replace these unread. The package's graph file is the one file every package has.
@@ -333,16 +343,16 @@ def _matmul_f(node: Any, weights: _Weights, threads: int) -> _Made:
 
     k, n = (int(d) for d in weights.inits[node.input[1]].dims)
     weight = weights.array(node.input[1])
-    output, swiglu = node.output[0], _swiglu(node.output[0], n, weights)
-    if swiglu is not None:
+    tail = _Epilogue.after(node.output[0], n, weights)
+    if tail.activation == SILU_MUL:
         weight = weight[:, gate_up_order(n)]
-        output = swiglu[-1].output[0]
     name = f"{node.input[1]}.matmul_f"
-    made = helper.make_node(FLOAT_OP, [node.input[0], name], [output],
+    made = helper.make_node(FLOAT_OP, [node.input[0], name, *tail.inputs(name)], [tail.output],
                             name=f"{node.name}/MatMulF", domain=DOMAIN, K=k, N=n,
-                            activation=SILU_MUL if swiglu else NONE, threads=threads)
-    reads = {node.input[1], *(swiglu[0].input[1:] if swiglu else ())}
-    return made, (name, pack_float(weight)), swiglu or (), reads
+                            activation=tail.activation, bias=int(tail.bias is not None),
+                            threads=threads)
+    return (made, [(name, pack_float(weight)), *tail.blobs(name)], tail.nodes,
+            {node.input[1], *tail.reads})
 
 
 def _matmul_q(node: Any, weights: _Weights, threads: int) -> _Made:
@@ -364,21 +374,91 @@ def _matmul_q(node: Any, weights: _Weights, threads: int) -> _Made:
         offsets = offsets[:n] + weights.array(matmul.input[1]).T  # correction: [nblocks, N]
         output = add.output[0]
         reads.update((split.input[1], matmul.input[1]))
-    swiglu = _swiglu(output, n, weights)
-    if swiglu is not None:
+    tail = _Epilogue.after(output, n, weights)
+    if tail.activation == SILU_MUL:
         order = gate_up_order(n)
         codes, scales, offsets = codes[order], scales[order], offsets[order]
-        output = swiglu[-1].output[0]
-        reads.update(swiglu[0].input[1:])
     precision = scale_bits(scales, offsets)
     zero_point = symmetric_zero_point(scales, offsets, bits)
     name = f"{node.input[1]}.matmul_q"
     blob = name, pack(codes, scales, None if zero_point else offsets, bits, precision)
-    made = helper.make_node(OP, [node.input[0], name], [output], name=f"{node.name}/MatMulQ",
-                            domain=DOMAIN, K=k, N=n, bits=bits, scale_bits=precision,
-                            zero_point=zero_point, activation=SILU_MUL if swiglu else NONE,
+    made = helper.make_node(OP, [node.input[0], name, *tail.inputs(name)], [tail.output],
+                            name=f"{node.name}/MatMulQ", domain=DOMAIN, K=k, N=n, bits=bits,
+                            scale_bits=precision, zero_point=zero_point,
+                            activation=tail.activation, bias=int(tail.bias is not None),
                             threads=threads)
-    return made, blob, (*(chain or ()), *(swiglu or ())), reads
+    return made, [blob, *tail.blobs(name)], (*(chain or ()), *tail.nodes), reads | tail.reads
+
+
+@dataclass
+class _Epilogue:
+    """What a product's output goes through that the kernels do in their epilogue: a bias
+    ``Add`` of a [N] float32 weight, then GELU (``BiasGelu``, or ``Gelu`` after the Add) or a
+    SwiGLU (:func:`_swiglu`; its bias, where it has one, reordered as its columns are)."""
+
+    output: str  # the value the kernel writes: the last absorbed node's output
+    nodes: tuple[Any, ...] = ()
+    bias: np.ndarray | None = None
+    activation: int = NONE
+    reads: frozenset[str] = frozenset()
+
+    @classmethod
+    def after(cls, output: str, n: int, weights: _Weights) -> _Epilogue:
+        tail = cls(output)
+        found = _bias(output, n, weights)
+        if found is not None:
+            node, name = found
+            tail = cls(node.output[0], (node,), weights.array(name).astype(np.float32),
+                       GELU if node.op_type == "BiasGelu" else NONE, frozenset({name}))
+            gelu = _only_reader(node.output[0], weights)
+            if tail.activation == NONE and gelu is not None and _exact_gelu(gelu):
+                tail = cls(gelu.output[0], (node, gelu), tail.bias, GELU, tail.reads)
+        if tail.activation != NONE:
+            return tail
+        swiglu = _swiglu(tail.output, n, weights)
+        if swiglu is None:
+            return tail
+        bias = tail.bias[gate_up_order(n)] if tail.bias is not None else None
+        return cls(swiglu[-1].output[0], (*tail.nodes, *swiglu), bias, SILU_MUL,
+                   tail.reads | set(swiglu[0].input[1:]))
+
+    def inputs(self, weight: str) -> list[str]:
+        return [] if self.bias is None else [f"{weight}.bias"]
+
+    def blobs(self, weight: str) -> list[tuple[str, np.ndarray]]:
+        return [] if self.bias is None else [(f"{weight}.bias", pack_bias(self.bias))]
+
+
+def _only_reader(name: str, weights: _Weights) -> Any:
+    """The one node that reads ``name``, or None (several, none, or a graph output)."""
+    found = weights.readers.get(name, [])
+    return found[0] if len(found) == 1 and name not in weights.outputs else None
+
+
+def _bias(output: str, n: int, weights: _Weights) -> tuple[Any, str] | None:
+    """``output``'s only reader when it adds a float32 [n] weight to it (``Add``, or
+    ``BiasGelu``), with that weight's name; else None."""
+    node = _only_reader(output, weights)
+    if node is None or (node.op_type, node.domain) not in (
+            ("Add", ""), ("Add", "ai.onnx"), ("BiasGelu", "com.microsoft")):
+        return None
+    other = [x for x in node.input if x != output]
+    if len(node.input) != 2 or len(other) != 1 or other[0] not in weights.inits:
+        return None
+    bias = weights.inits[other[0]]
+    if bias.data_type != FLOAT or list(bias.dims) != [n]:
+        return None
+    return node, other[0]
+
+
+def _exact_gelu(node: Any) -> bool:
+    """An erf GELU: ``com.microsoft`` Gelu, or ONNX Gelu without the tanh approximation."""
+    if node.op_type != "Gelu":
+        return False
+    if node.domain == "com.microsoft":
+        return True
+    approximate = next((a.s for a in node.attribute if a.name == "approximate"), b"none")
+    return node.domain in ("", "ai.onnx") and approximate == b"none"
 
 
 def gate_up_order(n: int) -> np.ndarray:
@@ -476,9 +556,10 @@ class KernelGraph:
         return {name: ort.OrtValue.ortvalue_from_numpy(a) for name, a in self.blobs.items()}
 
 
-def decode_graph(package: Any, options: Any) -> KernelGraph | None:
-    """``package``'s graph with its int8-compute MatMulNBits on MatMulQ and its float32 MatMuls
-    on MatMulF (its other weights stay where the package keeps them), or None: not on CPU
+def kernel_graph(package: Any, options: Any) -> KernelGraph | None:
+    """``package``'s graph (a decoder's or an encoder's) with its int8-compute MatMulNBits on
+    MatMulQ and its float32 MatMuls on MatMulF, their bias and activation in the kernels'
+    epilogue (its other weights stay where the package keeps them), or None: not on CPU
     (``options`` None), ``CPUOptions(kernels=False)``, nothing to rewrite, or the kernels
     cannot run here (then ``kernels=True`` raises :class:`~llmopt.errors.ProviderError`
     instead)."""

@@ -1,6 +1,7 @@
 """llmopt's CPU kernels (MatMulQ and MatMulF, llmopt/kernels/cpu_kernels.cc): their layouts and
-arithmetic against numpy, the graph rewrite on fp32, int4 (integer and float zero points) and
-int8 packages, and the runtime's choice to use them."""
+arithmetic (epilogues included) against numpy, the graph rewrite on fp32, int4 (integer and
+float zero points) and int8 decoder packages and on encoder packages, and the runtime's choice to
+use them."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from llmopt.quantizer import QuantizeOptions, quantize
 from llmopt.runtime import CPUOptions, kernels
 from llmopt.runtime.generator import Generator
 from tests import tiny_decoders
+from tests.exporter.test_encoders import build as build_encoder
 
 needs_kernels = pytest.mark.skipif(kernels.library() is None,
                                    reason=f"llmopt's CPU kernels: {kernels.unavailable()}")
@@ -34,31 +36,38 @@ def int8_rounded(x: np.ndarray) -> np.ndarray:
     return (codes * scale).reshape(x.shape)
 
 
+def pointer(a: np.ndarray | None) -> ctypes.c_void_p | None:
+    return None if a is None else a.ctypes.data_as(ctypes.c_void_p)
+
+
+def out_columns(n: int, activation: int) -> int:
+    return n // 2 if activation == kernels.SILU_MUL else n
+
+
 def reference_call(x: np.ndarray, blob: np.ndarray, n: int, bits: int, scale_bits: int,
-                   activation: int = kernels.NONE, zero_point: int = 0) -> np.ndarray:
+                   activation: int = kernels.NONE, zero_point: int = 0,
+                   bias: np.ndarray | None = None) -> np.ndarray:
     lib = ctypes.CDLL(str(kernels.library()))
     x = np.ascontiguousarray(x, np.float32)
     rows, k = x.shape
-    y = np.zeros((rows, n // 2 if activation else n), np.float32)
-    rc = lib.llmopt_matmul_q(x.ctypes.data_as(ctypes.c_void_p), ctypes.c_int64(rows),
-                             ctypes.c_int64(k), blob.ctypes.data_as(ctypes.c_void_p),
+    y = np.zeros((rows, out_columns(n, activation)), np.float32)
+    rc = lib.llmopt_matmul_q(pointer(x), ctypes.c_int64(rows), ctypes.c_int64(k), pointer(blob),
                              ctypes.c_int64(n), ctypes.c_int(bits), ctypes.c_int(scale_bits),
-                             ctypes.c_int(activation), ctypes.c_int(zero_point),
-                             y.ctypes.data_as(ctypes.c_void_p))
+                             ctypes.c_int(activation), ctypes.c_int(zero_point), pointer(bias),
+                             pointer(y))
     assert rc == 0
     return y
 
 
-def reference_float(x: np.ndarray, blob: np.ndarray, n: int,
-                    activation: int = kernels.NONE) -> np.ndarray:
+def reference_float(x: np.ndarray, blob: np.ndarray, n: int, activation: int = kernels.NONE,
+                    bias: np.ndarray | None = None) -> np.ndarray:
     lib = ctypes.CDLL(str(kernels.library()))
     x = np.ascontiguousarray(x, np.float32)
     rows, k = x.shape
-    y = np.zeros((rows, n // 2 if activation else n), np.float32)
-    rc = lib.llmopt_matmul_f(x.ctypes.data_as(ctypes.c_void_p), ctypes.c_int64(rows),
-                             ctypes.c_int64(k), blob.ctypes.data_as(ctypes.c_void_p),
-                             ctypes.c_int64(n), ctypes.c_int(activation),
-                             y.ctypes.data_as(ctypes.c_void_p))
+    y = np.zeros((rows, out_columns(n, activation)), np.float32)
+    rc = lib.llmopt_matmul_f(pointer(x), ctypes.c_int64(rows), ctypes.c_int64(k), pointer(blob),
+                             ctypes.c_int64(n), ctypes.c_int(activation), pointer(bias),
+                             pointer(y))
     assert rc == 0
     return y
 
@@ -140,6 +149,57 @@ def test_the_swiglu_epilogue_computes_silu_gate_times_up(rows: int) -> None:
     blob = kernels.pack(codes[order], scales[order], offsets[order], 4)
     got = reference_call(x, blob, n, 4, 16, kernels.SILU_MUL)
     np.testing.assert_allclose(got, silu_mul(int8_rounded(x) @ blocks.T), rtol=1e-4, atol=1e-4)
+
+
+def gelu(y: np.ndarray) -> np.ndarray:
+    import torch
+
+    return torch.nn.functional.gelu(torch.from_numpy(y.astype(np.float64))).numpy()
+
+
+@needs_kernels
+@pytest.mark.parametrize("rows", [1, 9, 70, 150])
+def test_the_epilogue_adds_the_bias_then_gelu(rows: int) -> None:
+    """activation=2 with a bias, in both kernels: gelu(x @ w + b), erf's GELU (BiasGelu's),
+    on row counts across the 8-row passes and the 64-row chunks, columns off the tiles."""
+    rng = np.random.default_rng(rows)
+    k, n = 64, 40
+    x = rng.standard_normal((rows, k)).astype(np.float32)
+    weight = rng.standard_normal((k, n)).astype(np.float32) * 0.3
+    bias = rng.standard_normal(n).astype(np.float32)
+    packed_bias = kernels.pack_bias(bias)
+    assert packed_bias.shape == (48,) and not packed_bias[n:].any()
+    y = reference_float(x, kernels.pack_float(weight), n, kernels.GELU, packed_bias)
+    np.testing.assert_allclose(y, gelu(x.astype(np.float64) @ weight + bias), rtol=1e-5,
+                               atol=2e-6)
+    plain = reference_float(x, kernels.pack_float(weight), n, kernels.NONE, packed_bias)
+    np.testing.assert_allclose(plain, x.astype(np.float64) @ weight + bias, rtol=1e-5,
+                               atol=1e-5)
+    nblocks = k // kernels.BLOCK
+    codes = rng.integers(0, 256, (n, nblocks, kernels.BLOCK)).astype(np.uint8)
+    scales = (rng.random((n, nblocks)) * 0.01).astype(np.float32)
+    blocks = (codes * scales[..., None] - 128 * scales[..., None]).reshape(n, k)
+    blob = kernels.pack(codes, scales, None, 8, 32)
+    got = reference_call(x, blob, n, 8, 32, kernels.GELU, zero_point=128, bias=packed_bias)
+    np.testing.assert_allclose(got, gelu(int8_rounded(x) @ blocks.T + bias), rtol=1e-4,
+                               atol=1e-4)
+    # each row the same whatever rows, passes and chunks it is computed with
+    np.testing.assert_array_equal(
+        reference_call(x[-1:], blob, n, 8, 32, kernels.GELU, 128, packed_bias)[0], got[-1])
+
+
+@needs_kernels
+def test_a_swiglu_with_a_bias_adds_it_before_the_activation() -> None:
+    rng = np.random.default_rng(3)
+    k, n, rows = 64, 64, 5
+    order = kernels.gate_up_order(n)
+    x = rng.standard_normal((rows, k)).astype(np.float32)
+    weight = rng.standard_normal((k, n)).astype(np.float32) * 0.3
+    bias = rng.standard_normal(n).astype(np.float32)
+    y = reference_float(x, kernels.pack_float(weight[:, order]), n, kernels.SILU_MUL,
+                        kernels.pack_bias(bias[order]))
+    np.testing.assert_allclose(y, silu_mul(x.astype(np.float64) @ weight + bias), rtol=1e-5,
+                               atol=1e-5)
 
 
 def test_pack_lays_out_tiles_of_16_columns() -> None:
@@ -323,3 +383,51 @@ def test_a_linked_weights_file_is_refused_with_the_fix(packages: dict[str, Path]
     folder = tmp_path / "folder-link"
     folder.symlink_to(packages["int4"], target_is_directory=True)
     assert load(folder).generate(PROMPT, max_new_tokens=2).token_ids
+
+
+# -- encoders --------------------------------------------------------------------------------------
+
+ENCODER_TEXTS = ["The quick brown fox jumps over the lazy dog.", "Hello world!",
+                 "What is the capital of France? Paris, 2 3 4.", "sea"] * 3
+
+
+@pytest.fixture(scope="module")
+def encoders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A tiny BERT's fp32, fused (BiasGelu) and int8 (MatMulNBits, int8 compute) packages."""
+    root = tmp_path_factory.mktemp("kernel-encoders")
+    source = build_encoder("bert", "feature-extraction", root / "source")
+    fp32 = export(source, root / "fp32")
+    fused = optimize(fp32, root / "fused")
+    int8 = quantize(fused, root / "int8", QuantizeOptions.int8().with_(evaluate=False))
+    return {"fp32": fp32.path, "fused": fused.path, "int8": int8.path}
+
+
+@needs_kernels
+@pytest.mark.parametrize("name", ["fp32", "fused", "int8"])
+def test_encoders_run_on_the_kernels_with_bias_and_gelu_inside(encoders: dict[str, Path],
+                                                               name: str) -> None:
+    """Every weight MatMul of an encoder moves to the kernels, its bias Add (and BiasGelu) into
+    the epilogue; the embeddings are ONNX Runtime's up to float summation order (int8: the
+    same weights and the same int8 rounding of activations)."""
+    path = encoders[name] / "model.onnx"
+    shipped = onnx.load(str(path), load_external_data=False)
+    proto = onnx.load(str(path), load_external_data=False)
+    rewritten = kernels.kernel_model(proto, path.parent, threads=2)
+    products = [n for n in shipped.graph.node if n.op_type in ("MatMul", "MatMulNBits")
+                and n.input[1] in {t.name for t in shipped.graph.initializer}]
+    assert rewritten == len(products) > 0
+    ops = [n.op_type for n in proto.graph.node]
+    attrs = [{a.name: a.i for a in n.attribute} for n in proto.graph.node
+             if n.domain == kernels.DOMAIN]
+    assert all(a["bias"] == 1 for a in attrs)  # BERT: every product has a bias
+    gelus = sum(n.op_type == "BiasGelu" for n in shipped.graph.node)
+    assert [a["activation"] for a in attrs].count(kernels.GELU) == gelus
+    assert (gelus > 0) == (name != "fp32") and "BiasGelu" not in ops
+    assert len(ops) == len(shipped.graph.node) - len(products)  # each bias Add went too
+    ours = llmopt.load(encoders[name])
+    theirs = llmopt.load(encoders[name], provider_options={"cpu": CPUOptions(kernels=False)})
+    assert ours.session_info.kernels == rewritten and theirs.session_info.kernels == 0
+    a, b = ours.embed(ENCODER_TEXTS), theirs.embed(ENCODER_TEXTS)
+    np.testing.assert_allclose(a, b, atol=1e-3 if name == "int8" else 1e-5)
+    cosine = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+    assert cosine.min() > 0.9999
