@@ -33,8 +33,9 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("-o", "--output", required=True, metavar="DIR")
     p.add_argument("--method", default=None,
                    choices=["int8", "int8-dynamic", "int8-static", "int8-per-token", "int4"],
-                   help="int8: weight-only (default for decoders); int8-per-token: integer "
-                   "GEMMs, per-token activations, SmoothQuant (default for encoders); "
+                   help="int8: weight-only, int8 compute (the default); int8-per-token: "
+                   "integer GEMMs, per-token activations, SmoothQuant (the faster encoder int8 "
+                   "where llmopt's CPU kernels cannot run); "
                    "int8-dynamic; int8-static (QDQ, calibrated); int4: weight-only MatMulNBits")
     p.add_argument("--block-size", type=int, help="int4/int8 block size (preset: 32)")
     p.add_argument("--algorithm",

@@ -20,8 +20,9 @@ ENCODER_KEEP_FLOAT = ("layer.3.output.dense.",)
 
 @dataclass(frozen=True)
 class QuantizeOptions:
-    """How to quantize. Use the presets: :meth:`int8` (weight-only, the default int8 for
-    decoders), :meth:`int8_encoder` (the default for encoders), :meth:`int8_dynamic`,
+    """How to quantize. Use the presets: :meth:`int8` (weight-only, the default for decoders
+    and encoders), :meth:`int8_encoder` (encoders where llmopt's CPU kernels cannot run),
+    :meth:`int8_dynamic`,
     :meth:`int8_static`, :meth:`int4`.
 
     ``keep_float`` lists weights left in float, matched as substrings of initializer names
@@ -108,7 +109,9 @@ class QuantizeOptions:
     def int8_encoder(cls, smooth_alpha: float | None = 0.5,
                      keep_float: tuple[str, ...] = ENCODER_KEEP_FLOAT,
                      split_activations: bool = False) -> QuantizeOptions:
-        """Integer GEMMs for encoders, the default when quantizing one: activations in int8
+        """Integer GEMMs for encoders, the faster encoder int8 where llmopt's CPU kernels
+        cannot run (no AVX-512 VNNI; where they run, :meth:`int8` is both faster and more
+        faithful, and the default): activations in int8
         with a scale per token, weights per output channel, SmoothQuant scaling (strength
         ``smooth_alpha``, calibrated on the built-in corpus) and layer 3's FFN
         down-projection in float (the most sensitive MatMul of MiniLM-L6 in a per-MatMul

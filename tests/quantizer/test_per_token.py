@@ -132,10 +132,11 @@ def test_smoothing_moves_scale_into_the_weight() -> None:
     assert np.ptp(np.log(amax / s)) < spread  # the activation's channels are flatter
 
 
-def test_encoders_get_the_per_token_preset_by_default(encoder: Path, tmp_path: Path) -> None:
+def test_the_per_token_preset(encoder: Path, tmp_path: Path) -> None:
     parent = llmopt.Package.open(encoder)
-    assert default_options(parent) == QuantizeOptions.int8_encoder()
-    result = quantize(parent, tmp_path / "q")
+    # encoders default to weight-only int8 (fast on llmopt's CPU kernels, test_kernels.py)
+    assert default_options(parent) == QuantizeOptions.int8()
+    result = quantize(parent, tmp_path / "q", QuantizeOptions.int8_encoder())
     assert_round_trips(result)
     step = result.manifest["steps"][-1]
     assert step["method"] == "int8_per_token" and step["smooth_alpha"] == 0.5
@@ -172,13 +173,13 @@ def test_bad_smooth_alpha() -> None:
         QuantizeOptions.int8_encoder(smooth_alpha=1.5)
 
 
-def test_cli_picks_the_encoder_preset(encoder: Path, tmp_path: Path) -> None:
+def test_cli_presets_for_an_encoder(encoder: Path, tmp_path: Path) -> None:
     cli = [sys.executable, "-m", "llmopt.cli.main"]
     run = subprocess.run([*cli, "quantize", str(encoder), "-o", str(tmp_path / "q"),
                           "--no-eval"], capture_output=True, text=True, check=False)
     assert run.returncode == 0, run.stderr
     step = llmopt.Package.open(tmp_path / "q").manifest["steps"][-1]
-    assert step["method"] == "int8_per_token"
+    assert step["method"] == "int8"  # the default, as for decoders
     bad = subprocess.run([*cli, "quantize", str(encoder), "-o", str(tmp_path / "x"),
                           "--smooth-alpha", "2"], capture_output=True, text=True, check=False)
     assert bad.returncode == 1 and "smooth_alpha" in bad.stderr and "Traceback" not in bad.stderr
