@@ -278,12 +278,19 @@ void tile_rows(const Work& w, int64_t tile, int64_t row0, __m512* acc) {
     }
     const uint8_t* scales = blk + codes_bytes(BITS);
     const __m512 s = load_scales<HALF>(scales);
-    const __m512 m = SYM ? _mm512_mul_ps(s, _mm512_set1_ps(-static_cast<float>(w.zero_point)))
-                         : load_scales<HALF>(scales + kTile * (HALF ? 2 : 4));
-    for (int r = 0; r < R; ++r) {
-      __m512 t = _mm512_mul_ps(s, _mm512_cvtepi32_ps(dot[r]));
-      t = _mm512_fmadd_ps(m, _mm512_set1_ps(isum[r][b]), t);
-      acc[r] = _mm512_fmadd_ps(t, _mm512_set1_ps(sx[r][b]), acc[r]);
+    if constexpr (SYM) {  // isum holds -zero_point * sx * sum(xq): y += s * (sx * dot + that)
+      for (int r = 0; r < R; ++r) {
+        const __m512 u = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[r]), _mm512_set1_ps(sx[r][b]),
+                                         _mm512_set1_ps(isum[r][b]));
+        acc[r] = _mm512_fmadd_ps(s, u, acc[r]);
+      }
+    } else {
+      const __m512 m = load_scales<HALF>(scales + kTile * (HALF ? 2 : 4));
+      for (int r = 0; r < R; ++r) {
+        __m512 t = _mm512_mul_ps(s, _mm512_cvtepi32_ps(dot[r]));
+        t = _mm512_fmadd_ps(m, _mm512_set1_ps(isum[r][b]), t);
+        acc[r] = _mm512_fmadd_ps(t, _mm512_set1_ps(sx[r][b]), acc[r]);
+      }
     }
   }
 }
@@ -374,8 +381,10 @@ void run_span(void* data, size_t span) {
 int64_t out_tiles(int64_t tiles, int epilogue) { return epilogue == kSiluMul ? tiles / 2 : tiles; }
 
 // x rounded to int8 per block of 32 (scale max|x| / 127, nearest even), with each block's scale
-// and code sum.
-void quantize_rows(const float* x, int64_t rows, int64_t k, int8_t* xq, float* sx, float* isum) {
+// and code sum; for symmetric blocks (zero_point != 0) the block's whole offset term instead,
+// -zero_point * scale * sum, so that the product adds it with the dot product in one FMA.
+void quantize_rows(const float* x, int64_t rows, int64_t k, int8_t* xq, float* sx, float* isum,
+                   int zero_point) {
   const int64_t blocks = k / kBlock;
   for (int64_t r = 0; r < rows; ++r) {
     for (int64_t b = 0; b < blocks; ++b) {
@@ -390,7 +399,8 @@ void quantize_rows(const float* x, int64_t rows, int64_t k, int8_t* xq, float* s
       _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), _mm512_cvtsepi32_epi8(qa));
       _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + 16), _mm512_cvtsepi32_epi8(qc));
       sx[r * blocks + b] = scale;
-      isum[r * blocks + b] = static_cast<float>(_mm512_reduce_add_epi32(_mm512_add_epi32(qa, qc)));
+      const auto sum = static_cast<float>(_mm512_reduce_add_epi32(_mm512_add_epi32(qa, qc)));
+      isum[r * blocks + b] = zero_point ? -static_cast<float>(zero_point) * scale * sum : sum;
     }
   }
 }
@@ -401,12 +411,14 @@ void quantize_rows(const float* x, int64_t rows, int64_t k, int8_t* xq, float* s
 struct Rounded {
   const float* x;
   int64_t rows, k, parts;
+  int zero_point;  // symmetric blocks' (MatMulQ's attribute): isum then holds its offset term
   std::unique_ptr<int8_t[]> xq;
   std::unique_ptr<float[]> sx, isum;
 
-  Rounded(const float* x_, int64_t rows_, int64_t k_, int64_t threads)
+  Rounded(const float* x_, int64_t rows_, int64_t k_, int64_t threads, int zero_point_)
       : x(x_), rows(rows_), k(k_),
         parts(std::max<int64_t>(1, std::min(threads, (rows_ + kRowChunk - 1) / kRowChunk))),
+        zero_point(zero_point_),
         xq(new int8_t[rows_ * k_]), sx(new float[rows_ * (k_ / kBlock)]),
         isum(new float[rows_ * (k_ / kBlock)]) {}
 
@@ -416,7 +428,7 @@ struct Rounded {
     const int64_t first = at * r.rows / r.parts, last = (at + 1) * r.rows / r.parts;
     const int64_t blocks = r.k / kBlock;
     quantize_rows(r.x + first * r.k, last - first, r.k, r.xq.get() + first * r.k,
-                  r.sx.get() + first * blocks, r.isum.get() + first * blocks);
+                  r.sx.get() + first * blocks, r.isum.get() + first * blocks, r.zero_point);
   }
 };
 
@@ -517,7 +529,7 @@ struct Kernel : Product {
                         &io))
       return s;
     if (io.rows == 0) return nullptr;
-    Rounded x(io.x, io.rows, k, threads);
+    Rounded x(io.x, io.rows, k, threads, static_cast<int>(zero_point));
     if (x.parts == 1)
       Rounded::part(&x, 0);
     else if (Status s = api.parallel_for(ctx, Rounded::part, static_cast<size_t>(x.parts),
@@ -758,7 +770,7 @@ __attribute__((visibility("default"))) int llmopt_matmul_q(const float* x, int64
       activation < kNone || activation > kGelu || (activation == kSiluMul && n % (2 * kTile)))
     return kFail;
   const int64_t blocks = k / kBlock, tiles = (n + kTile - 1) / kTile;
-  Rounded rounded(x, rows, k, 1);
+  Rounded rounded(x, rows, k, 1, zero_point);
   Rounded::part(&rounded, 0);
   Work work{weights, rounded.xq.get(), rounded.sx.get(), rounded.isum.get(), y, rows, k,
             activation == kSiluMul ? n / 2 : n, blocks, tiles, bits, scale_bits, activation,
