@@ -559,6 +559,11 @@ struct WorkF {
   const float* bias;          // [tiles * 16], or nullptr
 };
 
+// MatMulF prefetches each tile's weights this many k (64-byte lines) ahead (SmolLM2 fused decode
+// step on 2 threads, 5 interleaved A/B runs: median 19.0 ms without, 18.1 with 64, no better
+// with 128 or 256)
+constexpr int64_t kPrefetchRowsF = 64;
+
 template <int R, int T>
 void tile_rows_f(const WorkF& w, int64_t tile0, int64_t row0) {
   const float* base[T];
@@ -570,7 +575,11 @@ void tile_rows_f(const WorkF& w, int64_t tile0, int64_t row0) {
     for (int t = 0; t < T; ++t) acc[r][t] = _mm512_setzero_ps();
   for (int64_t k = 0; k < w.k; ++k) {
     __m512 v[T];
-    for (int t = 0; t < T; ++t) v[t] = _mm512_loadu_ps(base[t] + k * kTile);
+    for (int t = 0; t < T; ++t) {
+      _mm_prefetch(reinterpret_cast<const char*>(base[t] + (k + kPrefetchRowsF) * kTile),
+                   _MM_HINT_T0);
+      v[t] = _mm512_loadu_ps(base[t] + k * kTile);
+    }
     for (int r = 0; r < R; ++r) {
       const __m512 xv = _mm512_set1_ps(x[r][k]);
       for (int t = 0; t < T; ++t) acc[r][t] = _mm512_fmadd_ps(xv, v[t], acc[r][t]);
