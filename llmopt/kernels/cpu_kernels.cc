@@ -34,6 +34,8 @@
 
 #include <algorithm>
 #include <climits>
+#include <cmath>
+#include <limits>
 #include <memory>
 #include <type_traits>
 #include <vector>
@@ -61,6 +63,7 @@ enum ApiSlot : size_t {
   kGetDimensionsCount = 61,
   kGetDimensions = 62,
   kGetTensorTypeAndShape = 65,
+  kKernelInfoGetAttributeFloat = 85,
   kKernelInfoGetAttributeInt64 = 86,
   kKernelContextGetInput = 90,
   kKernelContextGetOutput = 91,
@@ -70,7 +73,7 @@ enum ApiSlot : size_t {
 constexpr uint32_t kApiVersion = 17;  // the first with KernelContext_ParallelFor
 constexpr int kFail = 1;              // OrtErrorCode ORT_FAIL
 constexpr int kInvalidArgument = 2;   // OrtErrorCode ORT_INVALID_ARGUMENT
-constexpr int kFloat = 1, kUint8 = 2;  // ONNXTensorElementDataType
+constexpr int kFloat = 1, kUint8 = 2, kInt32 = 6;  // ONNXTensorElementDataType
 
 template <typename F>
 F entry(const OrtApi* api, ApiSlot slot) {
@@ -114,6 +117,10 @@ struct Api {
   Status attribute(const OrtKernelInfo* info, const char* name, int64_t* out) const {
     return entry<Status (*)(const OrtKernelInfo*, const char*, int64_t*)>(
         api, kKernelInfoGetAttributeInt64)(info, name, out);
+  }
+  Status attribute(const OrtKernelInfo* info, const char* name, float* out) const {
+    return entry<Status (*)(const OrtKernelInfo*, const char*, float*)>(
+        api, kKernelInfoGetAttributeFloat)(info, name, out);
   }
   // fn(data, i) for i < total, in `batches` contiguous runs on the session's intra-op threads
   Status parallel_for(const OrtKernelContext* ctx, void (*fn)(void*, size_t), size_t total,
@@ -635,6 +642,278 @@ struct KernelF : Product {
   }
 };
 
+// ---- GroupAttention: GroupQueryAttention over a cache written in place ----
+//
+// The attention of a decoder graph's GroupQueryAttention nodes (com.microsoft) as llmopt's
+// exporter writes them: rotary already applied, no sliding window, softcap or quantized cache,
+// the cache [B, kv_heads, capacity, head_dim] bound as both past and present (or a past of its
+// own, copied), seqlens_k each row's last position, and an additive attention bias [B or 1,
+// 1 or heads, S, T] that masks padding. A decode step is 9 heads of one query over about a
+// hundred positions: ONNX Runtime's kernel spends most of its 56 us per call around that
+// arithmetic (a GEMM call per head, a probabilities buffer, its thread pool). Here each (row,
+// head) is one work item: dot products of the query with each cached key, the bias, a softmax
+// and the weighted sum of values, in registers and one scores buffer per thread.
+
+struct AttentionWork {
+  const float* q;       // [B, S, heads * dim]
+  const float* k;       // [B, S, kv_heads * dim]: this step's keys
+  const float* v;
+  float* keys;          // [B, kv_heads, capacity, dim]: the cache, this step's keys included
+  float* values;
+  const int32_t* seqlens;  // [B]: each row's last position
+  const float* bias;       // [bias_b, bias_h, S, total], or nullptr
+  float* out;              // [B, S, heads * dim]
+  int64_t batch, seq, heads, kv_heads, dim, capacity, total, bias_b, bias_h;
+  bool first_prompt;  // S equals the mask's width: every row starts at position 0
+  float scale;
+
+  // where row b's new positions start in its cache
+  int64_t past(int64_t b) const { return first_prompt ? 0 : seqlens[b] + 1 - seq; }
+};
+
+inline __mmask16 tail_mask(int64_t left) {
+  return static_cast<__mmask16>(left >= 16 ? 0xFFFF : (1u << left) - 1u);
+}
+
+inline float dot(const float* a, const float* b, int64_t n) {
+  __m512 acc = _mm512_setzero_ps();
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 m = tail_mask(n - i);
+    acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a + i), _mm512_maskz_loadu_ps(m, b + i), acc);
+  }
+  return _mm512_reduce_add_ps(acc);
+}
+
+// y[:n] += p * x[:n]
+inline void add_scaled(float p, const float* x, float* y, int64_t n) {
+  const __m512 pv = _mm512_set1_ps(p);
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 m = tail_mask(n - i);
+    _mm512_mask_storeu_ps(y + i, m, _mm512_fmadd_ps(pv, _mm512_maskz_loadu_ps(m, x + i),
+                                                    _mm512_maskz_loadu_ps(m, y + i)));
+  }
+}
+
+// where (row b, head h)'s cache and attention bias rows start
+struct HeadView {
+  const float* keys;
+  const float* values;
+  const float* bias;  // row s of the bias is bias + s * total, or nullptr
+  int64_t past, length;
+};
+
+inline HeadView head_view(const AttentionWork& w, int64_t b, int64_t h) {
+  const int64_t group = h / (w.heads / w.kv_heads);
+  const int64_t cache = (b * w.kv_heads + group) * w.capacity * w.dim;
+  const float* bias =
+      w.bias ? w.bias + ((w.bias_b == 1 ? 0 : b) * w.bias_h + (w.bias_h == 1 ? 0 : h)) * w.seq *
+                            w.total
+             : nullptr;
+  return {w.keys + cache, w.values + cache, bias, w.past(b), int64_t{w.seqlens[b]} + 1};
+}
+
+// Whether a query sees no position: every score at the bias's lowest float (a padded query
+// of a left-padded prompt). Its output is zeros, as ONNX Runtime's GroupQueryAttention gives.
+inline bool masked(float top) { return !(top > std::numeric_limits<float>::lowest()); }
+
+// scores[:n] = exp(scores - max) and 1 / their sum
+inline float softmax_in_place(float* scores, int64_t n, float top) {
+  __m512 sum = _mm512_setzero_ps();
+  const __m512 top_v = _mm512_set1_ps(top);
+  for (int64_t t = 0; t < n; t += 16) {
+    const __mmask16 m = tail_mask(n - t);
+    const __m512 e = exp_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, scores + t), top_v));
+    _mm512_mask_storeu_ps(scores + t, m, e);
+    sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(m, e));
+  }
+  return 1.0f / _mm512_reduce_add_ps(sum);
+}
+
+// One (row, head) with head_dim = 16 * C: the query and the output in registers, each key and
+// value read once per query.
+template <int C>
+void attend_head(const AttentionWork& w, int64_t b, int64_t h, float* scores) {
+  const HeadView v = head_view(w, b, h);
+  const int64_t width = w.heads * w.dim;
+  for (int64_t s = 0; s < w.seq; ++s) {
+    const float* q = w.q + (b * w.seq + s) * width + h * w.dim;
+    const int64_t n = std::min(v.past + s + 1, v.length);  // causal, within the row
+    const float* bias = v.bias ? v.bias + s * w.total : nullptr;
+    __m512 qv[C];
+    for (int c = 0; c < C; ++c) qv[c] = _mm512_loadu_ps(q + 16 * c);
+    float top = -INFINITY;
+    for (int64_t t = 0; t < n; ++t) {
+      const float* k = v.keys + t * w.dim;
+      __m512 a = _mm512_mul_ps(qv[0], _mm512_loadu_ps(k));
+      for (int c = 1; c < C; ++c) a = _mm512_fmadd_ps(qv[c], _mm512_loadu_ps(k + 16 * c), a);
+      float x = _mm512_reduce_add_ps(a) * w.scale;
+      if (bias) x += bias[t];
+      scores[t] = x;
+      top = std::max(top, x);
+    }
+    float* out = w.out + (b * w.seq + s) * width + h * w.dim;
+    if (masked(top)) {
+      for (int c = 0; c < C; ++c) _mm512_storeu_ps(out + 16 * c, _mm512_setzero_ps());
+      continue;
+    }
+    const float inv = softmax_in_place(scores, n, top);
+    __m512 acc[C];
+    for (int c = 0; c < C; ++c) acc[c] = _mm512_setzero_ps();
+    for (int64_t t = 0; t < n; ++t) {
+      const __m512 p = _mm512_set1_ps(scores[t]);
+      const float* value = v.values + t * w.dim;
+      for (int c = 0; c < C; ++c)
+        acc[c] = _mm512_fmadd_ps(p, _mm512_loadu_ps(value + 16 * c), acc[c]);
+    }
+    const __m512 inv_v = _mm512_set1_ps(inv);
+    for (int c = 0; c < C; ++c) _mm512_storeu_ps(out + 16 * c, _mm512_mul_ps(acc[c], inv_v));
+  }
+}
+
+// Any other head_dim: the same steps through memory, masked at the tail.
+void attend_any(const AttentionWork& w, int64_t b, int64_t h, float* scores) {
+  const HeadView v = head_view(w, b, h);
+  const int64_t width = w.heads * w.dim;
+  for (int64_t s = 0; s < w.seq; ++s) {
+    const float* q = w.q + (b * w.seq + s) * width + h * w.dim;
+    float* out = w.out + (b * w.seq + s) * width + h * w.dim;
+    const int64_t n = std::min(v.past + s + 1, v.length);
+    const float* bias = v.bias ? v.bias + s * w.total : nullptr;
+    float top = -INFINITY;
+    for (int64_t t = 0; t < n; ++t) {
+      float x = dot(q, v.keys + t * w.dim, w.dim) * w.scale;
+      if (bias) x += bias[t];
+      scores[t] = x;
+      top = std::max(top, x);
+    }
+    for (int64_t d = 0; d < w.dim; d += 16)
+      _mm512_mask_storeu_ps(out + d, tail_mask(w.dim - d), _mm512_setzero_ps());
+    if (masked(top)) continue;
+    const float inv = softmax_in_place(scores, n, top);
+    for (int64_t t = 0; t < n; ++t) add_scaled(scores[t] * inv, v.values + t * w.dim, out, w.dim);
+  }
+}
+
+// one (row, head): its S queries against the row's cached positions
+void attend(const AttentionWork& w, int64_t item, std::vector<float>& scores) {
+  const int64_t b = item / w.heads, h = item % w.heads;
+  scores.resize(static_cast<size_t>(std::max<int64_t>(int64_t{w.seqlens[b]} + 1, 1)));
+  float* buffer = scores.data();
+  switch (w.dim % 16 ? 0 : w.dim / 16) {
+    case 1: return attend_head<1>(w, b, h, buffer);
+    case 2: return attend_head<2>(w, b, h, buffer);
+    case 3: return attend_head<3>(w, b, h, buffer);
+    case 4: return attend_head<4>(w, b, h, buffer);
+    case 5: return attend_head<5>(w, b, h, buffer);
+    case 6: return attend_head<6>(w, b, h, buffer);
+    case 7: return attend_head<7>(w, b, h, buffer);
+    case 8: return attend_head<8>(w, b, h, buffer);
+    default: return attend_any(w, b, h, buffer);
+  }
+}
+
+void attend_items(void* data, size_t i) {
+  thread_local std::vector<float> scores;
+  attend(*static_cast<const AttentionWork*>(data), static_cast<int64_t>(i), scores);
+}
+
+// Below this many multiply-adds a call runs on the calling thread: a decode step's attention
+// (9 heads x 120 positions x 64) is shorter than handing it to the thread pool.
+constexpr int64_t kParallelAttention = int64_t{1} << 18;
+
+struct AttentionKernel {
+  Api api;
+  int64_t heads = 0, kv_heads = 0, threads = 1;
+  float scale = 0.0f;
+
+  Status compute(OrtKernelContext* ctx) const {
+    constexpr const char* kMisshapen =
+        "GroupAttention: query [B, S, heads * dim], key and value [B, S, kv_heads * dim], "
+        "past [B, kv_heads, capacity, dim], seqlens_k [B] and a scalar total length expected";
+    const OrtValue* in[7] = {};
+    for (size_t i = 0; i < 7; ++i)
+      if (Status s = api.input(ctx, i, &in[i])) return s;
+    const OrtValue* bias_value = nullptr;
+    if (Status s = api.input(ctx, 7, &bias_value)) return s;
+    std::vector<int64_t> qd, kd, vd, pkd, pvd, sd, td, bd;
+    for (auto [value, dims] : {std::pair{in[0], &qd}, {in[1], &kd}, {in[2], &vd}, {in[3], &pkd},
+                               {in[4], &pvd}, {in[5], &sd}, {in[6], &td}})
+      if (!value) return api.error(kInvalidArgument, kMisshapen);
+      else if (Status s = api.shape(value, dims)) return s;
+    if (qd.size() != 3 || qd[2] % heads || kd != vd || kd.size() != 3 || pkd != pvd ||
+        pkd.size() != 4 || sd.size() != 1 || td.size() > 1)
+      return api.error(kInvalidArgument, kMisshapen);
+    const int64_t batch = qd[0], seq = qd[1], dim = qd[2] / heads;
+    if (kd[0] != batch || kd[1] != seq || kd[2] != kv_heads * dim || pkd[0] != batch ||
+        pkd[1] != kv_heads || pkd[3] != dim || sd[0] != batch)
+      return api.error(kInvalidArgument, kMisshapen);
+    void* raw[7] = {};
+    for (size_t i = 0; i < 7; ++i)
+      if (Status s = api.data(in[i], &raw[i])) return s;
+    const auto* seqlens = static_cast<const int32_t*>(raw[5]);
+    const int64_t total = *static_cast<const int32_t*>(raw[6]);
+    const int64_t past_capacity = pkd[2], capacity = std::max(past_capacity, total);
+    for (int64_t b = 0; b < batch; ++b)
+      if (seqlens[b] < 0 || seqlens[b] >= capacity || (seq != total && seqlens[b] + 1 < seq))
+        return api.error(kInvalidArgument, "GroupAttention: seqlens_k out of range");
+    const float* bias = nullptr;
+    int64_t bias_b = 1, bias_h = 1;
+    if (bias_value) {
+      if (Status s = api.shape(bias_value, &bd)) return s;
+      if (bd.size() != 4 || (bd[0] != 1 && bd[0] != batch) || (bd[1] != 1 && bd[1] != heads) ||
+          bd[2] != seq || bd[3] != total)
+        return api.error(kInvalidArgument, "GroupAttention: attention bias not [B or 1, heads "
+                                           "or 1, S, total]");
+      void* p = nullptr;
+      if (Status s = api.data(bias_value, &p)) return s;
+      bias = static_cast<const float*>(p);
+      bias_b = bd[0], bias_h = bd[1];
+    }
+    const int64_t out_dims[3] = {batch, seq, heads * dim};
+    const int64_t cache_dims[4] = {batch, kv_heads, capacity, dim};
+    OrtValue *out = nullptr, *present_k = nullptr, *present_v = nullptr;
+    if (Status s = api.output(ctx, 0, out_dims, 3, &out)) return s;
+    if (Status s = api.output(ctx, 1, cache_dims, 4, &present_k)) return s;
+    if (Status s = api.output(ctx, 2, cache_dims, 4, &present_v)) return s;
+    void *o = nullptr, *pk = nullptr, *pv = nullptr;
+    if (Status s = api.data(out, &o)) return s;
+    if (Status s = api.data(present_k, &pk)) return s;
+    if (Status s = api.data(present_v, &pv)) return s;
+    AttentionWork w{static_cast<const float*>(raw[0]), static_cast<const float*>(raw[1]),
+                    static_cast<const float*>(raw[2]), static_cast<float*>(pk),
+                    static_cast<float*>(pv), seqlens, bias, static_cast<float*>(o), batch, seq,
+                    heads, kv_heads, dim, capacity, total, bias_b, bias_h, seq == total,
+                    scale != 0.0f ? scale : 1.0f / std::sqrt(static_cast<float>(dim))};
+    // the cache: a past of its own is copied first; then this step's keys and values
+    const float* past_k = static_cast<const float*>(raw[3]);
+    const float* past_v = static_cast<const float*>(raw[4]);
+    const bool shared = past_k == w.keys && past_v == w.values;
+    for (int64_t b = 0; b < batch; ++b)
+      for (int64_t g = 0; g < kv_heads; ++g) {
+        const int64_t at = (b * kv_heads + g) * capacity * dim, past = w.past(b);
+        if (!shared) {
+          const int64_t from = (b * kv_heads + g) * past_capacity * dim;
+          std::fill(w.keys + at, w.keys + at + capacity * dim, 0.0f);
+          std::fill(w.values + at, w.values + at + capacity * dim, 0.0f);
+          std::copy(past_k + from, past_k + from + past * dim, w.keys + at);
+          std::copy(past_v + from, past_v + from + past * dim, w.values + at);
+        }
+        for (int64_t s = 0; s < seq; ++s) {
+          const int64_t src = (b * seq + s) * kv_heads * dim + g * dim;
+          std::copy(w.k + src, w.k + src + dim, w.keys + at + (past + s) * dim);
+          std::copy(w.v + src, w.v + src + dim, w.values + at + (past + s) * dim);
+        }
+      }
+    const int64_t items = batch * heads;
+    if (batch * heads * seq * total * dim < kParallelAttention || threads <= 1) {
+      for (int64_t i = 0; i < items; ++i) attend_items(&w, static_cast<size_t>(i));
+      return nullptr;
+    }
+    const auto batches = static_cast<size_t>(std::min(threads, items));
+    return api.parallel_for(ctx, attend_items, static_cast<size_t>(items), batches, &w);
+  }
+};
+
 // ---- the custom-op table ONNX Runtime reads (OrtCustomOp, version 17 fields) ----
 
 struct OrtCustomOpAbi {
@@ -698,6 +977,25 @@ Status create_kernel_f(const OrtCustomOpAbi*, const OrtApi* api, const OrtKernel
   return nullptr;
 }
 
+Status create_attention(const OrtCustomOpAbi*, const OrtApi* api, const OrtKernelInfo* info,
+                        void** out) {
+  auto* kernel = new AttentionKernel;
+  kernel->api.api = api;
+  Status s = kernel->api.attribute(info, "num_heads", &kernel->heads);
+  if (!s) s = kernel->api.attribute(info, "kv_num_heads", &kernel->kv_heads);
+  if (!s) s = kernel->api.attribute(info, "threads", &kernel->threads);
+  if (!s) s = kernel->api.attribute(info, "scale", &kernel->scale);
+  if (!s && (kernel->heads <= 0 || kernel->kv_heads <= 0 || kernel->heads % kernel->kv_heads))
+    s = kernel->api.error(kInvalidArgument,
+                          "GroupAttention: num_heads must be a multiple of kv_num_heads");
+  if (s) {
+    delete kernel;
+    return s;
+  }
+  *out = kernel;
+  return nullptr;
+}
+
 template <Status (*Create)(const OrtCustomOpAbi*, const OrtApi*, const OrtKernelInfo*, void**)>
 void* create_v1(const OrtCustomOpAbi* op, const OrtApi* api, const OrtKernelInfo* info) {
   void* kernel = nullptr;
@@ -713,8 +1011,10 @@ void compute_v1(void* kernel, OrtKernelContext* ctx) { (void)compute<K>(kernel, 
 template <typename K>
 void destroy(void* kernel) { delete static_cast<K*>(kernel); }
 
-template <typename K, Status (*Create)(const OrtCustomOpAbi*, const OrtApi*, const OrtKernelInfo*,
-                                        void**)>
+// an op of `inputs` inputs (those from `optional` on optional) and `outputs` float outputs
+template <typename K,
+          Status (*Create)(const OrtCustomOpAbi*, const OrtApi*, const OrtKernelInfo*, void**),
+          size_t inputs, size_t optional, size_t outputs>
 constexpr OrtCustomOpAbi op(const char* (*name)(const OrtCustomOpAbi*),
                             int (*input_type)(const OrtCustomOpAbi*, size_t)) {
   return {
@@ -723,13 +1023,12 @@ constexpr OrtCustomOpAbi op(const char* (*name)(const OrtCustomOpAbi*),
       name,
       [](const OrtCustomOpAbi*) { return "CPUExecutionProvider"; },
       input_type,
-      [](const OrtCustomOpAbi*) { return size_t{3}; },  // x, weights, bias
+      [](const OrtCustomOpAbi*) { return inputs; },
       [](const OrtCustomOpAbi*, size_t) { return kFloat; },
-      [](const OrtCustomOpAbi*) { return size_t{1}; },
+      [](const OrtCustomOpAbi*) { return outputs; },
       compute_v1<K>,
       destroy<K>,
-      // x and the weights required, the bias optional
-      [](const OrtCustomOpAbi*, size_t i) { return i < 2 ? 0 : 1; },
+      [](const OrtCustomOpAbi*, size_t i) { return i < optional ? 0 : 1; },  // 1: optional
       [](const OrtCustomOpAbi*, size_t) { return 0; },
       [](const OrtCustomOpAbi*, size_t) { return 0; },  // OrtMemTypeDefault
       [](const OrtCustomOpAbi*) { return 1; },
@@ -744,12 +1043,17 @@ constexpr OrtCustomOpAbi op(const char* (*name)(const OrtCustomOpAbi*),
   };
 }
 
-const OrtCustomOpAbi kMatMulQ = op<Kernel, create_kernel>(
+// x, weights, bias (optional)
+const OrtCustomOpAbi kMatMulQ = op<Kernel, create_kernel, 3, 2, 1>(
     [](const OrtCustomOpAbi*) { return "MatMulQ"; },
     [](const OrtCustomOpAbi*, size_t i) { return i == 1 ? kUint8 : kFloat; });
-const OrtCustomOpAbi kMatMulF = op<KernelF, create_kernel_f>(
+const OrtCustomOpAbi kMatMulF = op<KernelF, create_kernel_f, 3, 2, 1>(
     [](const OrtCustomOpAbi*) { return "MatMulF"; },
     [](const OrtCustomOpAbi*, size_t) { return kFloat; });
+// query, key, value, past key, past value, seqlens_k, total length, attention bias (optional)
+const OrtCustomOpAbi kGroupAttention = op<AttentionKernel, create_attention, 8, 7, 3>(
+    [](const OrtCustomOpAbi*) { return "GroupAttention"; },
+    [](const OrtCustomOpAbi*, size_t i) { return i == 5 || i == 6 ? kInt32 : kFloat; });
 
 }  // namespace
 
@@ -817,6 +1121,9 @@ __attribute__((visibility("default"))) OrtStatus* RegisterCustomOps(OrtSessionOp
     return s;
   if (Status s = entry<Status (*)(OrtCustomOpDomain*, const OrtCustomOpAbi*)>(
           api, kCustomOpDomainAdd)(domain, &kMatMulF))
+    return s;
+  if (Status s = entry<Status (*)(OrtCustomOpDomain*, const OrtCustomOpAbi*)>(
+          api, kCustomOpDomainAdd)(domain, &kGroupAttention))
     return s;
   return entry<Status (*)(OrtSessionOptions*, OrtCustomOpDomain*)>(api, kAddCustomOpDomain)(
       options, domain);

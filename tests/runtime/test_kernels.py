@@ -255,9 +255,12 @@ def test_the_rewrite_replaces_every_int8_compute_matmul(packages: dict[str, Path
     proto = onnx.load(str(path), load_external_data=False)
     rewritten = kernels.kernel_model(proto, path.parent, threads=2, float_weights=False)
     matmuls = [n for n in shipped.graph.node if n.op_type == "MatMulNBits"]
-    assert rewritten == len(matmuls) > 0
+    attentions = [n for n in shipped.graph.node if n.op_type == "GroupQueryAttention"]
+    assert rewritten == len(matmuls) + len(attentions) and matmuls and attentions
     ops = [n.op_type for n in proto.graph.node]
-    assert "MatMulNBits" not in ops and ops.count(kernels.OP) == rewritten
+    assert "MatMulNBits" not in ops and ops.count(kernels.OP) == len(matmuls)
+    assert "GroupQueryAttention" not in ops
+    assert ops.count(kernels.ATTENTION_OP) == len(attentions)
     corrections = sum(n.op_type == "Split" and n.name.endswith("/BlockSums")
                       for n in shipped.graph.node)
     assert (corrections > 0) == (name == "int4_gguf")
@@ -295,10 +298,12 @@ def test_fp32_packages_run_their_matmuls_on_the_float_kernel(packages: dict[str,
     proto = onnx.load(str(path), load_external_data=False)
     weights = {t.name for t in shipped.graph.initializer}
     matmuls = [n for n in shipped.graph.node if n.op_type == "MatMul" and n.input[1] in weights]
-    assert kernels.kernel_model(proto, path.parent, threads=2) == len(matmuls) > 0
+    attentions = sum(n.op_type == "GroupQueryAttention" for n in shipped.graph.node)
+    rewritten = kernels.kernel_model(proto, path.parent, threads=2)
+    assert rewritten == len(matmuls) + attentions and matmuls and attentions
     assert [n.op_type for n in proto.graph.node].count(kernels.FLOAT_OP) == len(matmuls)
     ours, theirs = load(packages["fused"]), load(packages["fused"], kernels=False)
-    assert ours.session_info.kernels == len(matmuls)
+    assert ours.session_info.kernels == rewritten
     a = ours.generate(PROMPT, max_new_tokens=12, temperature=0, logprobs=0)
     b = theirs.generate(PROMPT, max_new_tokens=12, temperature=0, logprobs=0)
     assert a.token_ids == b.token_ids
@@ -383,6 +388,119 @@ def test_a_linked_weights_file_is_refused_with_the_fix(packages: dict[str, Path]
     folder = tmp_path / "folder-link"
     folder.symlink_to(packages["int4"], target_is_directory=True)
     assert load(folder).generate(PROMPT, max_new_tokens=2).token_ids
+
+
+# -- attention -------------------------------------------------------------------------------------
+
+HEADS, KV_HEADS = 6, 2
+
+
+def attention_model(op: str, domain: str, scale: float, bias: bool, **attrs: Any) -> bytes:
+    """One GroupQueryAttention (or GroupAttention) node over graph inputs, as the exporter
+    wires it: query/key/value, past key/value, seqlens_k, total length, attention bias."""
+    from onnx import TensorProto, helper
+
+    names = ["q", "k", "v", "past_k", "past_v", "seqlens", "total"]
+    inputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in names[:5]]
+    inputs += [helper.make_tensor_value_info(n, TensorProto.INT32, None) for n in names[5:]]
+    if bias:
+        inputs.append(helper.make_tensor_value_info("bias", TensorProto.FLOAT, None))
+        names += (["", "", "", "bias"] if op == "GroupQueryAttention" else ["bias"])
+    outputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, None)
+               for n in ("out", "present_k", "present_v")]
+    node = helper.make_node(op, names, ["out", "present_k", "present_v"], domain=domain,
+                            num_heads=HEADS, kv_num_heads=KV_HEADS, scale=scale, **attrs)
+    model = helper.make_model(helper.make_graph([node], "attention", inputs, outputs),
+                              opset_imports=[helper.make_opsetid("", 17),
+                                             helper.make_opsetid(domain, 1)], ir_version=10)
+    return model.SerializeToString()
+
+
+def run_attention(model: bytes, feeds: dict[str, np.ndarray], past: tuple[np.ndarray, ...],
+                  shared: bool, custom: bool) -> tuple[np.ndarray, ...]:
+    """(output, present key, present value); ``shared``: one buffer bound as past and
+    present, as the runtime binds its cache."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 2
+    if custom:
+        options.register_custom_ops_library(str(kernels.library()))
+    session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+    keys, values = (a.copy() for a in past)
+    if not shared:
+        out = session.run(None, {**feeds, "past_k": keys, "past_v": values})
+        return tuple(out)
+    batch, seq = feeds["q"].shape[:2]
+    out = np.zeros((batch, seq, feeds["q"].shape[2]), np.float32)
+    binding = session.io_binding()
+    for name, array in feeds.items():
+        binding.bind_cpu_input(name, array)
+    cache = [ort.OrtValue.ortvalue_from_numpy(a) for a in (keys, values)]
+    binding.bind_ortvalue_input("past_k", cache[0])
+    binding.bind_ortvalue_input("past_v", cache[1])
+    binding.bind_ortvalue_output("present_k", cache[0])
+    binding.bind_ortvalue_output("present_v", cache[1])
+    binding.bind_ortvalue_output("out", ort.OrtValue.ortvalue_from_numpy(out))
+    session.run_with_iobinding(binding)
+    return out, keys, values  # written in place
+
+
+@needs_kernels
+@pytest.mark.parametrize(("batch", "seq", "capacity", "lengths", "total", "scale", "dim",
+                          "shared"), [
+    (1, 1, 64, [40], 41, 0.125, 64, True),            # a decode step in place
+    (1, 1, 64, [40], 41, 0.3, 64, True),              # the scale attribute
+    (3, 1, 64, [30, 20, 9], 31, 0.125, 64, True),     # ragged rows of a serving batch
+    (2, 12, 64, [11, 11], 12, 0.125, 32, True),       # a left-padded prompt (the bias masks)
+    (2, 12, 64, [11, 7], 12, 0.125, 64, True),        # a ragged prompt
+    (1, 5, 64, [20], 21, 0.125, 64, True),            # a chunk after a cached part
+    (1, 5, 64, [12], 21, 0.125, 64, True),            # a chunk of a shorter row
+    (8, 1, 96, [80] * 4 + [40] * 4, 81, 0.125, 128, True),
+    (1, 3, 64, [40], 41, 0.2, 24, True),              # a head size off the 16-wide vectors
+    (1, 1, 20, [20], 21, 0.125, 64, False),           # a past of its own: copied
+])
+def test_group_attention_computes_what_group_query_attention_computes(
+        batch: int, seq: int, capacity: int, lengths: list[int], total: int, scale: float,
+        dim: int, shared: bool) -> None:
+    rng = np.random.default_rng(batch * 100 + seq)
+    feeds = {"q": rng.standard_normal((batch, seq, HEADS * dim)).astype(np.float32),
+             "k": rng.standard_normal((batch, seq, KV_HEADS * dim)).astype(np.float32),
+             "v": rng.standard_normal((batch, seq, KV_HEADS * dim)).astype(np.float32),
+             "seqlens": np.array(lengths, np.int32), "total": np.array(total, np.int32)}
+    bias = np.where(rng.random((batch, 1, seq, total)) < 0.2, np.finfo(np.float32).min, 0)
+    bias[..., -1] = 0  # every query sees at least its own position
+    if seq > 1:  # but one that sees nothing (a left-padded prompt's pad): zeros in both
+        bias[-1, 0, 0, :] = np.finfo(np.float32).min
+    feeds["bias"] = bias.astype(np.float32)
+    past = tuple(rng.standard_normal((batch, KV_HEADS, capacity, dim)).astype(np.float32)
+                 for _ in range(2))
+    want = run_attention(attention_model("GroupQueryAttention", "com.microsoft", scale, True),
+                         feeds, past, shared, custom=False)
+    got = run_attention(attention_model(kernels.ATTENTION_OP, kernels.DOMAIN, scale, True,
+                                        threads=2), feeds, past, shared, custom=True)
+    for ours, theirs in zip(got, want, strict=True):
+        assert ours.shape == theirs.shape
+        np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=2e-6)
+
+
+def test_only_plain_group_query_attention_is_rewritten() -> None:
+    from onnx import helper
+
+    def gqa(**attrs: Any) -> Any:
+        inputs = ["q", "k", "v", "pk", "pv", "seqlens", "total", "", "", "", "bias"]
+        return helper.make_node("GroupQueryAttention", inputs, ["o", "pk2", "pv2"],
+                                domain="com.microsoft", num_heads=6, kv_num_heads=2, **attrs)
+
+    assert kernels._plain_attention(gqa())
+    assert kernels._plain_attention(gqa(scale=0.1, smooth_softmax=-1, local_window_size=-1))
+    assert not kernels._plain_attention(gqa(local_window_size=4096))  # a sliding window
+    assert not kernels._plain_attention(gqa(softcap=30.0))
+    assert not kernels._plain_attention(gqa(do_rotary=1))
+    assert not kernels._plain_attention(gqa(some_future_attribute=1))
+    rotary_inputs = gqa()
+    rotary_inputs.input[7] = "cos_cache"
+    assert not kernels._plain_attention(rotary_inputs)
 
 
 # -- encoders --------------------------------------------------------------------------------------
