@@ -22,8 +22,10 @@ GroupQueryAttention) and builds variants of its graph that each drop one of thos
   the Split and two RotaryEmbedding nodes (positions from seqlens_k: unpadded rows only).
 - ``all four``, and GenAI's int4 graph of the same model.
 - ``MatMulQ kernel``: the shipped graph as llmopt's runtime opens it on CPU, every MatMulNBits
-  and its correction on llmopt's own kernel (``llmopt.runtime.kernels``; same weights, same
-  perplexity).
+  and its correction on llmopt's own kernel (``llmopt.runtime.kernels``; same weights), with
+  ONNX Runtime's GroupQueryAttention.
+- ``MatMulQ + GroupAttention``: the graph exactly as llmopt's runtime opens it on CPU, its
+  attention on llmopt's GroupAttention too.
 
 Every graph runs one decode step (batch 1, 120 cached positions) in plain ONNX Runtime with the
 same session options, interleaved over --rounds rounds of 100 steps; the median ms per step is
@@ -161,6 +163,12 @@ THREADS: list[int] = []
 def kernel_graph(model: Any) -> None:
     from llmopt.runtime import kernels
 
+    kernels.kernel_model(model, PACKAGE[0], THREADS[0], attention=False)
+
+
+def all_kernels(model: Any) -> None:
+    from llmopt.runtime import kernels
+
     kernels.kernel_model(model, PACKAGE[0], THREADS[0])
 
 
@@ -172,6 +180,7 @@ VARIANTS: dict[str, list[Callable[[Any], None]]] = {
     "rotary in attention": [rotary_in_attention],
     "all four": [drop_correction, drop_attention_bias, head_4bit, rotary_in_attention],
     "MatMulQ kernel": [kernel_graph],
+    "MatMulQ + GroupAttention": [all_kernels],
 }
 
 # -- timing ---------------------------------------------------------------------------------------
