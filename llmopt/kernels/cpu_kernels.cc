@@ -524,6 +524,20 @@ struct Product {
 struct Kernel : Product {
   int64_t bits = 0, scale_bits = 0, zero_point = 0;
 
+  Status init(const OrtKernelInfo* info) {
+    constexpr const char* kWrong =
+        "MatMulQ: K must be a multiple of 32, bits 4 or 8, scale_bits 16 or 32, zero_point a "
+        "code, activation 0, 1 (then N a multiple of 32) or 2, bias 0 or 1";
+    Status s = read(info, kWrong);
+    if (!s) s = api.attribute(info, "bits", &bits);
+    if (!s) s = api.attribute(info, "scale_bits", &scale_bits);
+    if (!s) s = api.attribute(info, "zero_point", &zero_point);
+    if (!s && (k % kBlock || (bits != 4 && bits != 8) || zero_point < 0 ||
+               zero_point >= (int64_t{1} << bits) || (scale_bits != 16 && scale_bits != 32)))
+      s = api.error(kInvalidArgument, kWrong);
+    return s;
+  }
+
   Status compute(OrtKernelContext* ctx) const {
     const int64_t blocks = k / kBlock, tiles = (n + kTile - 1) / kTile;
     const int64_t weights[3] = {tiles, blocks,
@@ -627,6 +641,11 @@ void pair_f(const WorkF& w, int64_t i, int64_t row0, int64_t rows) {
 size_t pairs(int64_t tiles) { return static_cast<size_t>((tiles + 1) / 2); }
 
 struct KernelF : Product {
+  Status init(const OrtKernelInfo* info) {
+    return read(info, "MatMulF: K and N must be positive, activation 0, 1 (then N a multiple "
+                      "of 32) or 2, bias 0 or 1");
+  }
+
   Status compute(OrtKernelContext* ctx) const {
     const int64_t tiles = (n + kTile - 1) / kTile;
     Io io;
@@ -826,6 +845,17 @@ struct AttentionKernel {
   int64_t heads = 0, kv_heads = 0, threads = 1;
   float scale = 0.0f;
 
+  Status init(const OrtKernelInfo* info) {
+    Status s = api.attribute(info, "num_heads", &heads);
+    if (!s) s = api.attribute(info, "kv_num_heads", &kv_heads);
+    if (!s) s = api.attribute(info, "threads", &threads);
+    if (!s) s = api.attribute(info, "scale", &scale);
+    if (!s && (heads <= 0 || kv_heads <= 0 || heads % kv_heads))
+      s = api.error(kInvalidArgument, "GroupAttention: num_heads must be a multiple of "
+                                      "kv_num_heads");
+    return s;
+  }
+
   Status compute(OrtKernelContext* ctx) const {
     constexpr const char* kMisshapen =
         "GroupAttention: query [B, S, heads * dim], key and value [B, S, kv_heads * dim], "
@@ -941,58 +971,14 @@ struct OrtCustomOpAbi {
   int (*GetEndVersion)(const OrtCustomOpAbi*);
 };
 
-Status create_kernel(const OrtCustomOpAbi*, const OrtApi* api, const OrtKernelInfo* info,
-                     void** out) {
-  auto* kernel = new Kernel;
+// A kernel of type K with its attributes read and checked (K::init), or the error that says
+// what is wrong with them.
+template <typename K>
+Status create(const OrtCustomOpAbi*, const OrtApi* api, const OrtKernelInfo* info, void** out) {
+  auto kernel = std::make_unique<K>();
   kernel->api.api = api;
-  constexpr const char* kWrong =
-      "MatMulQ: K must be a multiple of 32, bits 4 or 8, scale_bits 16 or 32, zero_point a "
-      "code, activation 0, 1 (then N a multiple of 32) or 2, bias 0 or 1";
-  Status s = kernel->read(info, kWrong);
-  if (!s) s = kernel->api.attribute(info, "bits", &kernel->bits);
-  if (!s) s = kernel->api.attribute(info, "scale_bits", &kernel->scale_bits);
-  if (!s) s = kernel->api.attribute(info, "zero_point", &kernel->zero_point);
-  if (!s && (kernel->k % kBlock || (kernel->bits != 4 && kernel->bits != 8) ||
-             kernel->zero_point < 0 || kernel->zero_point >= (int64_t{1} << kernel->bits) ||
-             (kernel->scale_bits != 16 && kernel->scale_bits != 32)))
-    s = kernel->api.error(kInvalidArgument, kWrong);
-  if (s) {
-    delete kernel;
-    return s;
-  }
-  *out = kernel;
-  return nullptr;
-}
-
-Status create_kernel_f(const OrtCustomOpAbi*, const OrtApi* api, const OrtKernelInfo* info,
-                       void** out) {
-  auto* kernel = new KernelF;
-  kernel->api.api = api;
-  if (Status s = kernel->read(info, "MatMulF: K and N must be positive, activation 0, 1 (then "
-                                    "N a multiple of 32) or 2, bias 0 or 1")) {
-    delete kernel;
-    return s;
-  }
-  *out = kernel;
-  return nullptr;
-}
-
-Status create_attention(const OrtCustomOpAbi*, const OrtApi* api, const OrtKernelInfo* info,
-                        void** out) {
-  auto* kernel = new AttentionKernel;
-  kernel->api.api = api;
-  Status s = kernel->api.attribute(info, "num_heads", &kernel->heads);
-  if (!s) s = kernel->api.attribute(info, "kv_num_heads", &kernel->kv_heads);
-  if (!s) s = kernel->api.attribute(info, "threads", &kernel->threads);
-  if (!s) s = kernel->api.attribute(info, "scale", &kernel->scale);
-  if (!s && (kernel->heads <= 0 || kernel->kv_heads <= 0 || kernel->heads % kernel->kv_heads))
-    s = kernel->api.error(kInvalidArgument,
-                          "GroupAttention: num_heads must be a multiple of kv_num_heads");
-  if (s) {
-    delete kernel;
-    return s;
-  }
-  *out = kernel;
+  if (Status s = kernel->init(info)) return s;
+  *out = kernel.release();
   return nullptr;
 }
 
@@ -1044,14 +1030,14 @@ constexpr OrtCustomOpAbi op(const char* (*name)(const OrtCustomOpAbi*),
 }
 
 // x, weights, bias (optional)
-const OrtCustomOpAbi kMatMulQ = op<Kernel, create_kernel, 3, 2, 1>(
+const OrtCustomOpAbi kMatMulQ = op<Kernel, create<Kernel>, 3, 2, 1>(
     [](const OrtCustomOpAbi*) { return "MatMulQ"; },
     [](const OrtCustomOpAbi*, size_t i) { return i == 1 ? kUint8 : kFloat; });
-const OrtCustomOpAbi kMatMulF = op<KernelF, create_kernel_f, 3, 2, 1>(
+const OrtCustomOpAbi kMatMulF = op<KernelF, create<KernelF>, 3, 2, 1>(
     [](const OrtCustomOpAbi*) { return "MatMulF"; },
     [](const OrtCustomOpAbi*, size_t) { return kFloat; });
 // query, key, value, past key, past value, seqlens_k, total length, attention bias (optional)
-const OrtCustomOpAbi kGroupAttention = op<AttentionKernel, create_attention, 8, 7, 3>(
+const OrtCustomOpAbi kGroupAttention = op<AttentionKernel, create<AttentionKernel>, 8, 7, 3>(
     [](const OrtCustomOpAbi*) { return "GroupAttention"; },
     [](const OrtCustomOpAbi*, size_t i) { return i == 5 || i == 6 ? kInt32 : kFloat; });
 

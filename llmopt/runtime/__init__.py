@@ -63,7 +63,7 @@ def load(package: str | os.PathLike[str] | Package,
     if pkg.is_decoder:
         provider_options = decoder_provider_options(provider_options)
     kernel_graph = kernels.kernel_graph(pkg, cpu_options(providers, provider_options))
-    if pkg.is_decoder:
+    if pkg.is_decoder:  # after the rewrite: whether to weigh a prompt session depends on it
         prompt_options = prompt_session_options(providers, provider_options)
         if kernel_graph is not None and prompt_options is not None \
                 and prompt_options.float_prompts is None:

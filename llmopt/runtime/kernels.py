@@ -527,8 +527,8 @@ def _swiglu(output: str, n: int, weights: _Weights) -> tuple[Any, ...] | None:
 
     as (Split, Sigmoid, Mul, Mul), or None; the halves must be whole pairs of tiles."""
     def only(name: str, op: str) -> Any:
-        found = weights.readers.get(name, [])
-        return found[0] if len(found) == 1 and found[0].op_type == op else None
+        found = _only_reader(name, weights)
+        return found if found is not None and found.op_type == op else None
 
     split = only(output, "Split")
     if split is None or n % (2 * TILE) or len(split.output) != 2 \

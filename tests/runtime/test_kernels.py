@@ -44,32 +44,31 @@ def out_columns(n: int, activation: int) -> int:
     return n // 2 if activation == kernels.SILU_MUL else n
 
 
-def reference_call(x: np.ndarray, blob: np.ndarray, n: int, bits: int, scale_bits: int,
-                   activation: int = kernels.NONE, zero_point: int = 0,
-                   bias: np.ndarray | None = None) -> np.ndarray:
+def reference(entry: str, x: np.ndarray, blob: np.ndarray, n: int, activation: int,
+              bias: np.ndarray | None, *attributes: int) -> np.ndarray:
+    """y from the library's one-thread reference ``entry``: (x, rows, K, weights, N,
+    *attributes, bias, y), the attributes as C ints."""
     lib = ctypes.CDLL(str(kernels.library()))
     x = np.ascontiguousarray(x, np.float32)
     rows, k = x.shape
     y = np.zeros((rows, out_columns(n, activation)), np.float32)
-    rc = lib.llmopt_matmul_q(pointer(x), ctypes.c_int64(rows), ctypes.c_int64(k), pointer(blob),
-                             ctypes.c_int64(n), ctypes.c_int(bits), ctypes.c_int(scale_bits),
-                             ctypes.c_int(activation), ctypes.c_int(zero_point), pointer(bias),
-                             pointer(y))
+    rc = getattr(lib, entry)(pointer(x), ctypes.c_int64(rows), ctypes.c_int64(k), pointer(blob),
+                             ctypes.c_int64(n), *(ctypes.c_int(a) for a in attributes),
+                             pointer(bias), pointer(y))
     assert rc == 0
     return y
+
+
+def reference_call(x: np.ndarray, blob: np.ndarray, n: int, bits: int, scale_bits: int,
+                   activation: int = kernels.NONE, zero_point: int = 0,
+                   bias: np.ndarray | None = None) -> np.ndarray:
+    return reference("llmopt_matmul_q", x, blob, n, activation, bias, bits, scale_bits,
+                     activation, zero_point)
 
 
 def reference_float(x: np.ndarray, blob: np.ndarray, n: int, activation: int = kernels.NONE,
                     bias: np.ndarray | None = None) -> np.ndarray:
-    lib = ctypes.CDLL(str(kernels.library()))
-    x = np.ascontiguousarray(x, np.float32)
-    rows, k = x.shape
-    y = np.zeros((rows, out_columns(n, activation)), np.float32)
-    rc = lib.llmopt_matmul_f(pointer(x), ctypes.c_int64(rows), ctypes.c_int64(k), pointer(blob),
-                             ctypes.c_int64(n), ctypes.c_int(activation), pointer(bias),
-                             pointer(y))
-    assert rc == 0
-    return y
+    return reference("llmopt_matmul_f", x, blob, n, activation, bias, activation)
 
 
 @needs_kernels
