@@ -229,7 +229,8 @@ class Generator:
             if all(state.done for state in states):
                 break
             ids = next_ids[:, None]
-            history = np.concatenate([history, ids], axis=1)
+            if self.model.rope_long_after is not None:  # kept only where it can re-prefill
+                history = np.concatenate([history, ids], axis=1)
             positions = positions[:, -1:] + 1
             mask = np.concatenate([mask, np.ones((batch, 1), np.int64)], axis=1)
             if self.model.reprefills(mask.shape[1]):  # the cache restarts from position 0

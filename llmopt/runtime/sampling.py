@@ -132,6 +132,9 @@ def next_token(logits: np.ndarray, params: SamplingParams, seen: Sequence[int],
     """Pick the next token from one row of logits ``[vocab]``; ``seen`` is prompt and
     generation (repetition penalty), ``generated`` the generation alone (OpenAI penalties),
     ``allowed`` a bool mask from a response format's grammar where given."""
+    if (params.greedy or rng is None) and allowed is None and params.repetition_penalty == 1.0 \
+            and params.presence_penalty == 0.0 and params.frequency_penalty == 0.0:
+        return int(np.argmax(logits))  # float64 would pick the same: widening keeps the order
     logits = logits.astype(np.float64, copy=True)
     if allowed is not None:
         logits[~allowed] = -np.inf
