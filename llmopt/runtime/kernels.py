@@ -629,9 +629,60 @@ def kernel_graph(package: Any, options: Any) -> KernelGraph | None:
         return None
     proto = onnx.load(str(package.model_path), load_external_data=False)
     threads = options.intra_op_threads or usable_cpus()
-    blobs: dict[str, np.ndarray] = {}
+    blobs: dict[str, np.ndarray] = HugePageStore() if options.huge_pages else {}
     rewritten = kernel_model(proto, package.path, threads, blobs=blobs)
     if not rewritten:
         return None
     log.info("%d MatMuls on llmopt's CPU kernels", rewritten)
     return KernelGraph(proto.SerializeToString(), rewritten, blobs)
+
+
+
+HUGE_PAGE = 2 << 20
+CHUNK = 64 << 20
+
+
+class HugePageStore(dict[str, np.ndarray]):
+    """A dict of arrays that keeps a copy of each array it is given in private anonymous
+    mappings Linux is asked to back with 2 MiB pages (``MADV_HUGEPAGE``; transparent huge pages
+    are "madvise" on most distributions, so ONNX Runtime's and numpy's allocations get 4 KiB
+    pages). A decode step streams every kernel weight once, and on 4 KiB pages that is a TLB
+    miss every 64 cache lines (docs/cpu-kernels.md has what it measured). Arrays are copied as
+    they are stored, so the caller's original can go at once: loading holds no second copy of
+    the weights. Mappings are taken ``CHUNK`` bytes at a time (a larger array gets its own); pages
+    never written are never resident. Where the platform has no ``madvise``, the copies sit on
+    ordinary pages."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._chunk: np.ndarray | None = None  # the mapping arrays are copied into, as bytes
+        self._used = 0
+
+    def __setitem__(self, name: str, array: np.ndarray) -> None:
+        size = -(-array.nbytes // 64) * 64  # each array cache-line aligned
+        if size > CHUNK:
+            place = _huge_page_mapping(size)
+        else:
+            if self._chunk is None or self._used + size > self._chunk.size:
+                self._chunk, self._used = _huge_page_mapping(CHUNK), 0
+            place = self._chunk[self._used:self._used + size]
+            self._used += size
+        view = place[:array.nbytes].view(array.dtype).reshape(array.shape)
+        view[...] = array
+        super().__setitem__(name, view)
+
+
+def _huge_page_mapping(size: int) -> np.ndarray:
+    """``size`` bytes of a fresh private anonymous mapping, starting on a 2 MiB boundary and
+    advised for huge pages; the array keeps the mapping alive."""
+    import mmap
+
+    region = mmap.mmap(-1, size + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    whole = np.frombuffer(region, np.uint8)
+    start = -whole.ctypes.data % HUGE_PAGE  # a multiple of the 4 KiB page the mapping starts on
+    if hasattr(mmap, "MADV_HUGEPAGE"):
+        try:
+            region.madvise(mmap.MADV_HUGEPAGE, start, size)
+        except OSError as exc:  # a kernel without transparent huge pages: 4 KiB pages it is
+            log.debug("no huge pages for the kernels' weights: %s", exc)
+    return whole[start:start + size]

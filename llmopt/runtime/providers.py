@@ -87,6 +87,8 @@ class CPUOptions:
     # None: where it builds and this CPU runs it; True: required (an error where it cannot);
     # False: never (ONNX Runtime's kernels only)
     kernels: bool | None = None
+    # the kernels' weights on 2 MiB pages where Linux grants them (kernels.on_huge_pages)
+    huge_pages: bool = True
 
     def __post_init__(self) -> None:
         for name in ("intra_op_threads", "inter_op_threads"):

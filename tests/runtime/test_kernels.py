@@ -325,6 +325,54 @@ def test_kernels_false_keeps_onnx_runtimes_kernels(packages: dict[str, Path]) ->
     assert load(packages["int4"], kernels=False).session_info.kernels == 0
 
 
+def mapping_flags(address: int) -> list[str]:
+    """The ``VmFlags`` of this process's mapping that holds ``address`` (Linux)."""
+    inside = False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split()[0]
+        if "-" in head and ":" not in head:
+            start, end = (int(x, 16) for x in head.split("-"))
+            inside = start <= address < end
+        elif inside and head == "VmFlags:":
+            return line.split()[1:]
+    raise AssertionError(f"no mapping holds {address:#x}")
+
+
+@needs_kernels
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="reads Linux's /proc")
+def test_the_kernels_weights_are_moved_to_huge_pages_and_compute_the_same(
+        packages: dict[str, Path]) -> None:
+    """Every kernel weight sits in one mapping advised for 2 MiB pages ("hg" in its VmFlags),
+    cache-line aligned; with ``huge_pages=False`` they stay in numpy's heap. The same tokens
+    and bit-identical logprobs either way."""
+    huge, plain = load(packages["int4_gguf"]), load(packages["int4_gguf"], huge_pages=False)
+    addresses = [value.data_ptr() for value in huge.initializers.values()]
+    assert addresses and all(address % 64 == 0 for address in addresses)
+    if Path("/sys/kernel/mm/transparent_hugepage/enabled").exists():
+        assert all("hg" in mapping_flags(address) for address in addresses)
+    assert not any("hg" in mapping_flags(value.data_ptr())
+                   for value in plain.initializers.values())
+    a = huge.generate(PROMPT, max_new_tokens=8, temperature=0, logprobs=0)
+    b = plain.generate(PROMPT, max_new_tokens=8, temperature=0, logprobs=0)
+    assert a.token_ids == b.token_ids and a.logprobs == b.logprobs
+
+
+def test_the_huge_page_store_keeps_copies_of_the_arrays_it_is_given() -> None:
+    store = kernels.HugePageStore()
+    arrays = {"a": np.arange(37, dtype=np.float32).reshape(37, 1),
+              "b": np.arange(kernels.CHUNK + 5, dtype=np.uint8),  # a mapping of its own
+              "c": np.ones((3, 4), np.float16), "d": np.arange(10, dtype=np.int64)}
+    for name, array in arrays.items():
+        store[name] = array
+    for name, array in arrays.items():
+        np.add(array, 1, out=array)  # a copy: the originals can go
+        stored = store[name]
+        assert stored.dtype == array.dtype and stored.flags.c_contiguous
+        np.testing.assert_array_equal(stored, array - 1)
+        assert stored.ctypes.data % 64 == 0
+    assert store["c"].ctypes.data - store["a"].ctypes.data == 192  # packed after "a"
+
+
 def test_required_kernels_that_cannot_run_are_an_error(packages: dict[str, Path],
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(kernels, "_built", lambda: (None, "no C++ compiler found"))
