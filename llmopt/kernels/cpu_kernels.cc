@@ -664,18 +664,20 @@ struct KernelF : Product {
 // ---- GroupAttention: GroupQueryAttention over a cache written in place ----
 //
 // The attention of a decoder graph's GroupQueryAttention nodes (com.microsoft) as llmopt's
-// exporter writes them: rotary already applied, no sliding window, softcap or quantized cache,
-// the cache [B, kv_heads, capacity, head_dim] bound as both past and present (or a past of its
-// own, copied), seqlens_k each row's last position, and an additive attention bias [B or 1,
-// 1 or heads, S, T] that masks padding. A decode step is 9 heads of one query over about a
+// exporter writes them: no sliding window, softcap or quantized cache, the cache [B, kv_heads,
+// capacity, head_dim] bound as both past and present (or a past of its own, copied), seqlens_k
+// each row's last position, and an additive attention bias [B or 1, 1 or heads, S, T] that
+// masks padding. The query, key and value come separate and rotated, or packed in one input
+// with the rotary's cos and sin tables [B, S, rotary_dim / 2] (the Split and RotaryEmbedding
+// nodes before the attention taken in: `rotate`). A decode step is 9 heads of one query over about a
 // hundred positions: ONNX Runtime's kernel spends most of its 56 us per call around that
 // arithmetic (a GEMM call per head, a probabilities buffer, its thread pool). Here each (row,
 // head) is one work item: dot products of the query with each cached key, the bias, a softmax
 // and the weighted sum of values, in registers and one scores buffer per thread.
 
 struct AttentionWork {
-  const float* q;       // [B, S, heads * dim]
-  const float* k;       // [B, S, kv_heads * dim]: this step's keys
+  const float* q;       // [B, S, heads * dim] (rows q_stride apart)
+  const float* k;       // [B, S, kv_heads * dim]: this step's keys (rows kv_stride apart)
   const float* v;
   float* keys;          // [B, kv_heads, capacity, dim]: the cache, this step's keys included
   float* values;
@@ -683,6 +685,7 @@ struct AttentionWork {
   const float* bias;       // [bias_b, bias_h, S, total], or nullptr
   float* out;              // [B, S, heads * dim]
   int64_t batch, seq, heads, kv_heads, dim, capacity, total, bias_b, bias_h;
+  int64_t q_stride, kv_stride;  // floats from one (row, position) to the next
   bool first_prompt;  // S equals the mask's width: every row starts at position 0
   float scale;
 
@@ -755,7 +758,7 @@ void attend_head(const AttentionWork& w, int64_t b, int64_t h, float* scores) {
   const HeadView v = head_view(w, b, h);
   const int64_t width = w.heads * w.dim;
   for (int64_t s = 0; s < w.seq; ++s) {
-    const float* q = w.q + (b * w.seq + s) * width + h * w.dim;
+    const float* q = w.q + (b * w.seq + s) * w.q_stride + h * w.dim;
     const int64_t n = std::min(v.past + s + 1, v.length);  // causal, within the row
     const float* bias = v.bias ? v.bias + s * w.total : nullptr;
     __m512 qv[C];
@@ -794,7 +797,7 @@ void attend_any(const AttentionWork& w, int64_t b, int64_t h, float* scores) {
   const HeadView v = head_view(w, b, h);
   const int64_t width = w.heads * w.dim;
   for (int64_t s = 0; s < w.seq; ++s) {
-    const float* q = w.q + (b * w.seq + s) * width + h * w.dim;
+    const float* q = w.q + (b * w.seq + s) * w.q_stride + h * w.dim;
     float* out = w.out + (b * w.seq + s) * width + h * w.dim;
     const int64_t n = std::min(v.past + s + 1, v.length);
     const float* bias = v.bias ? v.bias + s * w.total : nullptr;
@@ -811,6 +814,36 @@ void attend_any(const AttentionWork& w, int64_t b, int64_t h, float* scores) {
     const float inv = softmax_in_place(scores, n, top);
     for (int64_t t = 0; t < n; ++t) add_scaled(scores[t] * inv, v.values + t * w.dim, out, w.dim);
   }
+}
+
+// y[:dim] = x[:dim] with its first `rot` channels rotated by the angles whose cosines and
+// sines are c[:rot / 2] and s[:rot / 2], as ONNX's RotaryEmbedding rotates them: the two halves
+// of the channels paired (x[i], x[i + rot / 2]), or with `interleaved` neighbours (x[2i],
+// x[2i + 1]); channels past `rot` copied.
+void rotate(const float* x, const float* c, const float* s, float* y, int64_t dim, int64_t rot,
+            bool interleaved) {
+  const int64_t half = rot / 2;
+  if (interleaved) {
+    for (int64_t i = 0; i < half; ++i) {
+      const float a = x[2 * i], b = x[2 * i + 1];
+      y[2 * i] = a * c[i] - b * s[i];
+      y[2 * i + 1] = b * c[i] + a * s[i];
+    }
+  } else {
+    int64_t i = 0;
+    for (; i + 16 <= half; i += 16) {
+      const __m512 a = _mm512_loadu_ps(x + i), b = _mm512_loadu_ps(x + half + i);
+      const __m512 cv = _mm512_loadu_ps(c + i), sv = _mm512_loadu_ps(s + i);
+      _mm512_storeu_ps(y + i, _mm512_sub_ps(_mm512_mul_ps(a, cv), _mm512_mul_ps(b, sv)));
+      _mm512_storeu_ps(y + half + i, _mm512_add_ps(_mm512_mul_ps(b, cv), _mm512_mul_ps(a, sv)));
+    }
+    for (; i < half; ++i) {
+      const float a = x[i], b = x[half + i];
+      y[i] = a * c[i] - b * s[i];
+      y[half + i] = b * c[i] + a * s[i];
+    }
+  }
+  std::copy(x + rot, x + dim, y + rot);
 }
 
 // one (row, head): its S queries against the row's cached positions
@@ -843,6 +876,7 @@ constexpr int64_t kParallelAttention = int64_t{1} << 18;
 struct AttentionKernel {
   Api api;
   int64_t heads = 0, kv_heads = 0, threads = 1;
+  int64_t rotary_dim = 0, interleaved = 0;  // rotary_dim 0: the query and key come rotated
   float scale = 0.0f;
 
   Status init(const OrtKernelInfo* info) {
@@ -850,36 +884,59 @@ struct AttentionKernel {
     if (!s) s = api.attribute(info, "kv_num_heads", &kv_heads);
     if (!s) s = api.attribute(info, "threads", &threads);
     if (!s) s = api.attribute(info, "scale", &scale);
+    if (!s) s = api.attribute(info, "rotary_dim", &rotary_dim);
+    if (!s) s = api.attribute(info, "interleaved", &interleaved);
     if (!s && (heads <= 0 || kv_heads <= 0 || heads % kv_heads))
       s = api.error(kInvalidArgument, "GroupAttention: num_heads must be a multiple of "
                                       "kv_num_heads");
+    if (!s && (rotary_dim < 0 || rotary_dim % 2 || (interleaved != 0 && interleaved != 1)))
+      s = api.error(kInvalidArgument, "GroupAttention: rotary_dim must be even and "
+                                      "interleaved 0 or 1");
     return s;
   }
 
   Status compute(OrtKernelContext* ctx) const {
     constexpr const char* kMisshapen =
-        "GroupAttention: query [B, S, heads * dim], key and value [B, S, kv_heads * dim], "
-        "past [B, kv_heads, capacity, dim], seqlens_k [B] and a scalar total length expected";
-    const OrtValue* in[7] = {};
-    for (size_t i = 0; i < 7; ++i)
+        "GroupAttention: query [B, S, heads * dim], key and value [B, S, kv_heads * dim] (or "
+        "none, with query, key and value packed in the first input), past [B, kv_heads, "
+        "capacity, dim], seqlens_k [B] and a scalar total length expected";
+    const OrtValue* in[10] = {};  // q, k, v, past k, past v, seqlens, total, bias, cos, sin
+    for (size_t i = 0; i < 10; ++i)
       if (Status s = api.input(ctx, i, &in[i])) return s;
-    const OrtValue* bias_value = nullptr;
-    if (Status s = api.input(ctx, 7, &bias_value)) return s;
+    const bool packed = !in[1] && !in[2];
     std::vector<int64_t> qd, kd, vd, pkd, pvd, sd, td, bd;
     for (auto [value, dims] : {std::pair{in[0], &qd}, {in[1], &kd}, {in[2], &vd}, {in[3], &pkd},
                                {in[4], &pvd}, {in[5], &sd}, {in[6], &td}})
-      if (!value) return api.error(kInvalidArgument, kMisshapen);
-      else if (Status s = api.shape(value, dims)) return s;
-    if (qd.size() != 3 || qd[2] % heads || kd != vd || kd.size() != 3 || pkd != pvd ||
-        pkd.size() != 4 || sd.size() != 1 || td.size() > 1)
+      if (!value && !(packed && (dims == &kd || dims == &vd)))
+        return api.error(kInvalidArgument, kMisshapen);
+      else if (value)
+        if (Status s = api.shape(value, dims)) return s;
+    const int64_t width = packed ? heads + 2 * kv_heads : heads;  // heads in a query row
+    if (qd.size() != 3 || qd[2] % width || kd != vd || (!packed && kd.size() != 3) ||
+        pkd != pvd || pkd.size() != 4 || sd.size() != 1 || td.size() > 1)
       return api.error(kInvalidArgument, kMisshapen);
-    const int64_t batch = qd[0], seq = qd[1], dim = qd[2] / heads;
-    if (kd[0] != batch || kd[1] != seq || kd[2] != kv_heads * dim || pkd[0] != batch ||
-        pkd[1] != kv_heads || pkd[3] != dim || sd[0] != batch)
+    const int64_t batch = qd[0], seq = qd[1], dim = qd[2] / width;
+    if ((!packed && (kd[0] != batch || kd[1] != seq || kd[2] != kv_heads * dim)) ||
+        pkd[0] != batch || pkd[1] != kv_heads || pkd[3] != dim || sd[0] != batch)
       return api.error(kInvalidArgument, kMisshapen);
-    void* raw[7] = {};
-    for (size_t i = 0; i < 7; ++i)
-      if (Status s = api.data(in[i], &raw[i])) return s;
+    if (rotary_dim > dim)
+      return api.error(kInvalidArgument, "GroupAttention: rotary_dim exceeds the head size");
+    std::vector<int64_t> cd, snd;
+    if (rotary_dim) {
+      for (auto [value, dims] : {std::pair{in[8], &cd}, {in[9], &snd}})
+        if (!value) return api.error(kInvalidArgument, "GroupAttention: rotary_dim needs the "
+                                                       "cos and sin inputs");
+        else if (Status s = api.shape(value, dims)) return s;
+      if (cd != snd || cd.size() != 3 || cd[0] != batch || cd[1] != seq ||
+          cd[2] != rotary_dim / 2)
+        return api.error(kInvalidArgument, "GroupAttention: cos and sin [B, S, rotary_dim / "
+                                           "2] expected");
+    }
+    void* raw[10] = {};
+    for (size_t i = 0; i < 10; ++i)
+      if (in[i])
+        if (Status s = api.data(in[i], &raw[i])) return s;
+    const OrtValue* bias_value = in[7];
     const auto* seqlens = static_cast<const int32_t*>(raw[5]);
     const int64_t total = *static_cast<const int32_t*>(raw[6]);
     const int64_t past_capacity = pkd[2], capacity = std::max(past_capacity, total);
@@ -909,11 +966,28 @@ struct AttentionKernel {
     if (Status s = api.data(out, &o)) return s;
     if (Status s = api.data(present_k, &pk)) return s;
     if (Status s = api.data(present_v, &pv)) return s;
-    AttentionWork w{static_cast<const float*>(raw[0]), static_cast<const float*>(raw[1]),
-                    static_cast<const float*>(raw[2]), static_cast<float*>(pk),
-                    static_cast<float*>(pv), seqlens, bias, static_cast<float*>(o), batch, seq,
-                    heads, kv_heads, dim, capacity, total, bias_b, bias_h, seq == total,
+    const auto* q = static_cast<const float*>(raw[0]);
+    const int64_t q_stride = width * dim, kv_stride = packed ? q_stride : kv_heads * dim;
+    AttentionWork w{q, packed ? q + heads * dim : static_cast<const float*>(raw[1]),
+                    packed ? q + (heads + kv_heads) * dim : static_cast<const float*>(raw[2]),
+                    static_cast<float*>(pk), static_cast<float*>(pv), seqlens, bias,
+                    static_cast<float*>(o), batch, seq, heads, kv_heads, dim, capacity, total,
+                    bias_b, bias_h, q_stride, kv_stride, seq == total,
                     scale != 0.0f ? scale : 1.0f / std::sqrt(static_cast<float>(dim))};
+    // rotary: the queries rotated into a buffer of their own, the keys as they are cached
+    const auto* cos = static_cast<const float*>(raw[8]);
+    const auto* sin = static_cast<const float*>(raw[9]);
+    const int64_t half = rotary_dim / 2;
+    thread_local std::vector<float> rotated;
+    if (rotary_dim) {
+      rotated.resize(static_cast<size_t>(batch * seq * heads * dim));
+      for (int64_t r = 0; r < batch * seq; ++r)
+        for (int64_t h = 0; h < heads; ++h)
+          rotate(q + r * q_stride + h * dim, cos + r * half, sin + r * half,
+                 rotated.data() + (r * heads + h) * dim, dim, rotary_dim, interleaved);
+      w.q = rotated.data();
+      w.q_stride = heads * dim;
+    }
     // the cache: a past of its own is copied first; then this step's keys and values
     const float* past_k = static_cast<const float*>(raw[3]);
     const float* past_v = static_cast<const float*>(raw[4]);
@@ -929,8 +1003,13 @@ struct AttentionKernel {
           std::copy(past_v + from, past_v + from + past * dim, w.values + at);
         }
         for (int64_t s = 0; s < seq; ++s) {
-          const int64_t src = (b * seq + s) * kv_heads * dim + g * dim;
-          std::copy(w.k + src, w.k + src + dim, w.keys + at + (past + s) * dim);
+          const int64_t src = (b * seq + s) * kv_stride + g * dim;
+          float* key = w.keys + at + (past + s) * dim;
+          if (rotary_dim)
+            rotate(w.k + src, cos + (b * seq + s) * half, sin + (b * seq + s) * half, key, dim,
+                   rotary_dim, interleaved);
+          else
+            std::copy(w.k + src, w.k + src + dim, key);
           std::copy(w.v + src, w.v + src + dim, w.values + at + (past + s) * dim);
         }
       }
@@ -997,10 +1076,11 @@ void compute_v1(void* kernel, OrtKernelContext* ctx) { (void)compute<K>(kernel, 
 template <typename K>
 void destroy(void* kernel) { delete static_cast<K*>(kernel); }
 
-// an op of `inputs` inputs (those from `optional` on optional) and `outputs` float outputs
+// an op of `inputs` inputs (input i optional where bit i of `optional` is set) and `outputs`
+// float outputs
 template <typename K,
           Status (*Create)(const OrtCustomOpAbi*, const OrtApi*, const OrtKernelInfo*, void**),
-          size_t inputs, size_t optional, size_t outputs>
+          size_t inputs, uint32_t optional, size_t outputs>
 constexpr OrtCustomOpAbi op(const char* (*name)(const OrtCustomOpAbi*),
                             int (*input_type)(const OrtCustomOpAbi*, size_t)) {
   return {
@@ -1014,7 +1094,7 @@ constexpr OrtCustomOpAbi op(const char* (*name)(const OrtCustomOpAbi*),
       [](const OrtCustomOpAbi*) { return outputs; },
       compute_v1<K>,
       destroy<K>,
-      [](const OrtCustomOpAbi*, size_t i) { return i < optional ? 0 : 1; },  // 1: optional
+      [](const OrtCustomOpAbi*, size_t i) { return static_cast<int>(optional >> i & 1u); },
       [](const OrtCustomOpAbi*, size_t) { return 0; },
       [](const OrtCustomOpAbi*, size_t) { return 0; },  // OrtMemTypeDefault
       [](const OrtCustomOpAbi*) { return 1; },
@@ -1030,14 +1110,16 @@ constexpr OrtCustomOpAbi op(const char* (*name)(const OrtCustomOpAbi*),
 }
 
 // x, weights, bias (optional)
-const OrtCustomOpAbi kMatMulQ = op<Kernel, create<Kernel>, 3, 2, 1>(
+const OrtCustomOpAbi kMatMulQ = op<Kernel, create<Kernel>, 3, 0b100, 1>(
     [](const OrtCustomOpAbi*) { return "MatMulQ"; },
     [](const OrtCustomOpAbi*, size_t i) { return i == 1 ? kUint8 : kFloat; });
-const OrtCustomOpAbi kMatMulF = op<KernelF, create<KernelF>, 3, 2, 1>(
+const OrtCustomOpAbi kMatMulF = op<KernelF, create<KernelF>, 3, 0b100, 1>(
     [](const OrtCustomOpAbi*) { return "MatMulF"; },
     [](const OrtCustomOpAbi*, size_t) { return kFloat; });
-// query, key, value, past key, past value, seqlens_k, total length, attention bias (optional)
-const OrtCustomOpAbi kGroupAttention = op<AttentionKernel, create<AttentionKernel>, 8, 7, 3>(
+// query (or query, key and value packed), key, value (both optional), past key, past value,
+// seqlens_k, total length; attention bias, cos and sin (optional)
+const OrtCustomOpAbi kGroupAttention = op<AttentionKernel, create<AttentionKernel>, 10,
+                                          0b1110000110, 3>(
     [](const OrtCustomOpAbi*) { return "GroupAttention"; },
     [](const OrtCustomOpAbi*, size_t i) { return i == 5 || i == 6 ? kInt32 : kFloat; });
 

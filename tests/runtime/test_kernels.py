@@ -271,7 +271,12 @@ def test_the_rewrite_replaces_every_int8_compute_matmul(packages: dict[str, Path
     swiglus = sum(n.op_type == "Sigmoid" for n in shipped.graph.node)
     fused = [a.i for n in proto.graph.node for a in n.attribute if a.name == "activation"]
     assert swiglus > 0 and fused.count(kernels.SILU_MUL) == swiglus
-    assert len(proto.graph.node) == len(shipped.graph.node) - 3 * corrections - 4 * swiglus
+    # and each attention's Split of the packed product and its two RotaryEmbeddings
+    rotary = [a.i for n in proto.graph.node for a in n.attribute if a.name == "rotary_dim"]
+    assert len(rotary) == len(attentions) and all(r > 0 for r in rotary)
+    assert not any(n.op_type == "RotaryEmbedding" for n in proto.graph.node)
+    assert len(proto.graph.node) == (len(shipped.graph.node) - 3 * corrections - 4 * swiglus
+                                     - 3 * len(attentions))
     names = {t.name for t in proto.graph.initializer}
     assert not any(n.endswith((".zero_point_correction", ".sum_split")) for n in names)
 
@@ -525,8 +530,88 @@ def test_group_attention_computes_what_group_query_attention_computes(
     want = run_attention(attention_model("GroupQueryAttention", "com.microsoft", scale, True),
                          feeds, past, shared, custom=False)
     got = run_attention(attention_model(kernels.ATTENTION_OP, kernels.DOMAIN, scale, True,
-                                        threads=2), feeds, past, shared, custom=True)
+                                        threads=2, rotary_dim=0, interleaved=0), feeds, past,
+                       shared, custom=True)
     for ours, theirs in zip(got, want, strict=True):
+        assert ours.shape == theirs.shape
+        np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=2e-6)
+
+
+def rotary_attention_model(dim: int, rotary_dim: int, interleaved: int) -> Any:
+    """The exporter's attention block: a Split of the packed query/key/value, an ONNX
+    RotaryEmbedding of the query and of the key over computed cos/sin tables, and a
+    GroupQueryAttention with an attention bias."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    floats = ["qkv", "past_k", "past_v", "bias", "cos", "sin"]
+    inputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in floats]
+    inputs += [helper.make_tensor_value_info(n, TensorProto.INT32, None)
+               for n in ("seqlens", "total")]
+    sizes = numpy_helper.from_array(np.array([HEADS * dim, KV_HEADS * dim, KV_HEADS * dim]),
+                                    "sizes")
+    rot = {"rotary_embedding_dim": rotary_dim if rotary_dim < dim else 0,
+           "interleaved": interleaved}
+    nodes = [helper.make_node("Split", ["qkv", "sizes"], ["q", "k", "v"], axis=-1),
+             helper.make_node("RotaryEmbedding", ["q", "cos", "sin"], ["rq"], num_heads=HEADS,
+                              **rot),
+             helper.make_node("RotaryEmbedding", ["k", "cos", "sin"], ["rk"],
+                              num_heads=KV_HEADS, **rot),
+             helper.make_node("GroupQueryAttention",
+                              ["rq", "rk", "v", "past_k", "past_v", "seqlens", "total", "", "",
+                               "", "bias"], ["out", "present_k", "present_v"],
+                              domain="com.microsoft", num_heads=HEADS, kv_num_heads=KV_HEADS)]
+    outputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, None)
+               for n in ("out", "present_k", "present_v")]
+    return helper.make_model(helper.make_graph(nodes, "rotary", inputs, outputs, [sizes]),
+                             opset_imports=[helper.make_opsetid("", 23),
+                                            helper.make_opsetid("com.microsoft", 1)],
+                             ir_version=10)
+
+
+@needs_kernels
+@pytest.mark.parametrize(("batch", "seq", "lengths", "total", "dim", "rotary_dim",
+                          "interleaved"), [
+    (1, 1, [40], 41, 64, 64, 0),                # a decode step
+    (3, 1, [30, 20, 9], 31, 64, 64, 0),         # ragged rows of a serving batch
+    (2, 12, [11, 7], 12, 64, 64, 0),            # a ragged prompt
+    (1, 5, [20], 21, 64, 32, 0),                # partial rotary (GPT-NeoX, Phi), a chunk
+    (1, 2, [40], 41, 64, 64, 1),                # interleaved pairs
+    (1, 3, [40], 41, 24, 24, 0),                # a head size off the 16-wide vectors
+    (2, 1, [30, 20], 31, 128, 128, 0),         # head size 128
+])
+def test_group_attention_takes_in_the_split_and_rotary_of_the_packed_product(
+        tmp_path: Path, batch: int, seq: int, lengths: list[int], total: int, dim: int,
+        rotary_dim: int, interleaved: int) -> None:
+    """The rewrite folds the Split and both RotaryEmbeddings into GroupAttention (packed
+    input, keys rotated as they are cached); outputs and cache equal ONNX Runtime's graph."""
+    import onnxruntime as ort
+
+    reference = rotary_attention_model(dim, rotary_dim, interleaved)
+    proto = rotary_attention_model(dim, rotary_dim, interleaved)
+    assert kernels.kernel_model(proto, tmp_path, threads=2) == 1
+    assert [n.op_type for n in proto.graph.node] == [kernels.ATTENTION_OP]
+    rng = np.random.default_rng(dim + seq)
+    width = (HEADS + 2 * KV_HEADS) * dim
+    angles = rng.uniform(0, 40, (batch, seq, rotary_dim // 2))
+    bias = np.zeros((batch, 1, seq, total), np.float32)
+    for row, length in enumerate(lengths):
+        bias[row, 0, :, length + 1:] = np.finfo(np.float32).min
+    feeds = {"qkv": rng.standard_normal((batch, seq, width)).astype(np.float32),
+             "cos": np.cos(angles).astype(np.float32), "sin": np.sin(angles).astype(np.float32),
+             "seqlens": np.array(lengths, np.int32), "total": np.array(total, np.int32),
+             "bias": bias,
+             **{n: rng.standard_normal((batch, KV_HEADS, 64, dim)).astype(np.float32)
+                for n in ("past_k", "past_v")}}
+    results = []
+    for model, custom in ((reference, False), (proto, True)):
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = 2
+        if custom:
+            options.register_custom_ops_library(str(kernels.library()))
+        session = ort.InferenceSession(model.SerializeToString(), options,
+                                       providers=["CPUExecutionProvider"])
+        results.append(session.run(None, feeds))
+    for ours, theirs in zip(results[1], results[0], strict=True):
         assert ours.shape == theirs.shape
         np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=2e-6)
 
