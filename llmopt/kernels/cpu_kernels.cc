@@ -818,30 +818,30 @@ void attend_any(const AttentionWork& w, int64_t b, int64_t h, float* scores) {
 
 // y[:dim] = x[:dim] with its first `rot` channels rotated by the angles whose cosines and
 // sines are c[:rot / 2] and s[:rot / 2], as ONNX's RotaryEmbedding rotates them: the two halves
-// of the channels paired (x[i], x[i + rot / 2]), or with `interleaved` neighbours (x[2i],
-// x[2i + 1]); channels past `rot` copied.
+// of the channels paired (a = x[i], b = x[i + rot / 2]), or with `interleaved` neighbours
+// (x[2i], x[2i + 1]); channels past `rot` copied. Each pair is rounded as ONNX Runtime's CPU
+// kernel rounds it, a * c - (b * s) and a * s + (b * c) with one fused multiply-add each, so
+// that the rotated keys and queries are its own to the bit.
+inline void rotate_pair(float a, float b, float c, float s, float* ya, float* yb) {
+  *ya = std::fma(a, c, -(b * s));
+  *yb = std::fma(a, s, b * c);
+}
+
 void rotate(const float* x, const float* c, const float* s, float* y, int64_t dim, int64_t rot,
             bool interleaved) {
   const int64_t half = rot / 2;
   if (interleaved) {
-    for (int64_t i = 0; i < half; ++i) {
-      const float a = x[2 * i], b = x[2 * i + 1];
-      y[2 * i] = a * c[i] - b * s[i];
-      y[2 * i + 1] = b * c[i] + a * s[i];
-    }
+    for (int64_t i = 0; i < half; ++i)
+      rotate_pair(x[2 * i], x[2 * i + 1], c[i], s[i], y + 2 * i, y + 2 * i + 1);
   } else {
     int64_t i = 0;
     for (; i + 16 <= half; i += 16) {
       const __m512 a = _mm512_loadu_ps(x + i), b = _mm512_loadu_ps(x + half + i);
       const __m512 cv = _mm512_loadu_ps(c + i), sv = _mm512_loadu_ps(s + i);
-      _mm512_storeu_ps(y + i, _mm512_sub_ps(_mm512_mul_ps(a, cv), _mm512_mul_ps(b, sv)));
-      _mm512_storeu_ps(y + half + i, _mm512_add_ps(_mm512_mul_ps(b, cv), _mm512_mul_ps(a, sv)));
+      _mm512_storeu_ps(y + i, _mm512_fmsub_ps(a, cv, _mm512_mul_ps(b, sv)));
+      _mm512_storeu_ps(y + half + i, _mm512_fmadd_ps(a, sv, _mm512_mul_ps(b, cv)));
     }
-    for (; i < half; ++i) {
-      const float a = x[i], b = x[half + i];
-      y[i] = a * c[i] - b * s[i];
-      y[half + i] = b * c[i] + a * s[i];
-    }
+    for (; i < half; ++i) rotate_pair(x[i], x[half + i], c[i], s[i], y + i, y + half + i);
   }
   std::copy(x + rot, x + dim, y + rot);
 }
