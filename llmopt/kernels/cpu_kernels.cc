@@ -978,7 +978,7 @@ struct AttentionKernel {
     const auto* cos = static_cast<const float*>(raw[8]);
     const auto* sin = static_cast<const float*>(raw[9]);
     const int64_t half = rotary_dim / 2;
-    thread_local std::vector<float> rotated;
+    std::vector<float> rotated;  // per call: a long prompt's queries are not held after it
     if (rotary_dim) {
       rotated.resize(static_cast<size_t>(batch * seq * heads * dim));
       for (int64_t r = 0; r < batch * seq; ++r)

@@ -692,7 +692,6 @@ def kernel_graph(package: Any, options: Any) -> KernelGraph | None:
     return KernelGraph(proto.SerializeToString(), rewritten, blobs)
 
 
-
 HUGE_PAGE = 2 << 20
 CHUNK = 64 << 20
 
@@ -732,6 +731,10 @@ def _huge_page_mapping(size: int) -> np.ndarray:
     advised for huge pages; the array keeps the mapping alive."""
     import mmap
 
+    if not hasattr(mmap, "MAP_PRIVATE"):  # Windows: an ordinary buffer, aligned the same way
+        whole = np.empty(size + HUGE_PAGE, np.uint8)
+        start = -whole.ctypes.data % HUGE_PAGE
+        return whole[start:start + size]
     region = mmap.mmap(-1, size + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     whole = np.frombuffer(region, np.uint8)
     start = -whole.ctypes.data % HUGE_PAGE  # a multiple of the 4 KiB page the mapping starts on

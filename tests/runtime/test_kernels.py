@@ -378,6 +378,18 @@ def test_the_huge_page_store_keeps_copies_of_the_arrays_it_is_given() -> None:
     assert store["c"].ctypes.data - store["a"].ctypes.data == 192  # packed after "a"
 
 
+def test_the_huge_page_store_works_without_private_mappings(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where mmap has no MAP_PRIVATE (Windows), ordinary aligned buffers."""
+    import mmap
+
+    monkeypatch.delattr(mmap, "MAP_PRIVATE")
+    store = kernels.HugePageStore()
+    store["w"] = np.arange(100, dtype=np.float32)
+    np.testing.assert_array_equal(store["w"], np.arange(100, dtype=np.float32))
+    assert store["w"].ctypes.data % kernels.HUGE_PAGE == 0
+
+
 def test_required_kernels_that_cannot_run_are_an_error(packages: dict[str, Path],
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(kernels, "_built", lambda: (None, "no C++ compiler found"))
