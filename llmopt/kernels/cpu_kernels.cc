@@ -669,11 +669,11 @@ struct KernelF : Product {
 // each row's last position, and an additive attention bias [B or 1, 1 or heads, S, T] that
 // masks padding. The query, key and value come separate and rotated, or packed in one input
 // with the rotary's cos and sin tables [B, S, rotary_dim / 2] (the Split and RotaryEmbedding
-// nodes before the attention taken in: `rotate`). A decode step is 9 heads of one query over about a
-// hundred positions: ONNX Runtime's kernel spends most of its 56 us per call around that
-// arithmetic (a GEMM call per head, a probabilities buffer, its thread pool). Here each (row,
-// head) is one work item: dot products of the query with each cached key, the bias, a softmax
-// and the weighted sum of values, in registers and one scores buffer per thread.
+// nodes before the attention taken in: `rotate`). A decode step is 9 heads of one query over
+// about a hundred positions: ONNX Runtime's kernel spends most of its 56 us per call around
+// that arithmetic (a GEMM call per head, a probabilities buffer, its thread pool). Here each
+// (row, head) is one work item: dot products of the query with each cached key, the bias, a
+// softmax and the weighted sum of values, in registers and one scores buffer per thread.
 
 struct AttentionWork {
   const float* q;       // [B, S, heads * dim] (rows q_stride apart)
@@ -911,11 +911,11 @@ struct AttentionKernel {
         return api.error(kInvalidArgument, kMisshapen);
       else if (value)
         if (Status s = api.shape(value, dims)) return s;
-    const int64_t width = packed ? heads + 2 * kv_heads : heads;  // heads in a query row
-    if (qd.size() != 3 || qd[2] % width || kd != vd || (!packed && kd.size() != 3) ||
+    const int64_t row_heads = packed ? heads + 2 * kv_heads : heads;  // heads in a query row
+    if (qd.size() != 3 || qd[2] % row_heads || kd != vd || (!packed && kd.size() != 3) ||
         pkd != pvd || pkd.size() != 4 || sd.size() != 1 || td.size() > 1)
       return api.error(kInvalidArgument, kMisshapen);
-    const int64_t batch = qd[0], seq = qd[1], dim = qd[2] / width;
+    const int64_t batch = qd[0], seq = qd[1], dim = qd[2] / row_heads;
     if ((!packed && (kd[0] != batch || kd[1] != seq || kd[2] != kv_heads * dim)) ||
         pkd[0] != batch || pkd[1] != kv_heads || pkd[3] != dim || sd[0] != batch)
       return api.error(kInvalidArgument, kMisshapen);
@@ -967,7 +967,7 @@ struct AttentionKernel {
     if (Status s = api.data(present_k, &pk)) return s;
     if (Status s = api.data(present_v, &pv)) return s;
     const auto* q = static_cast<const float*>(raw[0]);
-    const int64_t q_stride = width * dim, kv_stride = packed ? q_stride : kv_heads * dim;
+    const int64_t q_stride = row_heads * dim, kv_stride = packed ? q_stride : kv_heads * dim;
     AttentionWork w{q, packed ? q + heads * dim : static_cast<const float*>(raw[1]),
                     packed ? q + (heads + kv_heads) * dim : static_cast<const float*>(raw[2]),
                     static_cast<float*>(pk), static_cast<float*>(pv), seqlens, bias,

@@ -87,7 +87,7 @@ class CPUOptions:
     # None: where it builds and this CPU runs it; True: required (an error where it cannot);
     # False: never (ONNX Runtime's kernels only)
     kernels: bool | None = None
-    # the kernels' weights on 2 MiB pages where Linux grants them (kernels.on_huge_pages)
+    # the kernels' weights on 2 MiB pages where Linux grants them (kernels.HugePageStore)
     huge_pages: bool = True
 
     def __post_init__(self) -> None:
