@@ -40,6 +40,7 @@ class Streamer:
         self.text = ""
         self.stable = 0  # tokens whose text is final: the text of tokens[:stable] is final_text
         self.final_text = ""
+        self.behind = False  # tokens were added (:meth:`add`) after ``text`` was last computed
 
     def _decode(self, tokens: list[int]) -> str:
         return str(self.tokenizer.decode(tokens, skip_special_tokens=True))
@@ -58,6 +59,17 @@ class Streamer:
     def push(self, token: int) -> str:
         """Add a token; return the newly final text (possibly empty)."""
         self.tokens.append(token)
+        return self._update()
+
+    def add(self, token: int) -> None:
+        """Add a token whose text nobody waits for (no stream, no stop string): it is decoded
+        with the rest at :meth:`finish`, once, instead of a window each token."""
+        self.tokens.append(token)
+        self.behind = True
+
+    def _update(self) -> str:
+        """Bring ``text`` up to every token pushed; return the newly final text."""
+        self.behind = False
         if self.tokenizer is None:  # token ids only: there is no text to stream
             return ""
         text = self._text()
@@ -73,9 +85,13 @@ class Streamer:
         held = _stop_prefix_len(safe, self.stop)
         return self._emit(safe[: len(safe) - held])
 
+    def catch_up(self) -> str:
+        """The text final so far of tokens only added; what :meth:`push` would have given."""
+        return self._update() if self.behind else ""
+
     def finish(self) -> str:
         """Flush what was held back (an unfinished stop-string prefix, a trailing partial char)."""
-        return self._emit(self.text)
+        return self.catch_up() + self._emit(self.text)
 
     def _emit(self, text: str) -> str:
         if not text.startswith(self.emitted) or len(text) <= len(self.emitted):

@@ -131,11 +131,8 @@ class Generator:
 
     def generate(self, prompt: Prompt, params: SamplingParams | None = None, *,
                  chat: bool = False, **overrides: Any) -> GenerationResult:
-        """Generate a completion of one prompt."""
-        stream = self.stream(prompt, params, chat=chat, **overrides)
-        for _ in stream:
-            pass
-        return stream.result
+        """Generate a completion of one prompt (its text decoded once, at the end)."""
+        return self.generate_batch([prompt], params, chat=chat, **overrides)[0]
 
     def chat(self, messages: str | Sequence[dict[str, str]], params: SamplingParams | None = None,
              **overrides: Any) -> GenerationResult:

@@ -86,8 +86,8 @@ class DecodeState:
         if self.first_token_at is None:
             self.first_token_at = now
         allowed = None if self.constraint is None else self.constraint.allowed(logits.shape[-1])
-        token = next_token(logits, self.params, self.prompt + self.generated, self.rng,
-                           self.generated, allowed)
+        seen = self.prompt + self.generated if self.params.repetition_penalty != 1.0 else ()
+        token = next_token(logits, self.params, seen, self.rng, self.generated, allowed)
         if token in self.eos:
             self._finish("eos")
             return token
@@ -96,9 +96,12 @@ class DecodeState:
             self.logprobs.append(_logprob(logits, token, self.params.logprobs or 0))
         if self.constraint is not None:
             self.constraint.consume(token)
-        delta = self.streamer.push(token)
-        if delta and self.on_delta:
-            self.on_delta(delta)
+        if self.on_delta is None and not self.streamer.stop:  # the text is wanted at the end
+            self.streamer.add(token)
+        else:
+            delta = self.streamer.push(token)
+            if delta and self.on_delta:
+                self.on_delta(delta)
         if self.streamer.stopped:
             self._finish("stop")
         elif self.constraint is not None and self.constraint.complete:
@@ -119,6 +122,7 @@ class DecodeState:
             self.on_delta(tail)
 
     def result(self) -> GenerationResult:
+        self.streamer.catch_up()  # a result asked for before the end: the text so far
         ended = self.ended_at or time.perf_counter()
         first = self.first_token_at or ended
         n = len(self.generated)

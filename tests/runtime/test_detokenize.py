@@ -78,3 +78,38 @@ def test_a_stop_string_across_tokens_still_cuts(tokenizer: Any) -> None:
     middle = full.index(words[5])
     stop = full[middle - 2:middle + 2]  # the end of one token and the start of the next
     assert streamed(tokenizer, ids, (stop,)) == full[:full.index(stop)]
+
+
+def test_added_tokens_are_decoded_once_at_the_end(tokenizer: Any,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Text nobody streams (no delta sink, no stop string) is decoded at finish, not per token;
+    a push after adds (or a catch-up mid-way) gives the text pushes alone would."""
+    rng = random.Random(1)
+    vocabulary = len(tokenizer)
+    ids = [rng.randrange(vocabulary) for _ in range(120)]
+    want = tokenizer.decode(ids, skip_special_tokens=True)
+    calls: list[int] = []
+    original = Streamer._decode
+
+    def counting(self: Streamer, tokens: list[int]) -> str:
+        calls.append(len(tokens))
+        return original(self, tokens)
+
+    monkeypatch.setattr(Streamer, "_decode", counting)
+    streamer = Streamer(tokenizer)
+    for i in ids:
+        streamer.add(i)
+    assert calls == []
+    assert streamer.finish() == want
+    assert calls == [len(ids)]
+
+    mixed = Streamer(tokenizer)
+    deltas = []
+    for n, i in enumerate(ids):
+        if n % 7 < 3:
+            mixed.add(i)
+        else:
+            deltas.append(mixed.push(i))
+        if n % 11 == 0:
+            deltas.append(mixed.catch_up())
+    assert "".join(deltas) + mixed.finish() == want

@@ -84,6 +84,28 @@ def test_stream_concatenates_to_the_result(tiny: tuple[Path, Generator]) -> None
                                                             skip_special_tokens=True)
 
 
+def test_generate_decodes_the_text_once_and_streams_the_same(
+        tiny: tuple[Path, Generator], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without a stream or stop strings the text is decoded once, at the end: the same text a
+    stream gives."""
+    from llmopt.runtime.detokenize import Streamer
+
+    _, generator = tiny
+    calls: list[int] = []
+    original = Streamer._decode
+
+    def counting(self: Streamer, tokens: list[int]) -> str:
+        calls.append(len(tokens))
+        return original(self, tokens)
+
+    monkeypatch.setattr(Streamer, "_decode", counting)
+    result = generator.generate(PROMPTS[1], max_new_tokens=15, ignore_eos=True)
+    assert calls == [15]
+    streamed = "".join(generator.stream(PROMPTS[1], max_new_tokens=15, ignore_eos=True))
+    assert result.text == streamed == generator.tokenizer.decode(result.token_ids,
+                                                                 skip_special_tokens=True)
+
+
 def test_stop_string_cuts_before_it(tiny: tuple[Path, Generator]) -> None:
     _, generator = tiny
     full = generator.generate(PROMPTS[0], max_new_tokens=24, ignore_eos=True)
