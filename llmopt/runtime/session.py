@@ -101,8 +101,9 @@ def create_session(model_path: str | Path, providers: Sequence[ProviderSpec] | N
     ``signature`` and ``context_length`` (the package's) size TensorRT's shape profile.
     ``model_bytes``: a serialized variant of the graph at ``model_path`` to open instead (its
     external initializers, if any, are read from ``model_path``'s folder). ``initializers``:
-    OrtValues that replace the graph's initializers of those names, unowned (they must
-    outlive the session; two sessions over one graph share them this way). ``custom_ops``: a
+    OrtValues that replace the graph's initializers of those names, unowned by ONNX Runtime
+    (two sessions over one graph share them this way): the session object holds them, so they
+    live as long as it does. ``custom_ops``: a
     custom-op library the graph needs (llmopt's CPU kernels, :mod:`llmopt.runtime.kernels`).
     """
     import onnxruntime as ort
@@ -138,6 +139,8 @@ def create_session(model_path: str | Path, providers: Sequence[ProviderSpec] | N
             fix="re-export the package if the model file is at fault; otherwise check the "
             "provider's libraries (CUDA, cuDNN, TensorRT) or use providers=['cpu']",
         ) from None
+    # ONNX Runtime reads these weights where they lie: whoever holds the session holds them
+    session._llmopt_initializers = dict(initializers or {})
     if model_bytes is not None and hasattr(session, "_model_bytes"):
         # onnxruntime's Python session keeps the bytes to rebuild itself on a provider
         # fallback (GPU only); on CPU that is a second copy of the graph and its weights

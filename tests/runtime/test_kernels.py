@@ -362,6 +362,24 @@ def test_the_kernels_weights_are_moved_to_huge_pages_and_compute_the_same(
     assert a.token_ids == b.token_ids and a.logprobs == b.logprobs
 
 
+@needs_kernels
+def test_the_session_keeps_the_kernels_weights_alive(packages: dict[str, Path]) -> None:
+    """ONNX Runtime reads the kernels' weights where they lie, unowned: whoever keeps only the
+    session (not the Generator) still runs on live memory, not freed pages."""
+    import gc
+
+    ids = np.arange(3, 9, dtype=np.int64)[None]
+    positions = np.arange(ids.shape[1])[None]
+    model = load(packages["int4_gguf"]).model  # the Generator that made it is dropped
+    gc.collect()
+    garbage = [np.full(1 << 16, 7.0) for _ in range(64)]  # reuse of any freed pages
+    logits = model.step(ids, np.ones_like(ids), positions, model.copying_cache(1))
+    kept = load(packages["int4_gguf"])
+    expected = kept.model.step(ids, np.ones_like(ids), positions, kept.model.copying_cache(1))
+    assert np.array_equal(logits, expected)
+    del garbage
+
+
 def test_the_huge_page_store_keeps_copies_of_the_arrays_it_is_given() -> None:
     store = kernels.HugePageStore()
     arrays = {"a": np.arange(37, dtype=np.float32).reshape(37, 1),
