@@ -139,9 +139,11 @@ class DecoderModel:
             if cache.in_place else None
         if logits is None:
             binding.bind_output("logits", "cpu")  # a new shape each step: unallocated again
-        else:  # host memory of ours, written in place (kept alive by ``logits``)
+        else:  # host memory of ours, written in place
             binding.bind_output("logits", "cpu", 0, logits.dtype, list(logits.shape),
                                 logits.ctypes.data)
+            # the binding keeps its output's memory: a run on it never writes to freed memory
+            binding._llmopt_logits = logits
         try:
             session.run_with_iobinding(binding)
         except RuntimeError as exc:  # ONNX Runtime's own error types do not survive IOBinding

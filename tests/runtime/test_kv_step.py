@@ -133,6 +133,26 @@ def test_a_step_the_graph_cannot_take_is_a_graph_error(generator: Generator) -> 
     assert isinstance(info.value, graph_errors())
 
 
+def test_a_binding_keeps_the_memory_its_logits_are_written_to(generator: Generator) -> None:
+    """An in-place cache's binding outlives each step's logits array: the binding holds the
+    last one, so running it again (as a caller holding the cache may) writes to live memory."""
+    import gc
+
+    model = generator.model
+    cache = model.cache(1, CAPACITY)
+    if not cache.in_place:
+        pytest.skip("a copying cache binds afresh each step (the unfused graph)")
+    ids = np.array([PROMPTS[0]])
+    model.step(ids, np.ones_like(ids), np.arange(ids.shape[1])[None], cache)
+    length = ids.shape[1]
+    logits = model.step(np.array([[4]]), np.ones((1, length + 1), np.int64),
+                        np.array([[length]]), cache, prompt=False).copy()
+    gc.collect()
+    binding = cache.binding(False, model.session)
+    model.session.run_with_iobinding(binding)  # the same inputs, written over the same output
+    assert np.array_equal(binding._llmopt_logits, logits)
+
+
 def test_slot_joins_and_leaves_write_their_own_slots(generator: Generator,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     if not generator.shared_kv:  # the engine keeps past-sized rows instead (PastRows)
