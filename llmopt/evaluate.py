@@ -46,7 +46,12 @@ def evaluate(package: str | os.PathLike[str] | Package,
              max_length: int = 512, greedy_tokens: int = 64) -> dict[str, Any]:
     """Measure ``package`` (and its agreement with ``against``, if given) on CPU."""
     import llmopt
+    from llmopt.errors import InvalidInputError
 
+    if greedy_tokens < 0 or max_length < 2:
+        raise InvalidInputError(
+            f"greedy_tokens must be >= 0 and max_length >= 2, not {greedy_tokens} and "
+            f"{max_length}", fix="pass greedy_tokens=0 to skip the greedy answers")
     pkg = package if isinstance(package, Package) else Package.open(package)
     ref = None if against is None else against if isinstance(against, Package) \
         else Package.open(against)
@@ -145,14 +150,15 @@ def _decoder_metrics(runner: Any, ref: Any, max_length: int, greedy_tokens: int
         "reference_perplexity": want["perplexity"],
         "perplexity_delta_pct": 100.0 * (got["perplexity"] / want["perplexity"] - 1),
         "top1_agreement": agree / positions,
-        "greedy_agreement": {
+    })
+    if greedy_tokens:  # 0: no greedy answers compared
+        metrics["greedy_agreement"] = {
             "tokens": greedy_tokens,
             "identical_prefix": prefixes,
             "mean_fraction": float(np.mean(prefixes)) / greedy_tokens,
             "prompts_identical": sum(p == greedy_tokens for p in prefixes),
             "prompts": len(prefixes),
-        },
-    })
+        }
     return metrics
 
 

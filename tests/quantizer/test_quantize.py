@@ -114,6 +114,18 @@ def test_lm_head_can_stay_float(package: Path, tmp_path: Path) -> None:
     assert any("lm_head" in name for name in result.manifest["steps"][-1]["kept_float"])
 
 
+def test_evaluate_without_greedy_answers(package: Path, tmp_path: Path) -> None:
+    from llmopt.errors import InvalidInputError
+    from llmopt.evaluate import evaluate
+
+    result = quantize(package, tmp_path / "q", QuantizeOptions.int8().with_(evaluate=False))
+    fidelity = evaluate(result, package, max_length=64, greedy_tokens=0)
+    assert fidelity["perplexity"] > 1 and 0 <= fidelity["top1_agreement"] <= 1
+    assert "greedy_agreement" not in fidelity
+    with pytest.raises(InvalidInputError, match="greedy_tokens=0"):
+        evaluate(result, package, greedy_tokens=-1)
+
+
 def test_quantizing_twice_is_refused(package: Path, tmp_path: Path) -> None:
     once = quantize(package, tmp_path / "once", QuantizeOptions.int8().with_(evaluate=False))
     with pytest.raises(llmopt.UnsupportedError, match="already quantized"):
