@@ -213,11 +213,22 @@ inline void finish(int activation, const float* bias, const float* up_bias, __m5
   }
 }
 
-inline void store_rows(float* y, int64_t n, int64_t row0, int64_t col0, int rows,
+// Where a product's output columns go: one [rows, n] tensor, or `parts` equal runs of columns
+// each in a [rows, n / parts] tensor of its own (a packed query/key/value product and the Split
+// after it, so that no copy splits them; each part a whole number of tiles).
+constexpr int kMaxParts = 3;
+struct Out {
+  float* y[kMaxParts];
+  int64_t width;  // columns per part: all of them when there is one part
+};
+
+inline void store_rows(const Out& out, int64_t row0, int64_t col0, int rows,
                        const __m512* acc) {
-  const int64_t valid = std::min<int64_t>(kTile, n - col0);
+  const int64_t part = col0 / out.width, col = col0 - part * out.width;
+  const int64_t valid = std::min<int64_t>(kTile, out.width - col);
   const __mmask16 mask = static_cast<__mmask16>((1u << valid) - 1u);
-  for (int r = 0; r < rows; ++r) _mm512_mask_storeu_ps(y + (row0 + r) * n + col0, mask, acc[r]);
+  float* y = out.y[part] + row0 * out.width + col;
+  for (int r = 0; r < rows; ++r) _mm512_mask_storeu_ps(y + r * out.width, mask, acc[r]);
 }
 
 struct Work {
@@ -225,8 +236,8 @@ struct Work {
   const int8_t* xq;     // [rows, K]
   const float* sx;      // [rows, blocks]
   const float* isum;    // [rows, blocks]
-  float* y;             // [rows, N]
-  int64_t rows, k, n, blocks, tiles;  // n: output columns (N / 2 with the SiLU epilogue)
+  Out out;              // [rows, N] (N / 2 with the SiLU epilogue), or its parts
+  int64_t rows, k, blocks, tiles;
   int bits, scale_bits;
   // kNone, kGelu, or kSiluMul: tiles come in (gate, up) pairs, y = silu(gate) * up
   int epilogue;
@@ -338,7 +349,7 @@ void tile_out(const Work& w, int64_t item, int64_t row0) {
     tiles_rows<R, 1, BITS, HALF, SYM>(w, item, row0, acc);
     finish<R>(w.epilogue, tile_bias(w.bias, item), nullptr, acc[0], up[0]);
   }
-  store_rows(w.y, w.n, row0, item * kTile, R, acc[0]);
+  store_rows(w.out, row0, item * kTile, R, acc[0]);
 }
 
 // Output item `item` for rows [row0, row0 + R) of many rows, tiles 2 * item and 2 * item + 1 in
@@ -352,19 +363,19 @@ void pair_out(const Work& w, int64_t item, int64_t row0) {
   if (tile0 + 1 >= w.tiles) {  // an odd last tile (the SiLU epilogue's tiles come in pairs)
     tiles_rows<R, 1, BITS, HALF, SYM>(w, tile0, row0, acc);
     finish<R>(w.epilogue, tile_bias(w.bias, tile0), nullptr, acc[0], acc[0]);
-    store_rows(w.y, w.n, row0, tile0 * kTile, R, acc[0]);
+    store_rows(w.out, row0, tile0 * kTile, R, acc[0]);
     return;
   }
   tiles_rows<R, 2, BITS, HALF, SYM>(w, tile0, row0, acc);
   if (w.epilogue == kSiluMul) {
     finish<R>(w.epilogue, tile_bias(w.bias, tile0), tile_bias(w.bias, tile0 + 1), acc[0],
               acc[1]);
-    store_rows(w.y, w.n, row0, item * kTile, R, acc[0]);
+    store_rows(w.out, row0, item * kTile, R, acc[0]);
     return;
   }
   for (int t = 0; t < 2; ++t) {
     finish<R>(w.epilogue, tile_bias(w.bias, tile0 + t), nullptr, acc[t], acc[t]);
-    store_rows(w.y, w.n, row0, (tile0 + t) * kTile, R, acc[t]);
+    store_rows(w.out, row0, (tile0 + t) * kTile, R, acc[t]);
   }
 }
 
@@ -515,17 +526,18 @@ struct Rounded {
 
 // What both products share: x [.., K] times packed weights into y [.., N] (N / 2 after the
 // SiLU epilogue), plus a bias (a third input, [tiles * 16] in the weights' column order) where
-// `bias` is 1, their output columns split into `threads` contiguous runs.
+// `bias` is 1, their output columns split into `threads` contiguous runs; with `parts` 2 or 3,
+// y's columns go to that many outputs, N / parts each.
 struct Product {
   Api api;
-  int64_t k = 0, n = 0, activation = kNone, bias = 0;
+  int64_t k = 0, n = 0, activation = kNone, bias = 0, parts = 1;
   int64_t threads = 1;  // the session's intra-op threads: one contiguous run of tiles each
 
   struct Io {
     const float* x = nullptr;
     const void* w = nullptr;
     const float* bias = nullptr;
-    float* y = nullptr;
+    Out out{};
     int64_t rows = 0, cols = 0;  // rows of x (all but its last axis), columns of y
   };
 
@@ -536,8 +548,11 @@ struct Product {
     if (!s) s = api.attribute(info, "threads", &threads);
     if (!s) s = api.attribute(info, "activation", &activation);
     if (!s) s = api.attribute(info, "bias", &bias);
+    if (!s) s = api.attribute(info, "parts", &parts);
     if (!s && (k <= 0 || n <= 0 || activation < kNone || activation > kGelu ||
-               (bias != 0 && bias != 1) || (activation == kSiluMul && n % (2 * kTile))))
+               (bias != 0 && bias != 1) || (activation == kSiluMul && n % (2 * kTile)) ||
+               parts < 1 || parts > kMaxParts ||
+               (parts > 1 && (activation != kNone || n % (parts * kTile)))))
       s = api.error(kInvalidArgument, op);
     return s;
   }
@@ -558,12 +573,21 @@ struct Product {
     io->rows = 1;
     for (size_t i = 0; i + 1 < dims.size(); ++i) io->rows *= dims[i];
     io->cols = activation == kSiluMul ? n / 2 : n;
+    io->out.width = io->cols / parts;
     std::vector<int64_t> out_dims(dims);
-    out_dims.back() = io->cols;
-    OrtValue* y_value = nullptr;
-    if (Status s = api.output(ctx, 0, out_dims.data(), out_dims.size(), &y_value)) return s;
+    out_dims.back() = io->out.width;
+    for (int64_t part = 0; part < parts; ++part) {
+      OrtValue* y_value = nullptr;
+      if (Status s = api.output(ctx, static_cast<size_t>(part), out_dims.data(), out_dims.size(),
+                                &y_value))
+        return s;
+      void* y = nullptr;
+      if (io->rows)
+        if (Status s = api.data(y_value, &y)) return s;
+      io->out.y[part] = static_cast<float*>(y);
+    }
     if (io->rows == 0) return nullptr;
-    void *x = nullptr, *w = nullptr, *y = nullptr, *b = nullptr;
+    void *x = nullptr, *w = nullptr, *b = nullptr;
     if (bias) {
       const OrtValue* b_value = nullptr;
       std::vector<int64_t> bdims;
@@ -576,11 +600,9 @@ struct Product {
     }
     if (Status s = api.data(x_value, &x)) return s;
     if (Status s = api.data(w_value, &w)) return s;
-    if (Status s = api.data(y_value, &y)) return s;
     io->x = static_cast<const float*>(x);
     io->w = w;
     io->bias = static_cast<const float*>(b);
-    io->y = static_cast<float*>(y);
     return nullptr;
   }
 
@@ -631,8 +653,8 @@ struct Kernel : Product {
                                          static_cast<size_t>(x.parts), &x))
       return s;
     const int epilogue = static_cast<int>(activation);
-    Work work{static_cast<const uint8_t*>(io.w), x.xq.get(), x.sx.get(), x.isum.get(), io.y,
-              io.rows, k, io.cols, blocks, tiles, static_cast<int>(bits),
+    Work work{static_cast<const uint8_t*>(io.w), x.xq.get(), x.sx.get(), x.isum.get(), io.out,
+              io.rows, k, blocks, tiles, static_cast<int>(bits),
               static_cast<int>(scale_bits), epilogue, static_cast<int>(zero_point), io.bias};
     const ItemsQ items = items_q(io.rows, tiles, epilogue);
     return run(ctx, items.item, items.count, work);
@@ -649,8 +671,8 @@ struct Kernel : Product {
 struct WorkF {
   const float* weights;  // [tiles, K, 16]
   const float* x;        // [rows, K]
-  float* y;              // [rows, n]
-  int64_t rows, k, n, tiles;  // n: output columns (N / 2 with the SiLU epilogue)
+  Out out;               // [rows, N] (N / 2 with the SiLU epilogue), or its parts
+  int64_t rows, k, tiles;
   int epilogue;               // kNone, kGelu, or kSiluMul: each pair of tiles is (gate, up)
   const float* bias;          // [tiles * 16], or nullptr
 };
@@ -689,14 +711,14 @@ void tile_rows_f(const WorkF& w, int64_t tile0, int64_t row0) {
     if (w.epilogue == kSiluMul) {
       for (int r = 0; r < R; ++r) out[r] = acc[r][0], up[r] = acc[r][1];
       finish<R>(w.epilogue, tile_bias(w.bias, tile0), tile_bias(w.bias, tile0 + 1), out, up);
-      store_rows(w.y, w.n, row0, tile0 / 2 * kTile, R, out);
+      store_rows(w.out, row0, tile0 / 2 * kTile, R, out);
       return;
     }
   }
   for (int t = 0; t < T; ++t) {
     for (int r = 0; r < R; ++r) out[r] = acc[r][t];
     finish<R>(w.epilogue, tile_bias(w.bias, tile0 + t), nullptr, out, up);
-    store_rows(w.y, w.n, row0, (tile0 + t) * kTile, R, out);
+    store_rows(w.out, row0, (tile0 + t) * kTile, R, out);
   }
 }
 
@@ -733,7 +755,7 @@ struct KernelF : Product {
                         &io))
       return s;
     if (io.rows == 0) return nullptr;
-    WorkF work{static_cast<const float*>(io.w), io.x, io.y, io.rows, k, io.cols, tiles,
+    WorkF work{static_cast<const float*>(io.w), io.x, io.out, io.rows, k, tiles,
                static_cast<int>(activation), io.bias};
     return run(ctx, pair_f, static_cast<int64_t>(pairs(tiles)), work);
   }
@@ -1155,10 +1177,10 @@ template <typename K>
 void destroy(void* kernel) { delete static_cast<K*>(kernel); }
 
 // an op of `inputs` inputs (input i optional where bit i of `optional` is set) and `outputs`
-// float outputs
+// float outputs (output i optional where bit i of `optional_outputs` is set)
 template <typename K,
           Status (*Create)(const OrtCustomOpAbi*, const OrtApi*, const OrtKernelInfo*, void**),
-          size_t inputs, uint32_t optional, size_t outputs>
+          size_t inputs, uint32_t optional, size_t outputs, uint32_t optional_outputs = 0>
 constexpr OrtCustomOpAbi op(const char* (*name)(const OrtCustomOpAbi*),
                             int (*input_type)(const OrtCustomOpAbi*, size_t)) {
   return {
@@ -1173,7 +1195,9 @@ constexpr OrtCustomOpAbi op(const char* (*name)(const OrtCustomOpAbi*),
       compute_v1<K>,
       destroy<K>,
       [](const OrtCustomOpAbi*, size_t i) { return static_cast<int>(optional >> i & 1u); },
-      [](const OrtCustomOpAbi*, size_t) { return 0; },
+      [](const OrtCustomOpAbi*, size_t i) {
+        return static_cast<int>(optional_outputs >> i & 1u);
+      },
       [](const OrtCustomOpAbi*, size_t) { return 0; },  // OrtMemTypeDefault
       [](const OrtCustomOpAbi*) { return 1; },
       [](const OrtCustomOpAbi*) { return 1; },
@@ -1187,11 +1211,11 @@ constexpr OrtCustomOpAbi op(const char* (*name)(const OrtCustomOpAbi*),
   };
 }
 
-// x, weights, bias (optional)
-const OrtCustomOpAbi kMatMulQ = op<Kernel, create<Kernel>, 3, 0b100, 1>(
+// x, weights, bias (optional); y, or its `parts` (the second and third optional)
+const OrtCustomOpAbi kMatMulQ = op<Kernel, create<Kernel>, 3, 0b100, kMaxParts, 0b110>(
     [](const OrtCustomOpAbi*) { return "MatMulQ"; },
     [](const OrtCustomOpAbi*, size_t i) { return i == 1 ? kUint8 : kFloat; });
-const OrtCustomOpAbi kMatMulF = op<KernelF, create<KernelF>, 3, 0b100, 1>(
+const OrtCustomOpAbi kMatMulF = op<KernelF, create<KernelF>, 3, 0b100, kMaxParts, 0b110>(
     [](const OrtCustomOpAbi*) { return "MatMulF"; },
     [](const OrtCustomOpAbi*, size_t) { return kFloat; });
 // query (or query, key and value packed), key, value (both optional), past key, past value,
@@ -1231,9 +1255,9 @@ __attribute__((visibility("default"))) int llmopt_matmul_q(const float* x, int64
   const int64_t blocks = k / kBlock, tiles = (n + kTile - 1) / kTile;
   Rounded rounded(x, rows, k, 1, zero_point);
   Rounded::part(&rounded, 0);
-  Work work{weights, rounded.xq.get(), rounded.sx.get(), rounded.isum.get(), y, rows, k,
-            activation == kSiluMul ? n / 2 : n, blocks, tiles, bits, scale_bits, activation,
-            zero_point, bias};
+  const Out out{{y}, activation == kSiluMul ? n / 2 : n};
+  Work work{weights, rounded.xq.get(), rounded.sx.get(), rounded.isum.get(), out, rows, k,
+            blocks, tiles, bits, scale_bits, activation, zero_point, bias};
   const ItemsQ items = items_q(rows, tiles, activation);
   Spans<Work> spans{&work, items.item, items.count, 1};
   run_span<Work>(&spans, 0);
@@ -1249,7 +1273,8 @@ __attribute__((visibility("default"))) int llmopt_matmul_f(const float* x, int64
   if (activation < kNone || activation > kGelu || (activation == kSiluMul && n % (2 * kTile)))
     return kFail;
   const int64_t tiles = (n + kTile - 1) / kTile;
-  WorkF work{weights, x, y, rows, k, activation == kSiluMul ? n / 2 : n, tiles, activation, bias};
+  const Out out{{y}, activation == kSiluMul ? n / 2 : n};
+  WorkF work{weights, x, out, rows, k, tiles, activation, bias};
   Spans<WorkF> spans{&work, pair_f, static_cast<int64_t>(pairs(tiles)), 1};
   run_span<WorkF>(&spans, 0);
   return 0;

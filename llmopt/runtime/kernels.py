@@ -234,7 +234,8 @@ def kernel_model(proto: Any, folder: str | Path, threads: int, float_weights: bo
     each int8-compute MatMulNBits in blocks of 32 (with its float-zero-point correction where it
     has one) becomes one MatMulQ; with ``float_weights``, each MatMul by a float32 [K, N] weight
     one MatMulF; a bias Add, GELU or SwiGLU after either (:class:`_Epilogue`) goes into the
-    kernel's epilogue; with ``attention``, each GroupQueryAttention of the kind llmopt's exporter
+    kernel's epilogue, and a Split of its output into equal runs (:func:`_split`) into its
+    outputs; with ``attention``, each GroupQueryAttention of the kind llmopt's exporter
     writes (:func:`_plain_attention`) one GroupAttention. The products
     split their output columns into ``threads`` runs (the session's intra-op
     threads: one contiguous run each measured faster than finer work items, 5.7 against 6.2 ms
@@ -356,12 +357,15 @@ def _matmul_f(node: Any, weights: _Weights, threads: int) -> _Made:
     if tail.activation == SILU_MUL:
         weight = weight[:, gate_up_order(n)]
     name = f"{node.input[1]}.matmul_f"
-    made = helper.make_node(FLOAT_OP, [node.input[0], name, *tail.inputs(name)], [tail.output],
+    split = _split(tail, n, weights)
+    outputs = list(split.output) if split is not None else [tail.output]
+    made = helper.make_node(FLOAT_OP, [node.input[0], name, *tail.inputs(name)], outputs,
                             name=f"{node.name}/MatMulF", domain=DOMAIN, K=k, N=n,
                             activation=tail.activation, bias=int(tail.bias is not None),
-                            threads=threads)
-    return (made, [(name, pack_float(weight)), *tail.blobs(name)], tail.nodes,
-            {node.input[1], *tail.reads})
+                            parts=len(outputs), threads=threads)
+    return (made, [(name, pack_float(weight)), *tail.blobs(name)],
+            (*tail.nodes, *([split] if split is not None else [])),
+            {node.input[1], *tail.reads, *_split_reads(split)})
 
 
 def _matmul_q(node: Any, weights: _Weights, threads: int) -> _Made:
@@ -391,12 +395,15 @@ def _matmul_q(node: Any, weights: _Weights, threads: int) -> _Made:
     zero_point = symmetric_zero_point(scales, offsets, bits)
     name = f"{node.input[1]}.matmul_q"
     blob = name, pack(codes, scales, None if zero_point else offsets, bits, precision)
-    made = helper.make_node(OP, [node.input[0], name, *tail.inputs(name)], [tail.output],
+    split = _split(tail, n, weights)
+    outputs = list(split.output) if split is not None else [tail.output]
+    made = helper.make_node(OP, [node.input[0], name, *tail.inputs(name)], outputs,
                             name=f"{node.name}/MatMulQ", domain=DOMAIN, K=k, N=n, bits=bits,
                             scale_bits=precision, zero_point=zero_point,
                             activation=tail.activation, bias=int(tail.bias is not None),
-                            threads=threads)
-    return made, [blob, *tail.blobs(name)], (*(chain or ()), *tail.nodes), reads | tail.reads
+                            parts=len(outputs), threads=threads)
+    absorbed = (*(chain or ()), *tail.nodes, *([split] if split is not None else []))
+    return made, [blob, *tail.blobs(name)], absorbed, reads | tail.reads | _split_reads(split)
 
 
 @dataclass
@@ -436,6 +443,39 @@ class _Epilogue:
 
     def blobs(self, weight: str) -> list[tuple[str, np.ndarray]]:
         return [] if self.bias is None else [(f"{weight}.bias", pack_bias(self.bias))]
+
+
+MAX_PARTS = 3  # MatMulQ / MatMulF outputs: y, or up to 3 equal runs of its columns
+
+
+def _split(tail: _Epilogue, n: int, weights: _Weights) -> Any:
+    """The Split that is the only reader of a product's output, when it cuts the last axis into
+    2 or 3 equal runs of whole tiles (an encoder's packed query/key/value): the kernel then
+    writes each run to its own output and the Split's copy goes. Else None."""
+    node = _only_reader(tail.output, weights)
+    if node is None or tail.activation != NONE or (node.op_type, node.domain) not in (
+            ("Split", ""), ("Split", "ai.onnx")):
+        return None
+    attrs = {a.name: a for a in node.attribute}
+    axis = attrs["axis"].i if "axis" in attrs else 0
+    parts = len(node.output)
+    if axis != -1 or not 2 <= parts <= MAX_PARTS or any(not o for o in node.output) \
+            or n % (parts * TILE):
+        return None
+    if len(node.input) > 1 and node.input[1]:
+        if node.input[1] not in weights.inits:
+            return None
+        sizes = [int(x) for x in weights.array(node.input[1]).reshape(-1)]
+    elif "split" in attrs:
+        sizes = list(attrs["split"].ints)
+    else:  # num_outputs (opset 18), or equal parts
+        sizes = [n // parts] * parts
+    return node if sizes == [n // parts] * parts else None
+
+
+def _split_reads(split: Any) -> set[str]:
+    return {split.input[1]} if split is not None and len(split.input) > 1 and split.input[1] \
+        else set()
 
 
 def _only_reader(name: str, weights: _Weights) -> Any:

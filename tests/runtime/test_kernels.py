@@ -650,6 +650,56 @@ def test_group_attention_takes_in_the_split_and_rotary_of_the_packed_product(
     np.testing.assert_array_equal(results[1][2], results[0][2])
 
 
+def split_model(sizes: list[int], axis: int) -> Any:
+    """x @ w + b, then a Split of the product by ``sizes`` along ``axis``."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(7)
+    n = sum(sizes)
+    inits = [numpy_helper.from_array(rng.standard_normal((64, n)).astype(np.float32), "w"),
+             numpy_helper.from_array(rng.standard_normal(n).astype(np.float32), "b"),
+             numpy_helper.from_array(np.array(sizes, np.int64), "sizes")]
+    outputs = [f"y{i}" for i in range(len(sizes))]
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["p"]),
+             helper.make_node("Add", ["p", "b"], ["pb"]),
+             helper.make_node("Split", ["pb", "sizes"], outputs, axis=axis)]
+    graph = helper.make_graph(
+        nodes, "split", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 5, 64])],
+        [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in outputs], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
+
+
+@needs_kernels
+@pytest.mark.parametrize(("sizes", "axis", "parts"), [
+    ([48, 48, 48], -1, 3),   # a packed query/key/value: three outputs, no Split
+    ([32, 32], -1, 2),
+    ([16, 32], -1, 1),       # unequal parts: the Split stays
+    ([40, 40], -1, 1),       # parts that are not whole tiles of 16
+    ([48, 48, 48], 2, 1),    # an axis named by its index: the rank is not checked, so it stays
+])
+def test_a_split_product_writes_its_parts(tmp_path: Path, sizes: list[int], axis: int,
+                                          parts: int) -> None:
+    import onnxruntime as ort
+
+    reference, proto = split_model(sizes, axis), split_model(sizes, axis)
+    assert kernels.kernel_model(proto, tmp_path, threads=2) == 1
+    product = next(n for n in proto.graph.node if n.domain == kernels.DOMAIN)
+    assert {a.name: a.i for a in product.attribute}["parts"] == parts
+    assert ("Split" in [n.op_type for n in proto.graph.node]) == (parts == 1)
+    x = np.random.default_rng(1).standard_normal((2, 5, 64)).astype(np.float32)
+    results = []
+    for model, custom in ((reference, False), (proto, True)):
+        options = ort.SessionOptions()
+        if custom:
+            options.register_custom_ops_library(str(kernels.library()))
+        session = ort.InferenceSession(model.SerializeToString(), options,
+                                       providers=["CPUExecutionProvider"])
+        results.append(session.run(None, {"x": x}))
+    for ours, theirs in zip(results[1], results[0], strict=True):
+        assert ours.shape == theirs.shape
+        np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-5)
+
+
 def test_only_plain_group_query_attention_is_rewritten() -> None:
     from onnx import helper
 
@@ -707,7 +757,11 @@ def test_encoders_run_on_the_kernels_with_bias_and_gelu_inside(encoders: dict[st
     gelus = sum(n.op_type == "BiasGelu" for n in shipped.graph.node)
     assert [a["activation"] for a in attrs].count(kernels.GELU) == gelus
     assert (gelus > 0) == (name != "fp32") and "BiasGelu" not in ops
-    assert len(ops) == len(shipped.graph.node) - len(products)  # each bias Add went too
+    # the packed query/key/value product writes its three parts: the Split's copy goes
+    splits = sum(n.op_type == "Split" for n in shipped.graph.node)
+    assert splits > 0 and "Split" not in ops
+    assert [a["parts"] for a in attrs].count(3) == splits
+    assert len(ops) == len(shipped.graph.node) - len(products) - splits  # each bias Add too
     ours = llmopt.load(encoders[name])
     theirs = llmopt.load(encoders[name], provider_options={"cpu": CPUOptions(kernels=False)})
     assert ours.session_info.kernels == rewritten and theirs.session_info.kernels == 0
