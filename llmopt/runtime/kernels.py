@@ -462,6 +462,10 @@ def _split(tail: _Epilogue, n: int, weights: _Weights) -> Any:
     if axis != -1 or not 2 <= parts <= MAX_PARTS or any(not o for o in node.output) \
             or n % (parts * TILE):
         return None
+    # a decoder's packed query/key/value Split goes into GroupAttention (:func:`_attention`)
+    if any(r.op_type in ("GroupQueryAttention", "RotaryEmbedding")
+           for o in node.output for r in weights.readers.get(o, [])):
+        return None
     if len(node.input) > 1 and node.input[1]:
         if node.input[1] not in weights.inits:
             return None
