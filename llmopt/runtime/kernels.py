@@ -357,15 +357,12 @@ def _matmul_f(node: Any, weights: _Weights, threads: int) -> _Made:
     if tail.activation == SILU_MUL:
         weight = weight[:, gate_up_order(n)]
     name = f"{node.input[1]}.matmul_f"
-    split = _split(tail, n, weights)
-    outputs = list(split.output) if split is not None else [tail.output]
+    outputs, absorbed, reads = _outputs(tail, n, weights)
     made = helper.make_node(FLOAT_OP, [node.input[0], name, *tail.inputs(name)], outputs,
                             name=f"{node.name}/MatMulF", domain=DOMAIN, K=k, N=n,
                             activation=tail.activation, bias=int(tail.bias is not None),
                             parts=len(outputs), threads=threads)
-    return (made, [(name, pack_float(weight)), *tail.blobs(name)],
-            (*tail.nodes, *([split] if split is not None else [])),
-            {node.input[1], *tail.reads, *_split_reads(split)})
+    return made, [(name, pack_float(weight)), *tail.blobs(name)], absorbed, {node.input[1], *reads}
 
 
 def _matmul_q(node: Any, weights: _Weights, threads: int) -> _Made:
@@ -395,15 +392,13 @@ def _matmul_q(node: Any, weights: _Weights, threads: int) -> _Made:
     zero_point = symmetric_zero_point(scales, offsets, bits)
     name = f"{node.input[1]}.matmul_q"
     blob = name, pack(codes, scales, None if zero_point else offsets, bits, precision)
-    split = _split(tail, n, weights)
-    outputs = list(split.output) if split is not None else [tail.output]
+    outputs, absorbed, tail_reads = _outputs(tail, n, weights)
     made = helper.make_node(OP, [node.input[0], name, *tail.inputs(name)], outputs,
                             name=f"{node.name}/MatMulQ", domain=DOMAIN, K=k, N=n, bits=bits,
                             scale_bits=precision, zero_point=zero_point,
                             activation=tail.activation, bias=int(tail.bias is not None),
                             parts=len(outputs), threads=threads)
-    absorbed = (*(chain or ()), *tail.nodes, *([split] if split is not None else []))
-    return made, [blob, *tail.blobs(name)], absorbed, reads | tail.reads | _split_reads(split)
+    return made, [blob, *tail.blobs(name)], (*(chain or ()), *absorbed), reads | tail_reads
 
 
 @dataclass
@@ -466,20 +461,33 @@ def _split(tail: _Epilogue, n: int, weights: _Weights) -> Any:
     if any(r.op_type in ("GroupQueryAttention", "RotaryEmbedding")
            for o in node.output for r in weights.readers.get(o, [])):
         return None
-    if len(node.input) > 1 and node.input[1]:
-        if node.input[1] not in weights.inits:
-            return None
-        sizes = [int(x) for x in weights.array(node.input[1]).reshape(-1)]
+    return node if _equal_parts(node, n, parts, weights) else None
+
+
+def _outputs(tail: _Epilogue, n: int, weights: _Weights
+             ) -> tuple[list[str], tuple[Any, ...], set[str]]:
+    """A product's outputs after its epilogue ``tail``, the nodes it takes in, and the weights
+    they read: the Split's outputs where :func:`_split` finds one, else the epilogue's."""
+    split = _split(tail, n, weights)
+    if split is None:
+        return [tail.output], tail.nodes, set(tail.reads)
+    sizes = {split.input[1]} if len(split.input) > 1 and split.input[1] else set()
+    return list(split.output), (*tail.nodes, split), {*tail.reads, *sizes}
+
+
+def _equal_parts(split: Any, n: int, parts: int, weights: _Weights) -> bool:
+    """Whether ``split``'s sizes (its second input, its ``split`` attribute, or equal parts for
+    opset 18's ``num_outputs``) cut ``n`` columns into ``parts`` equal runs."""
+    attrs = {a.name: a for a in split.attribute}
+    if len(split.input) > 1 and split.input[1]:
+        if split.input[1] not in weights.inits:
+            return False
+        sizes = [int(v) for v in weights.array(split.input[1]).reshape(-1)]
     elif "split" in attrs:
         sizes = list(attrs["split"].ints)
-    else:  # num_outputs (opset 18), or equal parts
+    else:
         sizes = [n // parts] * parts
-    return node if sizes == [n // parts] * parts else None
-
-
-def _split_reads(split: Any) -> set[str]:
-    return {split.input[1]} if split is not None and len(split.input) > 1 and split.input[1] \
-        else set()
+    return sizes == [n // parts] * parts
 
 
 def _only_reader(name: str, weights: _Weights) -> Any:
@@ -653,15 +661,7 @@ def _halves(split: Any, n: int, weights: _Weights) -> bool:
     attrs = {a.name: a for a in split.attribute}
     if "axis" not in attrs or attrs["axis"].i not in (-1, 2):
         return False
-    if len(split.input) > 1 and split.input[1]:
-        if split.input[1] not in weights.inits:
-            return False
-        sizes = [int(v) for v in weights.array(split.input[1]).reshape(-1)]
-    elif "split" in attrs:
-        sizes = list(attrs["split"].ints)
-    else:
-        sizes = [n // 2, n // 2]  # opset 18 num_outputs: equal parts
-    return sizes == [n // 2, n // 2]
+    return _equal_parts(split, n, 2, weights)
 
 
 def _correction(node: Any, readers: dict[str, list[Any]], inits: dict[str, Any],
