@@ -47,11 +47,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from ort_builds import PAST, feeds  # this folder's: the same decode-step inputs as there
 
 from llmopt.quantizer.blockwise import pack_codes, set_nodes
 
 ROOT = Path(__file__).resolve().parents[1]
-PAST = 120
 
 
 # -- variants (graph surgery on a loaded ModelProto) ----------------------------------------------
@@ -184,26 +184,6 @@ VARIANTS: dict[str, list[Callable[[Any], None]]] = {
 }
 
 # -- timing ---------------------------------------------------------------------------------------
-
-def feeds(session: Any, kv_heads: int, head_dim: int) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(0)
-    out: dict[str, np.ndarray] = {}
-    for i in session.get_inputs():
-        if i.name == "input_ids":
-            out[i.name] = np.array([[1234]], np.int64)
-        elif i.name == "attention_mask":
-            out[i.name] = np.ones((1, PAST + 1), np.int64)
-        elif i.name == "position_ids":
-            out[i.name] = np.array([[PAST]], np.int64)
-        elif i.name == "logits_to_keep":
-            out[i.name] = np.array(1, np.int64)
-        elif i.name.startswith("past_key_values"):
-            out[i.name] = (rng.standard_normal((1, kv_heads, PAST, head_dim)) * 0.1
-                           ).astype(np.float32)
-        else:
-            raise SystemExit(f"unexpected input {i.name}")
-    return out
-
 
 def session(path: Path, threads: int, profile: str | None = None) -> Any:
     import onnxruntime as ort
