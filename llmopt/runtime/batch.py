@@ -16,6 +16,7 @@ batch at all.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Generic, Protocol, TypeVar
 
 import numpy as np
@@ -168,14 +169,17 @@ class RunningBatch(Generic[R]):
         return self.generator.model.step(self.last[:, None], self.mask,
                                          self.positions[:, None], self.cache)
 
-    def retire(self) -> list[R]:
+    def retire(self, keep: Callable[[R, list[np.ndarray]], None] | None = None) -> list[R]:
         """Drop finished rows (the last row takes each freed slot) and the cache columns that
         are padding in every remaining row; returns the dropped requests (the caller closes
-        them)."""
+        them). ``keep`` is first handed each dropped row's cache (:meth:`row_cache`)."""
         gone = [i for i, r in enumerate(self.requests) if r.state.done]
         if not gone:
             return []
         done = [self.requests[i] for i in gone]
+        if keep is not None:
+            for i in gone:
+                keep(self.requests[i], self.row_cache(i))
         if len(gone) == len(self.requests):
             self.clear()
             return done
@@ -202,6 +206,14 @@ class RunningBatch(Generic[R]):
                 cache = self.cache
                 self.cache = cache.moved(cache.slots, cache.capacity, start, mask.shape[1], 0)
         return done
+
+    def row_cache(self, row: int) -> list[np.ndarray]:
+        """Row ``row``'s cached positions (its tokens so far but the last, which has not run),
+        as host arrays [1, kv_heads, positions, head_dim], padding left out."""
+        assert self.cache is not None
+        length = int(self.mask[row].sum())
+        start = 0 if self.ragged else self.width - length  # left padding before the others
+        return self.cache.row(row, start, start + length)
 
     def clear(self) -> None:
         self.requests = []

@@ -9,9 +9,12 @@ shared mode (``batch_invariant=False``) keeps one batch and left-pads the shorte
 but a row's logits then depend on the padding (docs/batch_invariance.md). A prompt longer than
 ``EngineConfig.prefill_chunk`` is prefilled one chunk per engine step, between decode steps of
 the running batches (:mod:`llmopt.runtime.prefill`), so at most one chunk of prompt tokens runs
-between two tokens of a running stream, and giving up on it stops it within one chunk.
-Finished, cancelled or expired requests leave at the next step boundary and their rows (and any
-all-padding cache columns) are dropped at once. A bounded queue and a KV-cache memory budget
+between two tokens of a running stream, and giving up on it stops it within one chunk. A
+prompt that starts with at least 16 tokens the engine ran before (a system prompt, a chat's
+earlier turns) is prefilled from their cached keys and values, alone
+(:mod:`llmopt.runtime.prefix_cache`: the same numbers as a whole prefill). Finished, cancelled
+or expired requests leave at the next step boundary and their rows (and any all-padding cache
+columns) are dropped at once. A bounded queue and a KV-cache memory budget
 bound the work; beyond the queue, ``submit`` fails fast with :class:`~llmopt.errors.BusyError`.
 """
 
@@ -34,6 +37,8 @@ from llmopt.runtime.batch import RunningBatch, place, prefill_groups, rows_coupl
 from llmopt.runtime.generator import Generator, Prompt
 from llmopt.runtime.memory import TRIM_AFTER_TOKENS, trim_heap
 from llmopt.runtime.prefill import Prefill, StepRecord
+from llmopt.runtime.prefix_cache import DEFAULT_BYTES as DEFAULT_PREFIX_CACHE_BYTES
+from llmopt.runtime.prefix_cache import PrefixCache, answers_reusable, unreusable
 from llmopt.runtime.sampling import SamplingParams
 from llmopt.runtime.sequence import DecodeState, GenerationResult
 from llmopt.runtime.slots import SlotCopier
@@ -61,6 +66,8 @@ class EngineConfig:
     batch_invariant: bool = True
     prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK
     max_prompt_tokens: int | None = None
+    # host bytes of recent prompts' and answers' KV cache kept for reuse; 0: no prefix cache
+    prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES
 
     def __post_init__(self) -> None:
         for name in ("max_batch_size", "max_queue", "max_prefill_batch"):
@@ -69,6 +76,10 @@ class EngineConfig:
         if self.prefill_chunk is not None and self.prefill_chunk < 0:
             raise InvalidInputError(f"prefill_chunk must be >= 0, not {self.prefill_chunk}",
                                     fix="e.g. 256 tokens per step; 0 turns chunking off")
+        if not isinstance(self.prefix_cache_bytes, int) or self.prefix_cache_bytes < 0:
+            raise InvalidInputError(
+                f"prefix_cache_bytes must be an integer >= 0, not {self.prefix_cache_bytes!r}",
+                fix="e.g. 134217728 (128 MiB); 0 turns the prefix cache off")
         if self.max_prompt_tokens is not None and self.max_prompt_tokens < 1:
             raise InvalidInputError(
                 f"max_prompt_tokens must be >= 1, not {self.max_prompt_tokens}",
@@ -150,6 +161,14 @@ class Engine:
         self.steps = 0  # decode steps: every running batch advanced by one token
         self.forward_passes = 0  # session runs, prefills included
         self._prefilled_since_trim = 0
+        # recent prompts' and answers' cache, for prompts that start with them
+        self.prefixes: PrefixCache | None = None
+        blocker = unreusable(generator)
+        if self.config.prefix_cache_bytes and blocker is None:
+            self.prefixes = PrefixCache(self.config.prefix_cache_bytes)
+        elif self.config.prefix_cache_bytes:
+            log.info("no prefix cache for this package: %s", blocker)
+        self._keep_answers = answers_reusable(generator)
         # called on the engine thread after every forward pass (tests, tracing); keep it quick
         self.on_step: Callable[[StepRecord], None] | None = None
 
@@ -322,11 +341,21 @@ class Engine:
         return "cancelled" if request.cancelled.is_set() else None
 
     def _start_prefill(self, requests: list[Request]) -> None:
-        """Queue the admitted requests' prefill groups (equal lengths in batch-invariant mode)."""
+        """Queue the admitted requests' prefill groups (equal lengths in batch-invariant mode);
+        a prompt that starts with a cached prefix runs alone, from that prefix's cache."""
         now = time.perf_counter()
+        fresh = []
         for request in requests:
             request.state.prefill_started = now
-        for group in prefill_groups(requests, self.config.batch_invariant, self._rows_couple,
+            prompt = request.state.prompt
+            match = self.prefixes.match(prompt) if self.prefixes is not None else None
+            if match is None:
+                fresh.append(request)
+                continue
+            request.state.cached_tokens = match.length
+            self._prefills.append(Prefill(self.generator, [request], [prompt],
+                                          self.config.chunk, match))
+        for group in prefill_groups(fresh, self.config.batch_invariant, self._rows_couple,
                                     self._ragged):
             self._prefills.append(Prefill(self.generator, group,
                                           [r.state.prompt for r in group], self.config.chunk))
@@ -363,6 +392,8 @@ class Engine:
         self._prefills.popleft()
         requests, logits = prefill.members, prefill.logits
         assert logits is not None
+        if self.prefixes is not None:
+            self._keep_prompts(prefill)
         last = np.array([r.state.step(logits[i, -1]) if not r.state.done else 0
                          for i, r in enumerate(requests)], np.int64)
         batch = place(self._batches, prefill.mask.shape[1], self.config.batch_invariant,
@@ -373,6 +404,25 @@ class Engine:
         batch.merge(requests, prefill.mask, prefill.positions[:, -1], last, prefill.present)
         self._retire()
         return tokens
+
+    def _keep_prompts(self, prefill: Prefill[Request]) -> None:
+        """Cache the unpadded prompts of a finished prefill, for later prompts that start
+        with them (a running request's system prompt, before its answer ends)."""
+        assert self.prefixes is not None
+        kv: list[np.ndarray] | None = None
+        for i, request in enumerate(prefill.members):
+            if not prefill.mask[i].all() or len(request.state.prompt) < self.prefixes.min_tokens:
+                continue  # padded, or too short to be worth keeping
+            kv = kv if kv is not None else [np.asarray(a) for a in prefill.cache.arrays()]
+            self.prefixes.add(request.state.prompt, [np.array(a[i:i + 1]) for a in kv])
+
+    def _keep_answer(self, request: Request, kv: list[np.ndarray]) -> None:
+        """Cache a leaving row's prompt and answer (the tokens whose keys and values its
+        cache holds), for the conversation's next turn."""
+        assert self.prefixes is not None
+        tokens = request.state.prompt + request.state.generated
+        if kv[0].shape[2] <= len(tokens):
+            self.prefixes.add(tokens[:kv[0].shape[2]], kv)
 
     def _record(self, kind: str, requests: list[Request], tokens: int) -> None:
         if self.on_step is not None:
@@ -397,7 +447,8 @@ class Engine:
         self._retire()
 
     def _retire(self) -> None:
+        keep = self._keep_answer if self.prefixes is not None and self._keep_answers else None
         for batch in self._batches:
-            for request in batch.retire():
+            for request in batch.retire(keep):
                 request._close()
         self._batches = [b for b in self._batches if len(b)]

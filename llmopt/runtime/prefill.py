@@ -5,7 +5,9 @@ whole pass, so every running stream stops until it ends, and a client that gave 
 stop it. :class:`Prefill` runs the prompts' columns ``chunk`` at a time, each chunk attending to
 the cache the earlier chunks wrote, so the engine can interleave decode steps of the running
 streams and check cancellation and deadlines between chunks. The result is the same cache and
-the same last-position logits as one pass (up to float rounding).
+the same last-position logits as one pass (up to float rounding). A prompt whose leading tokens
+the engine's prefix cache holds (:mod:`llmopt.runtime.prefix_cache`) starts on a copy of their
+cache and runs only the rest.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import numpy as np
 
 from llmopt.runtime.generator import Generator
 from llmopt.runtime.kv import left_pad, position_ids
+from llmopt.runtime.prefix_cache import Match
 
 Member = TypeVar("Member")
 
@@ -46,15 +49,18 @@ class Prefill(Generic[Member]):
     """
 
     def __init__(self, generator: Generator, members: list[Member], prompts: list[list[int]],
-                 chunk: int | None) -> None:
+                 chunk: int | None, prefix: Match | None = None) -> None:
+        if prefix is not None and len(prompts) != 1:
+            raise ValueError("a cached prefix starts a one-prompt prefill only")
         self.generator = generator
         self.members = members
         self.chunk = chunk
         self.ids, self.mask = left_pad(prompts, generator.pad_token_id)
         self.positions = position_ids(self.mask)
         # past-sized tensors: the rows' cache is written into their batch's slots after
-        self.cache = generator.model.copying_cache(len(prompts), generator.placement)
-        self.done = 0  # columns of the padded prompts already in the cache
+        self.cache = generator.model.copying_cache(
+            len(prompts), generator.placement, None if prefix is None else prefix.kv)
+        self.done = 0 if prefix is None else prefix.length  # columns already in the cache
         self.logits: np.ndarray | None = None
 
     @property

@@ -23,6 +23,7 @@ FINISH_REASONS = ("eos", "stop", "length", "context", "cancelled", "deadline")
 class GenerationStats:
     prompt_tokens: int = 0
     generated_tokens: int = 0
+    cached_prompt_tokens: int = 0  # leading prompt tokens whose cache was reused, not prefilled
     ttft_s: float = 0.0  # request start -> first token chosen (queueing, tokenization, prefill)
     total_s: float = 0.0
     prefill_tokens_per_s: float = 0.0
@@ -73,6 +74,7 @@ class DecodeState:
         self.on_delta = on_delta
         self.started = time.perf_counter() if started is None else started
         self.prefill_started: float | None = None
+        self.cached_tokens = 0  # leading prompt tokens the prefill took from the prefix cache
         self.first_token_at: float | None = None
         self.ended_at: float | None = None
 
@@ -130,9 +132,11 @@ class DecodeState:
         stats = GenerationStats(
             prompt_tokens=len(self.prompt),
             generated_tokens=n,
+            cached_prompt_tokens=self.cached_tokens,
             ttft_s=first - self.started,
             total_s=ended - self.started,
-            prefill_tokens_per_s=len(self.prompt) / prefill_s if prefill_s > 0 else 0.0,
+            prefill_tokens_per_s=(len(self.prompt) - self.cached_tokens) / prefill_s
+            if prefill_s > 0 else 0.0,
             decode_tokens_per_s=(n - 1) / (ended - first) if n > 1 and ended > first else 0.0,
         )
         return GenerationResult(self.streamer.emitted, list(self.generated),

@@ -169,6 +169,19 @@ class SlotCache:
         store.rows = self.rows
         return store
 
+    def row(self, slot: int, start: int, stop: int) -> list[np.ndarray]:
+        """Positions ``[start, stop)`` of one slot, as host arrays ([1, kv_heads, stop - start,
+        head_dim] per cache tensor): what the prefix cache keeps of a finished row."""
+        import onnxruntime as ort
+
+        placement, layout = self.placement, self.layout
+        copies = [ort.OrtValue.ortvalue_from_shape_and_type(
+            layout.shape(1, stop - start), layout.dtype, placement.device, placement.device_id)
+            for _ in self.buffers]
+        self.copier.copy(self._view(slot, 1), start, stop,
+                         [(int(c.data_ptr()), list(c.shape())) for c in copies], 0)
+        return [np.array(c.numpy()) for c in copies]  # owned: the OrtValues go away
+
     def arrays(self, length: int) -> list[np.ndarray]:
         """The bound rows' first ``length`` positions, as host arrays (tests, debugging)."""
         return [np.ascontiguousarray(b.numpy()[:self.rows, :, :length]) for b in self.buffers]
@@ -204,6 +217,10 @@ class PastRows:
         keep = np.arange(self.rows)
         keep[slot] = keep[-1]
         self.cache.past = [a[keep[:-1]] for a in self.arrays()]
+
+    def row(self, slot: int, start: int, stop: int) -> list[np.ndarray]:
+        """Positions ``[start, stop)`` of one row, as host arrays (see :meth:`SlotCache.row`)."""
+        return [np.ascontiguousarray(a[slot:slot + 1, :, start:stop]) for a in self.arrays()]
 
     def trim(self, start: int) -> None:
         """Drop the first ``start`` positions (padding in every row)."""

@@ -1,0 +1,197 @@
+"""Prefix caching: a prompt that starts with tokens the engine ran before is prefilled from
+their cache, runs only the rest, and gets the same numbers as a prompt prefilled whole.
+
+Reuse is asserted on the engine's step records (prompt tokens each prefill ran) and the
+requests' ``cached_prompt_tokens``; sameness on logits and caches to the bit, and on greedy
+answers against a lone Generator.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from llmopt.errors import InvalidInputError
+from llmopt.manifest import Manifest
+from llmopt.runtime.engine import Engine, EngineConfig, Request
+from llmopt.runtime.generator import Generator
+from llmopt.runtime.kv import position_ids
+from llmopt.runtime.prefill import StepRecord
+from llmopt.runtime.prefix_cache import MIN_TOKENS, PrefixCache, unreusable
+from llmopt.runtime.sampling import SamplingParams
+
+SYSTEM = "you are a careful assistant . answer in short sentences and be polite . " * 3
+QUESTIONS = ("what is the weather today ?", "how do i bake bread ?", "tell me a joke .",
+             "who wrote hamlet ?")
+GREEDY = SamplingParams(max_new_tokens=12, ignore_eos=True)
+
+
+def kv(length: int, fill: float = 0.0, tensors: int = 2) -> list[np.ndarray]:
+    return [np.full((1, 2, length, 4), fill + i, np.float32) for i in range(tensors)]
+
+
+# -- the store ---------------------------------------------------------------------------------
+
+def test_the_longest_common_prefix_wins_and_the_last_token_always_runs() -> None:
+    cache = PrefixCache(min_tokens=4)
+    cache.add(list(range(10)), kv(10, 1.0))
+    cache.add([*range(6), 60, 61, 62, 63, 64, 65], kv(12, 2.0))
+    match = cache.match([*range(8), 99])
+    assert match is not None and match.length == 8  # the first entry agrees on 8 tokens
+    assert [a.shape for a in match.kv] == [(1, 2, 8, 4)] * 2
+    assert match.kv[0][0, 0, 0, 0] == 1.0
+    match = cache.match([*range(6), 60, 61, 62, 1])
+    assert match is not None and match.length == 9 and match.kv[1][0, 0, 0, 0] == 3.0
+    whole = cache.match(list(range(10)))  # the whole prompt is cached: its last token runs
+    assert whole is not None and whole.length == 9
+    assert cache.match([0, 1, 2, 7, 7, 7]) is None  # 3 tokens agree: under min_tokens
+    assert cache.match([5, 6, 7, 8, 9]) is None  # a match starts at the first token
+    assert (cache.hits, cache.reused_tokens) == (3, 26)
+
+
+def test_an_extension_replaces_its_prefix_and_the_budget_evicts_the_oldest() -> None:
+    entry = sum(a.nbytes for a in kv(8))
+    cache = PrefixCache(budget_bytes=3 * entry, min_tokens=4)
+    cache.add(list(range(8)), kv(8))
+    cache.add(list(range(12)), kv(12))  # extends the first: it goes
+    assert len(cache) == 1 and cache.bytes == sum(a.nbytes for a in kv(12))
+    cache.add(list(range(10)), kv(10))  # already held by the longer one: nothing added
+    assert len(cache) == 1
+    cache.add([100 + i for i in range(8)], kv(8))
+    assert len(cache) == 2 and cache.bytes <= cache.budget_bytes
+    cache.add([200 + i for i in range(8)], kv(8))  # over budget: the 12-token entry goes
+    assert len(cache) == 2 and cache.bytes <= cache.budget_bytes
+    assert cache.match(list(range(12))) is None
+    assert cache.match([100 + i for i in range(9)]) is not None
+    cache.add(list(range(3)), kv(3))  # under min_tokens: not kept
+    assert len(cache) == 2
+    with pytest.raises(ValueError, match="positions"):
+        cache.add([300 + i for i in range(8)], kv(7))
+
+
+def test_the_budget_is_validated() -> None:
+    assert EngineConfig().prefix_cache_bytes > 0
+    with pytest.raises(InvalidInputError, match="prefix_cache_bytes"):
+        EngineConfig(prefix_cache_bytes=-1)
+
+
+@pytest.mark.parametrize(("quantization", "kv_cache", "reason"), [
+    ("int8_dynamic", {}, "one scale"), (None, {"sliding_window": 64}, "sliding-window"),
+    (None, {}, None), ("int4", {}, None)])
+def test_packages_whose_prefix_cache_would_differ_get_none(
+        quantization: str | None, kv_cache: dict[str, int], reason: str | None) -> None:
+    steps = [{"stage": "export"}] + (
+        [{"stage": "quantize", "method": quantization}] if quantization else [])
+    fake = SimpleNamespace(package=SimpleNamespace(manifest=Manifest({"steps": steps}),
+                                                   kv_cache=kv_cache),
+                           model=SimpleNamespace(rope_long_after=None))
+    why = unreusable(fake)  # type: ignore[arg-type]
+    assert (why is None) if reason is None else (reason in str(why))
+    fake.model.rope_long_after = 4096
+    assert why is not None or "LongRoPE" in str(unreusable(fake))  # type: ignore[arg-type]
+
+
+# -- the same numbers --------------------------------------------------------------------------
+
+def test_a_prompt_on_a_cached_prefix_gets_the_same_cache_and_logits(generator: Generator
+                                                                    ) -> None:
+    model = generator.model
+    ids = np.array([generator.encode(SYSTEM + QUESTIONS[0])], np.int64)
+    mask = np.ones_like(ids)
+    positions = position_ids(mask)
+    whole = model.copying_cache(1)
+    logits = model.step(ids, mask, positions, whole, all_logits=True, prompt=True).copy()
+    cache = whole.arrays()
+    for cached in (MIN_TOKENS, ids.shape[1] // 2, ids.shape[1] - 1):
+        part = model.copying_cache(1, past=[np.ascontiguousarray(a[:, :, :cached])
+                                            for a in cache])
+        rest = model.step(ids[:, cached:], mask, positions[:, cached:], part, all_logits=True,
+                          prompt=True)
+        np.testing.assert_array_equal(rest[0], logits[0, cached:])
+        for a, b in zip(part.arrays(), cache, strict=True):
+            np.testing.assert_array_equal(a, b)
+
+
+def started(generator: Generator, **options: int) -> tuple[Engine, list[StepRecord]]:
+    engine = Engine(generator, EngineConfig(**options))
+    records: list[StepRecord] = []
+    engine.on_step = records.append
+    return engine.start(), records
+
+
+def prefilled(records: list[StepRecord], request: Request) -> int:
+    return sum(r.tokens for r in records if r.kind == "prefill" and request.id in r.request_ids)
+
+
+def test_a_shared_system_prompt_is_prefilled_once(generator: Generator) -> None:
+    system = len(generator.encode(SYSTEM))
+    prompts = [SYSTEM + q for q in QUESTIONS]
+    alone = [generator.generate(p, GREEDY).token_ids for p in prompts]
+    engine, records = started(generator)
+    try:
+        first = engine.submit(prompts[0], GREEDY)
+        first.result(timeout=60)
+        rest = [engine.submit(p, GREEDY) for p in prompts[1:]]
+        results = [first.result(), *(r.result(timeout=60) for r in rest)]
+    finally:
+        engine.close()
+    assert [r.token_ids for r in results] == alone
+    assert results[0].stats.cached_prompt_tokens == 0
+    assert prefilled(records, first) == len(generator.encode(prompts[0]))
+    for request, result in zip(rest, results[1:], strict=True):
+        cached = result.stats.cached_prompt_tokens
+        assert cached >= system  # the system prompt, and whatever the questions share after it
+        assert prefilled(records, request) == result.stats.prompt_tokens - cached
+
+
+def test_a_chats_next_turn_reuses_the_whole_conversation(generator: Generator) -> None:
+    """The second turn's prompt is the first's, its answer and a new question: all of the
+    first turn's prompt and answer comes from the cache, and the answer equals a lone
+    Generator's on the whole conversation."""
+    engine, records = started(generator)
+    try:
+        prompt = generator.encode(SYSTEM + QUESTIONS[0])
+        first = engine.submit(prompt, GREEDY).result(timeout=60)
+        follow = prompt + first.token_ids + generator.encode(" " + QUESTIONS[1])
+        request = engine.submit(follow, GREEDY)
+        second = request.result(timeout=60)
+    finally:
+        engine.close()
+    # the answer's last token never ran (it ended on the length limit): all but it are cached
+    assert second.stats.cached_prompt_tokens == len(prompt) + len(first.token_ids) - 1
+    assert prefilled(records, request) == len(follow) - second.stats.cached_prompt_tokens
+    assert second.token_ids == generator.generate(follow, GREEDY).token_ids
+
+
+def test_reused_prompts_join_running_streams_with_unchanged_answers(generator: Generator
+                                                                    ) -> None:
+    """Prompts on a cached prefix prefill alone and join a batch already decoding others;
+    every answer still equals its lone Generator's."""
+    long = SamplingParams(max_new_tokens=30, ignore_eos=True)
+    prompts = [SYSTEM + q for q in QUESTIONS]
+    alone = {p: generator.generate(p, long).token_ids for p in prompts}
+    engine, records = started(generator, max_batch_size=8)
+    try:
+        engine.submit(prompts[0], long).result(timeout=60)  # the system prompt is cached
+        requests = [(p, engine.submit(p, long)) for p in prompts * 2]
+        results = [(p, r.result(timeout=120)) for p, r in requests]
+    finally:
+        engine.close()
+    for prompt, result in results:
+        assert result.token_ids == alone[prompt]
+        assert result.stats.cached_prompt_tokens >= len(generator.encode(SYSTEM))
+    assert max(r.tokens for r in records if r.kind == "decode") > 1  # they did run together
+
+
+def test_without_a_budget_nothing_is_reused(generator: Generator) -> None:
+    engine, records = started(generator, prefix_cache_bytes=0)
+    try:
+        assert engine.prefixes is None
+        results = [engine.submit(SYSTEM + q, GREEDY).result(timeout=60) for q in QUESTIONS[:2]]
+    finally:
+        engine.close()
+    assert [r.stats.cached_prompt_tokens for r in results] == [0, 0]
+    assert sum(r.tokens for r in records if r.kind == "prefill") == sum(
+        r.stats.prompt_tokens for r in results)
