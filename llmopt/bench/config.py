@@ -95,6 +95,9 @@ class ServerOptions:
     token: str | None = None
     startup_timeout_s: float = 300.0
     max_batch_size: int = 16
+    # every request of a point sends the same prompt: a prefix cache would skip their
+    # prefill and measure decoding alone, so a started server keeps none unless asked
+    prefix_cache_bytes: int = 0
 
 
 @dataclass(frozen=True)
@@ -116,6 +119,7 @@ class EngineOptions:
     use: str = "auto"
     max_batch_size: int = 16
     max_prefill_batch: int = 4
+    prefix_cache_bytes: int = 0  # off unless asked, as for a started server (ServerOptions)
 
 
 @dataclass(frozen=True)

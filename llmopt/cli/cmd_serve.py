@@ -64,6 +64,11 @@ def add_parser(subparsers: Any) -> None:
                    help="decoders: prompt tokens prefilled per engine step, between decode "
                    "steps of running streams (default 256; 0: whole prompts at once); "
                    "llmopt-serve.yaml overrides it per model")
+    p.add_argument("--prefix-cache-mib", type=float, metavar="MIB",
+                   help="decoders: host memory for the keys and values of recent prompts and "
+                   "answers, so a prompt that starts with them (a shared system prompt, a "
+                   "chat's earlier turns) skips their prefill with the same results (default "
+                   "128; 0: off); llmopt-serve.yaml's prefix_cache_bytes overrides it per model")
     p.add_argument("--max-prompt-tokens", type=int, metavar="TOKENS",
                    help="decoders: refuse longer prompts with INVALID_ARGUMENT (default: the "
                    "model's context); llmopt-serve.yaml overrides it per model")
@@ -82,9 +87,13 @@ def run(args: argparse.Namespace) -> int:
     tokens: tuple[str, ...] = ()
     if args.token_file or args.token_env:
         tokens = read_tokens(file=args.token_file, env=args.token_env)
+    if args.prefix_cache_mib is not None and not 0 <= args.prefix_cache_mib < 2 ** 40:
+        raise InvalidInputError(f"--prefix-cache-mib must be >= 0, not {args.prefix_cache_mib}",
+                                fix="e.g. --prefix-cache-mib 128; 0 turns prefix caching off")
+    prefix_bytes = None if args.prefix_cache_mib is None else int(args.prefix_cache_mib * 2 ** 20)
     model_options = {name: value for name, value in (
-        ("prefill_chunk", args.prefill_chunk), ("max_prompt_tokens", args.max_prompt_tokens))
-        if value is not None}
+        ("prefill_chunk", args.prefill_chunk), ("max_prompt_tokens", args.max_prompt_tokens),
+        ("prefix_cache_bytes", prefix_bytes)) if value is not None}
     config = ServerConfig(tokens=tokens, tls=tls, max_message_bytes=args.max_message_bytes,
                           max_workers=args.workers, grace_s=args.grace,
                           metrics_port=None if args.no_metrics else args.metrics_port,

@@ -199,7 +199,8 @@ class Collector:
                 prompt_tokens=s.prompt_tokens, generated_tokens=s.generated_tokens,
                 ttft_s=s.ttft_s, total_s=s.total_s,
                 prefill_tokens_per_s=s.prefill_tokens_per_s,
-                decode_tokens_per_s=s.decode_tokens_per_s))
+                decode_tokens_per_s=s.decode_tokens_per_s,
+                cached_prompt_tokens=s.cached_prompt_tokens))
         return None
 
     def finished(self) -> GenerationResult:

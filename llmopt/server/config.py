@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from llmopt.errors import InvalidInputError, PackageError
-from llmopt.runtime.engine import DEFAULT_PREFILL_CHUNK
+from llmopt.runtime.engine import DEFAULT_PREFILL_CHUNK, DEFAULT_PREFIX_CACHE_BYTES
 
 MODEL_CONFIG_NAME = "llmopt-serve.yaml"
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
@@ -35,6 +35,8 @@ class ModelConfig:
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK  # decoders: prompt tokens per engine step; 0: off
     max_prompt_tokens: int | None = None  # decoders: longest prompt; None: the model's context
     batch_invariant: bool = True  # decoders: rows never padded, greedy answers load-independent
+    # decoders: host bytes of recent prompts' and answers' KV kept for reuse; 0: none
+    prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES
     max_concurrency: int = 2     # encoders: session runs at once
     warmup: bool = True          # run one tiny request at load, before reporting READY
     request_timeout_s: float | None = None  # when the client sets no deadline; None: no limit
@@ -58,6 +60,11 @@ class ModelConfig:
             raise InvalidInputError(
                 f"batch_invariant must be true or false, not {self.batch_invariant!r}",
                 fix="batch_invariant: false trades identical greedy answers for throughput")
+        prefixes = self.prefix_cache_bytes
+        if not isinstance(prefixes, int) or isinstance(prefixes, bool) or prefixes < 0:
+            raise InvalidInputError(
+                f"prefix_cache_bytes must be an integer >= 0, not {prefixes!r}",
+                fix="e.g. prefix_cache_bytes: 134217728 (128 MiB); 0 turns prefix caching off")
         budget = self.kv_budget_bytes
         if budget is not None and (not isinstance(budget, int) or budget < 1):
             raise InvalidInputError(f"kv_budget_bytes must be a positive integer, not {budget!r}",

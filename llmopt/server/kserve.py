@@ -299,6 +299,7 @@ def _result_parameters(response: Any, result: GenerationResult) -> None:
     params["finish_reason"].string_param = result.finish_reason
     params["prompt_tokens"].int64_param = result.stats.prompt_tokens
     params["generated_tokens"].int64_param = result.stats.generated_tokens
+    params["cached_prompt_tokens"].int64_param = result.stats.cached_prompt_tokens
     params["ttft_s"].double_param = result.stats.ttft_s
 
 

@@ -44,6 +44,10 @@ class Metrics:
                                      buckets=RATE_BUCKETS, registry=r)
         self.prompt_tokens = Counter("llmopt_prompt_tokens", "Prompt tokens processed",
                                      ["model"], registry=r)
+        self.cached_prompt_tokens = Counter(
+            "llmopt_prompt_cached_tokens",
+            "Prompt tokens whose KV cache came from the prefix cache, not a prefill",
+            ["model"], registry=r)
         self.generated_tokens = Counter("llmopt_generated_tokens", "Tokens generated",
                                         ["model"], registry=r)
         self.generations = Counter("llmopt_generations", "Generations ended, by finish reason",
@@ -84,6 +88,7 @@ class Metrics:
         label = self.label(model)
         stats = result.stats
         self.prompt_tokens.labels(label).inc(stats.prompt_tokens)
+        self.cached_prompt_tokens.labels(label).inc(stats.cached_prompt_tokens)
         self.generated_tokens.labels(label).inc(stats.generated_tokens)
         self.generations.labels(label, result.finish_reason).inc()
         if stats.generated_tokens:

@@ -66,7 +66,7 @@ class Decoder(ServedModel):
             max_batch_size=config.max_batch_size, max_queue=config.max_queue,
             kv_budget_bytes=config.kv_budget_bytes, max_prefill_batch=config.max_prefill_batch,
             prefill_chunk=config.prefill_chunk, max_prompt_tokens=config.max_prompt_tokens,
-            batch_invariant=config.batch_invariant,
+            batch_invariant=config.batch_invariant, prefix_cache_bytes=config.prefix_cache_bytes,
         )).start()
 
     @property

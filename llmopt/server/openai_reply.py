@@ -88,12 +88,15 @@ class Reply:
     def usage_chunk(self, results: list[GenerationResult]) -> dict[str, Any]:
         return {**self.head(True), "choices": [], "usage": self._usage(results)}
 
-    def _usage(self, results: list[GenerationResult]) -> dict[str, int]:
+    def _usage(self, results: list[GenerationResult]) -> dict[str, Any]:
         # each prompt is counted once however many choices it has, as OpenAI counts it
-        prompt = sum(r.stats.prompt_tokens for r in results[::self.spec.n])
+        firsts = results[::self.spec.n]
+        prompt = sum(r.stats.prompt_tokens for r in firsts)
         completion = sum(r.stats.generated_tokens for r in results)
+        cached = sum(r.stats.cached_prompt_tokens for r in firsts)  # the prefix cache's share
         return {"prompt_tokens": prompt, "completion_tokens": completion,
-                "total_tokens": prompt + completion}
+                "total_tokens": prompt + completion,
+                "prompt_tokens_details": {"cached_tokens": cached}}
 
     def logprobs(self, logprobs: Sequence[TokenLogprob] | None, offset: int = 0) -> Any:
         """OpenAI's ``logprobs`` of these tokens (completions: ``text_offset`` counted from

@@ -21,6 +21,7 @@ from llmopt.runtime.kv import position_ids
 from llmopt.runtime.prefill import StepRecord
 from llmopt.runtime.prefix_cache import MIN_TOKENS, PrefixCache, unreusable
 from llmopt.runtime.sampling import SamplingParams
+from llmopt.server.config import ModelConfig
 
 SYSTEM = "you are a careful assistant . answer in short sentences and be polite . " * 3
 QUESTIONS = ("what is the weather today ?", "how do i bake bread ?", "tell me a joke .",
@@ -75,6 +76,10 @@ def test_the_budget_is_validated() -> None:
     assert EngineConfig().prefix_cache_bytes > 0
     with pytest.raises(InvalidInputError, match="prefix_cache_bytes"):
         EngineConfig(prefix_cache_bytes=-1)
+    assert ModelConfig.from_dict({"prefix_cache_bytes": 0}).prefix_cache_bytes == 0
+    for bad in (-1, "lots", True):
+        with pytest.raises(InvalidInputError, match="prefix_cache_bytes must be an integer"):
+            ModelConfig.from_dict({"prefix_cache_bytes": bad})
 
 
 @pytest.mark.parametrize(("quantization", "kv_cache", "reason"), [

@@ -36,6 +36,32 @@ def test_chat_greedy_equals_in_process(oai: openai.OpenAI, generator: Any) -> No
     assert reply.object == "chat.completion" and reply.model == DECODER
 
 
+def test_a_chats_next_turn_reports_its_prompt_as_cached(oai: openai.OpenAI, server: Any,
+                                                        generator: Any) -> None:
+    """The second turn resends the first (system prompt, question, answer): the prefix cache
+    holds it, ``usage.prompt_tokens_details.cached_tokens`` says so, and the answer is the
+    in-process one on the whole conversation."""
+    system = {"role": "system", "content": "you are a careful assistant . answer in short "
+              "sentences , be polite and never say more than you know . " * 2}
+    turn = [system, {"role": "user", "content": "what is the weather today ?"}]
+    first = oai.chat.completions.create(model=DECODER, messages=turn,  # type: ignore[arg-type]
+                                        temperature=0, max_tokens=10)
+    assert first.choices[0].message.content is not None
+    turn += [{"role": "assistant", "content": first.choices[0].message.content},
+             {"role": "user", "content": "and tomorrow ?"}]
+    before = sample(server, "llmopt_prompt_cached_tokens_total", {"model": DECODER})
+    second = oai.chat.completions.create(model=DECODER, messages=turn,  # type: ignore[arg-type]
+                                         temperature=0, max_tokens=10)
+    assert first.usage is not None and second.usage is not None
+    details = second.usage.prompt_tokens_details
+    assert details is not None and details.cached_tokens is not None
+    assert first.usage.prompt_tokens <= details.cached_tokens < second.usage.prompt_tokens
+    assert second.choices[0].message.content == generator.chat(
+        turn, SamplingParams(max_new_tokens=10)).text
+    after = sample(server, "llmopt_prompt_cached_tokens_total", {"model": DECODER})
+    assert after - before == details.cached_tokens
+
+
 def test_routes_are_counted_in_the_shared_metrics(oai: openai.OpenAI, server: Any) -> None:
     labels = {"method": "models.list", "model": "", "code": "200"}
     before = sample(server, "llmopt_requests_total", labels)

@@ -33,6 +33,19 @@ def test_streamed_generation_equals_in_process(client: Any, generator: Generator
     assert 0 < stats.ttft_s <= stats.total_s and stats.decode_tokens_per_s > 0
 
 
+def test_a_continued_prompt_reports_the_tokens_it_reused(client: Any, generator: Generator
+                                                         ) -> None:
+    ids = generator.encode("the quick brown fox jumps over the lazy dog . " * 4)
+    first = client.generate(DECODER, ids, max_new_tokens=6, ignore_eos=True)
+    follow = ids + first.token_ids + generator.encode("one two three")
+    result = client.generate(DECODER, follow, max_new_tokens=6, ignore_eos=True)
+    assert result.token_ids == generator.generate(follow, max_new_tokens=6,
+                                                  ignore_eos=True).token_ids
+    # the first answer's last token never ran: everything before it is cached
+    assert result.stats.cached_prompt_tokens == len(ids) + len(first.token_ids) - 1
+    assert first.stats.cached_prompt_tokens < len(ids)
+
+
 def test_chat_messages_and_token_ids(client: Any, generator: Generator) -> None:
     messages = [{"role": "user", "content": "hello world"}]
     assert (client.chat(DECODER, messages, max_new_tokens=8).token_ids

@@ -49,7 +49,8 @@ class InProcessTarget:
 
             config = EngineConfig(max_batch_size=self.engine_options.max_batch_size,
                                   max_queue=4096,
-                                  max_prefill_batch=self.engine_options.max_prefill_batch)
+                                  max_prefill_batch=self.engine_options.max_prefill_batch,
+                                  prefix_cache_bytes=self.engine_options.prefix_cache_bytes)
             self._engine = Engine(self.runner, config).start()
             self._fanout = StreamFanout()
         self._use_engine = self.uses_engine(concurrency, rate)

@@ -135,7 +135,7 @@ class ServerProcess:
             serve = {"providers": [provider.name], "strict_providers": strict,
                      "provider_options": {provider.name: dict(provider.options)},
                      "max_batch_size": options.max_batch_size, "max_queue": 4096,
-                     "warmup": True}
+                     "prefix_cache_bytes": options.prefix_cache_bytes, "warmup": True}
             (model / "llmopt-serve.yaml").write_text(yaml.safe_dump(serve))
         self.log_path = repo / "server.log"
         try:
