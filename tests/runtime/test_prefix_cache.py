@@ -200,3 +200,22 @@ def test_without_a_budget_nothing_is_reused(generator: Generator) -> None:
     assert [r.stats.cached_prompt_tokens for r in results] == [0, 0]
     assert sum(r.tokens for r in records if r.kind == "prefill") == sum(
         r.stats.prompt_tokens for r in results)
+
+
+def test_the_rest_of_a_prompt_on_a_cached_prefix_is_prefilled_in_chunks(generator: Generator
+                                                                        ) -> None:
+    chunk = 16
+    long = SYSTEM + " ".join(QUESTIONS) + " " + SYSTEM
+    engine, records = started(generator, prefill_chunk=chunk)
+    try:
+        engine.submit(SYSTEM, GREEDY).result(timeout=60)
+        request = engine.submit(long, GREEDY)
+        result = request.result(timeout=60)
+    finally:
+        engine.close()
+    assert result.token_ids == generator.generate(long, GREEDY).token_ids
+    cached = result.stats.cached_prompt_tokens
+    assert cached == len(generator.encode(SYSTEM))  # the first prompt, whole
+    rest = result.stats.prompt_tokens - cached
+    sizes = [r.tokens for r in records if r.kind == "prefill" and request.id in r.request_ids]
+    assert sizes == [chunk] * (rest // chunk) + ([rest % chunk] if rest % chunk else [])
