@@ -36,7 +36,8 @@ def measure(generator: Any, invariant: bool, streams: int, duration: float,
     from llmopt.runtime.engine import Engine, EngineConfig
     from llmopt.runtime.sampling import SamplingParams
 
-    engine = Engine(generator, EngineConfig(max_batch_size=8, batch_invariant=invariant))
+    engine = Engine(generator, EngineConfig(max_batch_size=8, batch_invariant=invariant,
+                                               prefix_cache_bytes=0))
     engine.start()
     params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
     tokens: list[int] = []

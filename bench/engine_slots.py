@@ -70,7 +70,8 @@ def measure(package: str, streams: int, duration: float, new_tokens: int) -> dic
         return token
 
     sequence.DecodeState.step = timed_step  # type: ignore[method-assign]
-    engine = Engine(generator, EngineConfig(max_batch_size=max(streams, 8)))
+    engine = Engine(generator, EngineConfig(max_batch_size=max(streams, 8),
+                                            prefix_cache_bytes=0))
     engine.start()
     params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
     engine.submit(questions[0], params, chat=True).result()  # first-run allocations: not timed

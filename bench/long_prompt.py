@@ -40,7 +40,7 @@ def one_run(package: str, chunk: int, arena: bool, prompt_tokens: int, streams: 
     from llmopt.runtime.sampling import SamplingParams
 
     generator = llmopt.load(package, ["cpu"], provider_options={"cpu": CPUOptions(arena=arena)})
-    engine = Engine(generator, EngineConfig(prefill_chunk=chunk)).start()
+    engine = Engine(generator, EngineConfig(prefill_chunk=chunk, prefix_cache_bytes=0)).start()
     short = SamplingParams(max_new_tokens=8, ignore_eos=True)
     for _ in range(3):
         engine.submit(SHORT, short).result(120)

@@ -119,7 +119,9 @@ class EngineOptions:
     use: str = "auto"
     max_batch_size: int = 16
     max_prefill_batch: int = 4
-    prefix_cache_bytes: int = 0  # off unless asked, as for a started server (ServerOptions)
+    # the Generator's and the engine's; off unless asked, as for a started server
+    # (ServerOptions): every round repeats its prompts
+    prefix_cache_bytes: int = 0
 
 
 @dataclass(frozen=True)

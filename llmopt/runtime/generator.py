@@ -5,11 +5,15 @@ Every step is :meth:`llmopt.runtime.kv.DecoderModel.step` on the cache the packa
 ``shared_buffer`` graph, else the previous step's ``present.*`` OrtValues bound straight back as
 ``past_key_values.*``; either way the cache is never copied into numpy between steps. Batches
 of prompts are left-padded, with attention mask and position ids that skip the padding, so a
-prompt decodes the same tokens alone or in a batch.
+prompt decodes the same tokens alone or in a batch. A one-prompt generation whose prompt starts
+with 16 or more tokens an earlier one ran (a chat's earlier turns and answers, a shared system
+prompt) prefills only the rest, from their cached keys and values
+(:mod:`llmopt.runtime.prefix_cache`; the same numbers as a whole prefill).
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from collections.abc import Generator as Generator_
@@ -21,7 +25,8 @@ import numpy as np
 from llmopt.errors import InvalidInputError
 from llmopt.runtime.chat_template import render_chat
 from llmopt.runtime.kv import DecoderModel, left_pad, position_ids
-from llmopt.runtime.kv_cache import KVPlacement
+from llmopt.runtime.kv_cache import CopyingCache, InPlaceCache, KVCache, KVPlacement
+from llmopt.runtime.prefix_cache import DEFAULT_BYTES, PrefixCache, answers_reusable, unreusable
 from llmopt.runtime.sampling import SamplingParams
 from llmopt.runtime.sequence import DecodeState, GenerationResult
 from llmopt.runtime.session import SessionInfo
@@ -70,6 +75,26 @@ class Generator:
         self.context_length = package.manifest.context_length
         self.placement = KVPlacement.of(info)  # every KV binding and allocation
         self.shared_kv = self.model.shared_buffer
+        self.prefixes: PrefixCache | None = None
+        self.prefix_cache_bytes = DEFAULT_BYTES
+        self._prefix_lock = threading.Lock()
+
+    @property
+    def prefix_cache_bytes(self) -> int:
+        """Host bytes of recent one-prompt generations' cache (prompt and answer) kept so a
+        later prompt that starts with them prefills only the rest; 0 turns it off (and frees
+        it). 128 MiB by default; nothing is kept for packages where reuse would change numbers
+        (:func:`~llmopt.runtime.prefix_cache.unreusable`) or whose cache is not in host
+        memory."""
+        return 0 if self.prefixes is None else self.prefixes.budget_bytes
+
+    @prefix_cache_bytes.setter
+    def prefix_cache_bytes(self, budget: int) -> None:
+        if not isinstance(budget, int) or isinstance(budget, bool) or budget < 0:
+            raise InvalidInputError(f"prefix_cache_bytes must be an integer >= 0, not {budget!r}",
+                                    fix="e.g. 134217728 (128 MiB); 0 turns it off")
+        usable = budget and unreusable(self) is None and self.placement.on_host
+        self.prefixes = PrefixCache(budget) if usable else None
 
     @property
     def device(self) -> str:
@@ -216,6 +241,11 @@ class Generator:
         prefill_started = time.perf_counter()
         for state in states:
             state.prefill_started = prefill_started
+        reusing = self.prefixes is not None and batch == 1
+        if reusing:  # the prompt's cached prefix goes in, the rest runs on top of it
+            cached = self._cached_prefix(prompts[0], cache)
+            states[0].cached_tokens = cached
+            ids, positions = ids[:, cached:], positions[:, cached:]
         while True:
             logits = self.model.step(ids, mask, positions, cache)
             next_ids = np.full(batch, self.pad_token_id, dtype=np.int64)
@@ -232,7 +262,39 @@ class Generator:
             mask = np.concatenate([mask, np.ones((batch, 1), np.int64)], axis=1)
             if self.model.reprefills(mask.shape[1]):  # the cache restarts from position 0
                 ids, positions = history, position_ids(mask)
+        if reusing:  # the cache now holds mask.shape[1] positions: the prompt, then the answer
+            state = states[0]
+            kept = mask.shape[1] if answers_reusable(self) else len(state.prompt)
+            self._keep((state.prompt + state.generated)[:kept], cache, kept)
         return [state.result() for state in states]
+
+    def _cached_prefix(self, prompt: list[int], cache: KVCache) -> int:
+        """Write the longest cached prefix of ``prompt`` into ``cache``; its length (0: none)."""
+        assert self.prefixes is not None
+        with self._prefix_lock:
+            match = self.prefixes.match(prompt)
+        if match is None:
+            return 0
+        if isinstance(cache, InPlaceCache):
+            cache.load(match.kv)
+        else:
+            assert isinstance(cache, CopyingCache)
+            cache.past = list(match.kv)
+        return match.length
+
+    def _keep(self, tokens: list[int], cache: KVCache, length: int) -> None:
+        """Keep the first ``length`` positions of ``cache`` as the keys and values of
+        ``tokens``."""
+        assert self.prefixes is not None
+        if len(tokens) != length or length < self.prefixes.min_tokens:
+            return
+        if isinstance(cache, InPlaceCache):
+            kv = cache.arrays(length)
+        else:
+            assert isinstance(cache, CopyingCache)
+            kv = [np.array(a[:, :, :length]) for a in cache.arrays()]
+        with self._prefix_lock:
+            self.prefixes.add(tokens, kv)
 
 
 def _params(params: SamplingParams | None, overrides: dict[str, Any]) -> SamplingParams:

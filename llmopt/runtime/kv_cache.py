@@ -173,6 +173,25 @@ class InPlaceCache:
         """The first ``length`` positions of every cache tensor, as host arrays."""
         return [np.ascontiguousarray(b.numpy()[:, :, :length]) for b in self.buffers]
 
+    def load(self, past: list[np.ndarray]) -> None:
+        """Write ``past`` ([batch, kv_heads, positions, head_dim] per cache tensor) into the
+        first positions of the buffers, in place (host buffers only): a prompt's cached prefix,
+        before the rest of it runs on top."""
+        if not self.placement.on_host:
+            raise ValueError("only a host cache is written from numpy")
+        for buffer, array in zip(self.buffers, past, strict=True):
+            _host_view(buffer, self.layout.dtype)[:, :, :array.shape[2]] = array
+
+
+def _host_view(value: Any, dtype: np.dtype) -> np.ndarray:
+    """A writable numpy view of a host OrtValue's memory."""
+    import ctypes
+
+    shape = tuple(value.shape())
+    size = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    memory = (ctypes.c_char * size).from_address(int(value.data_ptr()))
+    return np.frombuffer(memoryview(memory).cast("B"), dtype).reshape(shape)
+
 
 def _shape(value: Any) -> tuple[int, ...]:
     return tuple(value.shape) if isinstance(value, np.ndarray) else tuple(value.shape())

@@ -219,3 +219,46 @@ def test_the_rest_of_a_prompt_on_a_cached_prefix_is_prefilled_in_chunks(generato
     rest = result.stats.prompt_tokens - cached
     sizes = [r.tokens for r in records if r.kind == "prefill" and request.id in r.request_ids]
     assert sizes == [chunk] * (rest // chunk) + ([rest % chunk] if rest % chunk else [])
+
+
+# -- in-process: the Generator ---------------------------------------------------------------
+
+def test_a_generators_next_turn_prefills_only_the_new_tokens(generator: Generator) -> None:
+    prompt = generator.encode(SYSTEM + QUESTIONS[0])
+    generator.prefix_cache_bytes = 0
+    try:
+        first_off = generator.generate(prompt, GREEDY)
+        follow = prompt + first_off.token_ids + generator.encode(" " + QUESTIONS[1])
+        second_off = generator.generate(follow, GREEDY)
+        third = follow + second_off.token_ids + [7]
+        streamed_off = generator.generate(third, GREEDY)
+    finally:
+        generator.prefix_cache_bytes = 128 * 2**20
+    assert generator.prefixes is not None and len(generator.prefixes) == 0
+    first = generator.generate(prompt, GREEDY)
+    second = generator.generate(follow, GREEDY)
+    stream = generator.stream(third, GREEDY)
+    text = "".join(stream)
+    assert (first.token_ids, second.token_ids) == (first_off.token_ids, second_off.token_ids)
+    assert stream.result.token_ids == streamed_off.token_ids and text == streamed_off.text
+    assert (first_off.stats.cached_prompt_tokens, second_off.stats.cached_prompt_tokens) == (0, 0)
+    assert first.stats.cached_prompt_tokens == 0
+    # all of the first turn but the answer's last token (never run: the length limit ended it)
+    assert second.stats.cached_prompt_tokens == len(prompt) + len(first.token_ids) - 1
+    # the second generation's whole prompt and answer (its last token aside) were kept
+    assert stream.result.stats.cached_prompt_tokens == len(follow) + len(second.token_ids) - 1
+
+
+def test_a_batch_neither_reuses_nor_keeps_and_the_switch_is_validated(generator: Generator
+                                                                      ) -> None:
+    prompts = [SYSTEM + q for q in QUESTIONS[:2]]
+    generator.prefix_cache_bytes = 128 * 2**20  # a fresh, empty cache
+    results = generator.generate_batch(prompts, GREEDY)
+    assert [r.stats.cached_prompt_tokens for r in results] == [0, 0]
+    assert generator.prefixes is not None and len(generator.prefixes) == 0
+    for bad in (-1, 1.5, True):
+        with pytest.raises(InvalidInputError, match="prefix_cache_bytes must be an integer"):
+            generator.prefix_cache_bytes = bad  # type: ignore[assignment]
+    generator.prefix_cache_bytes = 0
+    assert generator.prefixes is None and generator.prefix_cache_bytes == 0
+    generator.prefix_cache_bytes = 128 * 2**20

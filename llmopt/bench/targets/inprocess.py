@@ -26,6 +26,8 @@ class InProcessTarget:
         self.tokenizer = self.runner.tokenizer
         self.provider = provider
         self.engine_options = engine
+        if hasattr(self.runner, "prefix_cache_bytes"):  # every round repeats its prompts
+            self.runner.prefix_cache_bytes = engine.prefix_cache_bytes
         self._engine: Any = None
         self._fanout: StreamFanout | None = None
         self._use_engine = False
