@@ -1,7 +1,8 @@
 """Multi-turn chats through `llmopt serve`, with the prefix cache on and off.
 
     python bench/prefix_cache.py [--package fused=build/bench/smollm2-fused ...] \\
-        [--conversations 8] [--turns 3] [--max-new-tokens 48] [--rounds 3] [--out NAME]
+        [--conversations 8] [--turns 3] [--max-new-tokens 48] [--rounds 3] [--inprocess] \\
+        [--out NAME]
 
 For each package, starts two `llmopt serve` processes over it (HTTP door, `--prefix-cache-mib
 128` and `--prefix-cache-mib 0`) and drives both with the `openai` SDK: --conversations chats
@@ -80,9 +81,30 @@ def conversation(index: int, ticket: int, client: Any, turns: int, new_tokens: i
     return out
 
 
+def inprocess_conversation(index: int, ticket: int, generator: Any, turns: int,
+                           new_tokens: int) -> list[dict[str, Any]]:
+    """:func:`conversation` through ``generator.chat`` in this process."""
+    question = CHAT_QUESTIONS[index % len(CHAT_QUESTIONS)]
+    messages: list[dict[str, str]] = [
+        {"role": "system", "content": SYSTEM},
+        {"role": "user", "content": f"Ticket {ticket}. {question}"}]
+    out = []
+    for turn in range(turns):
+        reply = generator.chat(messages, max_new_tokens=new_tokens, ignore_eos=True)
+        stats = reply.stats
+        out.append({"conversation": index, "turn": turn, "ttft_s": stats.ttft_s,
+                    "prompt_tokens": stats.prompt_tokens,
+                    "cached_tokens": stats.cached_prompt_tokens,
+                    "generated_tokens": stats.generated_tokens, "answer": reply.text})
+        messages += [{"role": "assistant", "content": reply.text},
+                     {"role": "user", "content": FOLLOW_UPS[turn % len(FOLLOW_UPS)]}]
+    return out
+
+
 def measure(url: str, streams: int, conversations: int, turns: int, new_tokens: int,
-            tickets: int) -> dict[str, Any]:
-    """The chats, by ``streams`` clients at once; their tickets start at ``tickets``."""
+            tickets: int, generator: Any = None) -> dict[str, Any]:
+    """The chats, by ``streams`` clients at once (over HTTP at ``url``, or through
+    ``generator`` in this process); their tickets start at ``tickets``."""
     import openai
 
     turns_done: list[dict[str, Any]] = []
@@ -90,10 +112,13 @@ def measure(url: str, streams: int, conversations: int, turns: int, new_tokens: 
     barrier = threading.Barrier(streams + 1)
 
     def client(first: int) -> None:
-        sdk = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=600)
+        sdk = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=600) \
+            if generator is None else None
         barrier.wait()
         for index in range(first, conversations, streams):
-            done = conversation(index, tickets + index, sdk, turns, new_tokens)
+            done = conversation(index, tickets + index, sdk, turns, new_tokens) \
+                if generator is None else \
+                inprocess_conversation(index, tickets + index, generator, turns, new_tokens)
             with lock:
                 turns_done.extend(done)
 
@@ -130,6 +155,9 @@ def main() -> int:
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=2, help="the servers' intra-op threads")
+    p.add_argument("--inprocess", action="store_true",
+                   help="also 1 client through llmopt.load's Generator in this process "
+                   "(generator.prefix_cache_bytes 128 MiB vs 0)")
     p.add_argument("--out", default="prefix_cache")
     args = p.parse_args()
     packages = dict(item.split("=", 1) for item in args.package or (
@@ -138,6 +166,8 @@ def main() -> int:
     runs: list[dict[str, Any]] = []
     for label, path in packages.items():
         runs += run_package(label, Path(path), args)
+        if args.inprocess:
+            runs += run_inprocess(label, Path(path), args)
     report = summarize(args, packages, runs, load_before)
     out = RESULTS / args.out
     out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
@@ -180,10 +210,40 @@ def run_package(label: str, package: Path, args: argparse.Namespace) -> list[dic
     return runs
 
 
+def run_inprocess(label: str, package: Path, args: argparse.Namespace
+                  ) -> list[dict[str, Any]]:
+    """The chats by 1 client through a Generator in this process, its prefix cache on and off
+    in alternating order (labelled ``LABEL in-process``)."""
+    import llmopt
+    from llmopt.runtime.providers import CPUOptions
+
+    generator: Any = llmopt.load(package, ["cpu"], provider_options={
+        "cpu": CPUOptions(intra_op_threads=args.threads)})
+    inprocess_conversation(0, 0, generator, 1, 8)  # warm-up
+    runs = []
+    for round_ in range(args.rounds):
+        order = list(CACHE_MIB.items())
+        for cache, mib in order if round_ % 2 == 0 else order[::-1]:
+            generator.prefix_cache_bytes = mib * 2**20
+            if mib:  # the system prompt is hot, as on a server that ran before
+                inprocess_conversation(0, 1, generator, 1, 1)
+            run = {"package": f"{label} in-process", "cache": cache, "round": round_,
+                   **measure("", 1, args.conversations, args.turns, args.max_new_tokens,
+                             tickets=1000 * (round_ + 1) + 50, generator=generator),
+                   "load_average_1m": os.getloadavg()[0]}
+            runs.append(run)
+            print(f"{label} in-process round {round_}: cache {cache}: "
+                  f"{run['tokens_per_s']:.1f} tok/s, TTFT first "
+                  f"{run['ttft_first_turn_s'] * 1000:.0f} ms, later "
+                  f"{run['ttft_later_turns_s'] * 1000:.0f} ms, cached "
+                  f"{run['cached_tokens']}/{run['prompt_tokens']}", flush=True)
+    return runs
+
+
 def summarize(args: argparse.Namespace, packages: dict[str, str], runs: list[dict[str, Any]],
               load_before: tuple[float, float, float]) -> dict[str, Any]:
     table = []
-    for label in packages:
+    for label in dict.fromkeys(r["package"] for r in runs):
         mine = [r for r in runs if r["package"] == label]
         on = [r for r in mine if r["cache"] == "on"]
         off = [r for r in mine if r["cache"] == "off"]
@@ -192,7 +252,7 @@ def summarize(args: argparse.Namespace, packages: dict[str, str], runs: list[dic
                                    (y["answers"][k] for k in x["answers"]), strict=True))
         total = sum(len(r["answers"]) for r in on)
         for cache in CACHE_MIB:
-            for streams in STREAMS:
+            for streams in sorted({r["streams"] for r in mine}):
                 points = [r for r in mine if r["cache"] == cache and r["streams"] == streams]
                 table.append({
                     "package": label, "cache": cache, "streams": streams,
@@ -250,7 +310,10 @@ def markdown(report: dict[str, Any]) -> str:
             f"{r['ttft_later_turns_ms']:.0f} | {r['prompt_tokens']} | {r['cached_tokens']:.0f} | "
             f"{r['answers_equal']} |")
     lines += ["", "`answers equal`: answers of the cache-on server identical to the cache-off "
-              "server's, turn by turn, over every round.", ""]
+              "server's, turn by turn, over every round. Rows `LABEL in-process` (with "
+              "`--inprocess`): the same chats by 1 client through `generator.chat` in the bench's "
+              "own process, `generator.prefix_cache_bytes` 128 MiB against 0, the system prompt "
+              "run once before each cache-on measurement.", ""]
     return "\n".join(lines)
 
 

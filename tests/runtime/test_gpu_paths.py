@@ -376,6 +376,28 @@ def test_cuda_package_runs_entirely_on_the_gpu(packages: dict[str, Path]) -> Non
     assert len(got) == len(want.token_ids) == 8
 
 
+@pytest.mark.gpu
+def test_the_engine_reuses_a_cached_prefix_on_the_gpu(packages: dict[str, Path]) -> None:
+    """The prefix cache's copies run through the device: a slot of the GPU store read out, a
+    host prefix bound under a GPU prefill. (Float16 on a GPU: the same numbers up to rounding,
+    so only the reuse is asserted, not token equality.)"""
+    from llmopt.runtime.engine import Engine
+    from llmopt.runtime.sampling import SamplingParams
+
+    runner = llmopt.load(packages["cuda"], ["cuda"], strict=True)
+    assert isinstance(runner, Generator) and runner.prefix_cache_bytes == 0  # host caches only
+    params = SamplingParams(max_new_tokens=6, ignore_eos=True)
+    engine = Engine(runner).start()
+    try:
+        prompt = list(range(5, 45))
+        first = engine.submit(prompt, params).result(120)
+        second = engine.submit(prompt + first.token_ids + [9, 10], params).result(120)
+    finally:
+        engine.close()
+    assert second.stats.cached_prompt_tokens == len(prompt) + len(first.token_ids) - 1
+    assert len(second.token_ids) == 6
+
+
 @pytest.mark.tensorrt
 def test_tensorrt_loads_a_decoder_with_its_shape_tensor(packages: dict[str, Path],
                                                         tmp_path: Path) -> None:
