@@ -184,6 +184,10 @@ class Engine:
                timeout: float | None = None) -> Request:
         """Queue a generation (validated here, so bad input fails in the caller's thread)."""
         params = params or SamplingParams()
+        if params.prompt_lookup:
+            raise InvalidInputError("prompt_lookup runs in the in-process Generator only; the "
+                                    "serving engine decodes one token per row and step",
+                                    fix="leave prompt_lookup at 0 for the engine and the server")
         tokens = self.generator.encode(prompt, chat=chat)
         self.generator.check_context(tokens)
         limit = self.config.max_prompt_tokens

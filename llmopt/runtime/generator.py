@@ -246,12 +246,19 @@ class Generator:
             cached = self._cached_prefix(prompts[0], cache)
             states[0].cached_tokens = cached
             ids, positions = ids[:, cached:], positions[:, cached:]
+        # draft tokens per step, looked up in the sequence so far (one prompt only)
+        lookup = params[0].prompt_lookup if batch == 1 and self.speculates else 0
+        draft: list[int] = []
         while True:
-            logits = self.model.step(ids, mask, positions, cache)
-            next_ids = np.full(batch, self.pad_token_id, dtype=np.int64)
-            for row, state in enumerate(states):
-                if not state.done:
-                    next_ids[row] = state.step(logits[row, -1])
+            if draft:
+                next_ids, mask, positions = self._check_draft(states[0], draft, ids, mask,
+                                                              positions, cache)
+            else:
+                logits = self.model.step(ids, mask, positions, cache)
+                next_ids = np.full(batch, self.pad_token_id, dtype=np.int64)
+                for row, state in enumerate(states):
+                    if not state.done:
+                        next_ids[row] = state.step(logits[row, -1])
             yield
             if all(state.done for state in states):
                 break
@@ -262,11 +269,41 @@ class Generator:
             mask = np.concatenate([mask, np.ones((batch, 1), np.int64)], axis=1)
             if self.model.reprefills(mask.shape[1]):  # the cache restarts from position 0
                 ids, positions = history, position_ids(mask)
+            elif lookup:
+                state = states[0]
+                draft = prompt_lookup(state.prompt + state.generated,
+                                      min(lookup, state.limit - len(state.generated) - 1))
+                if draft:  # the last token runs with its drafts after it
+                    ids = np.array([[int(next_ids[0]), *draft]], np.int64)
+                    positions = positions[:, -1:] + np.arange(1 + len(draft))
+                    mask = np.concatenate([mask, np.ones((1, len(draft)), np.int64)], axis=1)
         if reusing:  # the cache now holds mask.shape[1] positions: the prompt, then the answer
             state = states[0]
             kept = mask.shape[1] if answers_reusable(self) else len(state.prompt)
             self._keep((state.prompt + state.generated)[:kept], cache, kept)
         return [state.result() for state in states]
+
+    def _check_draft(self, state: DecodeState, draft: list[int], ids: np.ndarray,
+                     mask: np.ndarray, positions: np.ndarray, cache: KVCache
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """One step of the last token and its ``draft`` on the decode session (whose rows
+        compute as one-token steps do): the tokens chosen from its rows while they confirm the
+        draft. Returns the last choice (not yet run) and the mask and positions without the
+        rejected drafts, whose cache positions the next step rewrites."""
+        logits = self.model.step(ids, mask, positions, cache, all_logits=True, prompt=False)
+        token, accepted = _verify(state, logits[0], draft)
+        rejected = len(draft) - accepted
+        if rejected:
+            mask, positions = mask[:, :-rejected], positions[:, :-rejected]
+            _rewind(cache, mask.shape[1])
+        return np.array([token], np.int64), mask, positions
+
+    @property
+    def speculates(self) -> bool:
+        """Whether ``SamplingParams.prompt_lookup`` applies here: where one step of several
+        tokens computes each of them as one-token steps do (the prefix cache's condition,
+        :func:`~llmopt.runtime.prefix_cache.unreusable`)."""
+        return unreusable(self) is None
 
     def _cached_prefix(self, prompt: list[int], cache: KVCache) -> int:
         """Write the longest cached prefix of ``prompt`` into ``cache``; its length (0: none)."""
@@ -295,6 +332,42 @@ class Generator:
             kv = [np.array(a[:, :, :length]) for a in cache.arrays()]
         with self._prefix_lock:
             self.prefixes.add(tokens, kv)
+
+
+def prompt_lookup(tokens: Sequence[int], count: int, longest: int = 3) -> list[int]:
+    """Up to ``count`` draft tokens: those that followed the latest earlier occurrence of the
+    sequence's last ``n`` tokens (``n`` from ``longest`` down to 2), or none."""
+    if count < 1 or len(tokens) < 3:
+        return []
+    seq = np.asarray(tokens, np.int64)
+    for n in range(min(longest, len(seq) - 1), 1, -1):
+        windows = np.lib.stride_tricks.sliding_window_view(seq[:-1], n)
+        hits = np.flatnonzero((windows == seq[-n:]).all(axis=1))
+        if hits.size:
+            start = int(hits[-1]) + n
+            return [int(t) for t in seq[start:start + count]]
+    return []
+
+
+def _verify(state: DecodeState, logits: np.ndarray, draft: list[int]) -> tuple[int, int]:
+    """Choose tokens from a step's rows (``logits [1 + len(draft), vocab]``) while each choice
+    equals the draft token the next row was computed on: the last choice (not yet run) and how
+    many drafts were confirmed."""
+    token, accepted = 0, 0
+    for j, row in enumerate(logits):
+        token = state.step(row)
+        if state.done or j == len(draft) or token != draft[j]:
+            break
+        accepted += 1
+    state.accepted_drafts += accepted
+    return token, accepted
+
+
+def _rewind(cache: KVCache, length: int) -> None:
+    """Keep the first ``length`` positions: an in-place cache's later ones are masked and
+    rewritten by the next step; a copying cache's are cut."""
+    if isinstance(cache, CopyingCache):
+        cache.past = [np.ascontiguousarray(a[:, :, :length]) for a in cache.arrays()]
 
 
 def _params(params: SamplingParams | None, overrides: dict[str, Any]) -> SamplingParams:

@@ -15,6 +15,7 @@ from llmopt.runtime.constraints import ResponseFormat
 
 MAX_NEW_TOKENS_LIMIT = 1_000_000
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit on top_logprobs
+MAX_PROMPT_LOOKUP = 7  # draft tokens per step: with the last token, 8 rows (one kernel pass)
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,9 @@ class SamplingParams:
     frequency_penalty: float = 0.0  # OpenAI's: subtracted per occurrence in the generation
     logprobs: int | None = None     # record each chosen token's logprob and this many top ones
     response_format: ResponseFormat | None = None
+    # draft tokens looked up in the sequence so far and checked in one step (0: off); the same
+    # tokens as without, fewer steps where the answer repeats its prompt (Generator, one prompt)
+    prompt_lookup: int = 0
 
     def __post_init__(self) -> None:
         if isinstance(self.response_format, dict):  # OpenAI's shape, as a convenience
@@ -73,6 +77,10 @@ class SamplingParams:
             value = getattr(self, name)
             _check(_finite(value) and -2.0 <= value <= 2.0,
                    f"{name} must be between -2 and 2, not {value!r}", f"use 0 to disable {name}")
+        _check(isinstance(self.prompt_lookup, int) and not isinstance(self.prompt_lookup, bool)
+               and 0 <= self.prompt_lookup <= MAX_PROMPT_LOOKUP,
+               f"prompt_lookup must be an integer from 0 to {MAX_PROMPT_LOOKUP}, not "
+               f"{self.prompt_lookup!r}", "use 0 to turn it off, or e.g. prompt_lookup=4")
         _check(self.logprobs is None or (isinstance(self.logprobs, int)
                                          and 0 <= self.logprobs <= MAX_TOP_LOGPROBS),
                f"logprobs must be an integer from 0 to {MAX_TOP_LOGPROBS}, not {self.logprobs!r}",

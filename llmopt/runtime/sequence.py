@@ -24,6 +24,7 @@ class GenerationStats:
     prompt_tokens: int = 0
     generated_tokens: int = 0
     cached_prompt_tokens: int = 0  # leading prompt tokens whose cache was reused, not prefilled
+    accepted_draft_tokens: int = 0  # generated tokens that prompt lookup drafted (no own step)
     ttft_s: float = 0.0  # request start -> first token chosen (queueing, tokenization, prefill)
     total_s: float = 0.0
     prefill_tokens_per_s: float = 0.0
@@ -75,6 +76,7 @@ class DecodeState:
         self.started = time.perf_counter() if started is None else started
         self.prefill_started: float | None = None
         self.cached_tokens = 0  # leading prompt tokens the prefill took from the prefix cache
+        self.accepted_drafts = 0  # prompt-lookup draft tokens the model's own choices confirmed
         self.first_token_at: float | None = None
         self.ended_at: float | None = None
 
@@ -133,6 +135,7 @@ class DecodeState:
             prompt_tokens=len(self.prompt),
             generated_tokens=n,
             cached_prompt_tokens=self.cached_tokens,
+            accepted_draft_tokens=self.accepted_drafts,
             ttft_s=first - self.started,
             total_s=ended - self.started,
             prefill_tokens_per_s=(len(self.prompt) - self.cached_tokens) / prefill_s

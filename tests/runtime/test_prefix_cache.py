@@ -8,13 +8,16 @@ answers against a lone Generator.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from types import SimpleNamespace
+from typing import Any
 
 import numpy as np
 import pytest
 
 from llmopt.errors import InvalidInputError
 from llmopt.manifest import Manifest
+from llmopt.runtime import generator as generator_module
 from llmopt.runtime.engine import Engine, EngineConfig, Request
 from llmopt.runtime.generator import Generator
 from llmopt.runtime.kv import position_ids
@@ -262,3 +265,78 @@ def test_a_batch_neither_reuses_nor_keeps_and_the_switch_is_validated(generator:
     generator.prefix_cache_bytes = 0
     assert generator.prefixes is None and generator.prefix_cache_bytes == 0
     generator.prefix_cache_bytes = 128 * 2**20
+
+
+# -- prompt lookup: draft tokens from the sequence so far, checked in one step -------------------
+
+def test_prompt_lookup_drafts_what_followed_the_latest_match() -> None:
+    from llmopt.runtime.generator import prompt_lookup
+
+    assert prompt_lookup([1, 2, 3, 4, 5, 1, 2, 3], 3) == [4, 5, 1]
+    assert prompt_lookup([1, 2, 9, 1, 2, 7, 8, 1, 2], 2) == [7, 8]  # the latest occurrence
+    assert prompt_lookup([5, 6, 7, 8, 6, 7], 4) == [8, 6, 7]  # no more than what follows
+    assert prompt_lookup([1, 2, 3, 4], 3) == []  # nothing repeats
+    assert prompt_lookup([1, 2, 1, 2], 0) == []
+
+
+COPY = "the quick brown fox jumps over the lazy dog . " * 4
+
+
+def oracle(answer: list[int], prompt: int) -> Any:
+    """A stand-in for :func:`prompt_lookup` that drafts the answer's true next tokens, with a
+    wrong one in every third draft and none in every third: the tiny models copy nothing, so
+    this drives every path of the check (all confirmed, some rejected, none drafted)."""
+    calls = []
+
+    def draft(tokens: list[int], count: int) -> list[int]:
+        calls.append(count)
+        truth = answer[len(tokens) - prompt:][:count]
+        if len(calls) % 3 == 2 and len(truth) > 1:
+            wrong = min(2, len(truth) - 1)
+            truth = [*truth[:wrong], truth[wrong] + 1, *truth[wrong + 1:]]
+        return [] if len(calls) % 3 == 0 else truth
+
+    return draft
+
+
+@pytest.mark.parametrize("params", [
+    SamplingParams(max_new_tokens=40, ignore_eos=True),
+    SamplingParams(max_new_tokens=40, temperature=0.9, top_p=0.95, seed=7, ignore_eos=True),
+    SamplingParams(max_new_tokens=40, repetition_penalty=1.3, logprobs=2),
+    SamplingParams(max_new_tokens=25, stop=("lazy",))])
+def test_prompt_lookup_gives_the_same_tokens_in_fewer_steps(
+        generator: Generator, params: SamplingParams, monkeypatch: pytest.MonkeyPatch) -> None:
+    prompt = generator.encode(COPY)
+    generator.prefix_cache_bytes = 0
+    plain = generator.generate(prompt, params)
+    follow = prompt + plain.token_ids + generator.encode(" " + QUESTIONS[0])
+    after = generator.generate(follow, GREEDY)
+    generator.prefix_cache_bytes = 128 * 2**20  # the drafted run's cache is kept, then reused
+    monkeypatch.setattr(generator_module, "prompt_lookup", oracle(plain.token_ids, len(prompt)))
+    steps: list[int] = []
+    run = generator.model.step
+    monkeypatch.setattr(generator.model, "step",
+                        lambda *a, **k: steps.append(a[0].shape[1]) or run(*a, **k))
+    drafted = generator.generate(prompt, replace(params, prompt_lookup=5))
+    monkeypatch.undo()
+    assert drafted.token_ids == plain.token_ids and drafted.text == plain.text
+    assert (drafted.finish_reason, drafted.logprobs) == (plain.finish_reason, plain.logprobs)
+    assert plain.stats.accepted_draft_tokens == 0
+    accepted = drafted.stats.accepted_draft_tokens
+    assert accepted > len(drafted.token_ids) // 3
+    # each step made one token of its own, plus the drafts it confirmed
+    assert len(steps) + accepted >= len(drafted.token_ids) >= len(steps) - 1 + accepted
+    assert any(n > 1 for n in steps[1:])
+    # the rejected drafts' cache positions never leak into the sequence's cache
+    again = generator.generate(follow, GREEDY)
+    assert again.token_ids == after.token_ids
+    assert again.stats.cached_prompt_tokens >= len(prompt) + len(plain.token_ids) - 1
+
+
+def test_prompt_lookup_is_refused_by_the_engine_and_validated(generator: Generator) -> None:
+    engine = Engine(generator)
+    with pytest.raises(InvalidInputError, match="in-process Generator only"):
+        engine.submit(COPY, SamplingParams(prompt_lookup=3))
+    for bad in (-1, 8, True, 2.0):
+        with pytest.raises(InvalidInputError, match="prompt_lookup must be an integer"):
+            SamplingParams(prompt_lookup=bad)  # type: ignore[arg-type]

@@ -112,3 +112,22 @@ def test_seeded_sampling_is_reproducible(generator: Generator) -> None:
     a = generator.generate("Tell me a story.", seed=42, **kwargs)
     b = generator.generate("Tell me a story.", seed=42, **kwargs)
     assert a.token_ids == b.token_ids and a.text == b.text
+
+
+EDIT = ("Fix the spelling mistakes in this text and write it out in full:\n\nOur shop opens at "
+        "nine in the moring and closes at five in the evning. We repair evry kind of bicycle.")
+
+
+@pytest.mark.parametrize("kind", ["fp32", "int4"])
+def test_prompt_lookup_gives_a_real_answer_identically_in_fewer_steps(
+        kind: str, generator: Generator, smollm2_demo: dict[str, Any]) -> None:
+    """SmolLM2 restating a paragraph: drafts from the prompt are confirmed, and the answer is
+    the plain one token for token (the unfused fp32 graph's copying cache, the int4 package's
+    in-place cache and kernels)."""
+    runner = generator if kind == "fp32" else llmopt.load(
+        Path(smollm2_demo["out"]) / "packages" / "int4", ["cpu"])
+    assert isinstance(runner, Generator)
+    plain = runner.chat(EDIT, max_new_tokens=48)
+    drafted = runner.chat(EDIT, max_new_tokens=48, prompt_lookup=4)
+    assert drafted.token_ids == plain.token_ids and drafted.text == plain.text
+    assert drafted.stats.accepted_draft_tokens >= len(drafted.token_ids) // 4

@@ -105,6 +105,23 @@ def test_generate_through_the_server(server: Any, packages: dict[str, Path],
     assert f"{chat.stats.generated_tokens} generated tokens" in out.err
     assert main(["generate", "nope", "hi", "--server", server.address]) == 1
     assert "no model named 'nope'" in capsys.readouterr().err
+    assert main(["generate", DECODER, "hi", "--server", server.address,
+                 "--prompt-lookup", "3"]) == 1
+    assert "--prompt-lookup runs in-process only" in capsys.readouterr().err
+
+
+def test_generate_in_process_with_prompt_lookup(packages: dict[str, Path],
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    generator = llmopt.load(packages[DECODER])
+    prompt = "the quick brown fox jumps over the lazy dog . " * 3
+    expected = generator.generate(prompt, max_new_tokens=9, ignore_eos=True)
+    assert main(["generate", str(packages[DECODER]), prompt, "--raw", "--max-new-tokens", "9",
+                 "--ignore-eos", "--prompt-lookup", "3", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["token_ids"] == expected.token_ids
+    assert result["stats"]["accepted_draft_tokens"] >= 0
+    assert main(["generate", str(packages[DECODER]), "hi", "--prompt-lookup", "9"]) == 1
+    assert "prompt_lookup must be an integer from 0 to 7" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(("args", "message"), [
