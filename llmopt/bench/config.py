@@ -4,6 +4,7 @@ before anything runs, so a typo fails in a second rather than after a half-hour 
     name: smollm2_cpu
     packages:                       # label -> package directory (or {path, prepare})
       fp32: build/bench/smollm2-fp32
+      # int4_lookup: {path: ..., prompt_lookup: 4}   # in-process: draft tokens per step
     providers: [cpu]                # or {name: cpu, options: {intra_op_threads: 2}, label: ...}
     matrix:                         # the defaults of every sweep
       targets: [pytorch, inprocess, server]
@@ -51,7 +52,7 @@ MATRIX_DEFAULTS: dict[str, list[Any]] = {
     "concurrency": [1],
     "request_rates": [None],  # None: closed loop (each worker sends its next request at once)
 }
-PACKAGE_KEYS = ("path", "prepare", "runtime", "title")
+PACKAGE_KEYS = ("path", "prepare", "runtime", "title", "prompt_lookup")
 RUNTIMES = ("llmopt", "genai")
 NULLABLE = ("max_seconds_per_point", "warmup_new_tokens")  # None: no limit
 PROVIDER_KEYS = ("name", "options", "label")
@@ -157,6 +158,7 @@ class PackageSpec:
     prepare: Mapping[str, Any] | None = None
     runtime: str = "llmopt"
     title: str | None = None  # how comparison tables name it (default: "llmopt LABEL")
+    prompt_lookup: int = 0  # draft tokens per step (SamplingParams.prompt_lookup), in-process
 
 
 @dataclass(frozen=True)
@@ -319,8 +321,14 @@ def _packages(data: Any, where: str) -> dict[str, PackageSpec]:
                                     "the bench cannot prepare",
                                     fix="build it with `python bench/reference_genai.py`")
         title = spec.get("title")
+        lookup = spec.get("prompt_lookup", 0)
+        if not isinstance(lookup, int) or isinstance(lookup, bool) or not 0 <= lookup <= 7 or (
+                lookup and runtime != "llmopt"):
+            raise InvalidInputError(f"{where}: packages.{label}.prompt_lookup must be an integer "
+                                    f"from 0 to 7 on an llmopt package, not {lookup!r}",
+                                    fix="e.g. prompt_lookup: 4 (draft tokens per step)")
         out[str(label)] = PackageSpec(str(label), Path(str(spec["path"])).expanduser(), prepare,
-                                      runtime, None if title is None else str(title))
+                                      runtime, None if title is None else str(title), lookup)
     return out
 
 

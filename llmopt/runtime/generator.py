@@ -221,9 +221,10 @@ class Generator:
 
     def _run(self, prompts: list[list[int]], params: list[SamplingParams], started: float,
              on_delta: Callable[[int, str], None] | None
-             ) -> Generator_[None, None, list[GenerationResult]]:
-        """The decode loop; yields after each step so streams can hand out text, and returns
-        the results."""
+             ) -> Generator_[tuple[int, ...], None, list[GenerationResult]]:
+        """The decode loop; yields each row's count of generated tokens after each step (so
+        streams can hand out text, and a step that confirmed drafts shows its tokens), and
+        returns the results."""
         batch = len(prompts)
 
         def sink(row: int) -> Callable[[str], None] | None:
@@ -259,7 +260,7 @@ class Generator:
                 for row, state in enumerate(states):
                     if not state.done:
                         next_ids[row] = state.step(logits[row, -1])
-            yield
+            yield tuple(len(state.generated) for state in states)
             if all(state.done for state in states):
                 break
             ids = next_ids[:, None]

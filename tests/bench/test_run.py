@@ -145,6 +145,47 @@ def test_time_budget_stops_a_point_early(tiny_package: Path) -> None:
     assert rec["rounds"] == 1 and rec["budget_exhausted"] is True
 
 
+def test_a_prompt_lookup_package_counts_every_token_of_a_drafted_step(
+        tiny_package: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A step that confirms drafts makes several tokens at once: each is counted and
+    time-stamped. (The tiny model copies nothing, so the drafts come from its own answer.)"""
+    import llmopt
+    from llmopt.runtime import generator as generator_module
+
+    runner: Any = llmopt.load(tiny_package)
+    answer: list[int] = []
+    ids_of: dict[int, list[int]] = {}
+    drafted: list[int] = []
+
+    def draft(tokens: list[int], count: int) -> list[int]:
+        for start, ids in ids_of.items():  # the prompt is known by its length
+            if tokens[:start] == ids[:start]:
+                done = len(tokens) - start
+                drafted.append(len(answer[done:done + count]))
+                return answer[done:done + count]
+        return []
+
+    config = parse_config({"name": "t", "packages": {
+        "tiny": {"path": str(tiny_package), "prompt_lookup": 3}},
+        "providers": [{"name": "cpu", "options": {"intra_op_threads": 1}}], "run": FAST,
+        "matrix": {"targets": ["inprocess"], "batch_sizes": [1], "prompt_lengths": [8],
+                   "new_tokens": [9]}})
+    from llmopt.bench import prompts
+    from llmopt.runtime.sampling import SamplingParams
+
+    prompt = prompts.decoder_prompts(runner.tokenizer, 8, 1)[0]
+    answer.extend(runner.generate(prompt, SamplingParams(max_new_tokens=9,
+                                                         ignore_eos=True)).token_ids)
+    ids_of[len(prompt)] = prompt
+    monkeypatch.setattr(generator_module, "prompt_lookup", draft)
+    (rec,) = run_bench(config, None, progress=None).records
+    assert rec["status"] == "ok", rec.get("error")
+    assert rec["metrics"]["output_tokens_per_request"] == 9
+    assert sum(drafted) >= 9  # steps of several tokens ran
+    with pytest.raises(Exception, match="prompt_lookup must be an integer from 0 to 7"):
+        parse_config({"packages": {"tiny": {"path": str(tiny_package), "prompt_lookup": 9}}})
+
+
 def test_request_rate_runs_open_loop(tiny_package: Path) -> None:
     config = _config(tiny_package, targets=["inprocess"], concurrency=[2], request_rates=[50.0])
     (rec,) = run_bench(config, None, progress=None).records

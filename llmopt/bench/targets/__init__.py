@@ -76,6 +76,10 @@ class TargetPool:
                                  "baseline; set pytorch.source in the config")
             return PytorchTarget(source, info.task, self.config.pytorch)
         provider = self.config.providers[point.provider]
+        lookup = self.config.packages[point.package].prompt_lookup
+        if lookup and point.target != "inprocess":
+            raise ValueError(f"package {info.label!r} sets prompt_lookup, which runs in the "
+                             "in-process Generator only; measure it with the inprocess target")
         if point.target == "genai":
             from llmopt.bench.targets.genai import GenaiTarget
 
@@ -84,7 +88,8 @@ class TargetPool:
         if point.target == "inprocess":
             from llmopt.bench.targets.inprocess import InProcessTarget
 
-            return InProcessTarget(info.path, provider, run.strict_providers, self.config.engine)
+            return InProcessTarget(info.path, provider, run.strict_providers, self.config.engine,
+                                   lookup)
         from llmopt.bench.targets.served import ServedTarget, connect
 
         server = self._server(point.provider)

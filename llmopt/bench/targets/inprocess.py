@@ -16,7 +16,7 @@ class InProcessTarget:
     supports_concurrency = True
 
     def __init__(self, package: Any, provider: ProviderSpec, strict: bool,
-                 engine: EngineOptions) -> None:
+                 engine: EngineOptions, prompt_lookup: int = 0) -> None:
         import llmopt
 
         self.name = "inprocess"
@@ -26,6 +26,7 @@ class InProcessTarget:
         self.tokenizer = self.runner.tokenizer
         self.provider = provider
         self.engine_options = engine
+        self.prompt_lookup = prompt_lookup  # draft tokens per step (Generator points only)
         if hasattr(self.runner, "prefix_cache_bytes"):  # every round repeats its prompts
             self.runner.prefix_cache_bytes = engine.prefix_cache_bytes
         self._engine: Any = None
@@ -60,7 +61,8 @@ class InProcessTarget:
     def decode(self, prompts: list[list[int]], new_tokens: int, issued: float) -> Timing:
         from llmopt.runtime.sampling import SamplingParams
 
-        params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
+        params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True,
+                                prompt_lookup=self.prompt_lookup)
         if self._use_engine:
             return self._decode_engine(prompts, params, issued)
         return self._decode_generator(prompts, params, issued)
@@ -70,21 +72,19 @@ class InProcessTarget:
         # forward pass, so each token of every row is time-stamped when it is chosen.
         gen = self.runner
         run = gen._run(prompts, [params] * len(prompts), issued, None)
-        steps: list[float] = []
+        clocks = [TokenClock() for _ in prompts]
+        ticked = [0] * len(prompts)
         while True:
             try:
-                next(run)
-                steps.append(time.perf_counter())
-            except StopIteration as done:
-                results = done.value
+                counts = next(run)  # a step that confirmed drafts made several tokens at once
+            except StopIteration:
                 break
+            at = time.perf_counter()
+            for row, count in enumerate(counts):
+                for _ in range(count - ticked[row]):
+                    clocks[row].tick(at=at)
+                ticked[row] = count
         ended = time.perf_counter()
-        clocks = []
-        for result in results:
-            clock = TokenClock()
-            for at in steps[: result.stats.generated_tokens]:
-                clock.tick(at=at)
-            clocks.append(clock)
         return timing_from_clocks(clocks, issued, ended, sum(len(p) for p in prompts))
 
     def _decode_engine(self, prompts: list[list[int]], params: Any, issued: float) -> Timing:
