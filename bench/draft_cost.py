@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import script_report  # this folder's: packages and provenance shared by its result scripts
 
 RESULTS = Path(__file__).resolve().parents[1] / "bench" / "results"
 
@@ -53,9 +54,7 @@ def main() -> int:
     args = p.parse_args()
     import llmopt
 
-    packages = dict(item.split("=", 1) for item in args.package or (
-        "fused=build/bench/smollm2-fused", "int8=build/bench/smollm2-int8-fused",
-        "int4=build/bench/smollm2-int4-fused"))
+    packages = script_report.packages(args.package, ("fused", "int8", "int4"))
     rows = []
     for label, path in packages.items():
         generator: Any = llmopt.load(path, ["cpu"])

@@ -25,14 +25,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shlex
 import statistics
 import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+import script_report  # this folder's: packages and provenance shared by its result scripts
 
 from llmopt.bench.prompts import CHAT_QUESTIONS
 from llmopt.bench.targets.server_process import LaunchedServer, launch_server
@@ -49,16 +51,29 @@ CACHE_MIB = {"on": 128, "off": 0}
 STREAMS = (1, 8)
 
 
-def conversation(index: int, ticket: int, client: Any, turns: int, new_tokens: int
-                 ) -> list[dict[str, Any]]:
-    """One chat of ``turns`` turns; per turn its TTFT, tokens and answer. Its first message
-    carries ``ticket``, so no earlier measurement has seen the chat (only the system prompt)."""
+Ask = Callable[[list[dict[str, str]]], dict[str, Any]]  # a chat turn: TTFT, tokens, answer
+
+
+def conversation(index: int, ticket: int, ask: Ask, turns: int) -> list[dict[str, Any]]:
+    """One chat of ``turns`` turns, each answered by ``ask``; per turn its TTFT, tokens and
+    answer. Its first message carries ``ticket``, so no earlier measurement has seen the chat
+    (only the system prompt)."""
     question = CHAT_QUESTIONS[index % len(CHAT_QUESTIONS)]
     messages: list[dict[str, str]] = [
         {"role": "system", "content": SYSTEM},
         {"role": "user", "content": f"Ticket {ticket}. {question}"}]
     out = []
     for turn in range(turns):
+        reply = ask(messages)
+        out.append({"conversation": index, "turn": turn, **reply})
+        messages += [{"role": "assistant", "content": reply["answer"]},
+                     {"role": "user", "content": FOLLOW_UPS[turn % len(FOLLOW_UPS)]}]
+    return out
+
+
+def over_http(client: Any, new_tokens: int) -> Ask:
+    """A turn streamed by the ``openai`` SDK ``client``, greedy, EOS ignored."""
+    def ask(messages: list[dict[str, str]]) -> dict[str, Any]:
         started, first, text, usage = time.perf_counter(), 0.0, [], None
         for chunk in client.chat.completions.create(
                 model=MODEL, messages=messages, max_tokens=new_tokens, temperature=0,
@@ -71,34 +86,23 @@ def conversation(index: int, ticket: int, client: Any, turns: int, new_tokens: i
                 usage = chunk.usage
         assert usage is not None, "the stream ended without usage"
         details = usage.prompt_tokens_details
-        answer = "".join(text)
-        out.append({"conversation": index, "turn": turn, "ttft_s": first,
-                    "prompt_tokens": usage.prompt_tokens,
-                    "cached_tokens": (details.cached_tokens or 0) if details else 0,
-                    "generated_tokens": usage.completion_tokens, "answer": answer})
-        messages += [{"role": "assistant", "content": answer},
-                     {"role": "user", "content": FOLLOW_UPS[turn % len(FOLLOW_UPS)]}]
-    return out
+        return {"ttft_s": first, "prompt_tokens": usage.prompt_tokens,
+                "cached_tokens": (details.cached_tokens or 0) if details else 0,
+                "generated_tokens": usage.completion_tokens, "answer": "".join(text)}
+
+    return ask
 
 
-def inprocess_conversation(index: int, ticket: int, generator: Any, turns: int,
-                           new_tokens: int) -> list[dict[str, Any]]:
-    """:func:`conversation` through ``generator.chat`` in this process."""
-    question = CHAT_QUESTIONS[index % len(CHAT_QUESTIONS)]
-    messages: list[dict[str, str]] = [
-        {"role": "system", "content": SYSTEM},
-        {"role": "user", "content": f"Ticket {ticket}. {question}"}]
-    out = []
-    for turn in range(turns):
+def in_process(generator: Any, new_tokens: int) -> Ask:
+    """A turn by ``generator.chat`` in this process, greedy, EOS ignored."""
+    def ask(messages: list[dict[str, str]]) -> dict[str, Any]:
         reply = generator.chat(messages, max_new_tokens=new_tokens, ignore_eos=True)
         stats = reply.stats
-        out.append({"conversation": index, "turn": turn, "ttft_s": stats.ttft_s,
-                    "prompt_tokens": stats.prompt_tokens,
-                    "cached_tokens": stats.cached_prompt_tokens,
-                    "generated_tokens": stats.generated_tokens, "answer": reply.text})
-        messages += [{"role": "assistant", "content": reply.text},
-                     {"role": "user", "content": FOLLOW_UPS[turn % len(FOLLOW_UPS)]}]
-    return out
+        return {"ttft_s": stats.ttft_s, "prompt_tokens": stats.prompt_tokens,
+                "cached_tokens": stats.cached_prompt_tokens,
+                "generated_tokens": stats.generated_tokens, "answer": reply.text}
+
+    return ask
 
 
 def measure(url: str, streams: int, conversations: int, turns: int, new_tokens: int,
@@ -112,13 +116,12 @@ def measure(url: str, streams: int, conversations: int, turns: int, new_tokens: 
     barrier = threading.Barrier(streams + 1)
 
     def client(first: int) -> None:
-        sdk = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=600) \
-            if generator is None else None
+        ask = in_process(generator, new_tokens) if generator is not None else over_http(
+            openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=600),
+            new_tokens)
         barrier.wait()
         for index in range(first, conversations, streams):
-            done = conversation(index, tickets + index, sdk, turns, new_tokens) \
-                if generator is None else \
-                inprocess_conversation(index, tickets + index, generator, turns, new_tokens)
+            done = conversation(index, tickets + index, ask, turns)
             with lock:
                 turns_done.extend(done)
 
@@ -160,8 +163,7 @@ def main() -> int:
                    "(generator.prefix_cache_bytes 128 MiB vs 0)")
     p.add_argument("--out", default="prefix_cache")
     args = p.parse_args()
-    packages = dict(item.split("=", 1) for item in args.package or (
-        "fused=build/bench/smollm2-fused", "int4=build/bench/smollm2-int4-fused"))
+    packages = script_report.packages(args.package, ("fused", "int4"))
     load_before = os.getloadavg()
     runs: list[dict[str, Any]] = []
     for label, path in packages.items():
@@ -219,14 +221,14 @@ def run_inprocess(label: str, package: Path, args: argparse.Namespace
 
     generator: Any = llmopt.load(package, ["cpu"], provider_options={
         "cpu": CPUOptions(intra_op_threads=args.threads)})
-    inprocess_conversation(0, 0, generator, 1, 8)  # warm-up
+    conversation(0, 0, in_process(generator, 8), 1)  # warm-up
     runs = []
     for round_ in range(args.rounds):
         order = list(CACHE_MIB.items())
         for cache, mib in order if round_ % 2 == 0 else order[::-1]:
             generator.prefix_cache_bytes = mib * 2**20
             if mib:  # the system prompt is hot, as on a server that ran before
-                inprocess_conversation(0, 1, generator, 1, 1)
+                conversation(0, 1, in_process(generator, 1), 1)
             run = {"package": f"{label} in-process", "cache": cache, "round": round_,
                    **measure("", 1, args.conversations, args.turns, args.max_new_tokens,
                              tickets=1000 * (round_ + 1) + 50, generator=generator),
@@ -271,16 +273,12 @@ def summarize(args: argparse.Namespace, packages: dict[str, str], runs: list[dic
                    and r["cache"] == "off" and r["streams"] == row["streams"])
         row["x_one_stream"] = row["tokens_per_s"] / one["tokens_per_s"]
         row["x_cache_off"] = row["tokens_per_s"] / off["tokens_per_s"]
-    argv = [Path(sys.argv[0]).as_posix(), *sys.argv[1:]]
     for r in runs:
         r.pop("answers")
-    return {"command": "python " + shlex.join(argv), "packages": packages,
+    return {**script_report.provenance(load_before), "packages": packages,
             "conversations": args.conversations, "turns": args.turns,
             "new_tokens": args.max_new_tokens, "rounds": args.rounds,
-            "threads": args.threads, "table": table, "runs": runs,
-            "machine": {"cpus": os.cpu_count(), "load_average_before": list(load_before),
-                        "load_average_after": list(os.getloadavg())},
-            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+            "threads": args.threads, "table": table, "runs": runs}
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -295,10 +293,7 @@ def markdown(report: dict[str, Any]) -> str:
         "measurement's chats open with ticket numbers none other used: a server reuses the "
         "system prompt and a chat's own earlier turns, never a chat it answered before. "
         f"{report['rounds']} rounds interleave the two servers; medians. "
-        f"{report['machine']['cpus']} CPUs, load average before "
-        f"{report['machine']['load_average_before'][0]:.1f}, after "
-        f"{report['machine']['load_average_after'][0]:.1f} (a shared machine: compare within "
-        "this file).", "",
+        + script_report.machine_text(report), "",
         "| package | prefix cache | clients | tokens/s | x 1 client | x cache off | "
         "TTFT 1st turn ms | TTFT later turns ms | prompt tokens | cached | answers equal |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",

@@ -17,12 +17,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shlex
 import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Any
+
+import script_report  # this folder's: packages and provenance shared by its result scripts
 
 from llmopt.bench.prompts import CHAT_QUESTIONS
 
@@ -57,9 +57,7 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default="prompt_lookup")
     args = p.parse_args()
-    packages = dict(item.split("=", 1) for item in args.package or (
-        "fused=build/bench/smollm2-fused", "int8=build/bench/smollm2-int8-fused",
-        "int4=build/bench/smollm2-int4-fused"))
+    packages = script_report.packages(args.package, ("fused", "int8", "int4"))
     load_before = os.getloadavg()
     runs: list[dict[str, Any]] = []
     for label, path in packages.items():
@@ -129,13 +127,9 @@ def summarize(args: argparse.Namespace, packages: dict[str, str], runs: list[dic
                           "answers_equal": f"{equal}/{len(lookup)}"})
     for r in runs:
         r.pop("answer")
-    argv = [Path(sys.argv[0]).as_posix(), *sys.argv[1:]]
-    return {"command": "python " + shlex.join(argv), "packages": packages, "draft": args.draft,
-            "rounds": args.rounds, "max_new_tokens": args.max_new_tokens,
-            "threads": args.threads, "table": table, "runs": runs,
-            "machine": {"cpus": os.cpu_count(), "load_average_before": list(load_before),
-                        "load_average_after": list(os.getloadavg())},
-            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+    return {**script_report.provenance(load_before), "packages": packages,
+            "draft": args.draft, "rounds": args.rounds, "max_new_tokens": args.max_new_tokens,
+            "threads": args.threads, "table": table, "runs": runs}
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -148,10 +142,7 @@ def markdown(report: dict[str, Any]) -> str:
         "step. *edit*: restate a paragraph with its spelling fixed (4 prompts); *questions*: "
         f"short open questions (4 prompts). {report['rounds']} interleaved rounds; decode "
         "tokens/s is the mean over a round's prompts, median over rounds. "
-        f"{report['machine']['cpus']} CPUs, load average before "
-        f"{report['machine']['load_average_before'][0]:.1f}, after "
-        f"{report['machine']['load_average_after'][0]:.1f} (a shared machine: compare within "
-        "this file).", "",
+        + script_report.machine_text(report), "",
         "| package | workload | plain tok/s | prompt lookup tok/s | x plain | tokens from drafts "
         "| mean answer tokens | answers equal |",
         "|---|---|---:|---:|---:|---:|---:|---|",
