@@ -322,14 +322,21 @@ def _packages(data: Any, where: str) -> dict[str, PackageSpec]:
                                     fix="build it with `python bench/reference_genai.py`")
         title = spec.get("title")
         lookup = spec.get("prompt_lookup", 0)
-        if not isinstance(lookup, int) or isinstance(lookup, bool) or not 0 <= lookup <= 7 or (
-                lookup and runtime != "llmopt"):
-            raise InvalidInputError(f"{where}: packages.{label}.prompt_lookup must be an integer "
-                                    f"from 0 to 7 on an llmopt package, not {lookup!r}",
-                                    fix="e.g. prompt_lookup: 4 (draft tokens per step)")
+        if "prompt_lookup" in spec:  # the runtime's bound, imported only for packages that ask
+            _check_prompt_lookup(lookup, runtime, f"{where}: packages.{label}")
         out[str(label)] = PackageSpec(str(label), Path(str(spec["path"])).expanduser(), prepare,
                                       runtime, None if title is None else str(title), lookup)
     return out
+
+
+def _check_prompt_lookup(lookup: Any, runtime: str, where: str) -> None:
+    from llmopt.runtime.sampling import MAX_PROMPT_LOOKUP
+
+    if not isinstance(lookup, int) or isinstance(lookup, bool) or (
+            not 0 <= lookup <= MAX_PROMPT_LOOKUP) or (lookup and runtime != "llmopt"):
+        raise InvalidInputError(f"{where}.prompt_lookup must be an integer from 0 to "
+                                f"{MAX_PROMPT_LOOKUP} on an llmopt package, not {lookup!r}",
+                                fix="e.g. prompt_lookup: 4 (draft tokens per step)")
 
 
 def _analysis(data: Any, packages: dict[str, PackageSpec], where: str) -> AnalysisOptions:

@@ -38,7 +38,7 @@ from llmopt.runtime.generator import Generator, Prompt
 from llmopt.runtime.memory import TRIM_AFTER_TOKENS, trim_heap
 from llmopt.runtime.prefill import Prefill, StepRecord
 from llmopt.runtime.prefix_cache import DEFAULT_BYTES as DEFAULT_PREFIX_CACHE_BYTES
-from llmopt.runtime.prefix_cache import PrefixCache, answers_reusable, unreusable
+from llmopt.runtime.prefix_cache import PrefixCache, answers_reusable, check_budget, unreusable
 from llmopt.runtime.sampling import SamplingParams
 from llmopt.runtime.sequence import DecodeState, GenerationResult
 from llmopt.runtime.slots import SlotCopier
@@ -76,10 +76,7 @@ class EngineConfig:
         if self.prefill_chunk is not None and self.prefill_chunk < 0:
             raise InvalidInputError(f"prefill_chunk must be >= 0, not {self.prefill_chunk}",
                                     fix="e.g. 256 tokens per step; 0 turns chunking off")
-        if not isinstance(self.prefix_cache_bytes, int) or self.prefix_cache_bytes < 0:
-            raise InvalidInputError(
-                f"prefix_cache_bytes must be an integer >= 0, not {self.prefix_cache_bytes!r}",
-                fix="e.g. 134217728 (128 MiB); 0 turns the prefix cache off")
+        check_budget(self.prefix_cache_bytes)
         if self.max_prompt_tokens is not None and self.max_prompt_tokens < 1:
             raise InvalidInputError(
                 f"max_prompt_tokens must be >= 1, not {self.max_prompt_tokens}",

@@ -26,7 +26,13 @@ from llmopt.errors import InvalidInputError
 from llmopt.runtime.chat_template import render_chat
 from llmopt.runtime.kv import DecoderModel, left_pad, position_ids
 from llmopt.runtime.kv_cache import CopyingCache, InPlaceCache, KVCache, KVPlacement
-from llmopt.runtime.prefix_cache import DEFAULT_BYTES, PrefixCache, answers_reusable, unreusable
+from llmopt.runtime.prefix_cache import (
+    DEFAULT_BYTES,
+    PrefixCache,
+    answers_reusable,
+    check_budget,
+    unreusable,
+)
 from llmopt.runtime.sampling import SamplingParams
 from llmopt.runtime.sequence import DecodeState, GenerationResult
 from llmopt.runtime.session import SessionInfo
@@ -90,9 +96,7 @@ class Generator:
 
     @prefix_cache_bytes.setter
     def prefix_cache_bytes(self, budget: int) -> None:
-        if not isinstance(budget, int) or isinstance(budget, bool) or budget < 0:
-            raise InvalidInputError(f"prefix_cache_bytes must be an integer >= 0, not {budget!r}",
-                                    fix="e.g. 134217728 (128 MiB); 0 turns it off")
+        check_budget(budget)
         usable = budget and unreusable(self) is None and self.placement.on_host
         self.prefixes = PrefixCache(budget) if usable else None
 

@@ -27,11 +27,20 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from llmopt.errors import InvalidInputError
+
 if TYPE_CHECKING:
     from llmopt.runtime.generator import Generator
 
 DEFAULT_BYTES = 128 * 1024 * 1024
 MIN_TOKENS = 16  # shorter matches cost a prefill pass of their own for little saved work
+
+
+def check_budget(budget: object) -> None:
+    """Refuse a prefix-cache budget (``prefix_cache_bytes``) that is not a byte count >= 0."""
+    if not isinstance(budget, int) or isinstance(budget, bool) or budget < 0:
+        raise InvalidInputError(f"prefix_cache_bytes must be an integer >= 0, not {budget!r}",
+                                fix="e.g. 134217728 (128 MiB); 0 turns prefix caching off")
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ from typing import Any
 
 from llmopt.errors import InvalidInputError, PackageError
 from llmopt.runtime.engine import DEFAULT_PREFILL_CHUNK, DEFAULT_PREFIX_CACHE_BYTES
+from llmopt.runtime.prefix_cache import check_budget
 
 MODEL_CONFIG_NAME = "llmopt-serve.yaml"
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
@@ -60,11 +61,7 @@ class ModelConfig:
             raise InvalidInputError(
                 f"batch_invariant must be true or false, not {self.batch_invariant!r}",
                 fix="batch_invariant: false trades identical greedy answers for throughput")
-        prefixes = self.prefix_cache_bytes
-        if not isinstance(prefixes, int) or isinstance(prefixes, bool) or prefixes < 0:
-            raise InvalidInputError(
-                f"prefix_cache_bytes must be an integer >= 0, not {prefixes!r}",
-                fix="e.g. prefix_cache_bytes: 134217728 (128 MiB); 0 turns prefix caching off")
+        check_budget(self.prefix_cache_bytes)
         budget = self.kv_budget_bytes
         if budget is not None and (not isinstance(budget, int) or budget < 1):
             raise InvalidInputError(f"kv_budget_bytes must be a positive integer, not {budget!r}",
