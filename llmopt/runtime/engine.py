@@ -414,7 +414,7 @@ class Engine:
         for i, request in enumerate(prefill.members):
             if not prefill.mask[i].all() or len(request.state.prompt) < self.prefixes.min_tokens:
                 continue  # padded, or too short to be worth keeping
-            kv = kv if kv is not None else [np.asarray(a) for a in prefill.cache.arrays()]
+            kv = kv if kv is not None else prefill.cache.arrays()  # host arrays, read once
             self.prefixes.add(request.state.prompt, [np.array(a[i:i + 1]) for a in kv])
 
     def _keep_answer(self, request: Request, kv: list[np.ndarray]) -> None:
