@@ -32,7 +32,8 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--prompt-lookup", type=int, default=0, metavar="N",
                    help="draft up to N tokens per step from the text so far and check them in "
                    "one step: the same tokens, fewer steps where the answer repeats (default "
-                   "0: off; in-process only)")
+                   "0: off; with --server, the server's default; a served request drafts while "
+                   "it runs alone in its batch)")
     p.add_argument("--no-stream", action="store_true", help="print the text when done")
     p.add_argument("--json", action="store_true", help="print the result and stats as JSON")
     structured = p.add_argument_group(
@@ -70,9 +71,6 @@ def run(args: argparse.Namespace) -> int:
         stop=tuple(args.stop), ignore_eos=args.ignore_eos, response_format=_format(args),
         prompt_lookup=args.prompt_lookup,
     )
-    if args.server and params.prompt_lookup:
-        raise InvalidInputError("--prompt-lookup runs in-process only; the server decodes one "
-                                "token per row and step", fix="drop --prompt-lookup or --server")
     if args.server:
         stream, providers = _remote_stream(args, prompt, params)
     else:

@@ -69,6 +69,11 @@ def add_parser(subparsers: Any) -> None:
                    "answers, so a prompt that starts with them (a shared system prompt, a "
                    "chat's earlier turns) skips their prefill with the same results (default "
                    "128; 0: off); llmopt-serve.yaml's prefix_cache_bytes overrides it per model")
+    p.add_argument("--prompt-lookup", type=int, metavar="N",
+                   help="decoders: draft up to N tokens per step from the text so far for "
+                   "requests that set none, checked in one step while a request runs alone in "
+                   "its batch: the same tokens, fewer steps where answers repeat their prompts "
+                   "(default 0: off); llmopt-serve.yaml overrides it per model")
     p.add_argument("--max-prompt-tokens", type=int, metavar="TOKENS",
                    help="decoders: refuse longer prompts with INVALID_ARGUMENT (default: the "
                    "model's context); llmopt-serve.yaml overrides it per model")
@@ -93,7 +98,8 @@ def run(args: argparse.Namespace) -> int:
     prefix_bytes = None if args.prefix_cache_mib is None else int(args.prefix_cache_mib * 2 ** 20)
     model_options = {name: value for name, value in (
         ("prefill_chunk", args.prefill_chunk), ("max_prompt_tokens", args.max_prompt_tokens),
-        ("prefix_cache_bytes", prefix_bytes)) if value is not None}
+        ("prefix_cache_bytes", prefix_bytes), ("prompt_lookup", args.prompt_lookup))
+        if value is not None}
     config = ServerConfig(tokens=tokens, tls=tls, max_message_bytes=args.max_message_bytes,
                           max_workers=args.workers, grace_s=args.grace,
                           metrics_port=None if args.no_metrics else args.metrics_port,

@@ -133,6 +133,8 @@ def sampling(params: SamplingParams | None, overrides: Mapping[str, Any]) -> Any
         eos_token_ids=list(params.eos_token_ids or ()))
     if params.seed is not None:
         options.seed = params.seed
+    if params.prompt_lookup:
+        options.prompt_lookup = params.prompt_lookup
     if params.response_format is not None:
         fmt = params.response_format
         wire = options.response_format
@@ -200,7 +202,8 @@ class Collector:
                 ttft_s=s.ttft_s, total_s=s.total_s,
                 prefill_tokens_per_s=s.prefill_tokens_per_s,
                 decode_tokens_per_s=s.decode_tokens_per_s,
-                cached_prompt_tokens=s.cached_prompt_tokens))
+                cached_prompt_tokens=s.cached_prompt_tokens,
+                accepted_draft_tokens=s.accepted_draft_tokens))
         return None
 
     def finished(self) -> GenerationResult:

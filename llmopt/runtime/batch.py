@@ -16,12 +16,12 @@ batch at all.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Generic, Protocol, TypeVar
 
 import numpy as np
 
-from llmopt.runtime.generator import Generator
+from llmopt.runtime.generator import Generator, rewind
 from llmopt.runtime.sequence import DecodeState
 from llmopt.runtime.slots import PastRows, SlotCache, SlotCopier
 
@@ -154,20 +154,38 @@ class RunningBatch(Generic[R]):
         slots, capacity = self._store_shape(width, rows, joining)
         return slots * capacity
 
-    def forward(self) -> np.ndarray:
-        """One decode step of every row (the last tokens in); returns the logits."""
+    def forward(self, draft: Sequence[int] = ()) -> np.ndarray:
+        """One decode step of every row (the last tokens in); returns the logits. ``draft``: a
+        lone row's prompt-lookup tokens, run after its last token in the same step on the
+        decode session (each position computed as a one-token step would), every position's
+        logits returned; :meth:`rewind` then forgets the rejected ones."""
         assert self.cache is not None
-        batch = len(self.requests)
-        if self.ragged:  # each row one position longer, ones up to its own length
-            lengths = self.mask.sum(axis=1) + 1
+        batch, run = len(self.requests), 1 + len(draft)
+        assert not draft or batch == 1, "only a lone row runs a draft"
+        if self.ragged:  # each row `run` positions longer, ones up to its own length
+            lengths = self.mask.sum(axis=1) + run
             self.mask = (np.arange(lengths.max())[None] < lengths[:, None]).astype(np.int64)
         else:
-            self.mask = np.concatenate([self.mask, np.ones((batch, 1), np.int64)], axis=1)
-        self.positions = self.positions + 1
+            self.mask = np.concatenate([self.mask, np.ones((batch, run), np.int64)], axis=1)
+        positions = self.positions[:, None] + 1 + np.arange(run)
+        self.positions = positions[:, -1]
         if isinstance(self.cache, SlotCache) and self.width > self.cache.capacity:
-            self._make_room(self.width - 1, batch, [])  # defensive: capacity covers the limits
-        return self.generator.model.step(self.last[:, None], self.mask,
-                                         self.positions[:, None], self.cache)
+            self._make_room(self.width - run, batch, [])  # defensive: capacity covers the limits
+        ids = self.last[:, None]
+        if draft:
+            ids = np.array([[int(self.last[0]), *draft]], np.int64)
+        return self.generator.model.step(ids, self.mask, positions, self.cache,
+                                         all_logits=bool(draft), prompt=False)
+
+    def rewind(self, positions: int) -> None:
+        """Forget a lone row's last ``positions`` cache positions (its rejected drafts): an
+        in-place store's are rewritten by the next step, a copying cache's are cut."""
+        if positions:
+            assert len(self) == 1 and self.cache is not None
+            self.mask = self.mask[:, :-positions]
+            self.positions = self.positions - positions
+            rewind(self.cache.cache if isinstance(self.cache, PastRows) else self.cache,
+                   self.width)
 
     def retire(self, keep: Callable[[R, list[np.ndarray]], None] | None = None) -> list[R]:
         """Drop finished rows (the last row takes each freed slot) and the cache columns that

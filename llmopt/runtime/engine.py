@@ -27,19 +27,19 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 
 from llmopt.errors import BusyError, InvalidInputError
 from llmopt.runtime.batch import RunningBatch, place, prefill_groups, rows_couple
-from llmopt.runtime.generator import Generator, Prompt
+from llmopt.runtime.generator import Generator, Prompt, lookup_draft, verify_draft
 from llmopt.runtime.memory import TRIM_AFTER_TOKENS, trim_heap
 from llmopt.runtime.prefill import Prefill, StepRecord
 from llmopt.runtime.prefix_cache import DEFAULT_BYTES as DEFAULT_PREFIX_CACHE_BYTES
 from llmopt.runtime.prefix_cache import PrefixCache, answers_reusable, check_budget, unreusable
-from llmopt.runtime.sampling import SamplingParams
+from llmopt.runtime.sampling import SamplingParams, check_prompt_lookup
 from llmopt.runtime.sequence import DecodeState, GenerationResult
 from llmopt.runtime.slots import SlotCopier
 
@@ -68,6 +68,9 @@ class EngineConfig:
     max_prompt_tokens: int | None = None
     # host bytes of recent prompts' and answers' KV cache kept for reuse; 0: no prefix cache
     prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES
+    # prompt-lookup draft tokens of requests that set none (SamplingParams.prompt_lookup); a
+    # request drafts while it runs alone in its batch, with the same tokens as without
+    prompt_lookup: int = 0
 
     def __post_init__(self) -> None:
         for name in ("max_batch_size", "max_queue", "max_prefill_batch"):
@@ -77,6 +80,7 @@ class EngineConfig:
             raise InvalidInputError(f"prefill_chunk must be >= 0, not {self.prefill_chunk}",
                                     fix="e.g. 256 tokens per step; 0 turns chunking off")
         check_budget(self.prefix_cache_bytes)
+        check_prompt_lookup(self.prompt_lookup)
         if self.max_prompt_tokens is not None and self.max_prompt_tokens < 1:
             raise InvalidInputError(
                 f"max_prompt_tokens must be >= 1, not {self.max_prompt_tokens}",
@@ -166,6 +170,8 @@ class Engine:
         elif self.config.prefix_cache_bytes:
             log.info("no prefix cache for this package: %s", blocker)
         self._keep_answers = answers_reusable(generator)
+        # a lone row's prompt-lookup drafts run where they compute as one-token steps
+        self._speculates = generator.speculates
         # called on the engine thread after every forward pass (tests, tracing); keep it quick
         self.on_step: Callable[[StepRecord], None] | None = None
 
@@ -181,10 +187,8 @@ class Engine:
                timeout: float | None = None) -> Request:
         """Queue a generation (validated here, so bad input fails in the caller's thread)."""
         params = params or SamplingParams()
-        if params.prompt_lookup:
-            raise InvalidInputError("prompt_lookup runs in the in-process Generator only; the "
-                                    "serving engine decodes one token per row and step",
-                                    fix="leave prompt_lookup at 0 for the engine and the server")
+        if not params.prompt_lookup and self.config.prompt_lookup:
+            params = replace(params, prompt_lookup=self.config.prompt_lookup)
         tokens = self.generator.encode(prompt, chat=chat)
         self.generator.check_context(tokens)
         limit = self.config.max_prompt_tokens
@@ -439,11 +443,18 @@ class Engine:
         if not self._batches:
             return
         for batch in self._batches:
-            logits = batch.forward()
+            draft = lookup_draft(batch.requests[0].state) \
+                if len(batch) == 1 and self._speculates else []
+            logits = batch.forward(draft)
             self.forward_passes += 1
-            self._record("decode", batch.requests, len(batch))
-            batch.last = np.array([r.state.step(logits[i, -1])
-                                   for i, r in enumerate(batch.requests)], np.int64)
+            self._record("decode", batch.requests, len(batch) + len(draft))
+            if draft:  # a lone row checks its prompt-lookup draft (as the Generator does)
+                token, accepted = verify_draft(batch.requests[0].state, logits[0], draft)
+                batch.rewind(len(draft) - accepted)
+                batch.last = np.array([token], np.int64)
+            else:
+                batch.last = np.array([r.state.step(logits[i, -1])
+                                       for i, r in enumerate(batch.requests)], np.int64)
         self.steps += 1
         self._retire()
 

@@ -252,7 +252,7 @@ class Generator:
             states[0].cached_tokens = cached
             ids, positions = ids[:, cached:], positions[:, cached:]
         # draft tokens per step, looked up in the sequence so far (one prompt only)
-        lookup = params[0].prompt_lookup if batch == 1 and self.speculates else 0
+        lookup = bool(params[0].prompt_lookup) and batch == 1 and self.speculates
         draft: list[int] = []
         while True:
             if draft:
@@ -275,9 +275,7 @@ class Generator:
             if self.model.reprefills(mask.shape[1]):  # the cache restarts from position 0
                 ids, positions = history, position_ids(mask)
             elif lookup:
-                state = states[0]
-                draft = prompt_lookup(state.prompt + state.generated,
-                                      min(lookup, state.limit - len(state.generated) - 1))
+                draft = lookup_draft(states[0])
                 if draft:  # the last token runs with its drafts after it
                     ids = np.array([[int(next_ids[0]), *draft]], np.int64)
                     positions = positions[:, -1:] + np.arange(1 + len(draft))
@@ -296,11 +294,11 @@ class Generator:
         draft. Returns the last choice (not yet run) and the mask and positions without the
         rejected drafts, whose cache positions the next step rewrites."""
         logits = self.model.step(ids, mask, positions, cache, all_logits=True, prompt=False)
-        token, accepted = _verify(state, logits[0], draft)
+        token, accepted = verify_draft(state, logits[0], draft)
         rejected = len(draft) - accepted
         if rejected:
             mask, positions = mask[:, :-rejected], positions[:, :-rejected]
-            _rewind(cache, mask.shape[1])
+            rewind(cache, mask.shape[1])
         return np.array([token], np.int64), mask, positions
 
     @property
@@ -354,7 +352,14 @@ def prompt_lookup(tokens: Sequence[int], count: int, longest: int = 3) -> list[i
     return []
 
 
-def _verify(state: DecodeState, logits: np.ndarray, draft: list[int]) -> tuple[int, int]:
+def lookup_draft(state: DecodeState) -> list[int]:
+    """The draft for ``state``'s next step: up to its ``prompt_lookup`` tokens
+    (:func:`prompt_lookup`), fewer where its token limit is nearer."""
+    return prompt_lookup(state.prompt + state.generated,
+                         min(state.params.prompt_lookup, state.limit - len(state.generated) - 1))
+
+
+def verify_draft(state: DecodeState, logits: np.ndarray, draft: list[int]) -> tuple[int, int]:
     """Choose tokens from a step's rows (``logits [1 + len(draft), vocab]``) while each choice
     equals the draft token the next row was computed on: the last choice (not yet run) and how
     many drafts were confirmed."""
@@ -368,7 +373,7 @@ def _verify(state: DecodeState, logits: np.ndarray, draft: list[int]) -> tuple[i
     return token, accepted
 
 
-def _rewind(cache: KVCache, length: int) -> None:
+def rewind(cache: KVCache, length: int) -> None:
     """Keep the first ``length`` positions: an in-place cache's later ones are masked and
     rewritten by the next step; a copying cache's are cut."""
     if isinstance(cache, CopyingCache):

@@ -29,8 +29,9 @@ class StepRecord:
     """What one engine forward pass computed, handed to ``Engine.on_step`` (tests, tracing).
 
     ``kind`` is ``"prefill"`` or ``"decode"``; ``tokens`` counts the positions the pass ran
-    (prompt tokens and padding for a prefill chunk, one per row for a decode step);
-    ``request_ids`` are the requests in it; ``ended`` is ``time.monotonic()`` after the pass.
+    (prompt tokens and padding for a prefill chunk, one per row for a decode step plus a lone
+    row's prompt-lookup drafts); ``request_ids`` are the requests in it; ``ended`` is
+    ``time.monotonic()`` after the pass.
     """
 
     kind: str

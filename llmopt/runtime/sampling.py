@@ -41,7 +41,8 @@ class SamplingParams:
     logprobs: int | None = None     # record each chosen token's logprob and this many top ones
     response_format: ResponseFormat | None = None
     # draft tokens looked up in the sequence so far and checked in one step (0: off); the same
-    # tokens as without, fewer steps where the answer repeats its prompt (Generator, one prompt)
+    # tokens as without, fewer steps where the answer repeats its prompt (the Generator's single
+    # prompt; the engine's row while it runs alone in its batch)
     prompt_lookup: int = 0
 
     def __post_init__(self) -> None:
@@ -77,10 +78,7 @@ class SamplingParams:
             value = getattr(self, name)
             _check(_finite(value) and -2.0 <= value <= 2.0,
                    f"{name} must be between -2 and 2, not {value!r}", f"use 0 to disable {name}")
-        _check(isinstance(self.prompt_lookup, int) and not isinstance(self.prompt_lookup, bool)
-               and 0 <= self.prompt_lookup <= MAX_PROMPT_LOOKUP,
-               f"prompt_lookup must be an integer from 0 to {MAX_PROMPT_LOOKUP}, not "
-               f"{self.prompt_lookup!r}", "use 0 to turn it off, or e.g. prompt_lookup=4")
+        check_prompt_lookup(self.prompt_lookup)
         _check(self.logprobs is None or (isinstance(self.logprobs, int)
                                          and 0 <= self.logprobs <= MAX_TOP_LOGPROBS),
                f"logprobs must be an integer from 0 to {MAX_TOP_LOGPROBS}, not {self.logprobs!r}",
@@ -103,6 +101,15 @@ class SamplingParams:
 
 def _finite(value: float) -> bool:
     return isinstance(value, int | float) and math.isfinite(value)
+
+
+def check_prompt_lookup(value: object) -> None:
+    """Refuse a prompt-lookup draft length that is not an integer from 0 to
+    :data:`MAX_PROMPT_LOOKUP` (requests' and the engine's default alike)."""
+    _check(isinstance(value, int) and not isinstance(value, bool)
+           and 0 <= value <= MAX_PROMPT_LOOKUP,
+           f"prompt_lookup must be an integer from 0 to {MAX_PROMPT_LOOKUP}, not {value!r}",
+           "use 0 to turn it off, or e.g. prompt_lookup=4")
 
 
 def _check(ok: bool, message: str, fix: str) -> None:

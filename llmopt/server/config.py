@@ -16,6 +16,7 @@ from typing import Any
 from llmopt.errors import InvalidInputError, PackageError
 from llmopt.runtime.engine import DEFAULT_PREFILL_CHUNK, DEFAULT_PREFIX_CACHE_BYTES
 from llmopt.runtime.prefix_cache import check_budget
+from llmopt.runtime.sampling import check_prompt_lookup
 
 MODEL_CONFIG_NAME = "llmopt-serve.yaml"
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
@@ -38,6 +39,8 @@ class ModelConfig:
     batch_invariant: bool = True  # decoders: rows never padded, greedy answers load-independent
     # decoders: host bytes of recent prompts' and answers' KV kept for reuse; 0: none
     prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES
+    # decoders: prompt-lookup draft tokens of requests that set none; 0: off
+    prompt_lookup: int = 0
     max_concurrency: int = 2     # encoders: session runs at once
     warmup: bool = True          # run one tiny request at load, before reporting READY
     request_timeout_s: float | None = None  # when the client sets no deadline; None: no limit
@@ -62,6 +65,7 @@ class ModelConfig:
                 f"batch_invariant must be true or false, not {self.batch_invariant!r}",
                 fix="batch_invariant: false trades identical greedy answers for throughput")
         check_budget(self.prefix_cache_bytes)
+        check_prompt_lookup(self.prompt_lookup)
         budget = self.kv_budget_bytes
         if budget is not None and (not isinstance(budget, int) or budget < 1):
             raise InvalidInputError(f"kv_budget_bytes must be a positive integer, not {budget!r}",

@@ -28,6 +28,7 @@ DECODER_PARAMETERS: dict[str, tuple[type, str | None]] = {
     "seed": (int, "seed"),
     "stop": (str, "stop"),
     "ignore_eos": (bool, "ignore_eos"),
+    "prompt_lookup": (int, "prompt_lookup"),
     "chat": (bool, None),
 }
 # Triton's own request parameters (sequence batching, priorities, empty final responses)

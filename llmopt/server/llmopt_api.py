@@ -22,7 +22,7 @@ from llmopt.server.status import DeadlineExceededError, ServerError
 
 V1 = "llmopt.v1."
 SAMPLING_FIELDS = ("max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty",
-                   "seed")
+                   "seed", "prompt_lookup")
 
 
 class Generation:
@@ -128,7 +128,8 @@ def completion(result: GenerationResult) -> Any:
             prompt_tokens=s.prompt_tokens, generated_tokens=s.generated_tokens, ttft_s=s.ttft_s,
             total_s=s.total_s, prefill_tokens_per_s=s.prefill_tokens_per_s,
             decode_tokens_per_s=s.decode_tokens_per_s,
-            cached_prompt_tokens=s.cached_prompt_tokens),
+            cached_prompt_tokens=s.cached_prompt_tokens,
+            accepted_draft_tokens=s.accepted_draft_tokens),
     )
 
 

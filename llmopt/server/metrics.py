@@ -50,6 +50,10 @@ class Metrics:
             ["model"], registry=r)
         self.generated_tokens = Counter("llmopt_generated_tokens", "Tokens generated",
                                         ["model"], registry=r)
+        self.accepted_draft_tokens = Counter(
+            "llmopt_draft_accepted_tokens",
+            "Generated tokens that prompt lookup drafted and the model confirmed (no own step)",
+            ["model"], registry=r)
         self.generations = Counter("llmopt_generations", "Generations ended, by finish reason",
                                    ["model", "finish_reason"], registry=r)
         self.inflight = Gauge("llmopt_inflight_requests",
@@ -90,6 +94,7 @@ class Metrics:
         self.prompt_tokens.labels(label).inc(stats.prompt_tokens)
         self.cached_prompt_tokens.labels(label).inc(stats.cached_prompt_tokens)
         self.generated_tokens.labels(label).inc(stats.generated_tokens)
+        self.accepted_draft_tokens.labels(label).inc(stats.accepted_draft_tokens)
         self.generations.labels(label, result.finish_reason).inc()
         if stats.generated_tokens:
             self.ttft.labels(label).observe(stats.ttft_s)

@@ -67,6 +67,7 @@ class Decoder(ServedModel):
             kv_budget_bytes=config.kv_budget_bytes, max_prefill_batch=config.max_prefill_batch,
             prefill_chunk=config.prefill_chunk, max_prompt_tokens=config.max_prompt_tokens,
             batch_invariant=config.batch_invariant, prefix_cache_bytes=config.prefix_cache_bytes,
+            prompt_lookup=config.prompt_lookup,
         )).start()
 
     @property

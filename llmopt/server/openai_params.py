@@ -15,12 +15,13 @@ from typing import Any
 from llmopt.errors import InvalidInputError, UnsupportedError
 from llmopt.runtime.constraints import ResponseFormat
 from llmopt.runtime.generator import Prompt
-from llmopt.runtime.sampling import MAX_TOP_LOGPROBS, SamplingParams
+from llmopt.runtime.sampling import MAX_PROMPT_LOOKUP, MAX_TOP_LOGPROBS, SamplingParams
 
 MAX_STOP = 4  # OpenAI's limit on stop sequences
 MAX_COMPLETION_LOGPROBS = 5  # the legacy completions route's limit
 INERT = frozenset({"user", "metadata", "store", "service_tier"})
-EXTENSIONS = frozenset({"ignore_eos"})  # not OpenAI's; vLLM's name, for benchmarks
+# not OpenAI's: vLLM's name, for benchmarks; prompt-lookup draft tokens (SamplingParams')
+EXTENSIONS = frozenset({"ignore_eos", "prompt_lookup"})
 CHAT_FIELDS = frozenset({
     "model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "n",
     "stream", "stream_options", "stop", "seed", "presence_penalty", "frequency_penalty",
@@ -188,6 +189,7 @@ def _generate(body: dict[str, Any], prompts: tuple[Prompt, ...], *, chat: bool, 
         "stop": _stop(body.get("stop")),
         "logprobs": top_logprobs,
         "ignore_eos": _opt_bool(body, "ignore_eos") or False,
+        "prompt_lookup": _opt_int(body, "prompt_lookup", 0, MAX_PROMPT_LOOKUP) or 0,
     }
     if values["top_p"] == 0.0:
         raise ParamError("top_p", "top_p must be above 0", fix="use 1 to disable, or e.g. 0.9")

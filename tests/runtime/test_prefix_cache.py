@@ -333,10 +333,86 @@ def test_prompt_lookup_gives_the_same_tokens_in_fewer_steps(
     assert again.stats.cached_prompt_tokens >= len(prompt) + len(plain.token_ids) - 1
 
 
-def test_prompt_lookup_is_refused_by_the_engine_and_validated(generator: Generator) -> None:
-    engine = Engine(generator)
-    with pytest.raises(InvalidInputError, match="in-process Generator only"):
-        engine.submit(COPY, SamplingParams(prompt_lookup=3))
+@pytest.mark.parametrize("params", [
+    SamplingParams(max_new_tokens=40, ignore_eos=True),
+    SamplingParams(max_new_tokens=40, temperature=0.9, top_p=0.95, seed=7, ignore_eos=True,
+                   logprobs=2)])
+def test_the_engines_lone_row_checks_drafts_with_the_same_tokens(
+        generator: Generator, params: SamplingParams, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A request running alone in its batch drafts (here from an oracle that is wrong or
+    silent two steps in three) and checks the draft in one step: the same tokens, text and
+    logprobs as a lone Generator's in fewer steps, and its cache, kept for the next turn,
+    holds no rejected position (the next turn's answer is unchanged)."""
+    prompt = generator.encode(COPY)
+    generator.prefix_cache_bytes = 0
+    plain = generator.generate(prompt, params)
+    follow = prompt + plain.token_ids + generator.encode(" " + QUESTIONS[0])
+    after = generator.generate(follow, GREEDY)
+    monkeypatch.setattr(generator_module, "prompt_lookup", oracle(plain.token_ids, len(prompt)))
+    engine, records = started(generator)
+    try:
+        request = engine.submit(prompt, replace(params, prompt_lookup=5))
+        drafted = request.result(timeout=60)
+        monkeypatch.undo()
+        again = engine.submit(follow, GREEDY).result(timeout=60)
+    finally:
+        engine.close()
+    assert drafted.token_ids == plain.token_ids and drafted.text == plain.text
+    assert (drafted.finish_reason, drafted.logprobs) == (plain.finish_reason, plain.logprobs)
+    steps = [r.tokens for r in records if r.kind == "decode" and request.id in r.request_ids]
+    accepted = drafted.stats.accepted_draft_tokens
+    assert accepted > len(drafted.token_ids) // 3 and max(steps) > 1
+    # the prefill chose the first token; each step one more, plus the drafts it confirmed
+    assert 1 + len(steps) + accepted == len(drafted.token_ids)
+    assert again.token_ids == after.token_ids
+    assert again.stats.cached_prompt_tokens >= len(prompt) + len(plain.token_ids) - 1
+
+
+def test_rows_sharing_a_batch_do_not_draft(generator: Generator,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two rows in one batch decode one token each per step; once one leaves, the other
+    drafts alone (here a draft that is always wrong: the same tokens all the same)."""
+    short, long = (SamplingParams(max_new_tokens=n, ignore_eos=True, prompt_lookup=4)
+                   for n in (6, 30))
+    prompts = [generator.encode(COPY)] * 2  # equal lengths share a batch on every graph
+    alone = [generator.generate(p, q).token_ids for p, q in zip(prompts, (short, long),
+                                                                 strict=True)]
+    monkeypatch.setattr(generator_module, "prompt_lookup", lambda tokens, count: [7] * count)
+    engine, records = started(generator, max_batch_size=4, prefix_cache_bytes=0)
+    try:
+        engine._lock.acquire()  # both are admitted in one step
+        requests = [engine.submit(p, q) for p, q in zip(prompts, (short, long), strict=True)]
+        engine._lock.release()
+        results = [r.result(timeout=60) for r in requests]
+    finally:
+        engine.close()
+    assert [r.token_ids for r in results] == alone
+    decodes = [r for r in records if r.kind == "decode"]
+    together = [r for r in decodes if len(r.request_ids) == 2]
+    assert together and all(r.tokens == 2 for r in together)
+    assert any(r.tokens > 1 for r in decodes if len(r.request_ids) == 1)
+
+
+def test_the_engines_default_drafts_for_requests_that_set_none(
+        generator: Generator, monkeypatch: pytest.MonkeyPatch) -> None:
+    params = SamplingParams(max_new_tokens=20, ignore_eos=True)
+    prompt = generator.encode(COPY)
+    plain = generator.generate(prompt, params)
+    monkeypatch.setattr(generator_module, "prompt_lookup", oracle(plain.token_ids, len(prompt)))
+    engine, _ = started(generator, prompt_lookup=3, prefix_cache_bytes=0)
+    try:
+        drafted = engine.submit(prompt, params).result(timeout=60)
+    finally:
+        engine.close()
+    assert drafted.token_ids == plain.token_ids
+    assert drafted.stats.accepted_draft_tokens > 0
+
+
+def test_prompt_lookup_is_validated() -> None:
     for bad in (-1, 8, True, 2.0):
         with pytest.raises(InvalidInputError, match="prompt_lookup must be an integer"):
             SamplingParams(prompt_lookup=bad)  # type: ignore[arg-type]
+        with pytest.raises(InvalidInputError, match="prompt_lookup must be an integer"):
+            EngineConfig(prompt_lookup=bad)  # type: ignore[arg-type]
+        with pytest.raises(InvalidInputError, match="prompt_lookup must be an integer"):
+            ModelConfig(prompt_lookup=bad)  # type: ignore[arg-type]

@@ -13,7 +13,9 @@ import torch
 
 import llmopt
 from llmopt.runtime.detokenize import REPLACEMENT, Streamer
+from llmopt.runtime.engine import Engine, EngineConfig
 from llmopt.runtime.generator import Generator
+from llmopt.runtime.sampling import SamplingParams
 
 pytestmark = pytest.mark.real_model
 
@@ -131,3 +133,12 @@ def test_prompt_lookup_gives_a_real_answer_identically_in_fewer_steps(
     drafted = runner.chat(EDIT, max_new_tokens=48, prompt_lookup=4)
     assert drafted.token_ids == plain.token_ids and drafted.text == plain.text
     assert drafted.stats.accepted_draft_tokens >= len(drafted.token_ids) // 4
+    # the serving engine's lone row drafts too (its slot store, not the Generator's cache)
+    engine = Engine(runner, EngineConfig(prefix_cache_bytes=0)).start()
+    try:
+        served = engine.submit(EDIT, SamplingParams(max_new_tokens=48, prompt_lookup=4),
+                               chat=True).result(timeout=300)
+    finally:
+        engine.close()
+    assert served.token_ids == plain.token_ids and served.text == plain.text
+    assert served.stats.accepted_draft_tokens == drafted.stats.accepted_draft_tokens

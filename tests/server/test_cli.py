@@ -105,9 +105,13 @@ def test_generate_through_the_server(server: Any, packages: dict[str, Path],
     assert f"{chat.stats.generated_tokens} generated tokens" in out.err
     assert main(["generate", "nope", "hi", "--server", server.address]) == 1
     assert "no model named 'nope'" in capsys.readouterr().err
-    assert main(["generate", DECODER, "hi", "--server", server.address,
-                 "--prompt-lookup", "3"]) == 1
-    assert "--prompt-lookup runs in-process only" in capsys.readouterr().err
+    prompt = "the quick brown fox jumps over the lazy dog . " * 3
+    plain = generator.generate(prompt, max_new_tokens=9, ignore_eos=True)
+    assert main(["generate", DECODER, prompt, "--server", server.address, "--raw",
+                 "--max-new-tokens", "9", "--ignore-eos", "--prompt-lookup", "3", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["token_ids"] == plain.token_ids
+    assert 0 <= result["stats"]["accepted_draft_tokens"] < len(plain.token_ids)
 
 
 def test_generate_in_process_with_prompt_lookup(packages: dict[str, Path],

@@ -62,6 +62,31 @@ def test_a_chats_next_turn_reports_its_prompt_as_cached(oai: openai.OpenAI, serv
     assert after - before == details.cached_tokens
 
 
+def test_prompt_lookup_streams_the_same_answer_in_fewer_steps(
+        oai: openai.OpenAI, server: Any, generator: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``prompt_lookup`` (an extension field, as vLLM's ``ignore_eos``): the served request
+    drafts while it runs alone. The tiny model repeats nothing of its prompt, so the drafter
+    here knows the answer; what counts is that confirmed drafts stream the same text and are
+    counted on ``/metrics``."""
+    from llmopt.runtime import generator as generator_module
+
+    expected = generator.chat(MESSAGES, SamplingParams(max_new_tokens=16, ignore_eos=True))
+    prompt = expected.stats.prompt_tokens
+    monkeypatch.setattr(generator_module, "prompt_lookup",
+                        lambda tokens, count: expected.token_ids[len(tokens) - prompt:][:count])
+    before = sample(server, "llmopt_draft_accepted_tokens_total", {"model": DECODER})
+    stream = oai.chat.completions.create(
+        model=DECODER, messages=MESSAGES, temperature=0, max_tokens=16,  # type: ignore[arg-type]
+        stream=True, extra_body={"ignore_eos": True, "prompt_lookup": 4})
+    text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    assert text == expected.text
+    accepted = sample(server, "llmopt_draft_accepted_tokens_total", {"model": DECODER}) - before
+    assert len(expected.token_ids) // 2 < accepted < len(expected.token_ids)
+    with pytest.raises(openai.BadRequestError, match="prompt_lookup must be an integer"):
+        oai.chat.completions.create(model=DECODER, messages=MESSAGES,  # type: ignore[arg-type]
+                                    extra_body={"prompt_lookup": 8})
+
+
 def test_routes_are_counted_in_the_shared_metrics(oai: openai.OpenAI, server: Any) -> None:
     labels = {"method": "models.list", "model": "", "code": "200"}
     before = sample(server, "llmopt_requests_total", labels)

@@ -102,6 +102,11 @@ def test_infer_and_stream_on_a_decoder(triton: Any, packages: dict[str, Path]) -
     params = result.get_response().parameters
     assert params["finish_reason"].string_param == "length"
     assert params["generated_tokens"].int64_param == 12
+    drafted = triton.infer(DECODER, [_text("hello world")],
+                           parameters={"max_tokens": 12, "ignore_eos": True, "prompt_lookup": 3})
+    assert drafted.as_numpy("text_output").tolist() == [expected.text.encode()]
+    accepted = drafted.get_response().parameters["accepted_draft_tokens"].int64_param
+    assert 0 <= accepted < 12
 
     responses: queue.Queue[Any] = queue.Queue()
     triton.start_stream(callback=lambda result, error: responses.put((result, error)))
