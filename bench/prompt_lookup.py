@@ -1,15 +1,20 @@
-"""Prompt-lookup decoding (`SamplingParams(prompt_lookup=K)`) against plain decoding, in-process.
+"""Prompt-lookup decoding (`SamplingParams(prompt_lookup=K)`) against plain decoding, in-process
+or served.
 
     python bench/prompt_lookup.py [--package int4=build/bench/smollm2-int4-fused ...] \\
-        [--draft 4] [--rounds 3] [--max-new-tokens 128] [--out NAME]
+        [--draft 4] [--rounds 3] [--max-new-tokens 128] [--served] [--out NAME]
 
 For each package and two chat workloads, greedy, batch 1: *edit* (the answer restates a given
 paragraph: fix its spelling, keep the rest) and *questions* (short open questions, where little
 of the answer is in the prompt). Every prompt runs with the drafts and without, in interleaved
 rounds (which goes first alternates); reports decode tokens/s (the answer's tokens after the
 first over the time after the first), the share of tokens that came from confirmed drafts, and
-whether every answer with drafts equals the plain one. Writes bench/results/<out>.json and .md.
-Not a test: nothing here asserts a speed.
+whether every answer with drafts equals the plain one. With --served the answers come from an
+`llmopt serve` process over each package (prefix cache off: every round repeats its prompts),
+streamed one at a time through llmopt's gRPC client, each with the request's own
+`prompt_lookup` (a lone request drafts), and decode tokens/s is the client's: the tokens after
+the first over the time from the first text delta to the end of the stream. Writes
+bench/results/<out>.json and .md. Not a test: nothing here asserts a speed.
 """
 
 from __future__ import annotations
@@ -19,12 +24,17 @@ import json
 import os
 import statistics
 import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import script_report  # this folder's: packages and provenance shared by its result scripts
 
 from llmopt.bench.prompts import CHAT_QUESTIONS
+from llmopt.bench.targets.server_process import launch_server
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -44,6 +54,8 @@ WORKLOADS = {
              for p in PARAGRAPHS],
     "questions": list(CHAT_QUESTIONS[:4]),
 }
+MODEL = "model"
+Chat = Callable[[str, Any], dict[str, Any]]  # a chat answer to a prompt with these params
 
 
 def main() -> int:
@@ -55,6 +67,8 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--served", action="store_true",
+                   help="through `llmopt serve` and its gRPC client instead of in-process")
     p.add_argument("--out", default="prompt_lookup")
     args = p.parse_args()
     packages = script_report.packages(args.package, ("fused", "int8", "int4"))
@@ -70,33 +84,76 @@ def main() -> int:
     return 0
 
 
-def run_package(label: str, package: Path, args: argparse.Namespace) -> list[dict[str, Any]]:
+@contextmanager
+def in_process(package: Path, threads: int) -> Iterator[Chat]:
+    """Answers by a Generator in this process (its prefix cache off: every run prefills its
+    whole prompt)."""
     import llmopt
     from llmopt.runtime.providers import CPUOptions
-    from llmopt.runtime.sampling import SamplingParams
 
     generator: Any = llmopt.load(package, ["cpu"], provider_options={
-        "cpu": CPUOptions(intra_op_threads=args.threads)})
-    generator.prefix_cache_bytes = 0  # every run prefills its whole prompt
+        "cpu": CPUOptions(intra_op_threads=threads)})
+    generator.prefix_cache_bytes = 0
+
+    def chat(prompt: str, params: Any) -> dict[str, Any]:
+        result = generator.chat(prompt, params)
+        stats = result.stats
+        return {"tokens": stats.generated_tokens, "accepted": stats.accepted_draft_tokens,
+                "decode_tokens_per_s": stats.decode_tokens_per_s, "ttft_s": stats.ttft_s,
+                "answer": result.token_ids}
+
+    yield chat
+
+
+@contextmanager
+def served(package: Path, threads: int) -> Iterator[Chat]:
+    """Answers streamed from an `llmopt serve` process through llmopt's gRPC client, timed by
+    the client."""
+    import llmopt
+
+    repo = Path(tempfile.mkdtemp(prefix="llmopt-lookup-bench-"))
+    (repo / MODEL).symlink_to(package.resolve(), target_is_directory=True)
+    server = launch_server(["--model-repository", str(repo), "--port", "0", "--no-metrics",
+                            "--threads", str(threads), "--prefix-cache-mib", "0"])
+    client = llmopt.Client(str(server.address))
+
+    def chat(prompt: str, params: Any) -> dict[str, Any]:
+        started, first = time.perf_counter(), 0.0
+        stream = client.stream(MODEL, prompt, params, chat=True)
+        for _ in stream:
+            first = first or time.perf_counter()
+        ended = time.perf_counter()
+        result = stream.result
+        tokens = result.stats.generated_tokens
+        return {"tokens": tokens, "accepted": result.stats.accepted_draft_tokens,
+                "decode_tokens_per_s": (tokens - 1) / (ended - first) if tokens > 1 else 0.0,
+                "ttft_s": first - started, "answer": result.token_ids}
+
+    try:
+        yield chat
+    finally:
+        client.close()
+        server.close(60)
+
+
+def run_package(label: str, package: Path, args: argparse.Namespace) -> list[dict[str, Any]]:
+    from llmopt.runtime.sampling import SamplingParams
+
     settings = {"plain": SamplingParams(max_new_tokens=args.max_new_tokens),
                 "lookup": SamplingParams(max_new_tokens=args.max_new_tokens,
                                          prompt_lookup=args.draft)}
-    generator.chat("Hello!", settings["lookup"])  # warm-up: sessions, shapes
     runs = []
-    for round_ in range(args.rounds):
-        order = list(settings.items())
-        for setting, params in order if round_ % 2 == 0 else order[::-1]:
-            for workload, prompts in WORKLOADS.items():
-                for index, prompt in enumerate(prompts):
-                    result = generator.chat(prompt, params)
-                    stats = result.stats
-                    runs.append({"package": label, "setting": setting, "workload": workload,
-                                 "prompt": index, "round": round_,
-                                 "tokens": stats.generated_tokens,
-                                 "accepted": stats.accepted_draft_tokens,
-                                 "decode_tokens_per_s": stats.decode_tokens_per_s,
-                                 "ttft_s": stats.ttft_s, "answer": result.token_ids})
-            print(f"{label} round {round_}: {setting} done", flush=True)
+    with (served if args.served else in_process)(package, args.threads) as chat:
+        chat("Hello!", settings["lookup"])  # warm-up: sessions, shapes
+        for round_ in range(args.rounds):
+            order = list(settings.items())
+            for setting, params in order if round_ % 2 == 0 else order[::-1]:
+                for workload, prompts in WORKLOADS.items():
+                    for index, prompt in enumerate(prompts):
+                        runs.append({"package": label, "setting": setting,
+                                     "workload": workload, "prompt": index, "round": round_,
+                                     **chat(prompt, params)})
+                print(f"{label} round {round_}: {setting} done", flush=True)
     return runs
 
 
@@ -129,6 +186,7 @@ def summarize(args: argparse.Namespace, packages: dict[str, str], runs: list[dic
         r.pop("answer")
     return {**script_report.provenance(load_before), "packages": packages,
             "draft": args.draft, "rounds": args.rounds, "max_new_tokens": args.max_new_tokens,
+            "served": args.served,
             "threads": args.threads, "table": table, "runs": runs}
 
 
@@ -137,7 +195,9 @@ def markdown(report: dict[str, Any]) -> str:
         "# Prompt-lookup decoding against plain decoding", "",
         f"Command: `{report['command']}`", "",
         f"SmolLM2-135M-Instruct ({', '.join(f'{k}: {v}' for k, v in report['packages'].items())})"
-        f" in-process, CPU, {report['threads']} threads, batch 1, greedy chat answers of at most "
+        + (" served by `llmopt serve` (prefix cache off), streamed one at a time through llmopt's "
+           "gRPC client (client-side decode tokens/s)" if report.get("served") else " in-process")
+        + f", CPU, {report['threads']} threads, batch 1, greedy chat answers of at most "
         f"{report['max_new_tokens']} tokens (EOS ends them), {report['draft']} draft tokens per "
         "step. *edit*: restate a paragraph with its spelling fixed (4 prompts); *questions*: "
         f"short open questions (4 prompts). {report['rounds']} interleaved rounds; decode "

@@ -78,8 +78,9 @@ class TargetPool:
         provider = self.config.providers[point.provider]
         lookup = self.config.packages[point.package].prompt_lookup
         if lookup and point.target != "inprocess":
-            raise ValueError(f"package {info.label!r} sets prompt_lookup, which runs in the "
-                             "in-process Generator only; measure it with the inprocess target")
+            raise ValueError(f"package {info.label!r} sets prompt_lookup, which the bench "
+                             "passes to in-process points only; measure it with the inprocess "
+                             "target, or a server with `python bench/prompt_lookup.py --served`")
         if point.target == "genai":
             from llmopt.bench.targets.genai import GenaiTarget
 
