@@ -44,10 +44,10 @@ class Watch:
             self.logits.setdefault(id(state), []).append(logits.copy())
             return step(state, logits)
 
-        def watched_forward(running: batch_module.RunningBatch) -> np.ndarray:
+        def watched_forward(running: batch_module.RunningBatch, draft: Any = ()) -> np.ndarray:
             self.passes += 1
             self.padded_passes += running.padded
-            return forward(running)
+            return forward(running, draft)
 
         monkeypatch.setattr(sequence.DecodeState, "step", recording_step)
         monkeypatch.setattr(batch_module.RunningBatch, "forward", watched_forward)
