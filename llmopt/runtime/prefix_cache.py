@@ -43,7 +43,7 @@ def check_budget(budget: object) -> None:
                                 fix="e.g. 134217728 (128 MiB); 0 turns prefix caching off")
 
 
-def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+def common_prefix(a: Sequence[int] | np.ndarray, b: Sequence[int] | np.ndarray) -> int:
     """How many leading tokens ``a`` and ``b`` share."""
     n = min(len(a), len(b))
     differ = np.flatnonzero(np.asarray(a[:n], np.int64) != np.asarray(b[:n], np.int64))
