@@ -38,13 +38,7 @@ from llmopt.runtime.generator import Generator, Prompt, lookup_draft, verify_dra
 from llmopt.runtime.memory import TRIM_AFTER_TOKENS, trim_heap
 from llmopt.runtime.prefill import Prefill, StepRecord
 from llmopt.runtime.prefix_cache import DEFAULT_BYTES as DEFAULT_PREFIX_CACHE_BYTES
-from llmopt.runtime.prefix_cache import (
-    PrefixCache,
-    answers_reusable,
-    check_budget,
-    common_prefix,
-    unreusable,
-)
+from llmopt.runtime.prefix_cache import PrefixCache, answers_reusable, check_budget, unreusable
 from llmopt.runtime.sampling import SamplingParams, check_prompt_lookup
 from llmopt.runtime.sequence import DecodeState, GenerationResult
 from llmopt.runtime.slots import SlotCopier
@@ -301,8 +295,6 @@ class Engine:
                 request.state.cancel(reason)
                 request._close()
                 continue
-            if self._waits_for_prefix(request, taken):
-                break  # its prefill starts from theirs, kept once theirs has run
             longest = max(longest, len(request.state.prompt))
             if chunk is not None and taken and (len(taken) + 1) * longest > chunk:
                 break  # a longer prompt starts its own (chunked) group next
@@ -312,20 +304,6 @@ class Engine:
                 break  # wait for memory to free up (a lone request is always admitted)
             taken.append(self._waiting.popleft())
         return taken
-
-    def _waits_for_prefix(self, request: Request, taken: list[Request]) -> bool:
-        """Whether ``request`` shares with one taken before it a prefix the prefix cache does
-        not hold yet (a burst of chats on one system prompt), of at least ``min_tokens`` and half
-        its prompt: it then waits for their prefill, whose prompt the cache keeps, and prefills
-        only the rest instead of all of it beside them."""
-        if self.prefixes is None or not taken:
-            return False
-        prompt = request.state.prompt
-        usable = len(prompt) - 1  # its last token always runs
-        floor = max(self.prefixes.min_tokens, len(prompt) // 2,
-                    self.prefixes.cached_length(prompt) + 1)
-        return any(min(common_prefix(prompt, other.state.prompt), usable) >= floor
-                   for other in taken)
 
     @property
     def kv_bytes(self) -> int:

@@ -43,13 +43,6 @@ def check_budget(budget: object) -> None:
                                 fix="e.g. 134217728 (128 MiB); 0 turns prefix caching off")
 
 
-def common_prefix(a: Sequence[int] | np.ndarray, b: Sequence[int] | np.ndarray) -> int:
-    """How many leading tokens ``a`` and ``b`` share."""
-    n = min(len(a), len(b))
-    differ = np.flatnonzero(np.asarray(a[:n], np.int64) != np.asarray(b[:n], np.int64))
-    return int(differ[0]) if differ.size else n
-
-
 @dataclass(frozen=True)
 class Match:
     """A cached prefix of a prompt: its first ``length`` positions of every cache tensor
@@ -78,7 +71,16 @@ class PrefixCache:
     def match(self, prompt: Sequence[int]) -> Match | None:
         """The longest cached prefix of ``prompt`` of at least ``min_tokens`` tokens and at
         most all but its last, or None."""
-        best, best_key = self._longest(prompt)
+        tokens = np.asarray(prompt, np.int64)
+        best, best_key = 0, -1
+        for key, (cached, _) in self._entries.items():
+            n = min(len(cached), len(tokens) - 1)
+            if n < max(best + 1, self.min_tokens):
+                continue
+            differ = np.flatnonzero(cached[:n] != tokens[:n])
+            length = int(differ[0]) if differ.size else n
+            if length > best:
+                best, best_key = length, key
         if best < self.min_tokens:
             return None
         self._entries.move_to_end(best_key)
@@ -86,25 +88,6 @@ class PrefixCache:
         self.reused_tokens += best
         kv = self._entries[best_key][1]
         return Match(best, [np.ascontiguousarray(a[:, :, :best]) for a in kv])
-
-    def cached_length(self, prompt: Sequence[int]) -> int:
-        """What :meth:`match` would reuse of ``prompt`` (0: nothing), without using it."""
-        best = self._longest(prompt)[0]
-        return best if best >= self.min_tokens else 0
-
-    def _longest(self, prompt: Sequence[int]) -> tuple[int, int]:
-        """(length, key) of the entry sharing the longest prefix with ``prompt``, at most all
-        but its last token; (0, -1) where none shares ``min_tokens``."""
-        tokens = np.asarray(prompt, np.int64)
-        best, best_key = 0, -1
-        for key, (cached, _) in self._entries.items():
-            n = min(len(cached), len(tokens) - 1)
-            if n < max(best + 1, self.min_tokens):
-                continue
-            length = common_prefix(cached[:n], tokens[:n])
-            if length > best:
-                best, best_key = length, key
-        return best, best_key
 
     def add(self, tokens: Sequence[int], kv: list[np.ndarray]) -> None:
         """Keep ``kv`` (one [1, kv_heads, len(tokens), head_dim] array per cache tensor, owned

@@ -22,7 +22,7 @@ from llmopt.runtime.engine import Engine, EngineConfig, Request
 from llmopt.runtime.generator import Generator
 from llmopt.runtime.kv import position_ids
 from llmopt.runtime.prefill import StepRecord
-from llmopt.runtime.prefix_cache import DEFAULT_BYTES, MIN_TOKENS, PrefixCache, unreusable
+from llmopt.runtime.prefix_cache import MIN_TOKENS, PrefixCache, unreusable
 from llmopt.runtime.sampling import SamplingParams
 from llmopt.server.config import ModelConfig
 
@@ -152,33 +152,6 @@ def test_a_shared_system_prompt_is_prefilled_once(generator: Generator) -> None:
         cached = result.stats.cached_prompt_tokens
         assert cached >= system  # the system prompt, and whatever the questions share after it
         assert prefilled(records, request) == result.stats.prompt_tokens - cached
-
-
-def test_a_burst_on_one_system_prompt_prefills_it_once(generator: Generator) -> None:
-    """Requests that arrive together and share a prefix the cache lacks: the first is
-    prefilled, the rest wait for it and run only what follows the shared part; with the cache
-    off they are prefilled whole, together."""
-    system = len(generator.encode(SYSTEM))
-    prompts = [SYSTEM + q for q in QUESTIONS]
-    alone = [generator.generate(p, GREEDY).token_ids for p in prompts]
-    for budget in (DEFAULT_BYTES, 0):
-        engine, records = started(generator, prefix_cache_bytes=budget)
-        try:
-            with engine._lock:  # all four wait when the engine looks at the queue
-                requests = [engine.submit(p, GREEDY) for p in prompts]
-            results = [r.result(timeout=60) for r in requests]
-        finally:
-            engine.close()
-        assert [r.token_ids for r in results] == alone
-        if not budget:  # equal lengths share a prefill pass, nothing reused
-            assert all(r.stats.cached_prompt_tokens == 0 for r in results)
-            assert max(len(r.request_ids) for r in records if r.kind == "prefill") > 1
-            continue
-        assert prefilled(records, requests[0]) == results[0].stats.prompt_tokens
-        for request, result in zip(requests[1:], results[1:], strict=True):
-            cached = result.stats.cached_prompt_tokens
-            assert cached >= system
-            assert prefilled(records, request) == result.stats.prompt_tokens - cached
 
 
 def test_a_chats_next_turn_reuses_the_whole_conversation(generator: Generator) -> None:
