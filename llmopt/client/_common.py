@@ -135,6 +135,8 @@ def sampling(params: SamplingParams | None, overrides: Mapping[str, Any]) -> Any
         options.seed = params.seed
     if params.prompt_lookup:
         options.prompt_lookup = params.prompt_lookup
+    if params.prediction is not None:
+        options.prediction = params.prediction
     if params.response_format is not None:
         fmt = params.response_format
         wire = options.response_format
@@ -203,7 +205,8 @@ class Collector:
                 prefill_tokens_per_s=s.prefill_tokens_per_s,
                 decode_tokens_per_s=s.decode_tokens_per_s,
                 cached_prompt_tokens=s.cached_prompt_tokens,
-                accepted_draft_tokens=s.accepted_draft_tokens))
+                accepted_draft_tokens=s.accepted_draft_tokens,
+                rejected_draft_tokens=s.rejected_draft_tokens))
         return None
 
     def finished(self) -> GenerationResult:

@@ -252,7 +252,7 @@ class Generator:
             states[0].cached_tokens = cached
             ids, positions = ids[:, cached:], positions[:, cached:]
         # draft tokens per step, looked up in the sequence so far (one prompt only)
-        lookup = bool(params[0].prompt_lookup) and batch == 1 and self.speculates
+        lookup = bool(params[0].drafts) and batch == 1 and self.speculates
         draft: list[int] = []
         while True:
             if draft:
@@ -353,10 +353,14 @@ def prompt_lookup(tokens: Sequence[int], count: int, longest: int = 3) -> list[i
 
 
 def lookup_draft(state: DecodeState) -> list[int]:
-    """The draft for ``state``'s next step: up to its ``prompt_lookup`` tokens
-    (:func:`prompt_lookup`), fewer where its token limit is nearer."""
-    return prompt_lookup(state.prompt + state.generated,
-                         min(state.params.prompt_lookup, state.limit - len(state.generated) - 1))
+    """The draft for ``state``'s next step: up to its ``drafts`` tokens (``prompt_lookup``, or
+    a prediction's default), fewer where its token limit is nearer, looked up
+    (:func:`prompt_lookup`) in its prediction, prompt and what it generated (the prediction
+    first: the sequence's last tokens are its own, and a later match wins)."""
+    count = min(state.params.drafts, state.limit - len(state.generated) - 1)
+    if count < 1:
+        return []
+    return prompt_lookup(state.prediction + state.prompt + state.generated, count)
 
 
 def verify_draft(state: DecodeState, logits: np.ndarray, draft: list[int]) -> tuple[int, int]:
@@ -370,6 +374,7 @@ def verify_draft(state: DecodeState, logits: np.ndarray, draft: list[int]) -> tu
             break
         accepted += 1
     state.accepted_drafts += accepted
+    state.rejected_drafts += len(draft) - accepted
     return token, accepted
 
 

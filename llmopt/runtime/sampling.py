@@ -16,6 +16,8 @@ from llmopt.runtime.constraints import ResponseFormat
 MAX_NEW_TOKENS_LIMIT = 1_000_000
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit on top_logprobs
 MAX_PROMPT_LOOKUP = 7  # draft tokens per step: with the last token, 8 rows (one kernel pass)
+PREDICTION_LOOKUP = 4  # draft tokens per step where a prediction sets no prompt_lookup
+MAX_PREDICTION_CHARS = 1_000_000
 
 
 @dataclass(frozen=True)
@@ -44,6 +46,9 @@ class SamplingParams:
     # tokens as without, fewer steps where the answer repeats its prompt (the Generator's single
     # prompt; the engine's row while it runs alone in its batch)
     prompt_lookup: int = 0
+    # text the answer is expected to resemble (OpenAI's Predicted Outputs): drafts are looked up
+    # in it too, PREDICTION_LOOKUP per step unless prompt_lookup says; the same tokens as without
+    prediction: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.response_format, dict):  # OpenAI's shape, as a convenience
@@ -79,6 +84,10 @@ class SamplingParams:
             _check(_finite(value) and -2.0 <= value <= 2.0,
                    f"{name} must be between -2 and 2, not {value!r}", f"use 0 to disable {name}")
         check_prompt_lookup(self.prompt_lookup)
+        _check(self.prediction is None or (isinstance(self.prediction, str)
+                                           and len(self.prediction) <= MAX_PREDICTION_CHARS),
+               f"prediction must be a string of at most {MAX_PREDICTION_CHARS} characters",
+               "pass the text the answer is expected to resemble, or leave it out")
         _check(self.logprobs is None or (isinstance(self.logprobs, int)
                                          and 0 <= self.logprobs <= MAX_TOP_LOGPROBS),
                f"logprobs must be an integer from 0 to {MAX_TOP_LOGPROBS}, not {self.logprobs!r}",
@@ -93,6 +102,12 @@ class SamplingParams:
         _check(self.top_k <= vocab_size,
                f"top_k {self.top_k} is beyond the vocabulary of {vocab_size} tokens",
                f"use 0 to disable, or at most {vocab_size}")
+
+    @property
+    def drafts(self) -> int:
+        """Draft tokens per step: ``prompt_lookup``, else PREDICTION_LOOKUP with a prediction,
+        else 0 (no drafting)."""
+        return self.prompt_lookup or (PREDICTION_LOOKUP if self.prediction else 0)
 
     @property
     def greedy(self) -> bool:

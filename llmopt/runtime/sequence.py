@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from llmopt.errors import InvalidInputError
 from llmopt.runtime.constraints import TokenConstraint
 from llmopt.runtime.detokenize import Streamer
 from llmopt.runtime.sampling import SamplingParams, log_softmax, next_token
@@ -25,6 +26,7 @@ class GenerationStats:
     generated_tokens: int = 0
     cached_prompt_tokens: int = 0  # leading prompt tokens whose cache was reused, not prefilled
     accepted_draft_tokens: int = 0  # generated tokens that prompt lookup drafted (no own step)
+    rejected_draft_tokens: int = 0  # drafted tokens the model's own choices did not confirm
     ttft_s: float = 0.0  # request start -> first token chosen (queueing, tokenization, prefill)
     total_s: float = 0.0
     prefill_tokens_per_s: float = 0.0
@@ -77,6 +79,9 @@ class DecodeState:
         self.prefill_started: float | None = None
         self.cached_tokens = 0  # leading prompt tokens the prefill took from the prefix cache
         self.accepted_drafts = 0  # prompt-lookup draft tokens the model's own choices confirmed
+        self.rejected_drafts = 0  # drafted tokens they did not
+        # tokens of the text the answer is expected to resemble, searched for drafts too
+        self.prediction = _prediction_tokens(params.prediction, tokenizer)
         self.first_token_at: float | None = None
         self.ended_at: float | None = None
 
@@ -136,6 +141,7 @@ class DecodeState:
             generated_tokens=n,
             cached_prompt_tokens=self.cached_tokens,
             accepted_draft_tokens=self.accepted_drafts,
+            rejected_draft_tokens=self.rejected_drafts,
             ttft_s=first - self.started,
             total_s=ended - self.started,
             prefill_tokens_per_s=(len(self.prompt) - self.cached_tokens) / prefill_s
@@ -145,6 +151,17 @@ class DecodeState:
         return GenerationResult(self.streamer.emitted, list(self.generated),
                                 self.finish_reason or "length", stats,
                                 None if self.logprobs is None else list(self.logprobs))
+
+
+def _prediction_tokens(prediction: str | None, tokenizer: object) -> list[int]:
+    if not prediction:
+        return []
+    encode = getattr(tokenizer, "encode", None)
+    if encode is None:
+        raise InvalidInputError("a prediction is text, and this package has no tokenizer",
+                                fix="leave prediction out (prompt_lookup drafts from the "
+                                "token ids so far)")
+    return list(encode(prediction, add_special_tokens=False))
 
 
 def _logprob(logits: np.ndarray, token: int, top: int) -> TokenLogprob:

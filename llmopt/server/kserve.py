@@ -301,6 +301,7 @@ def _result_parameters(response: Any, result: GenerationResult) -> None:
     params["generated_tokens"].int64_param = result.stats.generated_tokens
     params["cached_prompt_tokens"].int64_param = result.stats.cached_prompt_tokens
     params["accepted_draft_tokens"].int64_param = result.stats.accepted_draft_tokens
+    params["rejected_draft_tokens"].int64_param = result.stats.rejected_draft_tokens
     params["ttft_s"].double_param = result.stats.ttft_s
 
 

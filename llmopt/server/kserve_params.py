@@ -29,6 +29,7 @@ DECODER_PARAMETERS: dict[str, tuple[type, str | None]] = {
     "stop": (str, "stop"),
     "ignore_eos": (bool, "ignore_eos"),
     "prompt_lookup": (int, "prompt_lookup"),
+    "prediction": (str, "prediction"),
     "chat": (bool, None),
 }
 # Triton's own request parameters (sequence batching, priorities, empty final responses)

@@ -22,7 +22,7 @@ from llmopt.server.status import DeadlineExceededError, ServerError
 
 V1 = "llmopt.v1."
 SAMPLING_FIELDS = ("max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty",
-                   "seed", "prompt_lookup")
+                   "seed", "prompt_lookup", "prediction")
 
 
 class Generation:
@@ -129,7 +129,8 @@ def completion(result: GenerationResult) -> Any:
             total_s=s.total_s, prefill_tokens_per_s=s.prefill_tokens_per_s,
             decode_tokens_per_s=s.decode_tokens_per_s,
             cached_prompt_tokens=s.cached_prompt_tokens,
-            accepted_draft_tokens=s.accepted_draft_tokens),
+            accepted_draft_tokens=s.accepted_draft_tokens,
+            rejected_draft_tokens=s.rejected_draft_tokens),
     )
 
 

@@ -26,7 +26,7 @@ CHAT_FIELDS = frozenset({
     "model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "n",
     "stream", "stream_options", "stop", "seed", "presence_penalty", "frequency_penalty",
     "logprobs", "top_logprobs", "response_format", "tools", "tool_choice",
-    "parallel_tool_calls"}) | INERT | EXTENSIONS
+    "parallel_tool_calls", "prediction"}) | INERT | EXTENSIONS
 COMPLETION_FIELDS = frozenset({
     "model", "prompt", "max_tokens", "temperature", "top_p", "n", "stream", "stream_options",
     "stop", "seed", "presence_penalty", "frequency_penalty", "logprobs", "echo", "best_of",
@@ -196,6 +196,8 @@ def _generate(body: dict[str, Any], prompts: tuple[Prompt, ...], *, chat: bool, 
     constraint = constraints(body) if chat else None  # checks tools and tool_choice
     if constraint is not None:
         values["response_format"] = constraint
+    if chat and body.get("prediction") is not None:
+        values["prediction"] = _prediction(body["prediction"])
     try:
         params = SamplingParams(**values)
     except InvalidInputError as exc:
@@ -204,6 +206,24 @@ def _generate(body: dict[str, Any], prompts: tuple[Prompt, ...], *, chat: bool, 
     offered = tuple(body.get("tools") or ()) if chat and choice != "none" else ()
     return GenerateRequest(_model(body), prompts, chat, params, n, stream, include_usage,
                            top_logprobs, offered, choice)
+
+
+def _prediction(value: Any) -> str:
+    """OpenAI's Predicted Outputs: ``{"type": "content", "content": text or text parts}``."""
+    fix = 'e.g. "prediction": {"type": "content", "content": "the text the answer resembles"}'
+    if not isinstance(value, dict) or value.get("type") != "content" or set(value) - {
+            "type", "content"}:
+        raise ParamError("prediction", "prediction must be an object of type \"content\"",
+                         fix=fix)
+    content = value.get("content")
+    if isinstance(content, list) and all(
+            isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+            for p in content):
+        content = "".join(p["text"] for p in content)
+    if not isinstance(content, str):
+        raise ParamError("prediction", "prediction.content must be a string or text parts",
+                         fix=fix)
+    return content
 
 
 def _object(body: Any, allowed: frozenset[str]) -> dict[str, Any]:

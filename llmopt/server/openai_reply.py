@@ -94,9 +94,14 @@ class Reply:
         prompt = sum(r.stats.prompt_tokens for r in firsts)
         completion = sum(r.stats.generated_tokens for r in results)
         cached = sum(r.stats.cached_prompt_tokens for r in firsts)  # the prefix cache's share
-        return {"prompt_tokens": prompt, "completion_tokens": completion,
-                "total_tokens": prompt + completion,
-                "prompt_tokens_details": {"cached_tokens": cached}}
+        usage: dict[str, Any] = {"prompt_tokens": prompt, "completion_tokens": completion,
+                                 "total_tokens": prompt + completion,
+                                 "prompt_tokens_details": {"cached_tokens": cached}}
+        if self.spec.params.drafts:  # a prediction's (or prompt lookup's) drafts, as OpenAI counts
+            usage["completion_tokens_details"] = {
+                "accepted_prediction_tokens": sum(r.stats.accepted_draft_tokens for r in results),
+                "rejected_prediction_tokens": sum(r.stats.rejected_draft_tokens for r in results)}
+        return usage
 
     def logprobs(self, logprobs: Sequence[TokenLogprob] | None, offset: int = 0) -> Any:
         """OpenAI's ``logprobs`` of these tokens (completions: ``text_offset`` counted from

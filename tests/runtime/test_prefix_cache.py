@@ -408,6 +408,32 @@ def test_the_engines_default_drafts_for_requests_that_set_none(
     assert drafted.stats.accepted_draft_tokens > 0
 
 
+def test_a_prediction_drafts_the_answer_it_resembles(generator: Generator) -> None:
+    """A prediction (OpenAI's Predicted Outputs) is searched for drafts too: given the plain
+    answer's own text, most tokens come from confirmed drafts, in the Generator and in the
+    engine, and the tokens are the plain ones; a prediction unlike the answer costs rejected
+    drafts only."""
+    prompt = generator.encode(SYSTEM)
+    generator.prefix_cache_bytes = 0
+    params = SamplingParams(max_new_tokens=24, ignore_eos=True)
+    plain = generator.generate(prompt, params)
+    predicted = replace(params, prediction=plain.text)
+    drafted = generator.generate(prompt, predicted)
+    engine, _ = started(generator, prefix_cache_bytes=0)
+    try:
+        served = engine.submit(prompt, predicted).result(timeout=60)
+        unlike = engine.submit(prompt, replace(params, prediction=COPY * 3)).result(timeout=60)
+    finally:
+        engine.close()
+    for result in (drafted, served, unlike):
+        assert result.token_ids == plain.token_ids and result.text == plain.text
+    for result in (drafted, served):
+        assert result.stats.accepted_draft_tokens > len(plain.token_ids) // 2
+    assert served.stats.accepted_draft_tokens == drafted.stats.accepted_draft_tokens
+    assert unlike.stats.accepted_draft_tokens < len(plain.token_ids) // 2
+    assert plain.stats.rejected_draft_tokens == 0
+
+
 def test_prompt_lookup_is_validated() -> None:
     for bad in (-1, 8, True, 2.0):
         with pytest.raises(InvalidInputError, match="prompt_lookup must be an integer"):
@@ -416,3 +442,7 @@ def test_prompt_lookup_is_validated() -> None:
             EngineConfig(prompt_lookup=bad)  # type: ignore[arg-type]
         with pytest.raises(InvalidInputError, match="prompt_lookup must be an integer"):
             ModelConfig(prompt_lookup=bad)  # type: ignore[arg-type]
+    with pytest.raises(InvalidInputError, match="prediction must be a string"):
+        SamplingParams(prediction=["not", "text"])  # type: ignore[arg-type]
+    assert SamplingParams(prediction="the answer").drafts == 4
+    assert SamplingParams(prediction="the answer", prompt_lookup=2).drafts == 2

@@ -87,6 +87,31 @@ def test_prompt_lookup_streams_the_same_answer_in_fewer_steps(
                                     extra_body={"prompt_lookup": 8})
 
 
+def test_a_prediction_is_drafted_from_and_counted_as_openai_does(oai: openai.OpenAI,
+                                                                  generator: Any) -> None:
+    """OpenAI's Predicted Outputs through the SDK's own ``prediction`` argument: given the
+    answer's text, the same answer, most of it from confirmed drafts, counted in
+    ``usage.completion_tokens_details``; a malformed prediction is a 400 naming the field."""
+    expected = generator.chat(MESSAGES, SamplingParams(max_new_tokens=16, ignore_eos=True))
+    reply = oai.chat.completions.create(
+        model=DECODER, messages=MESSAGES, temperature=0, max_tokens=16,  # type: ignore[arg-type]
+        prediction={"type": "content", "content": [{"type": "text", "text": expected.text}]},
+        extra_body={"ignore_eos": True})
+    assert reply.choices[0].message.content == expected.text
+    assert reply.usage is not None and reply.usage.completion_tokens_details is not None
+    details = reply.usage.completion_tokens_details
+    assert details.accepted_prediction_tokens is not None
+    assert details.accepted_prediction_tokens > len(expected.token_ids) // 2
+    assert details.rejected_prediction_tokens is not None
+    plain = oai.chat.completions.create(model=DECODER, messages=MESSAGES,  # type: ignore[arg-type]
+                                        temperature=0, max_tokens=4)
+    assert plain.usage is not None and plain.usage.completion_tokens_details is None
+    with pytest.raises(openai.BadRequestError, match="prediction") as bad:
+        oai.chat.completions.create(model=DECODER, messages=MESSAGES,  # type: ignore[arg-type]
+                                    prediction={"type": "code", "content": "x"})  # type: ignore[typeddict-item]
+    assert bad.value.body["param"] == "prediction"  # type: ignore[index]
+
+
 def test_routes_are_counted_in_the_shared_metrics(oai: openai.OpenAI, server: Any) -> None:
     labels = {"method": "models.list", "model": "", "code": "200"}
     before = sample(server, "llmopt_requests_total", labels)

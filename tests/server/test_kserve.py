@@ -107,6 +107,10 @@ def test_infer_and_stream_on_a_decoder(triton: Any, packages: dict[str, Path]) -
     assert drafted.as_numpy("text_output").tolist() == [expected.text.encode()]
     accepted = drafted.get_response().parameters["accepted_draft_tokens"].int64_param
     assert 0 <= accepted < 12
+    predicted = triton.infer(DECODER, [_text("hello world")], parameters={
+        "max_tokens": 12, "ignore_eos": True, "prediction": expected.text})
+    assert predicted.as_numpy("text_output").tolist() == [expected.text.encode()]
+    assert predicted.get_response().parameters["accepted_draft_tokens"].int64_param > 6
 
     responses: queue.Queue[Any] = queue.Queue()
     triton.start_stream(callback=lambda result, error: responses.put((result, error)))

@@ -46,6 +46,16 @@ def test_a_continued_prompt_reports_the_tokens_it_reused(client: Any, generator:
     assert first.stats.cached_prompt_tokens < len(ids)
 
 
+def test_a_prediction_travels_and_its_drafts_are_counted(client: Any, generator: Generator
+                                                         ) -> None:
+    expected = generator.generate("the sea", max_new_tokens=12, ignore_eos=True)
+    result = client.generate(DECODER, "the sea", max_new_tokens=12, ignore_eos=True,
+                             prediction=expected.text)
+    assert result.token_ids == expected.token_ids
+    assert result.stats.accepted_draft_tokens > 6
+    assert result.stats.rejected_draft_tokens >= 0
+
+
 def test_chat_messages_and_token_ids(client: Any, generator: Generator) -> None:
     messages = [{"role": "user", "content": "hello world"}]
     assert (client.chat(DECODER, messages, max_new_tokens=8).token_ids
