@@ -28,6 +28,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -100,7 +101,7 @@ def in_process(package: Path, threads: int) -> Iterator[Chat]:
         stats = result.stats
         return {"tokens": stats.generated_tokens, "accepted": stats.accepted_draft_tokens,
                 "decode_tokens_per_s": stats.decode_tokens_per_s, "ttft_s": stats.ttft_s,
-                "answer": result.token_ids}
+                "answer": result.token_ids, "text": result.text}
 
     yield chat
 
@@ -127,7 +128,7 @@ def served(package: Path, threads: int) -> Iterator[Chat]:
         tokens = result.stats.generated_tokens
         return {"tokens": tokens, "accepted": result.stats.accepted_draft_tokens,
                 "decode_tokens_per_s": (tokens - 1) / (ended - first) if tokens > 1 else 0.0,
-                "ttft_s": first - started, "answer": result.token_ids}
+                "ttft_s": first - started, "answer": result.token_ids, "text": result.text}
 
     try:
         yield chat
@@ -139,20 +140,25 @@ def served(package: Path, threads: int) -> Iterator[Chat]:
 def run_package(label: str, package: Path, args: argparse.Namespace) -> list[dict[str, Any]]:
     from llmopt.runtime.sampling import SamplingParams
 
-    settings = {"plain": SamplingParams(max_new_tokens=args.max_new_tokens),
-                "lookup": SamplingParams(max_new_tokens=args.max_new_tokens,
-                                         prompt_lookup=args.draft)}
+    plain = SamplingParams(max_new_tokens=args.max_new_tokens)
+    settings = {"plain": plain, "lookup": replace(plain, prompt_lookup=args.draft),
+                "prediction": plain}  # its prediction is the prompt's (below)
     runs = []
     with (served if args.served else in_process)(package, args.threads) as chat:
-        chat("Hello!", settings["lookup"])  # warm-up: sessions, shapes
+        # warm-up (sessions, shapes), and each question's answer: the prediction of a
+        # regenerated answer
+        earlier = {prompt: chat(prompt, plain)["text"] for prompt in WORKLOADS["questions"]}
+        predictions = {**dict(zip(WORKLOADS["edit"], PARAGRAPHS, strict=True)), **earlier}
         for round_ in range(args.rounds):
             order = list(settings.items())
             for setting, params in order if round_ % 2 == 0 else order[::-1]:
                 for workload, prompts in WORKLOADS.items():
                     for index, prompt in enumerate(prompts):
+                        asked = replace(plain, prediction=predictions[prompt]) \
+                            if setting == "prediction" else params
                         runs.append({"package": label, "setting": setting,
                                      "workload": workload, "prompt": index, "round": round_,
-                                     **chat(prompt, params)})
+                                     **chat(prompt, asked)})
                 print(f"{label} round {round_}: {setting} done", flush=True)
     return runs
 
@@ -167,23 +173,31 @@ def summarize(args: argparse.Namespace, packages: dict[str, str], runs: list[dic
                 return [r for r in runs if r["package"] == label and r["workload"] == workload
                         and r["setting"] == setting]
 
-            plain, lookup = of("plain"), of("lookup")
+            plain, lookup, predicted = of("plain"), of("lookup"), of("prediction")
             key = ("round", "prompt")
             answers = {tuple(r[k] for k in key): r["answer"] for r in plain}
-            equal = sum(r["answer"] == answers[tuple(r[k] for k in key)] for r in lookup)
+            equal = sum(r["answer"] == answers[tuple(r[k] for k in key)]
+                        for r in lookup + predicted)
             rate = {s: statistics.median(
                 statistics.fmean(r["decode_tokens_per_s"] for r in of(s) if r["round"] == n)
-                for n in range(args.rounds)) for s in ("plain", "lookup")}
-            tokens = sum(r["tokens"] for r in lookup)
+                for n in range(args.rounds)) for s in ("plain", "lookup", "prediction")}
+
+            def share(done: list[dict[str, Any]]) -> float:
+                return sum(r["accepted"] for r in done) / max(sum(r["tokens"] for r in done), 1)
+
             table.append({"package": label, "workload": workload,
                           "plain_tokens_per_s": rate["plain"],
                           "lookup_tokens_per_s": rate["lookup"],
                           "speedup": rate["lookup"] / rate["plain"],
-                          "drafted_share": sum(r["accepted"] for r in lookup) / max(tokens, 1),
-                          "mean_tokens": tokens / max(len(lookup), 1),
-                          "answers_equal": f"{equal}/{len(lookup)}"})
+                          "drafted_share": share(lookup),
+                          "prediction_tokens_per_s": rate["prediction"],
+                          "prediction_speedup": rate["prediction"] / rate["plain"],
+                          "prediction_drafted_share": share(predicted),
+                          "mean_tokens": sum(r["tokens"] for r in plain) / max(len(plain), 1),
+                          "answers_equal": f"{equal}/{len(lookup) + len(predicted)}"})
     for r in runs:
         r.pop("answer")
+        r.pop("text")
     return {**script_report.provenance(load_before), "packages": packages,
             "draft": args.draft, "rounds": args.rounds, "max_new_tokens": args.max_new_tokens,
             "served": args.served,
@@ -204,16 +218,23 @@ def markdown(report: dict[str, Any]) -> str:
         "tokens/s is the mean over a round's prompts, median over rounds. "
         + script_report.machine_text(report), "",
         "| package | workload | plain tok/s | prompt lookup tok/s | x plain | tokens from drafts "
-        "| mean answer tokens | answers equal |",
-        "|---|---|---:|---:|---:|---:|---:|---|",
+        "| prediction tok/s | x plain | tokens from drafts | mean answer tokens | answers equal |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in report["table"]:
+        predicted = (f"{r['prediction_tokens_per_s']:.1f} | {r['prediction_speedup']:.2f} | "
+                     f"{100 * r['prediction_drafted_share']:.0f}%"
+                     if "prediction_tokens_per_s" in r else "- | - | -")
         lines.append(f"| {r['package']} | {r['workload']} | {r['plain_tokens_per_s']:.1f} | "
                      f"{r['lookup_tokens_per_s']:.1f} | {r['speedup']:.2f} | "
-                     f"{100 * r['drafted_share']:.0f}% | {r['mean_tokens']:.0f} | "
+                     f"{100 * r['drafted_share']:.0f}% | {predicted} | {r['mean_tokens']:.0f} | "
                      f"{r['answers_equal']} |")
-    lines += ["", "`answers equal`: answers with drafts identical, token for token, to the plain "
-              "answers of the same round.", ""]
+    lines += ["", "*prediction*: `SamplingParams(prediction=...)` (OpenAI's Predicted Outputs, "
+              "4 drafts per step from the prediction, the prompt and the answer so far): for "
+              "*edit* the paragraph itself (what OpenAI suggests for an edit), for *questions* "
+              "the model's own earlier answer (an answer regenerated, the best case). "
+              "`answers equal`: answers with drafts (lookup and prediction) identical, token for "
+              "token, to the plain answers of the same round.", ""]
     return "\n".join(lines)
 
 
