@@ -337,17 +337,21 @@ class Generator:
             self.prefixes.add(tokens, kv)
 
 
-def prompt_lookup(tokens: Sequence[int], count: int, longest: int = 3) -> list[int]:
+def prompt_lookup(tokens: Sequence[int] | np.ndarray, count: int, longest: int = 3
+                  ) -> list[int]:
     """Up to ``count`` draft tokens: those that followed the latest earlier occurrence of the
     sequence's last ``n`` tokens (``n`` from ``longest`` down to 2), or none."""
     if count < 1 or len(tokens) < 3:
         return []
     seq = np.asarray(tokens, np.int64)
-    for n in range(min(longest, len(seq) - 1), 1, -1):
-        windows = np.lib.stride_tricks.sliding_window_view(seq[:-1], n)
-        hits = np.flatnonzero((windows == seq[-n:]).all(axis=1))
+    last = len(seq) - 1
+    ends = np.flatnonzero(seq[:-1] == seq[last])  # earlier places of the last token
+    for n in range(min(longest, last), 1, -1):
+        hits = ends[ends >= n - 1]  # where the n tokens ending there equal the last n
+        for back in range(1, n):
+            hits = hits[seq[hits - back] == seq[last - back]]
         if hits.size:
-            start = int(hits[-1]) + n
+            start = int(hits[-1]) + 1
             return [int(t) for t in seq[start:start + count]]
     return []
 
@@ -360,7 +364,10 @@ def lookup_draft(state: DecodeState) -> list[int]:
     count = min(state.params.drafts, state.limit - len(state.generated) - 1)
     if count < 1:
         return []
-    return prompt_lookup(state.prediction + state.prompt + state.generated, count)
+    if state.lookup_base is None:  # what does not change from step to step, as an array once
+        state.lookup_base = np.asarray(state.prediction + state.prompt, np.int64)
+    return prompt_lookup(np.concatenate([state.lookup_base,
+                                         np.asarray(state.generated, np.int64)]), count)
 
 
 def verify_draft(state: DecodeState, logits: np.ndarray, draft: list[int]) -> tuple[int, int]:

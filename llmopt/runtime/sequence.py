@@ -82,6 +82,7 @@ class DecodeState:
         self.rejected_drafts = 0  # drafted tokens they did not
         # tokens of the text the answer is expected to resemble, searched for drafts too
         self.prediction = _prediction_tokens(params.prediction, tokenizer)
+        self.lookup_base: np.ndarray | None = None  # prediction + prompt, built at the 1st draft
         self.first_token_at: float | None = None
         self.ended_at: float | None = None
 

@@ -279,6 +279,29 @@ def test_prompt_lookup_drafts_what_followed_the_latest_match() -> None:
     assert prompt_lookup([1, 2, 1, 2], 0) == []
 
 
+def test_prompt_lookup_matches_its_definition_on_random_sequences() -> None:
+    """The search (candidates at the last token's earlier places, narrowed backwards) agrees
+    with the definition written plainly: every window of n tokens compared with the last n."""
+    from llmopt.runtime.generator import prompt_lookup
+
+    def plainly(seq: list[int], count: int, longest: int) -> list[int]:
+        if count < 1 or len(seq) < 3:
+            return []
+        for n in range(min(longest, len(seq) - 1), 1, -1):
+            hits = [i for i in range(len(seq) - n) if seq[i:i + n] == seq[-n:]]
+            if hits:
+                return seq[hits[-1] + n:hits[-1] + n + count]
+        return []
+
+    rng = np.random.default_rng(0)
+    for _ in range(3000):
+        seq = rng.integers(0, int(rng.integers(1, 6)), int(rng.integers(0, 30))).tolist()
+        count, longest = int(rng.integers(0, 6)), int(rng.integers(2, 5))
+        assert prompt_lookup(seq, count, longest) == plainly(seq, count, longest)
+        assert prompt_lookup(np.asarray(seq, np.int64), count, longest) == plainly(
+            seq, count, longest)
+
+
 COPY = "the quick brown fox jumps over the lazy dog . " * 4
 
 
