@@ -34,6 +34,10 @@ def add_parser(subparsers: Any) -> None:
                    "one step: the same tokens, fewer steps where the answer repeats (default "
                    "0: off; with --server, the server's default; a served request drafts while "
                    "it runs alone in its batch)")
+    p.add_argument("--prediction-file", metavar="FILE",
+                   help="text the answer is expected to resemble (OpenAI's Predicted Outputs: "
+                   "a file being edited): drafts are looked up in it too, 4 per step unless "
+                   "--prompt-lookup says; the same tokens as without")
     p.add_argument("--no-stream", action="store_true", help="print the text when done")
     p.add_argument("--json", action="store_true", help="print the result and stats as JSON")
     structured = p.add_argument_group(
@@ -69,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
         top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
         stop=tuple(args.stop), ignore_eos=args.ignore_eos, response_format=_format(args),
-        prompt_lookup=args.prompt_lookup,
+        prompt_lookup=args.prompt_lookup, prediction=_prediction(args.prediction_file),
     )
     if args.server:
         stream, providers = _remote_stream(args, prompt, params)
@@ -118,6 +122,18 @@ def _remote_stream(args: argparse.Namespace, prompt: str, params: Any) -> tuple[
     has_template = bool((details.manifest.get("generation") or {}).get("chat_template"))
     stream = client.stream(args.package, prompt, params, chat=not args.raw and has_template)
     return stream, list(details.providers)
+
+
+def _prediction(path: str | None) -> str | None:
+    from llmopt.errors import InvalidInputError
+
+    if path is None:
+        return None
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InvalidInputError(f"cannot read the prediction {path}: {exc}",
+                                fix="pass a readable UTF-8 text file") from None
 
 
 def _format(args: argparse.Namespace) -> Any:

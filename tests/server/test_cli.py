@@ -114,7 +114,7 @@ def test_generate_through_the_server(server: Any, packages: dict[str, Path],
     assert 0 <= result["stats"]["accepted_draft_tokens"] < len(plain.token_ids)
 
 
-def test_generate_in_process_with_prompt_lookup(packages: dict[str, Path],
+def test_generate_in_process_with_prompt_lookup(packages: dict[str, Path], tmp_path: Path,
                                                 capsys: pytest.CaptureFixture[str]) -> None:
     generator = llmopt.load(packages[DECODER])
     prompt = "the quick brown fox jumps over the lazy dog . " * 3
@@ -126,6 +126,16 @@ def test_generate_in_process_with_prompt_lookup(packages: dict[str, Path],
     assert result["stats"]["accepted_draft_tokens"] >= 0
     assert main(["generate", str(packages[DECODER]), "hi", "--prompt-lookup", "9"]) == 1
     assert "prompt_lookup must be an integer from 0 to 7" in capsys.readouterr().err
+    predicted = tmp_path / "prediction.txt"
+    predicted.write_text(expected.text)
+    assert main(["generate", str(packages[DECODER]), prompt, "--raw", "--max-new-tokens", "9",
+                 "--ignore-eos", "--prediction-file", str(predicted), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["token_ids"] == expected.token_ids
+    assert result["stats"]["accepted_draft_tokens"] > 4
+    assert main(["generate", str(packages[DECODER]), "hi", "--prediction-file",
+                 str(tmp_path / "missing.txt")]) == 1
+    assert "cannot read the prediction" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(("args", "message"), [
