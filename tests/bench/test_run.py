@@ -157,7 +157,8 @@ def test_a_prompt_lookup_package_counts_every_token_of_a_drafted_step(
     ids_of: dict[int, list[int]] = {}
     drafted: list[int] = []
 
-    def draft(tokens: list[int], count: int) -> list[int]:
+    def draft(sequence: Any, count: int) -> list[int]:
+        tokens = [int(t) for t in sequence]  # the runtime hands an array
         for start, ids in ids_of.items():  # the prompt is known by its length
             if tokens[:start] == ids[:start]:
                 done = len(tokens) - start

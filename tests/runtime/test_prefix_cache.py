@@ -311,7 +311,7 @@ def oracle(answer: list[int], prompt: int) -> Any:
     this drives every path of the check (all confirmed, some rejected, none drafted)."""
     calls = []
 
-    def draft(tokens: list[int], count: int) -> list[int]:
+    def draft(tokens: Any, count: int) -> list[int]:  # the sequence so far, an array
         calls.append(count)
         truth = answer[len(tokens) - prompt:][:count]
         if len(calls) % 3 == 2 and len(truth) > 1:
