@@ -23,17 +23,16 @@ import json
 import os
 import statistics
 import sys
-import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import script_report  # this folder's: packages and provenance shared by its result scripts
-from prefix_cache import MODEL, over_http  # this folder's: one streamed chat turn over HTTP
+from prefix_cache import at_once, openai_client, over_http  # this folder's: chats over HTTP
 
 from llmopt.bench.prompts import CHAT_QUESTIONS
-from llmopt.bench.targets.server_process import launch_server
 
 RESULTS = Path(__file__).resolve().parents[1] / "bench" / "results"
 CACHE_MIB = {"on": 128, "off": 0}
@@ -53,35 +52,26 @@ def burst(url: str, clients: int, desk: int, new_tokens: int, busy: bool = False
           ) -> dict[str, Any]:
     """``clients`` chats at once on desk ``desk``'s system prompt, one question each; with
     ``busy``, while another client's long answer streams (the engine steps between arrivals)."""
-    import openai
-
     replies: list[dict[str, Any]] = [{} for _ in range(clients)]
-    barrier = threading.Barrier(clients + 1)
     background = None
     if busy:
-        ask_long = over_http(openai.OpenAI(base_url=url + "/v1", api_key="unused",
-                                           max_retries=0, timeout=600), 400)
+        ask_long = over_http(openai_client(url), 400)
         background = threading.Thread(target=ask_long, args=(
             [{"role": "user", "content": f"Tell me a long story, number {desk}."}],))
         background.start()
         time.sleep(0.5)  # its prefill is done: it decodes while the burst arrives
 
-    def client(index: int) -> None:
-        ask = over_http(openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0,
-                                      timeout=600), new_tokens)
+    def client(index: int) -> Callable[[], None]:
+        ask = over_http(openai_client(url), new_tokens)
         messages = [{"role": "system", "content": f"Desk {desk}. {SYSTEM}"},
                     {"role": "user", "content": CHAT_QUESTIONS[index % len(CHAT_QUESTIONS)]}]
-        barrier.wait()
-        replies[index] = ask(messages)
 
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
-    for t in threads:
-        t.start()
-    started = time.perf_counter()
-    barrier.wait()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - started
+        def chat() -> None:
+            replies[index] = ask(messages)
+
+        return chat
+
+    wall = at_once(clients, client)
     if background is not None:
         background.join()
     if not all(replies):
@@ -96,16 +86,13 @@ def burst(url: str, clients: int, desk: int, new_tokens: int, busy: bool = False
 
 
 def run_package(label: str, package: Path, args: argparse.Namespace) -> list[dict[str, Any]]:
-    repo = Path(tempfile.mkdtemp(prefix="llmopt-burst-bench-"))
-    (repo / MODEL).symlink_to(package.resolve(), target_is_directory=True)
     servers = {}
     runs = []
     try:
         for cache, mib in CACHE_MIB.items():
-            servers[cache] = launch_server(
-                ["--model-repository", str(repo), "--port", "0", "--http-port", "0",
-                 "--no-metrics", "--threads", str(args.threads), "--prefix-cache-mib", str(mib),
-                 "--prefill-chunk", str(args.prefill_chunk)])
+            servers[cache] = script_report.launch(
+                package, "--http-port", "0", "--threads", str(args.threads),
+                "--prefix-cache-mib", str(mib), "--prefill-chunk", str(args.prefill_chunk))
         for server in servers.values():  # warm-up: sessions, connections, the first shapes
             burst(str(server.http_url), 2, 0, 4)
         for round_ in range(args.rounds):

@@ -27,7 +27,6 @@ import json
 import os
 import statistics
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -35,13 +34,13 @@ from pathlib import Path
 from typing import Any
 
 import script_report  # this folder's: packages and provenance shared by its result scripts
+from script_report import MODEL
 
 from llmopt.bench.prompts import CHAT_QUESTIONS
-from llmopt.bench.targets.server_process import LaunchedServer, launch_server
+from llmopt.bench.targets.server_process import LaunchedServer
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
-MODEL = "model"
 SYSTEM = ("You are the assistant of a small bicycle shop's customer desk. Answer briefly, "
           "politely and only with what you know. The shop opens 9 to 5 on weekdays and 10 to 4 "
           "on Saturdays; it repairs every kind of bicycle and sells helmets, lights and locks.")
@@ -105,34 +104,53 @@ def in_process(generator: Any, new_tokens: int) -> Ask:
     return ask
 
 
-def measure(url: str, streams: int, conversations: int, turns: int, new_tokens: int,
-            tickets: int, generator: Any = None) -> dict[str, Any]:
-    """The chats, by ``streams`` clients at once (over HTTP at ``url``, or through
-    ``generator`` in this process); their tickets start at ``tickets``."""
+def openai_client(url: str) -> Any:
+    """An ``openai`` SDK client of the server at ``url`` (HTTP door), no retries."""
     import openai
 
-    turns_done: list[dict[str, Any]] = []
-    lock = threading.Lock()
-    barrier = threading.Barrier(streams + 1)
+    return openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=600)
 
-    def client(first: int) -> None:
-        ask = in_process(generator, new_tokens) if generator is not None else over_http(
-            openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=600),
-            new_tokens)
+
+def at_once(clients: int, setup: Callable[[int], Callable[[], None]]) -> float:
+    """Run ``clients`` threads, each ``setup(i)`` (its client, untimed) and then, all released
+    together, what that returned; the seconds from the release until the last ends."""
+    barrier = threading.Barrier(clients + 1)
+
+    def client(index: int) -> None:
+        work = setup(index)
         barrier.wait()
-        for index in range(first, conversations, streams):
-            done = conversation(index, tickets + index, ask, turns)
-            with lock:
-                turns_done.extend(done)
+        work()
 
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(streams)]
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
     for t in threads:
         t.start()
     started = time.perf_counter()
     barrier.wait()
     for t in threads:
         t.join()
-    wall = time.perf_counter() - started
+    return time.perf_counter() - started
+
+
+def measure(url: str, streams: int, conversations: int, turns: int, new_tokens: int,
+            tickets: int, generator: Any = None) -> dict[str, Any]:
+    """The chats, by ``streams`` clients at once (over HTTP at ``url``, or through
+    ``generator`` in this process); their tickets start at ``tickets``."""
+    turns_done: list[dict[str, Any]] = []
+    lock = threading.Lock()
+
+    def client(first: int) -> Callable[[], None]:
+        ask = in_process(generator, new_tokens) if generator is not None else over_http(
+            openai_client(url), new_tokens)
+
+        def chats() -> None:
+            for index in range(first, conversations, streams):
+                done = conversation(index, tickets + index, ask, turns)
+                with lock:
+                    turns_done.extend(done)
+
+        return chats
+
+    wall = at_once(streams, client)
     tokens = sum(t["generated_tokens"] for t in turns_done)
     if len(turns_done) != conversations * turns:
         raise RuntimeError(f"{conversations * turns - len(turns_done)} turns failed")
@@ -179,15 +197,13 @@ def main() -> int:
 
 
 def run_package(label: str, package: Path, args: argparse.Namespace) -> list[dict[str, Any]]:
-    repo = Path(tempfile.mkdtemp(prefix="llmopt-prefix-bench-"))
-    (repo / MODEL).symlink_to(package.resolve(), target_is_directory=True)
     servers: dict[str, LaunchedServer] = {}
     runs = []
     try:
         for cache, mib in CACHE_MIB.items():
-            servers[cache] = launch_server(
-                ["--model-repository", str(repo), "--port", "0", "--http-port", "0",
-                 "--no-metrics", "--threads", str(args.threads), "--prefix-cache-mib", str(mib)])
+            servers[cache] = script_report.launch(
+                package, "--http-port", "0", "--threads", str(args.threads),
+                "--prefix-cache-mib", str(mib))
         for server in servers.values():  # warm-up: sessions, connections, the first shapes
             measure(str(server.http_url), 1, 1, 1, 8, 0)
         for round_ in range(args.rounds):

@@ -24,7 +24,6 @@ import json
 import os
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -33,9 +32,9 @@ from pathlib import Path
 from typing import Any
 
 import script_report  # this folder's: packages and provenance shared by its result scripts
+from script_report import MODEL
 
 from llmopt.bench.prompts import CHAT_QUESTIONS
-from llmopt.bench.targets.server_process import launch_server
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -55,7 +54,6 @@ WORKLOADS = {
              for p in PARAGRAPHS],
     "questions": list(CHAT_QUESTIONS[:4]),
 }
-MODEL = "model"
 Chat = Callable[[str, Any], dict[str, Any]]  # a chat answer to a prompt with these params
 
 
@@ -112,10 +110,7 @@ def served(package: Path, threads: int) -> Iterator[Chat]:
     the client."""
     import llmopt
 
-    repo = Path(tempfile.mkdtemp(prefix="llmopt-lookup-bench-"))
-    (repo / MODEL).symlink_to(package.resolve(), target_is_directory=True)
-    server = launch_server(["--model-repository", str(repo), "--port", "0", "--no-metrics",
-                            "--threads", str(threads), "--prefix-cache-mib", "0"])
+    server = script_report.launch(package, "--threads", str(threads), "--prefix-cache-mib", "0")
     client = llmopt.Client(str(server.address))
 
     def chat(prompt: str, params: Any) -> dict[str, Any]:
