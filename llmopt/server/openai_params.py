@@ -215,15 +215,10 @@ def _prediction(value: Any) -> str:
             "type", "content"}:
         raise ParamError("prediction", "prediction must be an object of type \"content\"",
                          fix=fix)
-    content = value.get("content")
-    if isinstance(content, list) and all(
-            isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
-            for p in content):
-        content = "".join(p["text"] for p in content)
-    if not isinstance(content, str):
+    if value.get("content") is None:
         raise ParamError("prediction", "prediction.content must be a string or text parts",
                          fix=fix)
-    return content
+    return _content(value["content"], "prediction")  # a message's content, read alike
 
 
 def _object(body: Any, allowed: frozenset[str]) -> dict[str, Any]:
