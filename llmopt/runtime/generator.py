@@ -242,6 +242,11 @@ class Generator:
         positions = position_ids(mask)
         # room for the prompt and the longest answer (an in-place cache never regrows)
         capacity = ids.shape[1] + max(s.limit for s in states)
+        # every step's mask is a prefix of one array (the prompt's mask, then ones): growing it
+        # makes a view, where a new array per step costs a step more than it looks (kv.StepInputs)
+        masks = np.ones((batch, capacity), np.int64)
+        masks[:, :mask.shape[1]] = mask
+        mask = masks[:, :mask.shape[1]]
         cache = self.model.cache(batch, capacity, self.placement)
         prefill_started = time.perf_counter()
         for state in states:
@@ -271,7 +276,7 @@ class Generator:
             if self.model.rope_long_after is not None:  # kept only where it can re-prefill
                 history = np.concatenate([history, ids], axis=1)
             positions = positions[:, -1:] + 1
-            mask = np.concatenate([mask, np.ones((batch, 1), np.int64)], axis=1)
+            mask = masks[:, :mask.shape[1] + 1]
             if self.model.reprefills(mask.shape[1]):  # the cache restarts from position 0
                 ids, positions = history, position_ids(mask)
             elif lookup:
@@ -279,7 +284,7 @@ class Generator:
                 if draft:  # the last token runs with its drafts after it
                     ids = np.array([[int(next_ids[0]), *draft]], np.int64)
                     positions = positions[:, -1:] + np.arange(1 + len(draft))
-                    mask = np.concatenate([mask, np.ones((1, len(draft)), np.int64)], axis=1)
+                    mask = masks[:, :mask.shape[1] + len(draft)]
         if reusing:  # the cache now holds mask.shape[1] positions: the prompt, then the answer
             state = states[0]
             kept = mask.shape[1] if answers_reusable(self) else len(state.prompt)

@@ -115,8 +115,10 @@ class DecoderModel:
         """Run ``input_ids`` (prefill, a prefill chunk or one decode token per row) on top of
         ``cache``, which then holds ``attention_mask.shape[1]`` positions. Returns the last
         position's logits ([B, 1, vocab]), or every position's with ``all_logits`` (packages
-        exported without ``logits_to_keep`` always return every position's). A step whose
-        ``input_ids`` are the whole sequence starts the cache afresh.
+        exported without ``logits_to_keep`` always return every position's); on an in-place
+        cache they are the binding's own array, which the cache's next step of that shape
+        writes over (copy what must outlive it). A step whose ``input_ids`` are the whole
+        sequence starts the cache afresh.
 
         ``prompt``: the step runs prompt tokens, so it goes to :attr:`prompt_session` where
         there is one (default: when it runs the whole sequence or more than one token per
@@ -128,22 +130,18 @@ class DecoderModel:
         session = self.prompt_session if prompt and self.prompt_session is not None \
             else self.session
         binding = cache.binding(restart, session)
-        binding.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, dtype=np.int64))
+        inputs = _inputs(binding)
+        inputs.feed(binding, "input_ids", input_ids)
+        inputs.feed(binding, "position_ids", position_ids)
+        # a view of the caller's (a growing mask's prefix is one): bound as it is, uncopied
         binding.bind_cpu_input("attention_mask",
                                np.ascontiguousarray(attention_mask, dtype=np.int64))
-        binding.bind_cpu_input("position_ids", np.ascontiguousarray(position_ids, dtype=np.int64))
         if self.keeps_logits:
-            binding.bind_cpu_input("logits_to_keep", ALL_POSITIONS if all_logits
-                                   else LAST_POSITION)
-        logits = self._logits_array(input_ids.shape, all_logits) \
-            if cache.in_place else None
+            inputs.keep(binding, all_logits)
+        logits = inputs.logits(binding, self._logits_shape(input_ids.shape, all_logits),
+                               self._logits_type) if cache.in_place else None
         if logits is None:
             binding.bind_output("logits", "cpu")  # a new shape each step: unallocated again
-        else:  # host memory of ours, written in place
-            binding.bind_output("logits", "cpu", 0, logits.dtype, list(logits.shape),
-                                logits.ctypes.data)
-            # the binding keeps its output's memory: a run on it never writes to freed memory
-            binding._llmopt_logits = logits
         try:
             session.run_with_iobinding(binding)
         except RuntimeError as exc:  # ONNX Runtime's own error types do not survive IOBinding
@@ -154,15 +152,16 @@ class DecoderModel:
         cache.advance(list(outputs[1:]))
         return np.asarray(outputs[0].numpy())
 
-    def _logits_array(self, input_shape: tuple[int, ...], all_logits: bool
-                      ) -> np.ndarray | None:
-        """A host array for this step's logits ([B, positions, vocab]), or None where the graph
-        does not say their vocabulary or type. Wrapping it as the bound output spares the step
-        reading every output back (``get_outputs`` wraps each of the 2 x layers presents)."""
+    def _logits_shape(self, input_shape: tuple[int, ...], all_logits: bool
+                      ) -> tuple[int, ...] | None:
+        """This step's logits shape ([B, positions, vocab]), or None where the graph does not
+        say their vocabulary or type. Written into an array of ours, bound as the output, a
+        step reads no output back from the binding (``get_outputs`` wraps each of the 2 x
+        layers presents)."""
         if self._vocab is None or self._logits_type is None:
             return None
         positions = 1 if self.keeps_logits and not all_logits else input_shape[1]
-        return np.empty((input_shape[0], positions, self._vocab), self._logits_type)
+        return (input_shape[0], positions, self._vocab)
 
     def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray,
                 position_ids: np.ndarray, past: list[np.ndarray]
@@ -175,6 +174,66 @@ class DecoderModel:
         logits = self.step(input_ids, attention_mask, position_ids, cache, all_logits=True,
                            prompt=False)
         return logits, cache.arrays()
+
+
+class StepInputs:
+    """What a step binds besides the cache, held with the IO binding it is bound on, so a
+    cache that keeps its binding across steps (in place) rebinds only what changed: token ids
+    and positions are written into the arrays already bound while their shape stays,
+    ``logits_to_keep`` is bound when it changes, and the logits go to one array per shape.
+
+    Each decode step streams the weights (100+ MB for SmolLM2 int4) through the CPU's caches,
+    so the few microseconds of Python and ONNX Runtime between two steps run on cold memory:
+    binding an input then costs 17-120 us instead of 1-4, and allocating a logits array and
+    binding it as the output about 100 (``bench/step_overhead.py``)."""
+
+    def __init__(self) -> None:
+        self.arrays: dict[str, np.ndarray] = {}
+        self.kept: bool | None = None  # logits_to_keep as bound: all positions or the last
+        self.outputs: dict[tuple[int, ...], np.ndarray] = {}  # the last few shapes' logits
+        self.bound: np.ndarray | None = None  # the one bound now
+
+    def feed(self, binding: Any, name: str, value: np.ndarray) -> None:
+        """Bind ``value`` (int64) as ``name``: into the bound array where the shape matches."""
+        bound = self.arrays.get(name)
+        if bound is not None and bound.shape == value.shape:
+            np.copyto(bound, value)
+            return
+        bound = self.arrays[name] = np.array(value, dtype=np.int64)  # ours, C-contiguous
+        binding.bind_cpu_input(name, bound)  # bound by reference: later writes count
+
+    def keep(self, binding: Any, all_logits: bool) -> None:
+        if self.kept is not all_logits:
+            binding.bind_cpu_input("logits_to_keep",
+                                   ALL_POSITIONS if all_logits else LAST_POSITION)
+            self.kept = all_logits
+
+    def logits(self, binding: Any, shape: tuple[int, ...] | None, dtype: Any
+               ) -> np.ndarray | None:
+        """The array the step's logits are written into (bound as the output), or None for
+        ``shape`` None."""
+        if shape is None:
+            return None
+        logits = self.outputs.get(shape)
+        if logits is None:  # the binding's own: a run on it never writes to freed memory
+            if len(self.outputs) >= 4:  # prompts or drafts of many lengths: keep the bound one
+                self.outputs = {} if self.bound is None else {self.bound.shape: self.bound}
+            logits = self.outputs[shape] = np.empty(shape, dtype)
+        if self.bound is not logits:
+            binding.bind_output("logits", "cpu", 0, logits.dtype, list(shape),
+                                logits.ctypes.data)
+            self.bound = logits
+        return logits
+
+
+def _inputs(binding: Any) -> StepInputs:
+    """The :class:`StepInputs` of ``binding``, kept on it (it lives as long as the binding, and
+    holds no reference back: a copying cache's binding, and the presents it holds, go with the
+    step)."""
+    inputs = getattr(binding, "_llmopt_inputs", None)
+    if inputs is None:
+        inputs = binding._llmopt_inputs = StepInputs()
+    return inputs
 
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -62,17 +62,18 @@ JOINED: dict[str, Callable[[Generator, list[int]], tuple[KVCache, np.ndarray]]] 
 
 def _decode(gen: Generator, cache: KVCache, prompt: list[int],
             prefilled: np.ndarray | None = None) -> list[np.ndarray]:
-    """Greedy logits of the prompt's first STEPS steps through DecoderModel.step."""
+    """Greedy logits of the prompt's first STEPS steps through DecoderModel.step (copies: an
+    in-place cache's next step writes over the array a step returns)."""
     n = len(prompt)
     logits = prefilled
     if logits is None:
         ids = np.array([prompt])
         logits = gen.model.step(ids, np.ones_like(ids), np.arange(n)[None], cache)
-    out = [logits[0, -1]]
+    out = [logits[0, -1].copy()]
     for _ in range(STEPS):
         token = np.array([[int(out[-1].argmax())]])
         logits = gen.model.step(token, np.ones((1, n + 1), np.int64), np.array([[n]]), cache)
-        out.append(logits[0, -1])
+        out.append(logits[0, -1].copy())
         n += 1
     return out
 
@@ -150,7 +151,39 @@ def test_a_binding_keeps_the_memory_its_logits_are_written_to(generator: Generat
     gc.collect()
     binding = cache.binding(False, model.session)
     model.session.run_with_iobinding(binding)  # the same inputs, written over the same output
-    assert np.array_equal(binding._llmopt_logits, logits)
+    assert np.array_equal(binding._llmopt_inputs.bound, logits)
+
+
+def test_steps_of_one_shape_write_into_what_the_binding_holds(generator: Generator) -> None:
+    """An in-place cache keeps its binding: a decode step writes its token and position into
+    the arrays already bound and its logits into the same array (kv.StepInputs); a step of
+    another shape (a draft's) binds its own, and the next one-token step still reads its own
+    token."""
+    model = generator.model
+    cache = model.cache(1, CAPACITY)
+    if not cache.in_place:
+        pytest.skip("a copying cache binds afresh each step (the unfused graph)")
+    ids = np.array([PROMPTS[0]])
+    n = ids.shape[1]
+    model.step(ids, np.ones_like(ids), np.arange(n)[None], cache)
+    inputs = cache.binding(False, model.session)._llmopt_inputs
+
+    def step(tokens: list[int], length: int) -> np.ndarray:
+        run = len(tokens)
+        return model.step(np.array([tokens]), np.ones((1, length + run), np.int64),
+                          np.arange(length, length + run)[None], cache,
+                          all_logits=run > 1, prompt=False)
+
+    first = step([4], n)
+    bound = dict(inputs.arrays)
+    second = step([5], n + 1)
+    assert second is first and all(inputs.arrays[k] is v for k, v in bound.items())
+    assert int(inputs.arrays["input_ids"][0, 0]) == 5
+    expected = second.copy()
+    drafted = step([6, 7], n + 2)
+    assert drafted.shape[1] == 2 and inputs.arrays["input_ids"].shape == (1, 2)
+    again = step([5], n + 1)  # position n + 1 rewritten: the second step's logits again
+    np.testing.assert_array_equal(again, expected)
 
 
 def test_slot_joins_and_leaves_write_their_own_slots(generator: Generator,

@@ -143,7 +143,8 @@ def test_float_prompts_compute_what_the_int8_kernel_approximates(packages: dict[
     got = []
     for runner in (fast, plain):
         cache = runner.model.cache(1, len(PROMPT) + 2)
-        first = runner.model.step(ids, mask, position_ids(mask), cache, prompt=True)
+        # a copy: without a prompt session, the next step writes into the same logits array
+        first = runner.model.step(ids, mask, position_ids(mask), cache, prompt=True).copy()
         mask2 = np.ones((1, len(PROMPT) + 1), np.int64)
         second = runner.model.step(np.array([[3]]), mask2, np.array([[len(PROMPT)]]), cache)
         got.append((first, second))
