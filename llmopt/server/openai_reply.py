@@ -97,10 +97,13 @@ class Reply:
         usage: dict[str, Any] = {"prompt_tokens": prompt, "completion_tokens": completion,
                                  "total_tokens": prompt + completion,
                                  "prompt_tokens_details": {"cached_tokens": cached}}
-        if self.spec.params.drafts:  # a prediction's (or prompt lookup's) drafts, as OpenAI counts
-            usage["completion_tokens_details"] = {
-                "accepted_prediction_tokens": sum(r.stats.accepted_draft_tokens for r in results),
-                "rejected_prediction_tokens": sum(r.stats.rejected_draft_tokens for r in results)}
+        # a prediction's or prompt lookup's drafts, as OpenAI counts a prediction's: where the
+        # request asked for them, or the model's own prompt_lookup drafted for it
+        accepted = sum(r.stats.accepted_draft_tokens for r in results)
+        rejected = sum(r.stats.rejected_draft_tokens for r in results)
+        if self.spec.params.drafts or accepted or rejected:
+            usage["completion_tokens_details"] = {"accepted_prediction_tokens": accepted,
+                                                  "rejected_prediction_tokens": rejected}
         return usage
 
     def logprobs(self, logprobs: Sequence[TokenLogprob] | None, offset: int = 0) -> Any:

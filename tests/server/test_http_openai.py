@@ -87,6 +87,31 @@ def test_prompt_lookup_streams_the_same_answer_in_fewer_steps(
                                     extra_body={"prompt_lookup": 8})
 
 
+def test_drafts_of_the_models_own_prompt_lookup_are_counted_in_usage(
+        packages: dict[str, Any], start_server: Any, generator: Any, tmp_path: Any,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A model served with ``prompt_lookup`` in its llmopt-serve.yaml drafts for requests that
+    ask for nothing: ``usage.completion_tokens_details`` counts those drafts too."""
+    from llmopt.runtime import generator as generator_module
+    from llmopt.server import ServerConfig
+    from tests.server.conftest import make_repository
+
+    expected = generator.chat(MESSAGES, SamplingParams(max_new_tokens=16, ignore_eos=True))
+    prompt = expected.stats.prompt_tokens
+    monkeypatch.setattr(generator_module, "prompt_lookup",
+                        lambda tokens, count: expected.token_ids[len(tokens) - prompt:][:count])
+    repo = make_repository(tmp_path / "repo", packages, [DECODER],
+                           {DECODER: "prompt_lookup: 4\n"})
+    oai = openai_client(start_server(repo, ServerConfig(http_port=0)))
+    reply = oai.chat.completions.create(model=DECODER, messages=MESSAGES,  # type: ignore[arg-type]
+                                        temperature=0, max_tokens=16,
+                                        extra_body={"ignore_eos": True})
+    assert reply.choices[0].message.content == expected.text
+    assert reply.usage is not None and reply.usage.completion_tokens_details is not None
+    accepted = reply.usage.completion_tokens_details.accepted_prediction_tokens
+    assert accepted is not None and len(expected.token_ids) // 2 < accepted
+
+
 def test_a_prediction_is_drafted_from_and_counted_as_openai_does(oai: openai.OpenAI,
                                                                   generator: Any) -> None:
     """OpenAI's Predicted Outputs through the SDK's own ``prediction`` argument: given the
