@@ -130,7 +130,7 @@ class DecoderModel:
         session = self.prompt_session if prompt and self.prompt_session is not None \
             else self.session
         binding = cache.binding(restart, session)
-        inputs = _inputs(binding)
+        inputs = _inputs(binding, cache.placement.on_host)
         inputs.feed(binding, "input_ids", input_ids)
         inputs.feed(binding, "position_ids", position_ids)
         # a view of the caller's (a growing mask's prefix is one): bound as it is, uncopied
@@ -187,7 +187,10 @@ class StepInputs:
     binding an input then costs 17-120 us instead of 1-4, and allocating a logits array and
     binding it as the output about 100 (``bench/step_overhead.py``)."""
 
-    def __init__(self) -> None:
+    def __init__(self, writes_reach_the_run: bool = True) -> None:
+        # on a CPU session a bound host array is read where it is at each run; ONNX Runtime
+        # copies one bound for a GPU's nodes at binding time, so there every step rebinds
+        self.writes_reach_the_run = writes_reach_the_run
         self.arrays: dict[str, np.ndarray] = {}
         self.kept: bool | None = None  # logits_to_keep as bound: all positions or the last
         self.outputs: dict[tuple[int, ...], np.ndarray] = {}  # the last few shapes' logits
@@ -196,7 +199,7 @@ class StepInputs:
     def feed(self, binding: Any, name: str, value: np.ndarray) -> None:
         """Bind ``value`` (int64) as ``name``: into the bound array where the shape matches."""
         bound = self.arrays.get(name)
-        if bound is not None and bound.shape == value.shape:
+        if bound is not None and bound.shape == value.shape and self.writes_reach_the_run:
             np.copyto(bound, value)
             return
         bound = self.arrays[name] = np.array(value, dtype=np.int64)  # ours, C-contiguous
@@ -226,13 +229,13 @@ class StepInputs:
         return logits
 
 
-def _inputs(binding: Any) -> StepInputs:
-    """The :class:`StepInputs` of ``binding``, kept on it (it lives as long as the binding, and
-    holds no reference back: a copying cache's binding, and the presents it holds, go with the
-    step)."""
+def _inputs(binding: Any, on_host: bool) -> StepInputs:
+    """The :class:`StepInputs` of ``binding`` (a session on the host when ``on_host``), kept on
+    it: it lives as long as the binding, and holds no reference back (a copying cache's
+    binding, and the presents it holds, go with the step)."""
     inputs = getattr(binding, "_llmopt_inputs", None)
     if inputs is None:
-        inputs = binding._llmopt_inputs = StepInputs()
+        inputs = binding._llmopt_inputs = StepInputs(on_host)
     return inputs
 
 

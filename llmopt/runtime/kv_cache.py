@@ -73,6 +73,9 @@ class KVCache(Protocol):
     """The graph writes the new positions into the bound buffers, so a step needs none of its
     outputs back but the logits."""
 
+    placement: KVPlacement
+    """The device of the cache, and of the session that runs on it."""
+
     def binding(self, restart: bool, session: Any = None) -> Any:
         """An IO binding with ``logits`` bound first and every cache input and output bound.
         ``restart``: the step runs the whole sequence, so the cache starts empty.

@@ -194,6 +194,7 @@ class PastRows:
     in_place = False
 
     def __init__(self, session: Any, layout: KVLayout, placement: KVPlacement) -> None:
+        self.placement = placement
         self.cache = CopyingCache(session, layout, 0, placement, past=[
             np.zeros(layout.shape(0, 0), layout.dtype) for _ in layout.past_names])
 

@@ -186,6 +186,23 @@ def test_steps_of_one_shape_write_into_what_the_binding_holds(generator: Generat
     np.testing.assert_array_equal(again, expected)
 
 
+def test_inputs_for_a_gpu_session_are_bound_again_each_step() -> None:
+    """ONNX Runtime copies a host array bound for a GPU's nodes when it is bound, so writing
+    into the bound array would not reach the next run: off the host, each step binds afresh."""
+    class Recording:
+        def __init__(self) -> None:
+            self.bound: list[np.ndarray] = []
+
+        def bind_cpu_input(self, name: str, array: np.ndarray) -> None:
+            self.bound.append(array)
+
+    for on_host, binds in ((True, 1), (False, 2)):
+        binding, inputs = Recording(), kv.StepInputs(on_host)
+        inputs.feed(binding, "input_ids", np.array([[3]]))
+        inputs.feed(binding, "input_ids", np.array([[4]]))
+        assert len(binding.bound) == binds and int(binding.bound[-1][0, 0]) == 4
+
+
 def test_slot_joins_and_leaves_write_their_own_slots(generator: Generator,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     if not generator.shared_kv:  # the engine keeps past-sized rows instead (PastRows)
