@@ -243,7 +243,8 @@ class Generator:
         # room for the prompt and the longest answer (an in-place cache never regrows)
         capacity = ids.shape[1] + max(s.limit for s in states)
         # every step's mask is a prefix of one array (the prompt's mask, then ones): growing it
-        # makes a view, where a new array per step costs a step more than it looks (kv.StepInputs)
+        # makes a view, not a new array per step (allocated on the cold caches between steps,
+        # see kv.StepInputs)
         masks = np.ones((batch, capacity), np.int64)
         masks[:, :mask.shape[1]] = mask
         mask = masks[:, :mask.shape[1]]

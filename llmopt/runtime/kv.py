@@ -184,8 +184,8 @@ class StepInputs:
 
     Each decode step streams the weights (100+ MB for SmolLM2 int4) through the CPU's caches,
     so the few microseconds of Python and ONNX Runtime between two steps run on cold memory:
-    binding an input then costs 17-120 us instead of 1-4, and allocating a logits array and
-    binding it as the output about 100 (``bench/step_overhead.py``)."""
+    binding an input then costs 43-90 us instead of 1-3, and allocating a logits array and
+    binding it as the output 136 (``bench/results/step_overhead.md``)."""
 
     def __init__(self, writes_reach_the_run: bool = True) -> None:
         # on a CPU session a bound host array is read where it is at each run; ONNX Runtime
