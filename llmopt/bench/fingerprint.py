@@ -31,7 +31,16 @@ def fingerprint() -> dict[str, Any]:
         "gpu": gpu_info(),
         "versions": versions,
         "onnxruntime_providers": _ort_providers(),
+        "cpu_kernels": cpu_kernels(),
     }
+
+
+def cpu_kernels() -> str:
+    """Which build of llmopt's CPU kernels this process runs ("avx512", "avx2"), or "off: " and
+    why (no compiler, no AVX2, LLMOPT_KERNELS_ISA=none): two runs on one machine differ here."""
+    from llmopt.runtime import kernels
+
+    return kernels.isa() or f"off: {kernels.unavailable()}"
 
 
 def cpu_info() -> dict[str, Any]:

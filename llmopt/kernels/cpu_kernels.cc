@@ -42,6 +42,290 @@
 
 namespace {
 
+// ---- the vector operations, on AVX-512 or on AVX2 ----
+//
+// The kernels are written for 16 float32 lanes (a tile's 16 output columns) through the few
+// operations of namespace simd, named after the AVX-512 intrinsics they are. Built with AVX-512
+// (-mavx512f ... -mavx512vnni) each is that one instruction. Built for AVX2 (-mavx2 -mfma
+// -mf16c: Zen 2 and 3, Intel before Ice Lake and its client cores since) each vector is a pair
+// of 256-bit halves, and every lane gets the same operations in the same order: the int8 dot
+// products are exact integers either way and the float arithmetic is the same fused
+// multiply-adds and additions, so the two builds compute the same floats (the tests hold them
+// to it). AVX2 has no VNNI: dpbusd is two vpmaddubsw (u8 x s8 into saturating int16 pairs,
+// here kept below saturation by splitting the u8 into nibbles) and vpmaddwd; a 4-bit code is
+// one nibble already (dpbusd_nibbles: one vpmaddubsw).
+namespace simd {
+
+#define LLMOPT_INLINE inline __attribute__((always_inline))
+
+#if defined(__AVX512F__)
+
+constexpr const char* kIsa = "avx512";
+// MatMulF's rows per pass over a pair of tiles: 8 x 2 accumulators of the 32 registers
+constexpr int kFloatRows = 8;
+using f32x16 = __m512;
+using i32x16 = __m512i;  // 16 int32, or 64 bytes where an operation reads bytes
+using mask16 = __mmask16;
+
+LLMOPT_INLINE f32x16 setzero_ps() { return _mm512_setzero_ps(); }
+LLMOPT_INLINE f32x16 set1_ps(float a) { return _mm512_set1_ps(a); }
+LLMOPT_INLINE f32x16 loadu_ps(const float* p) { return _mm512_loadu_ps(p); }
+LLMOPT_INLINE void storeu_ps(float* p, f32x16 a) { _mm512_storeu_ps(p, a); }
+LLMOPT_INLINE f32x16 maskz_loadu_ps(mask16 m, const float* p) {
+  return _mm512_maskz_loadu_ps(m, p);
+}
+LLMOPT_INLINE void mask_storeu_ps(float* p, mask16 m, f32x16 a) {
+  _mm512_mask_storeu_ps(p, m, a);
+}
+LLMOPT_INLINE f32x16 maskz_mov_ps(mask16 m, f32x16 a) { return _mm512_maskz_mov_ps(m, a); }
+// 16 float16 at p
+LLMOPT_INLINE f32x16 load_ph(const void* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(static_cast<const __m256i*>(p)));
+}
+LLMOPT_INLINE f32x16 add_ps(f32x16 a, f32x16 b) { return _mm512_add_ps(a, b); }
+LLMOPT_INLINE f32x16 sub_ps(f32x16 a, f32x16 b) { return _mm512_sub_ps(a, b); }
+LLMOPT_INLINE f32x16 mul_ps(f32x16 a, f32x16 b) { return _mm512_mul_ps(a, b); }
+LLMOPT_INLINE f32x16 div_ps(f32x16 a, f32x16 b) { return _mm512_div_ps(a, b); }
+LLMOPT_INLINE f32x16 max_ps(f32x16 a, f32x16 b) { return _mm512_max_ps(a, b); }
+LLMOPT_INLINE f32x16 min_ps(f32x16 a, f32x16 b) { return _mm512_min_ps(a, b); }
+LLMOPT_INLINE f32x16 abs_ps(f32x16 a) { return _mm512_abs_ps(a); }
+LLMOPT_INLINE f32x16 fmadd_ps(f32x16 a, f32x16 b, f32x16 c) { return _mm512_fmadd_ps(a, b, c); }
+LLMOPT_INLINE f32x16 fmsub_ps(f32x16 a, f32x16 b, f32x16 c) { return _mm512_fmsub_ps(a, b, c); }
+LLMOPT_INLINE f32x16 fnmadd_ps(f32x16 a, f32x16 b, f32x16 c) {
+  return _mm512_fnmadd_ps(a, b, c);
+}
+LLMOPT_INLINE f32x16 round_ps(f32x16 a) {  // to the nearest integer, ties to even
+  return _mm512_roundscale_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+}
+// a * 2^n for integral n in [-127, 127]
+LLMOPT_INLINE f32x16 scalef_ps(f32x16 a, f32x16 n) { return _mm512_scalef_ps(a, n); }
+LLMOPT_INLINE float reduce_add_ps(f32x16 a) { return _mm512_reduce_add_ps(a); }
+LLMOPT_INLINE float reduce_max_ps(f32x16 a) { return _mm512_reduce_max_ps(a); }
+// y with the sign bit of x set where x's is (y non-negative: y with x's sign)
+LLMOPT_INLINE f32x16 or_sign_ps(f32x16 y, f32x16 x) {
+  const __m512i bit = _mm512_set1_epi32(INT32_MIN);
+  return _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(y),
+                                             _mm512_and_si512(_mm512_castps_si512(x), bit)));
+}
+
+LLMOPT_INLINE i32x16 setzero_si512() { return _mm512_setzero_si512(); }
+LLMOPT_INLINE i32x16 set1_epi8(char a) { return _mm512_set1_epi8(a); }
+LLMOPT_INLINE i32x16 set1_epi32(int32_t a) { return _mm512_set1_epi32(a); }
+LLMOPT_INLINE i32x16 loadu_si512(const void* p) { return _mm512_loadu_si512(p); }
+LLMOPT_INLINE i32x16 and_si512(i32x16 a, i32x16 b) { return _mm512_and_si512(a, b); }
+LLMOPT_INLINE i32x16 srli_epi16(i32x16 a, unsigned n) { return _mm512_srli_epi16(a, n); }
+LLMOPT_INLINE i32x16 add_epi32(i32x16 a, i32x16 b) { return _mm512_add_epi32(a, b); }
+LLMOPT_INLINE i32x16 cvtps_epi32(f32x16 a) { return _mm512_cvtps_epi32(a); }
+LLMOPT_INLINE f32x16 cvtepi32_ps(i32x16 a) { return _mm512_cvtepi32_ps(a); }
+LLMOPT_INLINE int32_t reduce_add_epi32(i32x16 a) { return _mm512_reduce_add_epi32(a); }
+// the 16 int32 saturated to int8, stored at p
+LLMOPT_INLINE void store_epi8(int8_t* p, i32x16 a) {
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm512_cvtsepi32_epi8(a));
+}
+// acc + the sums of 4 products of unsigned bytes of a by the signed bytes of b, per int32 lane
+LLMOPT_INLINE i32x16 dpbusd_epi32(i32x16 acc, i32x16 a, i32x16 b) {
+  return _mm512_dpbusd_epi32(acc, a, b);
+}
+// the same where every byte of a is below 16
+LLMOPT_INLINE i32x16 dpbusd_nibbles(i32x16 acc, i32x16 a, i32x16 b) {
+  return _mm512_dpbusd_epi32(acc, a, b);
+}
+
+LLMOPT_INLINE void prefetch_nta(const void* p) {
+  _mm_prefetch(static_cast<const char*>(p), _MM_HINT_NTA);
+}
+LLMOPT_INLINE void prefetch_l2(const void* p) {
+  _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T1);
+}
+
+LLMOPT_INLINE bool supported() {
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni") &&
+         __builtin_cpu_supports("f16c");
+}
+
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+
+constexpr const char* kIsa = "avx2";
+// MatMulF's rows per pass: 3 x 2 tiles x 2 halves, 12 accumulators of the 16 registers (one
+// thread, Zen 3, K 576, N 1536: 108 rows 6.3 ms in passes of 8 rows, 4.1 in passes of 3;
+// 8 rows 0.45 -> 0.31 ms; MatMulQ's passes measured best as on AVX-512)
+constexpr int kFloatRows = 3;
+struct f32x16 { __m256 lo, hi; };   // lanes 0-7, 8-15
+struct i32x16 { __m256i lo, hi; };  // int32 lanes 0-7 (bytes 0-31), 8-15 (bytes 32-63)
+using mask16 = uint16_t;
+
+// lane i of a half all ones where bit i (of the half's 8) of m is set
+LLMOPT_INLINE __m256i lanes(unsigned m) {
+  const __m256i bits = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+  return _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(static_cast<int>(m)), bits),
+                            bits);
+}
+
+LLMOPT_INLINE f32x16 setzero_ps() { return {_mm256_setzero_ps(), _mm256_setzero_ps()}; }
+LLMOPT_INLINE f32x16 set1_ps(float a) { return {_mm256_set1_ps(a), _mm256_set1_ps(a)}; }
+LLMOPT_INLINE f32x16 loadu_ps(const float* p) {
+  return {_mm256_loadu_ps(p), _mm256_loadu_ps(p + 8)};
+}
+LLMOPT_INLINE void storeu_ps(float* p, f32x16 a) {
+  _mm256_storeu_ps(p, a.lo);
+  _mm256_storeu_ps(p + 8, a.hi);
+}
+LLMOPT_INLINE f32x16 maskz_loadu_ps(mask16 m, const float* p) {  // no lane past m is read
+  return {_mm256_maskload_ps(p, lanes(m & 0xFFu)), _mm256_maskload_ps(p + 8, lanes(m >> 8))};
+}
+LLMOPT_INLINE void mask_storeu_ps(float* p, mask16 m, f32x16 a) {
+  _mm256_maskstore_ps(p, lanes(m & 0xFFu), a.lo);
+  _mm256_maskstore_ps(p + 8, lanes(m >> 8), a.hi);
+}
+LLMOPT_INLINE f32x16 maskz_mov_ps(mask16 m, f32x16 a) {
+  return {_mm256_and_ps(_mm256_castsi256_ps(lanes(m & 0xFFu)), a.lo),
+          _mm256_and_ps(_mm256_castsi256_ps(lanes(m >> 8)), a.hi)};
+}
+LLMOPT_INLINE f32x16 load_ph(const void* p) {
+  const __m256i h = _mm256_loadu_si256(static_cast<const __m256i*>(p));
+  return {_mm256_cvtph_ps(_mm256_castsi256_si128(h)),
+          _mm256_cvtph_ps(_mm256_extracti128_si256(h, 1))};
+}
+#define LLMOPT_HALVES_PS(name, op)                                 \
+  LLMOPT_INLINE f32x16 name(f32x16 a, f32x16 b) {                  \
+    return {op(a.lo, b.lo), op(a.hi, b.hi)};                       \
+  }
+LLMOPT_HALVES_PS(add_ps, _mm256_add_ps)
+LLMOPT_HALVES_PS(sub_ps, _mm256_sub_ps)
+LLMOPT_HALVES_PS(mul_ps, _mm256_mul_ps)
+LLMOPT_HALVES_PS(div_ps, _mm256_div_ps)
+LLMOPT_HALVES_PS(max_ps, _mm256_max_ps)
+LLMOPT_HALVES_PS(min_ps, _mm256_min_ps)
+#undef LLMOPT_HALVES_PS
+LLMOPT_INLINE f32x16 abs_ps(f32x16 a) {
+  const __m256 m = _mm256_castsi256_ps(_mm256_set1_epi32(INT32_MAX));
+  return {_mm256_and_ps(a.lo, m), _mm256_and_ps(a.hi, m)};
+}
+LLMOPT_INLINE f32x16 fmadd_ps(f32x16 a, f32x16 b, f32x16 c) {
+  return {_mm256_fmadd_ps(a.lo, b.lo, c.lo), _mm256_fmadd_ps(a.hi, b.hi, c.hi)};
+}
+LLMOPT_INLINE f32x16 fmsub_ps(f32x16 a, f32x16 b, f32x16 c) {
+  return {_mm256_fmsub_ps(a.lo, b.lo, c.lo), _mm256_fmsub_ps(a.hi, b.hi, c.hi)};
+}
+LLMOPT_INLINE f32x16 fnmadd_ps(f32x16 a, f32x16 b, f32x16 c) {
+  return {_mm256_fnmadd_ps(a.lo, b.lo, c.lo), _mm256_fnmadd_ps(a.hi, b.hi, c.hi)};
+}
+LLMOPT_INLINE f32x16 round_ps(f32x16 a) {
+  constexpr int kNearest = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+  return {_mm256_round_ps(a.lo, kNearest), _mm256_round_ps(a.hi, kNearest)};
+}
+// 2^n for integral n in [-126, 127], from its exponent bits
+LLMOPT_INLINE __m256 pow2(__m256i n) {
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(n, _mm256_set1_epi32(127)), 23));
+}
+// a * 2^n as two exact halvings of n (each within float's exponents), one rounding at the end
+// as scalef rounds, for integral n in [-127, 127]
+LLMOPT_INLINE __m256 scalef_half(__m256 a, __m256 n) {
+  const __m256i i = _mm256_cvtps_epi32(n), first = _mm256_srai_epi32(i, 1);
+  return _mm256_mul_ps(_mm256_mul_ps(a, pow2(first)), pow2(_mm256_sub_epi32(i, first)));
+}
+LLMOPT_INLINE f32x16 scalef_ps(f32x16 a, f32x16 n) {
+  return {scalef_half(a.lo, n.lo), scalef_half(a.hi, n.hi)};
+}
+// the reductions in the order GCC's _mm512_reduce_add_ps takes: halves, then quarters, then
+// pairs, then the last two
+LLMOPT_INLINE float reduce_add_ps(f32x16 a) {
+  const __m256 h = _mm256_add_ps(a.hi, a.lo);
+  const __m128 q = _mm_add_ps(_mm256_extractf128_ps(h, 1), _mm256_castps256_ps128(h));
+  const __m128 p = _mm_add_ps(q, _mm_shuffle_ps(q, q, _MM_SHUFFLE(1, 0, 3, 2)));
+  return _mm_cvtss_f32(p) + _mm_cvtss_f32(_mm_shuffle_ps(p, p, _MM_SHUFFLE(3, 2, 0, 1)));
+}
+LLMOPT_INLINE float reduce_max_ps(f32x16 a) {
+  const __m256 h = _mm256_max_ps(a.hi, a.lo);
+  const __m128 q = _mm_max_ps(_mm256_extractf128_ps(h, 1), _mm256_castps256_ps128(h));
+  const __m128 p = _mm_max_ps(q, _mm_shuffle_ps(q, q, _MM_SHUFFLE(1, 0, 3, 2)));
+  return std::max(_mm_cvtss_f32(p), _mm_cvtss_f32(_mm_shuffle_ps(p, p, _MM_SHUFFLE(3, 2, 0, 1))));
+}
+LLMOPT_INLINE f32x16 or_sign_ps(f32x16 y, f32x16 x) {
+  const __m256 bit = _mm256_castsi256_ps(_mm256_set1_epi32(INT32_MIN));
+  return {_mm256_or_ps(y.lo, _mm256_and_ps(x.lo, bit)),
+          _mm256_or_ps(y.hi, _mm256_and_ps(x.hi, bit))};
+}
+
+LLMOPT_INLINE i32x16 setzero_si512() { return {_mm256_setzero_si256(), _mm256_setzero_si256()}; }
+LLMOPT_INLINE i32x16 set1_epi8(char a) { return {_mm256_set1_epi8(a), _mm256_set1_epi8(a)}; }
+LLMOPT_INLINE i32x16 set1_epi32(int32_t a) {
+  return {_mm256_set1_epi32(a), _mm256_set1_epi32(a)};
+}
+LLMOPT_INLINE i32x16 loadu_si512(const void* p) {
+  const auto* v = static_cast<const __m256i*>(p);
+  return {_mm256_loadu_si256(v), _mm256_loadu_si256(v + 1)};
+}
+LLMOPT_INLINE i32x16 and_si512(i32x16 a, i32x16 b) {
+  return {_mm256_and_si256(a.lo, b.lo), _mm256_and_si256(a.hi, b.hi)};
+}
+LLMOPT_INLINE i32x16 srli_epi16(i32x16 a, unsigned n) {
+  const int by = static_cast<int>(n);
+  return {_mm256_srli_epi16(a.lo, by), _mm256_srli_epi16(a.hi, by)};
+}
+LLMOPT_INLINE i32x16 add_epi32(i32x16 a, i32x16 b) {
+  return {_mm256_add_epi32(a.lo, b.lo), _mm256_add_epi32(a.hi, b.hi)};
+}
+LLMOPT_INLINE i32x16 cvtps_epi32(f32x16 a) {
+  return {_mm256_cvtps_epi32(a.lo), _mm256_cvtps_epi32(a.hi)};
+}
+LLMOPT_INLINE f32x16 cvtepi32_ps(i32x16 a) {
+  return {_mm256_cvtepi32_ps(a.lo), _mm256_cvtepi32_ps(a.hi)};
+}
+LLMOPT_INLINE int32_t reduce_add_epi32(i32x16 a) {
+  const __m256i h = _mm256_add_epi32(a.lo, a.hi);
+  __m128i q = _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
+  q = _mm_add_epi32(q, _mm_shuffle_epi32(q, _MM_SHUFFLE(1, 0, 3, 2)));
+  q = _mm_add_epi32(q, _mm_shuffle_epi32(q, _MM_SHUFFLE(2, 3, 0, 1)));
+  return _mm_cvtsi128_si32(q);
+}
+LLMOPT_INLINE void store_epi8(int8_t* p, i32x16 a) {
+  // int32 -> int16 -> int8, each saturating (as int32 -> int8 saturates); packs works within
+  // 128-bit lanes, so the int16 quarters are put back in order before the second
+  const __m256i words = _mm256_permute4x64_epi64(_mm256_packs_epi32(a.lo, a.hi), 0xD8);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p),
+                   _mm_packs_epi16(_mm256_castsi256_si128(words),
+                                   _mm256_extracti128_si256(words, 1)));
+}
+LLMOPT_INLINE __m256i dpbusd_half_nibbles(__m256i acc, __m256i a, __m256i b) {
+  // |a * b| <= 15 * 128 per product: a pair of them never saturates int16
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(a, b),
+                                                 _mm256_set1_epi16(1)));
+}
+LLMOPT_INLINE __m256i dpbusd_half(__m256i acc, __m256i a, __m256i b) {
+  const __m256i low4 = _mm256_set1_epi8(0x0F);
+  const __m256i lo = _mm256_maddubs_epi16(_mm256_and_si256(a, low4), b);
+  const __m256i hi = _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(a, 4), low4), b);
+  return _mm256_add_epi32(acc, _mm256_add_epi32(_mm256_madd_epi16(lo, _mm256_set1_epi16(1)),
+                                                _mm256_madd_epi16(hi, _mm256_set1_epi16(16))));
+}
+LLMOPT_INLINE i32x16 dpbusd_epi32(i32x16 acc, i32x16 a, i32x16 b) {
+  return {dpbusd_half(acc.lo, a.lo, b.lo), dpbusd_half(acc.hi, a.hi, b.hi)};
+}
+LLMOPT_INLINE i32x16 dpbusd_nibbles(i32x16 acc, i32x16 a, i32x16 b) {
+  return {dpbusd_half_nibbles(acc.lo, a.lo, b.lo), dpbusd_half_nibbles(acc.hi, a.hi, b.hi)};
+}
+
+// The prefetches as instructions that touch no memory the compiler tracks: GCC takes
+// _mm_prefetch for a memory access that may alias the kernels' accumulator arrays, and with
+// those arrays of pairs of halves (not vector registers, as on AVX-512) it then stored every
+// accumulator each step of the k loop: MatMulF's 108-row product ran 1.4x slower.
+LLMOPT_INLINE void prefetch_nta(const void* p) { asm("prefetchnta (%0)" : : "r"(p)); }
+LLMOPT_INLINE void prefetch_l2(const void* p) { asm("prefetcht1 (%0)" : : "r"(p)); }
+
+LLMOPT_INLINE bool supported() {
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+         __builtin_cpu_supports("f16c");
+}
+
+#else
+#error "llmopt's kernels need AVX-512 with VNNI, or AVX2 with FMA and F16C (-mavx2 -mfma -mf16c)"
+#endif
+
+}  // namespace simd
+
+
 struct OrtStatus;
 struct OrtApi;
 struct OrtKernelInfo;
@@ -155,61 +439,58 @@ constexpr int stride_bytes(int bits, int scale_bits, bool symmetric) {
 constexpr int kNone = 0, kSiluMul = 1, kGelu = 2;
 
 // exp(x) to about 1e-7 relative: x = n ln2 + r, |r| <= ln2 / 2, a degree-6 polynomial in r
-inline __m512 exp_ps(__m512 x) {
-  x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.0f)), _mm512_set1_ps(-88.0f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f), r);
-  __m512 p = _mm512_set1_ps(1.0f / 720.0f);
+inline simd::f32x16 exp_ps(simd::f32x16 x) {
+  x = simd::max_ps(simd::min_ps(x, simd::set1_ps(88.0f)), simd::set1_ps(-88.0f));
+  const simd::f32x16 n = simd::round_ps(simd::mul_ps(x, simd::set1_ps(1.44269504088896341f)));
+  simd::f32x16 r = simd::fnmadd_ps(n, simd::set1_ps(0.693145751953125f), x);
+  r = simd::fnmadd_ps(n, simd::set1_ps(1.428606765330187e-06f), r);
+  simd::f32x16 p = simd::set1_ps(1.0f / 720.0f);
   for (const float c : {1.0f / 120.0f, 1.0f / 24.0f, 1.0f / 6.0f, 0.5f, 1.0f, 1.0f})
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
-  return _mm512_scalef_ps(p, n);
+    p = simd::fmadd_ps(p, r, simd::set1_ps(c));
+  return simd::scalef_ps(p, n);
 }
 
 // silu(g) * u = g / (1 + exp(-g)) * u: a SwiGLU MLP's gate and up halves
-inline __m512 silu_mul(__m512 g, __m512 u) {
-  const __m512 e = exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), g));
-  return _mm512_mul_ps(_mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), e)), u);
+inline simd::f32x16 silu_mul(simd::f32x16 g, simd::f32x16 u) {
+  const simd::f32x16 e = exp_ps(simd::sub_ps(simd::setzero_ps(), g));
+  return simd::mul_ps(simd::div_ps(g, simd::add_ps(simd::set1_ps(1.0f), e)), u);
 }
 
 // erf(x) to 1.5e-7 (Abramowitz and Stegun 7.1.26): 1 - t (a1 + t (a2 + ...)) exp(-x^2),
 // t = 1 / (1 + p |x|), odd in x
-inline __m512 erf_ps(__m512 x) {
-  const __m512 z = _mm512_abs_ps(x);
-  const __m512 t = _mm512_div_ps(_mm512_set1_ps(1.0f),
-                                 _mm512_fmadd_ps(z, _mm512_set1_ps(0.3275911f), _mm512_set1_ps(1.0f)));
-  __m512 p = _mm512_set1_ps(1.061405429f);
+inline simd::f32x16 erf_ps(simd::f32x16 x) {
+  const simd::f32x16 z = simd::abs_ps(x);
+  const simd::f32x16 t = simd::div_ps(simd::set1_ps(1.0f),
+                                 simd::fmadd_ps(z, simd::set1_ps(0.3275911f), simd::set1_ps(1.0f)));
+  simd::f32x16 p = simd::set1_ps(1.061405429f);
   for (const float c : {-1.453152027f, 1.421413741f, -0.284496736f, 0.254829592f})
-    p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(c));
-  const __m512 e = exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_mul_ps(z, z)));
-  const __m512 y = _mm512_fnmadd_ps(_mm512_mul_ps(p, t), e, _mm512_set1_ps(1.0f));
-  return _mm512_castsi512_ps(_mm512_or_si512(  // copy x's sign onto y
-      _mm512_castps_si512(y),
-      _mm512_and_si512(_mm512_castps_si512(x), _mm512_set1_epi32(INT32_MIN))));
+    p = simd::fmadd_ps(p, t, simd::set1_ps(c));
+  const simd::f32x16 e = exp_ps(simd::sub_ps(simd::setzero_ps(), simd::mul_ps(z, z)));
+  const simd::f32x16 y = simd::fnmadd_ps(simd::mul_ps(p, t), e, simd::set1_ps(1.0f));
+  return simd::or_sign_ps(y, x);  // x's sign onto y
 }
 
 // gelu(x) = x / 2 * (1 + erf(x / sqrt(2))): BERT's (and BiasGelu's) exact GELU
-inline __m512 gelu(__m512 x) {
-  const __m512 e = erf_ps(_mm512_mul_ps(x, _mm512_set1_ps(0.70710678118654752f)));
-  return _mm512_mul_ps(_mm512_mul_ps(x, _mm512_set1_ps(0.5f)),
-                       _mm512_add_ps(e, _mm512_set1_ps(1.0f)));
+inline simd::f32x16 gelu(simd::f32x16 x) {
+  const simd::f32x16 e = erf_ps(simd::mul_ps(x, simd::set1_ps(0.70710678118654752f)));
+  return simd::mul_ps(simd::mul_ps(x, simd::set1_ps(0.5f)),
+                       simd::add_ps(e, simd::set1_ps(1.0f)));
 }
 
 // A product's epilogue on R rows of one output tile: acc (and up, the paired tile of a SwiGLU)
 // plus their bias where there is one (`bias`, `up_bias`: the tiles' 16 values, or nullptr), then
 // the activation.
 template <int R>
-inline void finish(int activation, const float* bias, const float* up_bias, __m512* acc,
-                   __m512* up) {
+inline void finish(int activation, const float* bias, const float* up_bias, simd::f32x16* acc,
+                   simd::f32x16* up) {
   if (bias) {
-    const __m512 b = _mm512_loadu_ps(bias);
-    for (int r = 0; r < R; ++r) acc[r] = _mm512_add_ps(acc[r], b);
+    const simd::f32x16 b = simd::loadu_ps(bias);
+    for (int r = 0; r < R; ++r) acc[r] = simd::add_ps(acc[r], b);
   }
   if (activation == kSiluMul) {
     if (up_bias) {
-      const __m512 b = _mm512_loadu_ps(up_bias);
-      for (int r = 0; r < R; ++r) up[r] = _mm512_add_ps(up[r], b);
+      const simd::f32x16 b = simd::loadu_ps(up_bias);
+      for (int r = 0; r < R; ++r) up[r] = simd::add_ps(up[r], b);
     }
     for (int r = 0; r < R; ++r) acc[r] = silu_mul(acc[r], up[r]);
   } else if (activation == kGelu) {
@@ -227,12 +508,12 @@ struct Out {
 };
 
 inline void store_rows(const Out& out, int64_t row0, int64_t col0, int rows,
-                       const __m512* acc) {
+                       const simd::f32x16* acc) {
   const int64_t part = col0 / out.width, col = col0 - part * out.width;
   const int64_t valid = std::min<int64_t>(kTile, out.width - col);
-  const __mmask16 mask = static_cast<__mmask16>((1u << valid) - 1u);
+  const simd::mask16 mask = static_cast<simd::mask16>((1u << valid) - 1u);
   float* y = out.y[part] + row0 * out.width + col;
-  for (int r = 0; r < rows; ++r) _mm512_mask_storeu_ps(y + r * out.width, mask, acc[r]);
+  for (int r = 0; r < rows; ++r) simd::mask_storeu_ps(y + r * out.width, mask, acc[r]);
 }
 
 struct Work {
@@ -254,18 +535,18 @@ inline const float* tile_bias(const float* bias, int64_t tile) {
 }
 
 template <bool HALF>
-inline __m512 load_scales(const uint8_t* p) {
+inline simd::f32x16 load_scales(const uint8_t* p) {
   if constexpr (HALF)
-    return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+    return simd::load_ph(p);
   else
-    return _mm512_loadu_ps(reinterpret_cast<const float*>(p));
+    return simd::loadu_ps(reinterpret_cast<const float*>(p));
 }
 
 // T consecutive tiles (tile0, tile0 + 1, ...) for rows [row0, row0 + R) into acc[t][r]: each
 // broadcast activation feeds T products and each weight load R. Every (row, tile) sums the same
 // terms in the same order whatever T, R or the rows beside it.
 template <int R, int T, int BITS, bool HALF, bool SYM>
-void tiles_rows(const Work& w, int64_t tile0, int64_t row0, __m512 (*acc)[R]) {
+void tiles_rows(const Work& w, int64_t tile0, int64_t row0, simd::f32x16 (*acc)[R]) {
   constexpr int kStride = stride_bytes(BITS, HALF ? 16 : 32, SYM);
   const uint8_t* base[T];
   for (int t = 0; t < T; ++t) base[t] = w.weights + (tile0 + t) * w.blocks * kStride;
@@ -278,62 +559,61 @@ void tiles_rows(const Work& w, int64_t tile0, int64_t row0, __m512 (*acc)[R]) {
     isum[r] = w.isum + (row0 + r) * w.blocks;
   }
   for (int t = 0; t < T; ++t)
-    for (int r = 0; r < R; ++r) acc[t][r] = _mm512_setzero_ps();
-  const __m512i low4 = _mm512_set1_epi8(0x0F);
+    for (int r = 0; r < R; ++r) acc[t][r] = simd::setzero_ps();
+  const simd::i32x16 low4 = simd::set1_epi8(0x0F);
   for (int64_t b = 0; b < w.blocks; ++b) {
     const uint8_t* blk[T];
     for (int t = 0; t < T; ++t) {
       blk[t] = base[t] + b * kStride;
       if constexpr (T == 1)  // pairs run over many rows: their weights come from cache
         for (int line = 0; line < kStride; line += 64)
-          _mm_prefetch(reinterpret_cast<const char*>(blk[t] + kPrefetchBytes + line),
-                       _MM_HINT_NTA);
+          simd::prefetch_nta(blk[t] + kPrefetchBytes + line);
     }
-    __m512i dot[T][R];
+    simd::i32x16 dot[T][R];
     for (int t = 0; t < T; ++t)
-      for (int r = 0; r < R; ++r) dot[t][r] = _mm512_setzero_si512();
+      for (int r = 0; r < R; ++r) dot[t][r] = simd::setzero_si512();
     if constexpr (BITS == 4) {
       for (int c = 0; c < 4; ++c) {
-        __m512i lo_x[R], hi_x[R];
+        simd::i32x16 lo_x[R], hi_x[R];
         for (int r = 0; r < R; ++r) {
-          lo_x[r] = _mm512_set1_epi32(x4[r][8 * b + 2 * c]);
-          hi_x[r] = _mm512_set1_epi32(x4[r][8 * b + 2 * c + 1]);
+          lo_x[r] = simd::set1_epi32(x4[r][8 * b + 2 * c]);
+          hi_x[r] = simd::set1_epi32(x4[r][8 * b + 2 * c + 1]);
         }
         for (int t = 0; t < T; ++t) {
-          const __m512i v = _mm512_loadu_si512(blk[t] + 64 * c);
-          const __m512i lo = _mm512_and_si512(v, low4);
-          const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
+          const simd::i32x16 v = simd::loadu_si512(blk[t] + 64 * c);
+          const simd::i32x16 lo = simd::and_si512(v, low4);
+          const simd::i32x16 hi = simd::and_si512(simd::srli_epi16(v, 4), low4);
           for (int r = 0; r < R; ++r) {
-            dot[t][r] = _mm512_dpbusd_epi32(dot[t][r], lo, lo_x[r]);
-            dot[t][r] = _mm512_dpbusd_epi32(dot[t][r], hi, hi_x[r]);
+            dot[t][r] = simd::dpbusd_nibbles(dot[t][r], lo, lo_x[r]);
+            dot[t][r] = simd::dpbusd_nibbles(dot[t][r], hi, hi_x[r]);
           }
         }
       }
     } else {
       for (int g = 0; g < 8; ++g) {
-        __m512i xv[R];
-        for (int r = 0; r < R; ++r) xv[r] = _mm512_set1_epi32(x4[r][8 * b + g]);
+        simd::i32x16 xv[R];
+        for (int r = 0; r < R; ++r) xv[r] = simd::set1_epi32(x4[r][8 * b + g]);
         for (int t = 0; t < T; ++t) {
-          const __m512i v = _mm512_loadu_si512(blk[t] + 64 * g);
-          for (int r = 0; r < R; ++r) dot[t][r] = _mm512_dpbusd_epi32(dot[t][r], v, xv[r]);
+          const simd::i32x16 v = simd::loadu_si512(blk[t] + 64 * g);
+          for (int r = 0; r < R; ++r) dot[t][r] = simd::dpbusd_epi32(dot[t][r], v, xv[r]);
         }
       }
     }
     for (int t = 0; t < T; ++t) {
       const uint8_t* scales = blk[t] + codes_bytes(BITS);
-      const __m512 s = load_scales<HALF>(scales);
+      const simd::f32x16 s = load_scales<HALF>(scales);
       if constexpr (SYM) {  // isum holds -zero_point * sx * sum(xq): y += s * (sx * dot + that)
         for (int r = 0; r < R; ++r) {
-          const __m512 u = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[t][r]),
-                                           _mm512_set1_ps(sx[r][b]), _mm512_set1_ps(isum[r][b]));
-          acc[t][r] = _mm512_fmadd_ps(s, u, acc[t][r]);
+          const simd::f32x16 u = simd::fmadd_ps(simd::cvtepi32_ps(dot[t][r]),
+                                           simd::set1_ps(sx[r][b]), simd::set1_ps(isum[r][b]));
+          acc[t][r] = simd::fmadd_ps(s, u, acc[t][r]);
         }
       } else {
-        const __m512 m = load_scales<HALF>(scales + kTile * (HALF ? 2 : 4));
+        const simd::f32x16 m = load_scales<HALF>(scales + kTile * (HALF ? 2 : 4));
         for (int r = 0; r < R; ++r) {
-          __m512 u = _mm512_mul_ps(s, _mm512_cvtepi32_ps(dot[t][r]));
-          u = _mm512_fmadd_ps(m, _mm512_set1_ps(isum[r][b]), u);
-          acc[t][r] = _mm512_fmadd_ps(u, _mm512_set1_ps(sx[r][b]), acc[t][r]);
+          simd::f32x16 u = simd::mul_ps(s, simd::cvtepi32_ps(dot[t][r]));
+          u = simd::fmadd_ps(m, simd::set1_ps(isum[r][b]), u);
+          acc[t][r] = simd::fmadd_ps(u, simd::set1_ps(sx[r][b]), acc[t][r]);
         }
       }
     }
@@ -344,7 +624,7 @@ void tiles_rows(const Work& w, int64_t tile0, int64_t row0, __m512 (*acc)[R]) {
 // one weight stream at a time measured fastest): one tile, or a (gate, up) pair.
 template <int R, int BITS, bool HALF, bool SYM>
 void tile_out(const Work& w, int64_t item, int64_t row0) {
-  __m512 acc[1][R], up[1][R];
+  simd::f32x16 acc[1][R], up[1][R];
   if (w.epilogue == kSiluMul) {
     tiles_rows<R, 1, BITS, HALF, SYM>(w, 2 * item, row0, acc);
     tiles_rows<R, 1, BITS, HALF, SYM>(w, 2 * item + 1, row0, up);
@@ -364,7 +644,7 @@ void tile_out(const Work& w, int64_t item, int64_t row0) {
 template <int R, int BITS, bool HALF, bool SYM>
 void pair_out(const Work& w, int64_t item, int64_t row0) {
   const int64_t tile0 = 2 * item;
-  __m512 acc[2][R];
+  simd::f32x16 acc[2][R];
   if (tile0 + 1 >= w.tiles) {  // an odd last tile (the SiLU epilogue's tiles come in pairs)
     tiles_rows<R, 1, BITS, HALF, SYM>(w, tile0, row0, acc);
     finish<R>(w.epilogue, tile_bias(w.bias, tile0), nullptr, acc[0], acc[0]);
@@ -486,17 +766,17 @@ void quantize_rows(const float* x, int64_t rows, int64_t k, int8_t* xq, float* s
   for (int64_t r = 0; r < rows; ++r) {
     for (int64_t b = 0; b < blocks; ++b) {
       const float* src = x + r * k + b * kBlock;
-      const __m512 a = _mm512_loadu_ps(src), c = _mm512_loadu_ps(src + 16);
-      const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(c)));
+      const simd::f32x16 a = simd::loadu_ps(src), c = simd::loadu_ps(src + 16);
+      const float amax = simd::reduce_max_ps(simd::max_ps(simd::abs_ps(a), simd::abs_ps(c)));
       const float scale = amax / 127.0f;
-      const __m512 inv = _mm512_set1_ps(amax > 0.0f ? 127.0f / amax : 0.0f);
-      const __m512i qa = _mm512_cvtps_epi32(_mm512_mul_ps(a, inv));
-      const __m512i qc = _mm512_cvtps_epi32(_mm512_mul_ps(c, inv));
+      const simd::f32x16 inv = simd::set1_ps(amax > 0.0f ? 127.0f / amax : 0.0f);
+      const simd::i32x16 qa = simd::cvtps_epi32(simd::mul_ps(a, inv));
+      const simd::i32x16 qc = simd::cvtps_epi32(simd::mul_ps(c, inv));
       int8_t* dst = xq + r * k + b * kBlock;
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), _mm512_cvtsepi32_epi8(qa));
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + 16), _mm512_cvtsepi32_epi8(qc));
+      simd::store_epi8(dst, qa);
+      simd::store_epi8(dst + 16, qc);
       sx[r * blocks + b] = scale;
-      const auto sum = static_cast<float>(_mm512_reduce_add_epi32(_mm512_add_epi32(qa, qc)));
+      const auto sum = static_cast<float>(simd::reduce_add_epi32(simd::add_epi32(qa, qc)));
       isum[r * blocks + b] = zero_point ? -static_cast<float>(zero_point) * scale * sum : sum;
     }
   }
@@ -696,22 +976,21 @@ void tile_rows_f(const WorkF& w, int64_t tile0, int64_t row0) {
   for (int t = 0; t < T; ++t) base[t] = w.weights + (tile0 + t) * w.k * kTile;
   const float* x[R];
   for (int r = 0; r < R; ++r) x[r] = w.x + (row0 + r) * w.k;
-  __m512 acc[R][T];
+  simd::f32x16 acc[R][T];
   for (int r = 0; r < R; ++r)
-    for (int t = 0; t < T; ++t) acc[r][t] = _mm512_setzero_ps();
+    for (int t = 0; t < T; ++t) acc[r][t] = simd::setzero_ps();
   for (int64_t k = 0; k < w.k; ++k) {
-    __m512 v[T];
+    simd::f32x16 v[T];
     for (int t = 0; t < T; ++t) {
-      _mm_prefetch(reinterpret_cast<const char*>(base[t] + (k + prefetch_rows_f<R>()) * kTile),
-                   _MM_HINT_T1);
-      v[t] = _mm512_loadu_ps(base[t] + k * kTile);
+      simd::prefetch_l2(base[t] + (k + prefetch_rows_f<R>()) * kTile);
+      v[t] = simd::loadu_ps(base[t] + k * kTile);
     }
     for (int r = 0; r < R; ++r) {
-      const __m512 xv = _mm512_set1_ps(x[r][k]);
-      for (int t = 0; t < T; ++t) acc[r][t] = _mm512_fmadd_ps(xv, v[t], acc[r][t]);
+      const simd::f32x16 xv = simd::set1_ps(x[r][k]);
+      for (int t = 0; t < T; ++t) acc[r][t] = simd::fmadd_ps(xv, v[t], acc[r][t]);
     }
   }
-  __m512 out[R], up[R];
+  simd::f32x16 out[R], up[R];
   if constexpr (T == 2) {
     if (w.epilogue == kSiluMul) {
       for (int r = 0; r < R; ++r) out[r] = acc[r][0], up[r] = acc[r][1];
@@ -729,7 +1008,7 @@ void tile_rows_f(const WorkF& w, int64_t tile0, int64_t row0) {
 
 template <int T>
 void tiles_f(const WorkF& w, int64_t tile0, int64_t row0, int64_t rows) {
-  by_passes<kMaxRows>(row0, rows, [&](auto r, int64_t row) {
+  by_passes<simd::kFloatRows>(row0, rows, [&](auto r, int64_t row) {
     tile_rows_f<decltype(r)::value, T>(w, tile0, row);
   });
 }
@@ -798,26 +1077,26 @@ struct AttentionWork {
   int64_t past(int64_t b) const { return first_prompt ? 0 : seqlens[b] + 1 - seq; }
 };
 
-inline __mmask16 tail_mask(int64_t left) {
-  return static_cast<__mmask16>(left >= 16 ? 0xFFFF : (1u << left) - 1u);
+inline simd::mask16 tail_mask(int64_t left) {
+  return static_cast<simd::mask16>(left >= 16 ? 0xFFFF : (1u << left) - 1u);
 }
 
 inline float dot(const float* a, const float* b, int64_t n) {
-  __m512 acc = _mm512_setzero_ps();
+  simd::f32x16 acc = simd::setzero_ps();
   for (int64_t i = 0; i < n; i += 16) {
-    const __mmask16 m = tail_mask(n - i);
-    acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a + i), _mm512_maskz_loadu_ps(m, b + i), acc);
+    const simd::mask16 m = tail_mask(n - i);
+    acc = simd::fmadd_ps(simd::maskz_loadu_ps(m, a + i), simd::maskz_loadu_ps(m, b + i), acc);
   }
-  return _mm512_reduce_add_ps(acc);
+  return simd::reduce_add_ps(acc);
 }
 
 // y[:n] += p * x[:n]
 inline void add_scaled(float p, const float* x, float* y, int64_t n) {
-  const __m512 pv = _mm512_set1_ps(p);
+  const simd::f32x16 pv = simd::set1_ps(p);
   for (int64_t i = 0; i < n; i += 16) {
-    const __mmask16 m = tail_mask(n - i);
-    _mm512_mask_storeu_ps(y + i, m, _mm512_fmadd_ps(pv, _mm512_maskz_loadu_ps(m, x + i),
-                                                    _mm512_maskz_loadu_ps(m, y + i)));
+    const simd::mask16 m = tail_mask(n - i);
+    simd::mask_storeu_ps(y + i, m, simd::fmadd_ps(pv, simd::maskz_loadu_ps(m, x + i),
+                                                    simd::maskz_loadu_ps(m, y + i)));
   }
 }
 
@@ -845,15 +1124,15 @@ inline bool masked(float top) { return !(top > std::numeric_limits<float>::lowes
 
 // scores[:n] = exp(scores - max) and 1 / their sum
 inline float softmax_in_place(float* scores, int64_t n, float top) {
-  __m512 sum = _mm512_setzero_ps();
-  const __m512 top_v = _mm512_set1_ps(top);
+  simd::f32x16 sum = simd::setzero_ps();
+  const simd::f32x16 top_v = simd::set1_ps(top);
   for (int64_t t = 0; t < n; t += 16) {
-    const __mmask16 m = tail_mask(n - t);
-    const __m512 e = exp_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, scores + t), top_v));
-    _mm512_mask_storeu_ps(scores + t, m, e);
-    sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(m, e));
+    const simd::mask16 m = tail_mask(n - t);
+    const simd::f32x16 e = exp_ps(simd::sub_ps(simd::maskz_loadu_ps(m, scores + t), top_v));
+    simd::mask_storeu_ps(scores + t, m, e);
+    sum = simd::add_ps(sum, simd::maskz_mov_ps(m, e));
   }
-  return 1.0f / _mm512_reduce_add_ps(sum);
+  return 1.0f / simd::reduce_add_ps(sum);
 }
 
 // One (row, head) with head_dim = 16 * C: the query and the output in registers, each key and
@@ -866,34 +1145,34 @@ void attend_head(const AttentionWork& w, int64_t b, int64_t h, float* scores) {
     const float* q = w.q + (b * w.seq + s) * w.q_stride + h * w.dim;
     const int64_t n = std::min(v.past + s + 1, v.length);  // causal, within the row
     const float* bias = v.bias ? v.bias + s * w.total : nullptr;
-    __m512 qv[C];
-    for (int c = 0; c < C; ++c) qv[c] = _mm512_loadu_ps(q + 16 * c);
+    simd::f32x16 qv[C];
+    for (int c = 0; c < C; ++c) qv[c] = simd::loadu_ps(q + 16 * c);
     float top = -INFINITY;
     for (int64_t t = 0; t < n; ++t) {
       const float* k = v.keys + t * w.dim;
-      __m512 a = _mm512_mul_ps(qv[0], _mm512_loadu_ps(k));
-      for (int c = 1; c < C; ++c) a = _mm512_fmadd_ps(qv[c], _mm512_loadu_ps(k + 16 * c), a);
-      float x = _mm512_reduce_add_ps(a) * w.scale;
+      simd::f32x16 a = simd::mul_ps(qv[0], simd::loadu_ps(k));
+      for (int c = 1; c < C; ++c) a = simd::fmadd_ps(qv[c], simd::loadu_ps(k + 16 * c), a);
+      float x = simd::reduce_add_ps(a) * w.scale;
       if (bias) x += bias[t];
       scores[t] = x;
       top = std::max(top, x);
     }
     float* out = w.out + (b * w.seq + s) * width + h * w.dim;
     if (masked(top)) {
-      for (int c = 0; c < C; ++c) _mm512_storeu_ps(out + 16 * c, _mm512_setzero_ps());
+      for (int c = 0; c < C; ++c) simd::storeu_ps(out + 16 * c, simd::setzero_ps());
       continue;
     }
     const float inv = softmax_in_place(scores, n, top);
-    __m512 acc[C];
-    for (int c = 0; c < C; ++c) acc[c] = _mm512_setzero_ps();
+    simd::f32x16 acc[C];
+    for (int c = 0; c < C; ++c) acc[c] = simd::setzero_ps();
     for (int64_t t = 0; t < n; ++t) {
-      const __m512 p = _mm512_set1_ps(scores[t]);
+      const simd::f32x16 p = simd::set1_ps(scores[t]);
       const float* value = v.values + t * w.dim;
       for (int c = 0; c < C; ++c)
-        acc[c] = _mm512_fmadd_ps(p, _mm512_loadu_ps(value + 16 * c), acc[c]);
+        acc[c] = simd::fmadd_ps(p, simd::loadu_ps(value + 16 * c), acc[c]);
     }
-    const __m512 inv_v = _mm512_set1_ps(inv);
-    for (int c = 0; c < C; ++c) _mm512_storeu_ps(out + 16 * c, _mm512_mul_ps(acc[c], inv_v));
+    const simd::f32x16 inv_v = simd::set1_ps(inv);
+    for (int c = 0; c < C; ++c) simd::storeu_ps(out + 16 * c, simd::mul_ps(acc[c], inv_v));
   }
 }
 
@@ -914,7 +1193,7 @@ void attend_any(const AttentionWork& w, int64_t b, int64_t h, float* scores) {
       top = std::max(top, x);
     }
     for (int64_t d = 0; d < w.dim; d += 16)
-      _mm512_mask_storeu_ps(out + d, tail_mask(w.dim - d), _mm512_setzero_ps());
+      simd::mask_storeu_ps(out + d, tail_mask(w.dim - d), simd::setzero_ps());
     if (masked(top)) continue;
     const float inv = softmax_in_place(scores, n, top);
     for (int64_t t = 0; t < n; ++t) add_scaled(scores[t] * inv, v.values + t * w.dim, out, w.dim);
@@ -941,10 +1220,10 @@ void rotate(const float* x, const float* c, const float* s, float* y, int64_t di
   } else {
     int64_t i = 0;
     for (; i + 16 <= half; i += 16) {
-      const __m512 a = _mm512_loadu_ps(x + i), b = _mm512_loadu_ps(x + half + i);
-      const __m512 cv = _mm512_loadu_ps(c + i), sv = _mm512_loadu_ps(s + i);
-      _mm512_storeu_ps(y + i, _mm512_fmsub_ps(a, cv, _mm512_mul_ps(b, sv)));
-      _mm512_storeu_ps(y + half + i, _mm512_fmadd_ps(a, sv, _mm512_mul_ps(b, cv)));
+      const simd::f32x16 a = simd::loadu_ps(x + i), b = simd::loadu_ps(x + half + i);
+      const simd::f32x16 cv = simd::loadu_ps(c + i), sv = simd::loadu_ps(s + i);
+      simd::storeu_ps(y + i, simd::fmsub_ps(a, cv, simd::mul_ps(b, sv)));
+      simd::storeu_ps(y + half + i, simd::fmadd_ps(a, sv, simd::mul_ps(b, cv)));
     }
     for (; i < half; ++i) rotate_pair(x[i], x[half + i], c[i], s[i], y + i, y + half + i);
   }
@@ -1239,13 +1518,15 @@ struct OrtApiBase {
   const char* (*GetVersionString)();
 };
 
-// 1 when this CPU runs the kernel (AVX-512 F/BW/VL with VNNI and F16C), else 0.
+// 1 when this CPU runs this build of the kernels (AVX-512 F/BW/VL with VNNI and F16C, or AVX2
+// with FMA and F16C), else 0.
 __attribute__((visibility("default"))) int llmopt_kernels_supported() {
   __builtin_cpu_init();
-  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni") &&
-         __builtin_cpu_supports("f16c");
+  return simd::supported();
 }
+
+// the instruction set this build is for: "avx512" or "avx2"
+__attribute__((visibility("default"))) const char* llmopt_kernels_isa() { return simd::kIsa; }
 
 // Reference entry for tests: y = MatMulQ(x) (+ bias unless nullptr) without ONNX Runtime (one
 // thread).

@@ -9,8 +9,8 @@ read its activations, wrote its block sums, and launched four kernels. ``MatMulQ
 ``x @ w`` for affine blocks ``w = s * q + m`` in one pass over the weights: 4- or 8-bit codes in
 blocks of 32, ``s`` and ``m`` beside them (float16 where that holds them exactly, as GGUF's do,
 else float32: :func:`scale_bits`), activations rounded to int8 per block as
-MatMulNBits rounds them at accuracy level 4 (``INT8_COMPUTE``), AVX-512 VNNI dot products, the
-session's own thread pool.
+MatMulNBits rounds them at accuracy level 4 (``INT8_COMPUTE``), integer dot products (AVX-512
+VNNI, or AVX2), the session's own thread pool.
 
 ``MatMulF`` is the float32 product for a few rows (a decode step), the weights in tiles of 16
 columns read once per pass of up to 8 rows; ONNX Runtime's MatMul reads them at a lower rate
@@ -22,9 +22,12 @@ nodes when it has them, becomes one ``MatMulQ`` over the same codes (same weight
 activation rounding), every MatMul by a float32 weight one ``MatMulF``. Both compute each row
 on its own, in the same order whatever the batch (the serving engine's batch invariance holds).
 The library is compiled from its one source file on first use with the system C++ compiler and
-cached
-(``~/.cache/llmopt/kernels``); where there is no compiler, no AVX-512 VNNI or an ONNX Runtime
-older than 1.17, the package runs as before and :func:`unavailable` says why.
+cached (``~/.cache/llmopt/kernels``), for the best instruction set this CPU has (:data:`ISAS`:
+AVX-512 with VNNI, else AVX2 with FMA and F16C; the two builds compute the same floats);
+where there is no compiler, neither instruction set or an ONNX Runtime older than 1.17, the
+package runs as before and :func:`unavailable` says why. ``LLMOPT_KERNELS_ISA=avx2`` picks the
+AVX2 build on a CPU that has both (to compare them), ``none`` turns the kernels off in every
+session of the process (to measure ONNX Runtime's own).
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -55,8 +58,17 @@ ATTENTION_OP = "GroupAttention"
 NONE, SILU_MUL, GELU = 0, 1, 2  # the kernels' ``activation``: what follows the product
 FLOAT = 1  # onnx.TensorProto.FLOAT
 BLOCK, TILE = 32, 16
-FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-fvisibility=hidden", "-mavx512f",
-         "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mf16c", "-mfma")
+FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-fvisibility=hidden")
+# The builds of the library, best first: each one's compiler flags and the CPU flags
+# (/proc/cpuinfo's names) it needs. AVX2 runs each 16-lane vector as two halves and has no VNNI
+# (Zen 3, 2 threads: SmolLM2's int4 decode step 9.4 ms against 15.2 on ONNX Runtime's kernels
+# and 11.0 for GenAI's int4 graph; bench/results/int4_step_zen3.md).
+ISAS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "avx512": (("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mf16c", "-mfma"),
+               ("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "f16c")),
+    "avx2": (("-mavx2", "-mfma", "-mf16c"), ("avx2", "fma", "f16c")),
+}
+ISA_ENV = "LLMOPT_KERNELS_ISA"
 BUILD_TIMEOUT_S = 300
 
 
@@ -75,14 +87,14 @@ def compiler() -> str | None:
     return None
 
 
-def _compile(cxx: str, target: Path) -> str | None:
+def _compile(cxx: str, flags: tuple[str, ...], target: Path) -> str | None:
     """Build the library into ``target``; None, or what went wrong (an unwritable cache
     included: set LLMOPT_CACHE to a writable folder)."""
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
             out = Path(tmp) / target.name
-            done = subprocess.run([cxx, *FLAGS, "-o", str(out), str(SOURCE)],
+            done = subprocess.run([cxx, *flags, "-o", str(out), str(SOURCE)],
                                   capture_output=True, text=True, timeout=BUILD_TIMEOUT_S,
                                   check=False)
             if done.returncode != 0:
@@ -94,27 +106,77 @@ def _compile(cxx: str, target: Path) -> str | None:
     return None
 
 
+def cpu_flags() -> set[str] | None:
+    """The CPU's feature flags as /proc/cpuinfo names them, or None where it does not say."""
+    try:
+        with Path("/proc/cpuinfo").open(encoding="utf-8") as info:
+            for line in info:
+                if line.startswith("flags"):
+                    return set(line.partition(":")[2].split())
+    except OSError:
+        pass
+    return None
+
+
+def _candidates() -> tuple[list[str], str | None]:
+    """The builds to try, best first, or (nothing, why) when LLMOPT_KERNELS_ISA names none."""
+    wanted = os.environ.get(ISA_ENV, "").strip().lower()
+    if wanted == "none":
+        return [], f"{ISA_ENV}=none turns them off"
+    if wanted and wanted not in ISAS:
+        return [], f"{ISA_ENV}={wanted!r} is not one of {', '.join(ISAS)} or none"
+    names = [wanted] if wanted else list(ISAS)
+    flags = cpu_flags()
+    if flags is not None and not wanted:  # skip building what this CPU plainly cannot run
+        names = [name for name in names if set(ISAS[name][1]) <= flags] or names[-1:]
+    return names, None
+
+
+class Built(NamedTuple):
+    library: Path | None  # None: it cannot run here, and `why` says why
+    isa: str | None
+    why: str | None
+
+
+def build(isa: str) -> Built:
+    """The library built for ``isa`` (a key of :data:`ISAS`), cached, and whether this CPU runs
+    it."""
+    cxx = compiler()
+    if cxx is None:
+        return Built(None, None, "no C++ compiler found (set CXX, or install g++)")
+    flags = FLAGS + ISAS[isa][0]
+    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join((cxx, *flags)).encode())
+    target = cache_dir() / digest.hexdigest()[:16] / "libllmopt_kernels.so"
+    failed = None if target.is_file() else _compile(cxx, flags, target)
+    if failed:
+        return Built(None, None, failed)
+    try:
+        supported = ctypes.CDLL(str(target)).llmopt_kernels_supported()
+    except OSError as exc:
+        return Built(None, None, f"loading {target} failed: {exc}")
+    if not supported:
+        return Built(None, None, f"this CPU cannot run the {isa} build (it needs "
+                                 f"{', '.join(ISAS[isa][1])})")
+    return Built(target, isa, None)
+
+
 @functools.lru_cache(maxsize=1)
-def _built() -> tuple[Path | None, str | None]:
-    """(the library, None) or (None, why not)."""
+def _built() -> Built:
+    """The best build this CPU runs (or the one LLMOPT_KERNELS_ISA names)."""
     import onnxruntime as ort
 
     version = tuple(int(p) for p in ort.__version__.split(".")[:2] if p.isdigit())
     if version < (1, 17):
-        return None, f"onnxruntime {ort.__version__} is older than 1.17 (no ParallelFor)"
-    cxx = compiler()
-    if cxx is None:
-        return None, "no C++ compiler found (set CXX, or install g++)"
-    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join((cxx, *FLAGS)).encode())
-    target = cache_dir() / digest.hexdigest()[:16] / "libllmopt_kernels.so"
-    failed = None if target.is_file() else _compile(cxx, target)
-    if failed:
-        return None, failed
-    try:
-        supported = ctypes.CDLL(str(target)).llmopt_kernels_supported()
-    except OSError as exc:
-        return None, f"loading {target} failed: {exc}"
-    return (target, None) if supported else (None, "this CPU lacks AVX-512 VNNI (or F16C)")
+        return Built(None, None,
+                     f"onnxruntime {ort.__version__} is older than 1.17 (no ParallelFor)")
+    names, wrong = _candidates()
+    why = [wrong] if wrong else []
+    for isa in names:
+        built = build(isa)
+        if built.library is not None:
+            return built
+        why.append(str(built.why))
+    return Built(None, None, "; ".join(why))
 
 
 def usable_cpus() -> int:
@@ -125,12 +187,18 @@ def usable_cpus() -> int:
 
 def library() -> Path | None:
     """The built kernel library, or None where it cannot run (see :func:`unavailable`)."""
-    return _built()[0]
+    return _built().library
+
+
+def isa() -> str | None:
+    """The instruction set the library was built for ("avx512" or "avx2"), or None where it
+    cannot run."""
+    return _built().isa
 
 
 def unavailable() -> str | None:
     """Why the kernel library cannot run here, or None when it can."""
-    return _built()[1]
+    return _built().why
 
 
 # -- weights ---------------------------------------------------------------------------------------
@@ -721,7 +789,8 @@ def kernel_graph(package: Any, options: Any) -> KernelGraph | None:
     if library() is None:
         if options.kernels:
             raise ProviderError(f"llmopt's CPU kernels cannot run here: {unavailable()}",
-                                fix="install a C++ compiler (g++) on an AVX-512 VNNI CPU, or "
+                                fix="install a C++ compiler (g++) on a CPU with AVX-512 VNNI or "
+                                "AVX2, or "
                                 "pass CPUOptions(kernels=False) to run on ONNX Runtime's "
                                 "kernels only")
         log.info("llmopt CPU kernels off: %s", unavailable())

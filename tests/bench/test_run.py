@@ -15,6 +15,7 @@ import pytest
 from llmopt.bench import parse_config, run_bench
 from llmopt.bench.schema import SCHEMA
 from llmopt.cli.main import main
+from llmopt.runtime import kernels
 
 FAST = {"warmup": 0, "repetitions": 2, "max_seconds_per_point": 30}
 
@@ -62,6 +63,9 @@ def test_records_hold_consistent_measurements(cli_run: Path) -> None:
     fp = results["fingerprint"]
     assert fp["cpu"]["logical_cores"] >= 1 and "avx2" in fp["cpu"]["isa"]
     assert len(fp["load_average"]) == 3 and fp["versions"]["llmopt"]
+    # which build of llmopt's kernels ran: two runs on one machine can differ by it
+    assert fp["cpu_kernels"] == (kernels.isa() or f"off: {kernels.unavailable()}")
+    assert f"llmopt CPU kernels: {fp['cpu_kernels']}" in (cli_run / "summary.md").read_text()
     for rec in results["records"]:
         m, w = rec["metrics"], rec["workload"]
         sequences = w["batch_size"] * w["concurrency"] * rec["rounds"]

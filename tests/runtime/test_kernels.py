@@ -45,10 +45,12 @@ def out_columns(n: int, activation: int) -> int:
 
 
 def reference(entry: str, x: np.ndarray, blob: np.ndarray, n: int, activation: int,
-              bias: np.ndarray | None, *attributes: int) -> np.ndarray:
+              bias: np.ndarray | None, *attributes: int, library: Path | None = None
+              ) -> np.ndarray:
     """y from the library's one-thread reference ``entry``: (x, rows, K, weights, N,
-    *attributes, bias, y), the attributes as C ints."""
-    lib = ctypes.CDLL(str(kernels.library()))
+    *attributes, bias, y), the attributes as C ints; the library this CPU's runtime uses unless
+    ``library`` names another build."""
+    lib = ctypes.CDLL(str(library or kernels.library()))
     x = np.ascontiguousarray(x, np.float32)
     rows, k = x.shape
     y = np.zeros((rows, out_columns(n, activation)), np.float32)
@@ -61,14 +63,15 @@ def reference(entry: str, x: np.ndarray, blob: np.ndarray, n: int, activation: i
 
 def reference_call(x: np.ndarray, blob: np.ndarray, n: int, bits: int, scale_bits: int,
                    activation: int = kernels.NONE, zero_point: int = 0,
-                   bias: np.ndarray | None = None) -> np.ndarray:
+                   bias: np.ndarray | None = None, library: Path | None = None) -> np.ndarray:
     return reference("llmopt_matmul_q", x, blob, n, activation, bias, bits, scale_bits,
-                     activation, zero_point)
+                     activation, zero_point, library=library)
 
 
 def reference_float(x: np.ndarray, blob: np.ndarray, n: int, activation: int = kernels.NONE,
-                    bias: np.ndarray | None = None) -> np.ndarray:
-    return reference("llmopt_matmul_f", x, blob, n, activation, bias, activation)
+                    bias: np.ndarray | None = None, library: Path | None = None) -> np.ndarray:
+    return reference("llmopt_matmul_f", x, blob, n, activation, bias, activation,
+                     library=library)
 
 
 @needs_kernels
@@ -119,6 +122,90 @@ def test_the_float_kernel_computes_the_product(rows: int, k: int, n: int) -> Non
     np.testing.assert_allclose(y, x.astype(np.float64) @ weight, rtol=1e-5, atol=1e-5)
     # a row's result does not depend on the rows computed beside it
     np.testing.assert_array_equal(reference_float(x[-1:], blob, n)[0], y[-1])
+
+
+@pytest.fixture(scope="module")
+def builds() -> dict[str, Path]:
+    """Every build of the library this CPU runs: AVX2 on every x86 CPU with the kernels, AVX-512
+    beside it where the CPU has VNNI."""
+    if kernels.library() is None:
+        pytest.skip(f"llmopt's CPU kernels: {kernels.unavailable()}")
+    runs = {isa: kernels.build(isa).library for isa in kernels.ISAS}
+    return {isa: library for isa, library in runs.items() if library is not None}
+
+
+@pytest.mark.parametrize("activation", [kernels.NONE, kernels.SILU_MUL, kernels.GELU])
+def test_every_build_this_cpu_runs_computes_the_same_floats(builds: dict[str, Path],
+                                                            activation: int) -> None:
+    """The AVX2 build runs each 16-lane vector as two halves, its int8 dot products without
+    VNNI (8-bit codes as two nibbles, so no int16 pair saturates): each build is the product
+    of the blocks with the rounded input, and where the CPU runs both they agree to the bit
+    (same integer sums, same float operations in the same order), rows across the 8-row and
+    4-row passes, codes across their whole range, a bias and each epilogue."""
+    assert "avx2" in builds  # every CPU with the AVX-512 build has AVX2 too
+    rng = np.random.default_rng(activation)
+    k, n = 96, 64
+    nblocks = k // kernels.BLOCK
+    x = rng.standard_normal((13, k)).astype(np.float32) * 3
+    x[2, :kernels.BLOCK] = 0
+    bias = kernels.pack_bias(rng.standard_normal(n).astype(np.float32))
+    weight = rng.standard_normal((k, n)).astype(np.float32) * 0.3
+    blobs = []  # (packed blocks, bits, scale bits, zero point, the blocks as floats)
+    for bits in (4, 8):
+        codes = rng.integers(0, 1 << bits, (n, nblocks, kernels.BLOCK)).astype(np.uint8)
+        codes[0, 0] = (1 << bits) - 1  # the largest code against each block's largest input
+        scales = (rng.random((n, nblocks)) * 0.05).astype(np.float16).astype(np.float32)
+        offsets = (rng.standard_normal((n, nblocks)) * 0.1).astype(np.float16).astype(np.float32)
+        middle = 1 << (bits - 1)
+        blobs += [
+            (kernels.pack(codes, scales, offsets, bits, 16), bits, 16, 0,
+             (codes * scales[..., None] + offsets[..., None]).reshape(n, k)),
+            (kernels.pack(codes, scales, None, bits, 32), bits, 32, middle,
+             ((codes.astype(np.float32) - middle) * scales[..., None]).reshape(n, k)),
+        ]
+    results = {}
+    for isa, library in builds.items():
+        ys = [reference_float(x, kernels.pack_float(weight), n, activation, bias,
+                              library=library)]
+        ys += [reference_call(x, blob, n, bits, precision, activation, zero_point, bias,
+                              library=library)
+               for blob, bits, precision, zero_point, _ in blobs]
+        results[isa] = ys
+        if activation == kernels.NONE:
+            np.testing.assert_allclose(ys[0], x.astype(np.float64) @ weight + bias[:n],
+                                       rtol=1e-5, atol=1e-5)
+            for y, (_, _, _, _, blocks) in zip(ys[1:], blobs, strict=True):
+                want = int8_rounded(x) @ blocks.T + bias[:n]
+                np.testing.assert_allclose(y, want, rtol=1e-4,
+                                           atol=1e-4 * float(np.abs(want).max()))
+    for isa, ys in results.items():
+        for mine, theirs in zip(ys, results["avx2"], strict=True):
+            np.testing.assert_array_equal(mine, theirs, err_msg=f"{isa} against avx2")
+
+
+def test_the_kernels_build_for_the_instruction_set_asked_for(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """LLMOPT_KERNELS_ISA picks a build (the AVX2 one on a CPU that has both) or none; a name
+    that is no build is a reason, naming the choices, not a crash."""
+    if kernels.library() is None:
+        pytest.skip(f"llmopt's CPU kernels: {kernels.unavailable()}")
+    kernels._built.cache_clear()
+    try:
+        monkeypatch.setenv(kernels.ISA_ENV, "avx2")
+        assert kernels.isa() == "avx2" and kernels.library() is not None
+        lib = ctypes.CDLL(str(kernels.library()))
+        lib.llmopt_kernels_isa.restype = ctypes.c_char_p
+        assert lib.llmopt_kernels_isa() == b"avx2"
+        kernels._built.cache_clear()
+        monkeypatch.setenv(kernels.ISA_ENV, "sse")
+        assert kernels.library() is None and kernels.isa() is None
+        assert "'sse' is not one of avx512, avx2 or none" in str(kernels.unavailable())
+        kernels._built.cache_clear()
+        monkeypatch.setenv(kernels.ISA_ENV, "none")
+        assert kernels.library() is None and "none turns them off" in str(kernels.unavailable())
+    finally:
+        monkeypatch.delenv(kernels.ISA_ENV)
+        kernels._built.cache_clear()
 
 
 def silu_mul(y: np.ndarray) -> np.ndarray:
@@ -417,7 +504,8 @@ def test_the_huge_page_store_works_without_private_mappings(
 
 def test_required_kernels_that_cannot_run_are_an_error(packages: dict[str, Path],
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(kernels, "_built", lambda: (None, "no C++ compiler found"))
+    monkeypatch.setattr(kernels, "_built",
+                        lambda: kernels.Built(None, None, "no C++ compiler found"))
     with pytest.raises(ProviderError, match=r"no C\+\+ compiler found") as raised:
         load(packages["int4"], kernels=True)
     assert "kernels=False" in str(raised.value.fix)
@@ -432,7 +520,7 @@ def test_a_failed_build_says_what_the_compiler_said(monkeypatch: pytest.MonkeyPa
     monkeypatch.setattr(kernels, "compiler", lambda: "false")
     kernels._built.cache_clear()
     try:
-        path, reason = kernels._built()
+        path, _, reason = kernels._built()
         assert path is None and reason is not None and "failed" in reason
     finally:
         kernels._built.cache_clear()
@@ -445,7 +533,7 @@ def test_an_unwritable_cache_is_a_reason_not_a_crash(monkeypatch: pytest.MonkeyP
     monkeypatch.setenv("LLMOPT_CACHE", str(blocked))
     kernels._built.cache_clear()
     try:
-        path, reason = kernels._built()
+        path, _, reason = kernels._built()
         assert path is None and reason is not None and str(blocked) in reason
     finally:
         kernels._built.cache_clear()

@@ -56,7 +56,8 @@ def to_markdown(results: dict[str, Any]) -> str:
         "",
         f"- Machine: {cpu['model']}, {cpu.get('usable_cores')} usable cores, "
         f"{(fp.get('memory_bytes') or 0) / 2**30:.0f} GiB; GPU: {gpus}",
-        f"- ISA: {isa}",
+        f"- ISA: {isa}" + (f"; llmopt CPU kernels: {fp['cpu_kernels']}"
+                           if fp.get("cpu_kernels") else ""),
         f"- Load average (1/5/15 min) at start: {fp.get('load_average')}, at end: "
         f"{fp.get('load_average_end')}",
         f"- llmopt {versions.get('llmopt')}, onnxruntime {ort}, torch {versions.get('torch')}, "
