@@ -109,9 +109,9 @@ class QuantizeOptions:
     def int8_encoder(cls, smooth_alpha: float | None = 0.5,
                      keep_float: tuple[str, ...] = ENCODER_KEEP_FLOAT,
                      split_activations: bool = False) -> QuantizeOptions:
-        """Integer GEMMs for encoders, the faster encoder int8 where llmopt's CPU kernels
-        cannot run (no AVX-512 VNNI; where they run, :meth:`int8` is both faster and more
-        faithful, and the default): activations in int8
+        """Integer GEMMs for encoders, the faster encoder int8 on a CPU without AVX-512 VNNI
+        (where it has it, :meth:`int8` on llmopt's kernels is both faster and more faithful,
+        and the default): activations in int8
         with a scale per token, weights per output channel, SmoothQuant scaling (strength
         ``smooth_alpha``, calibrated on the built-in corpus) and layer 3's FFN
         down-projection in float (the most sensitive MatMul of MiniLM-L6 in a per-MatMul
