@@ -63,6 +63,7 @@ namespace simd {
 constexpr const char* kIsa = "avx512";
 // MatMulF's rows per pass over a pair of tiles: 8 x 2 accumulators of the 32 registers
 constexpr int kFloatRows = 8;
+constexpr int kFloatTileRows = 0;  // (AVX2 only: see there)
 using f32x16 = __m512;
 using i32x16 = __m512i;  // 16 int32, or 64 bytes where an operation reads bytes
 using mask16 = __mmask16;
@@ -151,6 +152,10 @@ constexpr const char* kIsa = "avx2";
 // thread, Zen 3, K 576, N 1536: 108 rows 6.3 ms in passes of 8 rows, 4.1 in passes of 3;
 // 8 rows 0.45 -> 0.31 ms; MatMulQ's passes measured best as on AVX-512)
 constexpr int kFloatRows = 3;
+// and over a single tile, for a prompt's products without the SwiGLU epilogue (which needs its
+// pair): 6 x 2 halves, as ONNX Runtime's AVX2 SGEMM holds 6 x 16 (108 rows 1.17x in two
+// interleaved runs against passes of 3 over the pair)
+constexpr int kFloatTileRows = 6;
 struct f32x16 { __m256 lo, hi; };   // lanes 0-7, 8-15
 struct i32x16 { __m256i lo, hi; };  // int32 lanes 0-7 (bytes 0-31), 8-15 (bytes 32-63)
 using mask16 = uint16_t;
@@ -1008,14 +1013,24 @@ void tile_rows_f(const WorkF& w, int64_t tile0, int64_t row0) {
 
 template <int T>
 void tiles_f(const WorkF& w, int64_t tile0, int64_t row0, int64_t rows) {
-  by_passes<simd::kFloatRows>(row0, rows, [&](auto r, int64_t row) {
+  constexpr int kRows = T == 1 && simd::kFloatTileRows ? simd::kFloatTileRows : simd::kFloatRows;
+  by_passes<kRows>(row0, rows, [&](auto r, int64_t row) {
     tile_rows_f<decltype(r)::value, T>(w, tile0, row);
   });
 }
 
-// item i: tiles 2i and 2i + 1 (the last item may hold one) of rows [row0, row0 + rows)
+// item i: tiles 2i and 2i + 1 (the last item may hold one) of rows [row0, row0 + rows); on AVX2
+// a prompt's (more than 8 rows) one tile after the other, in passes of more rows. A row's
+// result is the same either way: one accumulator per tile, summed in k order.
 void pair_f(const WorkF& w, int64_t i, int64_t row0, int64_t rows) {
   const int64_t tile0 = 2 * i;
+  if constexpr (simd::kFloatTileRows > 0) {
+    if (tile0 + 1 < w.tiles && w.epilogue != kSiluMul && rows > kMaxRows) {
+      tiles_f<1>(w, tile0, row0, rows);
+      tiles_f<1>(w, tile0 + 1, row0, rows);
+      return;
+    }
+  }
   if (tile0 + 1 < w.tiles)
     tiles_f<2>(w, tile0, row0, rows);
   else
