@@ -51,9 +51,8 @@ namespace {
 // of 256-bit halves, and every lane gets the same operations in the same order: the int8 dot
 // products are exact integers either way and the float arithmetic is the same fused
 // multiply-adds and additions, so the two builds compute the same floats (the tests hold them
-// to it). AVX2 has no VNNI: dpbusd is two vpmaddubsw (u8 x s8 into saturating int16 pairs,
-// here kept below saturation by splitting the u8 into nibbles) and vpmaddwd; a 4-bit code is
-// one nibble already (dpbusd_nibbles: one vpmaddubsw).
+// to it). AVX2 has no VNNI: a block's dot products (BlockDot) are vpmaddubsw into int16 pairs,
+// kept below saturation by taking the codes a nibble at a time, and one vpmaddwd per block.
 namespace simd {
 
 #define LLMOPT_INLINE inline __attribute__((always_inline))
@@ -123,14 +122,21 @@ LLMOPT_INLINE int32_t reduce_add_epi32(i32x16 a) { return _mm512_reduce_add_epi3
 LLMOPT_INLINE void store_epi8(int8_t* p, i32x16 a) {
   _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm512_cvtsepi32_epi8(a));
 }
-// acc + the sums of 4 products of unsigned bytes of a by the signed bytes of b, per int32 lane
-LLMOPT_INLINE i32x16 dpbusd_epi32(i32x16 acc, i32x16 a, i32x16 b) {
-  return _mm512_dpbusd_epi32(acc, a, b);
+// A block's integer dot products, 16 int32 lanes each summing the products of 4-byte groups
+// of unsigned codes by signed activations: block_add(acc, codes, x) adds a group's (codes of
+// 16 columns, x 4 activations broadcast), block_add_nibbles the same where every code is below
+// 16, and block_sum_of<BYTES>(acc) gives the int32 sums. At most 8 groups per block (32 k). Here each
+// add is one dpbusd.
+using BlockDot = i32x16;
+LLMOPT_INLINE BlockDot block_zero() { return _mm512_setzero_si512(); }
+LLMOPT_INLINE BlockDot block_add(BlockDot acc, i32x16 codes, i32x16 x) {
+  return _mm512_dpbusd_epi32(acc, codes, x);
 }
-// the same where every byte of a is below 16
-LLMOPT_INLINE i32x16 dpbusd_nibbles(i32x16 acc, i32x16 a, i32x16 b) {
-  return _mm512_dpbusd_epi32(acc, a, b);
+LLMOPT_INLINE BlockDot block_add_nibbles(BlockDot acc, i32x16 codes, i32x16 x) {
+  return _mm512_dpbusd_epi32(acc, codes, x);
 }
+template <bool BYTES>  // (the codes were bytes, not nibbles: the same here)
+LLMOPT_INLINE i32x16 block_sum_of(BlockDot acc) { return acc; }
 
 LLMOPT_INLINE void prefetch_nta(const void* p) {
   _mm_prefetch(static_cast<const char*>(p), _MM_HINT_NTA);
@@ -293,23 +299,37 @@ LLMOPT_INLINE void store_epi8(int8_t* p, i32x16 a) {
                    _mm_packs_epi16(_mm256_castsi256_si128(words),
                                    _mm256_extracti128_si256(words, 1)));
 }
-LLMOPT_INLINE __m256i dpbusd_half_nibbles(__m256i acc, __m256i a, __m256i b) {
-  // |a * b| <= 15 * 128 per product: a pair of them never saturates int16
-  return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(a, b),
-                                                 _mm256_set1_epi16(1)));
+// No VNNI: vpmaddubsw multiplies unsigned by signed bytes and adds each pair into an int16,
+// saturating. Codes below 16 against activations of at most 127 in magnitude give pairs of at
+// most 2 * 15 * 127 = 3810, so a block's 8 groups of 4-bit codes add up in int16 (30480 at
+// most) without saturating, and one vpmaddwd per block makes the int32 sums (SmolLM2's shapes,
+// one thread: 1.10-1.13x against a vpmaddwd per group). An 8-bit code is its two nibbles,
+// whose products go to int32 at once, the high ones' times 16 (kept as int16 across the
+// block, the two accumulators per row and column spilled out of AVX2's 16 registers: 0.70x).
+struct BlockDot {
+  i32x16 sums;  // int16 pair sums for 4-bit codes, int32 sums for 8-bit ones
+};
+LLMOPT_INLINE BlockDot block_zero() { return {setzero_si512()}; }
+LLMOPT_INLINE BlockDot block_add_nibbles(BlockDot acc, i32x16 codes, i32x16 x) {
+  return {{_mm256_add_epi16(acc.sums.lo, _mm256_maddubs_epi16(codes.lo, x.lo)),
+           _mm256_add_epi16(acc.sums.hi, _mm256_maddubs_epi16(codes.hi, x.hi))}};
 }
-LLMOPT_INLINE __m256i dpbusd_half(__m256i acc, __m256i a, __m256i b) {
+LLMOPT_INLINE __m256i add_bytes(__m256i acc, __m256i codes, __m256i x) {
   const __m256i low4 = _mm256_set1_epi8(0x0F);
-  const __m256i lo = _mm256_maddubs_epi16(_mm256_and_si256(a, low4), b);
-  const __m256i hi = _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(a, 4), low4), b);
+  const __m256i lo = _mm256_maddubs_epi16(_mm256_and_si256(codes, low4), x);
+  const __m256i hi =
+      _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(codes, 4), low4), x);
   return _mm256_add_epi32(acc, _mm256_add_epi32(_mm256_madd_epi16(lo, _mm256_set1_epi16(1)),
                                                 _mm256_madd_epi16(hi, _mm256_set1_epi16(16))));
 }
-LLMOPT_INLINE i32x16 dpbusd_epi32(i32x16 acc, i32x16 a, i32x16 b) {
-  return {dpbusd_half(acc.lo, a.lo, b.lo), dpbusd_half(acc.hi, a.hi, b.hi)};
+LLMOPT_INLINE BlockDot block_add(BlockDot acc, i32x16 codes, i32x16 x) {
+  return {{add_bytes(acc.sums.lo, codes.lo, x.lo), add_bytes(acc.sums.hi, codes.hi, x.hi)}};
 }
-LLMOPT_INLINE i32x16 dpbusd_nibbles(i32x16 acc, i32x16 a, i32x16 b) {
-  return {dpbusd_half_nibbles(acc.lo, a.lo, b.lo), dpbusd_half_nibbles(acc.hi, a.hi, b.hi)};
+template <bool BYTES>
+LLMOPT_INLINE i32x16 block_sum_of(BlockDot acc) {
+  if constexpr (BYTES) return acc.sums;
+  const __m256i ones = _mm256_set1_epi16(1);
+  return {_mm256_madd_epi16(acc.sums.lo, ones), _mm256_madd_epi16(acc.sums.hi, ones)};
 }
 
 // The prefetches as instructions that touch no memory the compiler tracks: GCC takes
@@ -574,9 +594,9 @@ void tiles_rows(const Work& w, int64_t tile0, int64_t row0, simd::f32x16 (*acc)[
         for (int line = 0; line < kStride; line += 64)
           simd::prefetch_nta(blk[t] + kPrefetchBytes + line);
     }
-    simd::i32x16 dot[T][R];
+    simd::BlockDot dot[T][R];
     for (int t = 0; t < T; ++t)
-      for (int r = 0; r < R; ++r) dot[t][r] = simd::setzero_si512();
+      for (int r = 0; r < R; ++r) dot[t][r] = simd::block_zero();
     if constexpr (BITS == 4) {
       for (int c = 0; c < 4; ++c) {
         simd::i32x16 lo_x[R], hi_x[R];
@@ -589,8 +609,8 @@ void tiles_rows(const Work& w, int64_t tile0, int64_t row0, simd::f32x16 (*acc)[
           const simd::i32x16 lo = simd::and_si512(v, low4);
           const simd::i32x16 hi = simd::and_si512(simd::srli_epi16(v, 4), low4);
           for (int r = 0; r < R; ++r) {
-            dot[t][r] = simd::dpbusd_nibbles(dot[t][r], lo, lo_x[r]);
-            dot[t][r] = simd::dpbusd_nibbles(dot[t][r], hi, hi_x[r]);
+            dot[t][r] = simd::block_add_nibbles(dot[t][r], lo, lo_x[r]);
+            dot[t][r] = simd::block_add_nibbles(dot[t][r], hi, hi_x[r]);
           }
         }
       }
@@ -600,7 +620,7 @@ void tiles_rows(const Work& w, int64_t tile0, int64_t row0, simd::f32x16 (*acc)[
         for (int r = 0; r < R; ++r) xv[r] = simd::set1_epi32(x4[r][8 * b + g]);
         for (int t = 0; t < T; ++t) {
           const simd::i32x16 v = simd::loadu_si512(blk[t] + 64 * g);
-          for (int r = 0; r < R; ++r) dot[t][r] = simd::dpbusd_epi32(dot[t][r], v, xv[r]);
+          for (int r = 0; r < R; ++r) dot[t][r] = simd::block_add(dot[t][r], v, xv[r]);
         }
       }
     }
@@ -609,14 +629,14 @@ void tiles_rows(const Work& w, int64_t tile0, int64_t row0, simd::f32x16 (*acc)[
       const simd::f32x16 s = load_scales<HALF>(scales);
       if constexpr (SYM) {  // isum holds -zero_point * sx * sum(xq): y += s * (sx * dot + that)
         for (int r = 0; r < R; ++r) {
-          const simd::f32x16 u = simd::fmadd_ps(simd::cvtepi32_ps(dot[t][r]),
+          const simd::f32x16 u = simd::fmadd_ps(simd::cvtepi32_ps(simd::block_sum_of<BITS == 8>(dot[t][r])),
                                            simd::set1_ps(sx[r][b]), simd::set1_ps(isum[r][b]));
           acc[t][r] = simd::fmadd_ps(s, u, acc[t][r]);
         }
       } else {
         const simd::f32x16 m = load_scales<HALF>(scales + kTile * (HALF ? 2 : 4));
         for (int r = 0; r < R; ++r) {
-          simd::f32x16 u = simd::mul_ps(s, simd::cvtepi32_ps(dot[t][r]));
+          simd::f32x16 u = simd::mul_ps(s, simd::cvtepi32_ps(simd::block_sum_of<BITS == 8>(dot[t][r])));
           u = simd::fmadd_ps(m, simd::set1_ps(isum[r][b]), u);
           acc[t][r] = simd::fmadd_ps(u, simd::set1_ps(sx[r][b]), acc[t][r]);
         }

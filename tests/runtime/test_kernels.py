@@ -148,12 +148,14 @@ def test_every_build_this_cpu_runs_computes_the_same_floats(builds: dict[str, Pa
     nblocks = k // kernels.BLOCK
     x = rng.standard_normal((13, k)).astype(np.float32) * 3
     x[2, :kernels.BLOCK] = 0
+    x[3], x[4] = 2.5, -2.5  # every activation rounded to 127 (-127): the largest sums of a block
     bias = kernels.pack_bias(rng.standard_normal(n).astype(np.float32))
     weight = rng.standard_normal((k, n)).astype(np.float32) * 0.3
     blobs = []  # (packed blocks, bits, scale bits, zero point, the blocks as floats)
     for bits in (4, 8):
         codes = rng.integers(0, 1 << bits, (n, nblocks, kernels.BLOCK)).astype(np.uint8)
         codes[0, 0] = (1 << bits) - 1  # the largest code against each block's largest input
+        codes[1] = (1 << bits) - 1  # and a column of nothing else, against rows 3 and 4
         scales = (rng.random((n, nblocks)) * 0.05).astype(np.float16).astype(np.float32)
         offsets = (rng.standard_normal((n, nblocks)) * 0.1).astype(np.float16).astype(np.float32)
         middle = 1 << (bits - 1)
