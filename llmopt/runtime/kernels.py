@@ -61,8 +61,8 @@ BLOCK, TILE = 32, 16
 FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-fvisibility=hidden")
 # The builds of the library, best first: each one's compiler flags and the CPU flags
 # (/proc/cpuinfo's names) it needs. AVX2 runs each 16-lane vector as two halves and has no VNNI
-# (Zen 3, 2 threads: SmolLM2's int4 decode step 9.4 ms against 15.2 on ONNX Runtime's kernels
-# and 11.0 for GenAI's int4 graph; bench/results/int4_step_zen3.md).
+# (Zen 3, 2 threads: SmolLM2's int4 decode step 9.9 ms against 15.5 on ONNX Runtime's kernels
+# and 11.2 for GenAI's int4 graph; bench/results/int4_step_zen3.md).
 ISAS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "avx512": (("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mf16c", "-mfma"),
                ("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "f16c")),
