@@ -114,6 +114,7 @@ def run_doctor(options: DoctorOptions | None = None,
 
 
 def _checks(run: _Run, options: DoctorOptions, root: Path) -> None:
+    from llmopt.runtime import kernels
     from llmopt.runtime import providers as P
 
     with run.check("versions and providers") as notes:
@@ -121,7 +122,8 @@ def _checks(run: _Run, options: DoctorOptions, root: Path) -> None:
         env = P.BuildEnvironment.current(options.device_id)
         notes.append(f"onnxruntime {env.onnxruntime} (CUDA {env.cuda}), TensorRT "
                      f"{env.tensorrt}, GPU {env.gpu}; installed: {', '.join(P.available())}; "
-                     f"testing: {', '.join(providers)}")
+                     f"testing: {', '.join(providers)}; llmopt CPU kernels: "
+                     f"{kernels.status()}")
     if not run.report.ok:
         return
     packages: dict[str, Path] = {}

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from llmopt.doctor import DoctorOptions, run_doctor
+from llmopt.runtime import kernels
 from llmopt.runtime import providers as P
 
 
@@ -24,6 +25,7 @@ def test_dry_run_passes_every_check_and_keeps_what_it_built(tmp_path: Path) -> N
                      "serve on cpu: llmopt.Client stream, tritonclient infer"):
         assert expected in names
     assert len(lines) == len(report.checks) and all(line.startswith("[ok]") for line in lines)
+    assert f"llmopt CPU kernels: {kernels.status()}" in report.checks[0].detail
     assert (tmp_path / "decoder-fp16-cuda" / "model.onnx").is_file()
     assert any((tmp_path / "trt-cache" / "nested" / "not-yet").iterdir())
 

@@ -20,6 +20,7 @@ ISA_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx
 
 def fingerprint() -> dict[str, Any]:
     from llmopt.package import tool_versions
+    from llmopt.runtime import kernels
 
     versions = tool_versions()
     return {
@@ -31,16 +32,9 @@ def fingerprint() -> dict[str, Any]:
         "gpu": gpu_info(),
         "versions": versions,
         "onnxruntime_providers": _ort_providers(),
-        "cpu_kernels": cpu_kernels(),
+        # which build of llmopt's CPU kernels ran: two runs on one machine can differ by it
+        "cpu_kernels": kernels.status(),
     }
-
-
-def cpu_kernels() -> str:
-    """Which build of llmopt's CPU kernels this process runs ("avx512", "avx2"), or "off: " and
-    why (no compiler, no AVX2, LLMOPT_KERNELS_ISA=none): two runs on one machine differ here."""
-    from llmopt.runtime import kernels
-
-    return kernels.isa() or f"off: {kernels.unavailable()}"
 
 
 def cpu_info() -> dict[str, Any]:

@@ -201,6 +201,12 @@ def unavailable() -> str | None:
     return _built().why
 
 
+def status() -> str:
+    """The build this process runs ("avx512", "avx2"), or "off: " and why (no compiler, no
+    AVX2, LLMOPT_KERNELS_ISA=none): what the bench fingerprint and ``llmopt doctor`` report."""
+    return isa() or f"off: {unavailable()}"
+
+
 # -- weights ---------------------------------------------------------------------------------------
 
 def scale_bits(scales: np.ndarray, offsets: np.ndarray) -> int:
