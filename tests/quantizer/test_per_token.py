@@ -69,6 +69,26 @@ def test_subgraph_is_per_token_int8(tmp_path: Path, opset: int) -> None:
     assert quiet < 0.02, quiet  # the outlier row did not cost the others their resolution
 
 
+@pytest.mark.parametrize("split", [False, True])
+def test_the_gemms_are_unsigned_by_unsigned(split: bool) -> None:
+    """ONNX Runtime's u8 x s8 GEMM saturates on CPUs without VNNI (vpmaddubsw's int16 pairs):
+    the weights go in as uint8 with zero point 128, the same codes shifted, so every x86 CPU
+    computes them exactly. (On an AVX2 CPU the outlier test above fails without this; on a
+    VNNI one only this test does.)"""
+    from onnx import numpy_helper
+
+    weight = np.random.default_rng(1).normal(size=(64, 48)).astype(np.float32)
+    model = onnx.load_from_string(_one_matmul(weight, 18, split=split))
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    gemms = [n for n in model.graph.node if n.op_type == "MatMulIntegerToFloat"]
+    assert len(gemms) == (2 if split else 1)
+    codes, _ = per_token.quantize_columns(weight)
+    for gemm in gemms:
+        weights, zero = inits[gemm.input[1]], inits[gemm.input[5]]
+        assert weights.dtype == np.uint8 and zero.dtype == np.uint8 and int(zero) == 128
+        np.testing.assert_array_equal(weights.astype(np.int16) - 128, codes)
+
+
 def _split_reference(x: np.ndarray, weight: np.ndarray) -> np.ndarray:
     """DynamicQuantizeLinear's u8 code of ``x``, then its residual's at 1/254 of the step,
     both against per-column int8 weights, in numpy."""
