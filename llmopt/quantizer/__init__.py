@@ -82,7 +82,8 @@ def default_options(package: Package) -> QuantizeOptions:
     faithful int8 and the fastest (all-MiniLM-L6-v2, Zen 4: cosine min 0.9995, 2x fp32's
     sentences/s at batch 32; bench/results/vs_optimum_encoder). On a CPU without AVX-512 VNNI
     (the kernels' AVX2 build, or ONNX Runtime's), :meth:`QuantizeOptions.int8_encoder` is the
-    faster encoder int8 (Zen 3: int8() 0.83x fused fp32, int8_encoder 1.35x)."""
+    faster encoder int8 (Zen 3, batch 32: int8() 0.76x fused fp32's sentences/s,
+    int8_encoder 1.08x; bench/results/vs_optimum_encoder_zen3)."""
     return QuantizeOptions.int8()
 
 
