@@ -128,7 +128,7 @@ LLMOPT_INLINE void store_epi8(int8_t* p, i32x16 a) {
 // 16, and block_sum_of<BYTES>(acc) gives the int32 sums. At most 8 groups per block (32 k). Here each
 // add is one dpbusd.
 using BlockDot = i32x16;
-LLMOPT_INLINE BlockDot block_zero() { return _mm512_setzero_si512(); }
+LLMOPT_INLINE BlockDot block_zero() { return setzero_si512(); }
 LLMOPT_INLINE BlockDot block_add(BlockDot acc, i32x16 codes, i32x16 x) {
   return _mm512_dpbusd_epi32(acc, codes, x);
 }

@@ -118,6 +118,12 @@ def cpu_flags() -> set[str] | None:
     return None
 
 
+def plausible(isa: str) -> bool:
+    """Whether this CPU may run the ``isa`` build: it has the flags, or does not say."""
+    flags = cpu_flags()
+    return flags is None or set(ISAS[isa][1]) <= flags
+
+
 def _candidates() -> tuple[list[str], str | None]:
     """The builds to try, best first, or (nothing, why) when LLMOPT_KERNELS_ISA names none."""
     wanted = os.environ.get(ISA_ENV, "").strip().lower()
@@ -125,10 +131,12 @@ def _candidates() -> tuple[list[str], str | None]:
         return [], f"{ISA_ENV}=none turns them off"
     if wanted and wanted not in ISAS:
         return [], f"{ISA_ENV}={wanted!r} is not one of {', '.join(ISAS)} or none"
-    names = [wanted] if wanted else list(ISAS)
-    flags = cpu_flags()
-    if flags is not None and not wanted:  # skip building what this CPU plainly cannot run
-        names = [name for name in names if set(ISAS[name][1]) <= flags] or names[-1:]
+    if wanted:
+        return [wanted], None
+    names = [name for name in ISAS if plausible(name)]  # not built where it could not run
+    if not names:
+        return [], "this CPU has neither build's instructions (" + "; ".join(
+            f"{name}: {', '.join(needs)}" for name, (_, needs) in ISAS.items()) + ")"
     return names, None
 
 

@@ -130,7 +130,7 @@ def builds() -> dict[str, Path]:
     beside it where the CPU has VNNI."""
     if kernels.library() is None:
         pytest.skip(f"llmopt's CPU kernels: {kernels.unavailable()}")
-    runs = {isa: kernels.build(isa).library for isa in kernels.ISAS}
+    runs = {isa: kernels.build(isa).library for isa in kernels.ISAS if kernels.plausible(isa)}
     return {isa: library for isa, library in runs.items() if library is not None}
 
 
@@ -513,6 +513,19 @@ def test_required_kernels_that_cannot_run_are_an_error(packages: dict[str, Path]
     assert "kernels=False" in str(raised.value.fix)
     # not required: the package runs on ONNX Runtime's kernels
     assert load(packages["int4"]).session_info.kernels == 0
+
+
+def test_a_cpu_without_either_instruction_set_builds_nothing_and_says_so(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(kernels, "cpu_flags", lambda: {"sse4_2", "avx"})
+    monkeypatch.setattr(kernels, "build", lambda isa: pytest.fail(f"built {isa}"))
+    kernels._built.cache_clear()
+    try:
+        assert kernels.library() is None
+        assert "neither build's instructions (avx512: avx512f" in str(kernels.unavailable())
+        assert "avx2: avx2, fma, f16c" in str(kernels.unavailable())
+    finally:
+        kernels._built.cache_clear()
 
 
 def test_a_failed_build_says_what_the_compiler_said(monkeypatch: pytest.MonkeyPatch,
